@@ -1,0 +1,120 @@
+"""Randomized truncated SVD."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from ._backend import as_operator, normal_sampler, sign_fix
+from ._sketch import general_range
+from ._validation import check_int, check_normalizer, check_rank
+
+__all__ = ["SVDResult", "randomized_svd"]
+
+
+class SVDResult(NamedTuple):
+    """Truncated SVD ``A ~ U @ diag(S) @ Vh``.
+
+    Attributes
+    ----------
+    U : array, shape (m, k)
+        Left singular vectors (orthonormal columns).
+    S : array, shape (k,)
+        Singular values, descending, non-negative.
+    Vh : array, shape (k, n)
+        Right singular vectors as rows (orthonormal rows).
+    """
+
+    U: Any
+    S: Any
+    Vh: Any
+
+
+def randomized_svd(
+    A: Any,
+    rank: int,
+    *,
+    oversample: int = 10,
+    power_iters: int = 2,
+    normalizer: str = "qr",
+    rng: Any = None,
+) -> SVDResult:
+    """Rank-``rank`` truncated SVD of ``A`` by randomized subspace iteration.
+
+    Parameters
+    ----------
+    A : array or linear operator, shape (m, n)
+        NumPy, CuPy, torch or array-API array, or an operator with ``shape``, ``dtype``,
+        ``@`` and ``.T``.
+    rank : int
+        Number of singular triplets, ``1 <= rank <= min(m, n)``.
+    oversample : int, default 10
+        Extra sketch columns ``p``; the sketch has ``min(rank + p, min(m, n))`` columns.
+    power_iters : int, default 2
+        Subspace iterations ``q`` (each one product with ``A^T`` and one with ``A``).
+    normalizer : {"qr", "cholqr2", "none"}, default "qr"
+        Orthonormalization between products (see :func:`randomized_range_finder`).
+    rng : None, int, numpy/torch/cupy Generator, optional
+        Source of the Gaussian test matrix.
+
+    Returns
+    -------
+    SVDResult
+        ``(U, S, Vh)`` with ``U`` (m x rank), ``S`` (rank,) descending, ``Vh`` (rank x n), in
+        ``A``'s library, device and dtype. Each column of ``U`` has its largest-magnitude
+        entry positive (``Vh`` flipped accordingly), so results are deterministic.
+
+    Raises
+    ------
+    ValueError
+        Out-of-range ``rank``, ``oversample`` or ``power_iters``; unknown ``normalizer``;
+        NaN/Inf in ``A``.
+    TypeError
+        Unsupported input type or dtype; an operator without ``.T``.
+
+    Notes
+    -----
+    Algorithm (HMT 2011, Algorithms 4.4 and 5.1): ``Q = orth((A A^T)^q A Omega)``, then the
+    small SVD ``Q^T A = U_B S Vh``, and ``U = Q U_B``; the leading ``rank`` triplets are kept.
+    Cost: ``2q + 2`` products with an ``n x (rank + p)`` block, ``O((m + n)(rank + p)^2)``
+    for the orthonormalizations and the small SVD. By HMT Theorem 9.3 the rank-``k`` result
+    satisfies ``||A - U diag(S) Vh||_2 <= sigma_{k+1} + ||A - Q Q^T A||_2``, and the last term
+    is bounded in expectation by :func:`lowrank_nla.hmt_error_bound`. To measure the error
+    of a result use :func:`lowrank_nla.posterior_error_estimate` (range) or
+    :func:`lowrank_nla.relative_error` (decomposition).
+
+    Compared with :func:`sklearn.utils.extmath.randomized_svd` the sketch is drawn in the
+    input's own library and device; compared with :func:`torch.svd_lowrank` it accepts a
+    generator and has a stronger default (``q = 2``, ``p = 10``).
+
+    References
+    ----------
+    N. Halko, P.-G. Martinsson, J. A. Tropp, SIAM Review 53(2), 2011.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import lowrank_nla as ln
+    >>> rng = np.random.default_rng(0)
+    >>> A = rng.standard_normal((100, 5)) @ rng.standard_normal((5, 80))
+    >>> U, S, Vh = ln.randomized_svd(A, 5, rng=0)
+    >>> bool(np.allclose(U * S @ Vh, A))
+    True
+    >>> bool(np.allclose(S, np.linalg.svd(A, compute_uv=False)[:5]))
+    True
+    """
+    op = as_operator(A, "A")
+    rank = check_rank(rank, op.shape)
+    oversample = check_int(oversample, "oversample", minimum=0)
+    power_iters = check_int(power_iters, "power_iters", minimum=0)
+    normalizer = check_normalizer(normalizer)
+    xp = op.xp
+    rmatmat = op.rmatmat_or_raise("A")
+    size = min(rank + oversample, min(op.shape))
+    draw = normal_sampler(xp, rng, dtype=op.dtype, device=op.device)
+    Q = general_range(op, size, power_iters=power_iters, normalizer=normalizer, draw=draw)
+    B = rmatmat(Q).T  # Q^T A, (size x n)
+    Ub, S, Vh = xp.linalg.svd(B, full_matrices=False)
+    U = Q @ Ub[:, :rank]
+    S, Vh = S[:rank], Vh[:rank, :]
+    signs = sign_fix(xp, U)
+    return SVDResult(U * signs, S, Vh * signs[:, None])

@@ -1,0 +1,49 @@
+"""Argument checks shared by the entry points; every message names the argument in backticks."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+NORMALIZERS = ("qr", "cholqr2", "none")
+
+
+def check_int(value: Any, name: str, *, minimum: int, maximum: int | None = None) -> int:
+    """Return ``value`` as an int in ``[minimum, maximum]`` or raise naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an integer, got {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"`{name}` must be <= {maximum}, got {value}")
+    return value
+
+
+def check_rank(rank: Any, shape: tuple[int, int], name: str = "rank") -> int:
+    """``1 <= rank <= min(shape)``."""
+    bound = min(shape)
+    if isinstance(rank, numbers.Integral) and not isinstance(rank, bool) and rank > bound:
+        raise ValueError(f"`{name}` must be <= min(A.shape) = {bound}, got {int(rank)}")
+    return check_int(rank, name, minimum=1)
+
+
+def check_positive_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"`{name}` must be a finite positive number, got {value}")
+    return value
+
+
+def check_normalizer(normalizer: Any) -> str:
+    if normalizer not in NORMALIZERS:
+        raise ValueError(f"`normalizer` must be one of {NORMALIZERS}, got {normalizer!r}")
+    return str(normalizer)
+
+
+def check_square(shape: tuple[int, int], name: str = "A") -> int:
+    if shape[0] != shape[1]:
+        raise ValueError(f"`{name}` must be square for a symmetric routine, got shape {shape}")
+    return shape[0]
