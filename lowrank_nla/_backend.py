@@ -50,7 +50,8 @@ def namespace(*arrays: Array, names: tuple[str, ...] | None = None) -> Namespace
 
 
 def _is_array(obj: Any) -> bool:
-    return bool(array_api_compat.is_array_api_obj(obj))
+    # Operators may define ``__array_namespace__`` too; arrays are the ones with ``ndim``.
+    return bool(array_api_compat.is_array_api_obj(obj)) and hasattr(obj, "ndim")
 
 
 def eps(xp: Namespace, dtype: Any) -> float:

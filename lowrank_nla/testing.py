@@ -79,7 +79,7 @@ def ea_factor(
 
 def rtol_for(dtype: Any) -> float:
     """Default relative tolerance ``4 sqrt(eps)`` of a float dtype (NumPy or torch)."""
-    name = str(dtype).rsplit(".", 1)[-1]
+    name = str(dtype).rsplit(".", 1)[-1].strip("'>")
     return 4.0 * math.sqrt(float(np.finfo(np.dtype(name)).eps))
 
 
