@@ -28,7 +28,6 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-
 Array = Any
 Namespace = Any
 Sampler = Callable[[tuple[int, ...]], Array]

@@ -347,6 +347,13 @@ def relative_error(A: Any, approx: Any, *, ord: Any = 2, method: str = "auto") -
     TypeError
         Arguments from different array libraries.
 
+    Notes
+    -----
+    For a rank-``k`` approximation the spectral value is at least the optimal
+    ``sigma_{k+1} / sigma_1`` (Eckart-Young-Mirsky), which makes it the natural scale to
+    compare randomized routines on. A factored ``approx`` is applied as
+    ``U (S (Vh x))`` in the Lanczos path, so nothing of size ``m x n`` is formed.
+
     Examples
     --------
     >>> import numpy as np

@@ -319,7 +319,11 @@ def nystrom(
     Omega = orthonormalize(xp, draw((n, size)), "qr")
     if power_iters:
         Omega = symmetric_range(
-            op, size, passes=power_iters, normalize_every=1, normalizer=normalizer,
+            op,
+            size,
+            passes=power_iters,
+            normalize_every=1,
+            normalizer=normalizer,
             draw=lambda shape: Omega,
         )
     Y = op.matmat(Omega)

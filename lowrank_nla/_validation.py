@@ -23,7 +23,7 @@ def check_int(value: Any, name: str, *, minimum: int, maximum: int | None = None
 def check_rank(rank: Any, shape: tuple[int, int], name: str = "rank") -> int:
     """``1 <= rank <= min(shape)``."""
     bound = min(shape)
-    if isinstance(rank, numbers.Integral) and not isinstance(rank, bool) and rank > bound:
+    if isinstance(rank, numbers.Integral) and not isinstance(rank, bool) and int(rank) > bound:
         raise ValueError(f"`{name}` must be <= min(A.shape) = {bound}, got {int(rank)}")
     return check_int(rank, name, minimum=1)
 

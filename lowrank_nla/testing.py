@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,11 @@ __all__ = [
 
 
 def matrix_with_spectrum(
-    singular_values: Any, *, m: int | None = None, n: int | None = None, symmetric: bool = False,
+    singular_values: Any,
+    *,
+    m: int | None = None,
+    n: int | None = None,
+    symmetric: bool = False,
     rng: Any = 0,
 ) -> np.ndarray:
     """A float64 matrix ``U diag(s) V^T`` with Haar-random orthonormal ``U``, ``V``.
@@ -91,7 +96,9 @@ def assert_orthonormal(Q: Any, *, atol: float | None = None) -> None:
     atol = 10 * max(k, 1) * eps if atol is None else atol
     defect = float(np.max(np.abs(q.T @ q - np.eye(k)))) if k else 0.0
     if defect > atol:
-        raise AssertionError(f"columns not orthonormal: max|Q^T Q - I| = {defect:.3e} > {atol:.3e}")
+        raise AssertionError(
+            f"columns not orthonormal: max|Q^T Q - I| = {defect:.3e} > {atol:.3e}"
+        )
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,16 @@ class Backend:
         return float(self.xp.finfo(self.dtype).eps)
 
 
+def _astype(a: np.ndarray, *, dtype: Any) -> np.ndarray:
+    return a.astype(dtype)
+
+
+def _cupy_asarray(a: np.ndarray, *, dtype: Any) -> Any:
+    import cupy
+
+    return cupy.asarray(a.astype(dtype))
+
+
 def available_backends() -> list[Backend]:
     """The backend matrix: NumPy, array_api_strict (every device), torch CPU; CUDA cells.
 
@@ -128,9 +145,7 @@ def available_backends() -> list[Backend]:
     out: list[Backend] = []
     np_xp = array_api_compat.array_namespace(np.empty(0))
     for dt in (np.float64, np.float32):
-        out.append(
-            Backend(f"numpy-{dt.__name__}", np_xp, "cpu", dt, lambda a, dt=dt: a.astype(dt))
-        )
+        out.append(Backend(f"numpy-{dt.__name__}", np_xp, "cpu", dt, partial(_astype, dtype=dt)))
     try:
         import array_api_strict as xs
     except ImportError:
@@ -139,13 +154,13 @@ def available_backends() -> list[Backend]:
         for dev_name in ("CPU_DEVICE", "device1", "no_float64"):
             dev = xs.Device(dev_name)
             dts = (xs.float32,) if dev_name == "no_float64" else (xs.float64, xs.float32)
-            for dt in dts:
-                np_dt = np.float64 if dt == xs.float64 else np.float32
+            for sdt in dts:
+                np_dt = np.float64 if sdt == xs.float64 else np.float32
 
                 def conv(a: np.ndarray, dev: Any = dev, np_dt: Any = np_dt) -> Any:
                     return xs.asarray(a.astype(np_dt), device=dev)
 
-                out.append(Backend(f"strict-{dev_name}-{np_dt.__name__}", xs, dev, dt, conv))
+                out.append(Backend(f"strict-{dev_name}-{np_dt.__name__}", xs, dev, sdt, conv))
     try:
         import torch
     except ImportError:
@@ -161,17 +176,19 @@ def available_backends() -> list[Backend]:
                 label = str(tdt).rsplit(".", 1)[-1]
                 out.append(
                     Backend(
-                        f"torch-{dev_name}-{label}", t_xp, dev_name, tdt, conv_t,
+                        f"torch-{dev_name}-{label}",
+                        t_xp,
+                        dev_name,
+                        tdt,
+                        conv_t,
                         needs_gpu=dev_name == "cuda",
                     )
                 )
     try:
-        import cupy  # noqa: F401  (importable without a GPU; use fails)
+        import cupy as cp  # importable without a GPU; only its use fails
     except ImportError:
         pass
     else:
-        import cupy as cp
-
         for cdt in (np.float64, np.float32):
             out.append(
                 Backend(
@@ -179,7 +196,7 @@ def available_backends() -> list[Backend]:
                     cp,
                     None,
                     cdt,
-                    lambda a, cdt=cdt: cp.asarray(a.astype(cdt)),
+                    partial(_cupy_asarray, dtype=cdt),
                     needs_gpu=True,
                 )
             )

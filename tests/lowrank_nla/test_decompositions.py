@@ -45,7 +45,9 @@ def test_randomized_svd_recovers_exact_low_rank(backend: Backend) -> None:
     U, S, Vh = ln.randomized_svd(A, 7, rng=0)
     for part in (U, S, Vh):
         _assert_like(part, A, backend)
-    assert U.shape == (60, 7) and S.shape == (7,) and Vh.shape == (7, 45)
+    assert U.shape == (60, 7)
+    assert S.shape == (7,)
+    assert Vh.shape == (7, 45)
     rtol = rtol_for(backend.dtype)
     assert_orthonormal(U)
     assert_orthonormal(to_numpy(Vh).T)
@@ -62,7 +64,8 @@ def test_psd_routines_recover_exact_low_rank(backend: Backend, routine) -> None:
     w, V = routine(A, 6, rng=0)
     _assert_like(w, A, backend)
     _assert_like(V, A, backend)
-    assert w.shape == (6,) and V.shape == (50, 6)
+    assert w.shape == (6,)
+    assert V.shape == (50, 6)
     assert_orthonormal(V)
     w_np, V_np = to_numpy(w).astype(np.float64), to_numpy(V).astype(np.float64)
     rtol = rtol_for(backend.dtype)
@@ -91,7 +94,7 @@ def test_partial_eigh_matches_float64_reference(backend: Backend) -> None:
 def test_randomized_eigh_indefinite_takes_dominant_pairs(backend: Backend) -> None:
     w_true = np.array([5.0, -4.0, 3.0, -2.0, 1.0] + [0.0] * 25)
     A_np = matrix_with_spectrum(w_true, symmetric=True, rng=1)
-    w, V = ln.randomized_eigh(backend.asarray(A_np), 3, rng=0)
+    w, _V = ln.randomized_eigh(backend.asarray(A_np), 3, rng=0)
     np.testing.assert_allclose(
         to_numpy(w).astype(np.float64), [5.0, 3.0, -4.0], rtol=rtol_for(backend.dtype)
     )
@@ -132,9 +135,9 @@ def test_same_seed_same_result(backend: Backend) -> None:
 
 def test_decompositions_accept_integer_input() -> None:
     A_int = np.arange(24).reshape(6, 4) % 5
-    U, S, Vh = ln.randomized_svd(A_int, 3, rng=0)
+    _U, S, _Vh = ln.randomized_svd(A_int, 3, rng=0)
     assert S.dtype == np.float64
-    U2, S2, _ = ln.randomized_svd(A_int.astype(np.float64), 3, rng=0)
+    _U2, S2, _ = ln.randomized_svd(A_int.astype(np.float64), 3, rng=0)
     np.testing.assert_array_equal(S, S2)
 
 
@@ -181,5 +184,5 @@ def test_scipy_linear_operator_input() -> None:
 
     A_np = _low_rank(30, 25, 4, seed=5)
     op = aslinearoperator(A_np)
-    U, S, Vh = ln.randomized_svd(op, 4, rng=0)
+    _U, S, _Vh = ln.randomized_svd(op, 4, rng=0)
     np.testing.assert_allclose(S, np.linalg.svd(A_np, compute_uv=False)[:4], rtol=1e-10)

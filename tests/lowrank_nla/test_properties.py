@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -31,10 +33,12 @@ def test_svd_recovers_exactly_low_rank_input(problem, normalizer, power_iters) -
     U, S, Vh = ln.randomized_svd(
         A, rank, oversample=0, power_iters=power_iters, normalizer=normalizer, rng=seed
     )
-    assert U.shape == (A.shape[0], rank) and Vh.shape == (rank, A.shape[1])
+    assert U.shape == (A.shape[0], rank)
+    assert Vh.shape == (rank, A.shape[1])
     assert_orthonormal(U)
     assert_orthonormal(Vh.T)
-    assert np.all(np.diff(S) <= 0) and np.all(S >= 0)
+    assert np.all(np.diff(S) <= 0)
+    assert np.all(S >= 0)
     norm = np.linalg.norm(A, 2)
     tol = 1e3 * max(A.shape) * EPS64 * norm
     assert np.linalg.norm(A - (U * S) @ Vh, 2) <= tol
@@ -117,14 +121,14 @@ def slow_decay_matrix() -> np.ndarray:
 
 def test_error_decreases_with_power_iterations(slow_decay_matrix) -> None:
     errs = [_mean_error(slow_decay_matrix, oversample=5, power_iters=q) for q in range(4)]
-    assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), errs
+    assert all(a > b for a, b in itertools.pairwise(errs)), errs
     optimal = 1.0 / np.sqrt(11)
     assert errs[-1] < 1.1 * optimal
 
 
 def test_error_decreases_with_oversampling(slow_decay_matrix) -> None:
     errs = [_mean_error(slow_decay_matrix, oversample=p, power_iters=0) for p in (2, 10, 40)]
-    assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), errs
+    assert all(a > b for a, b in itertools.pairwise(errs)), errs
 
 
 def test_srevd_paper_form_loses_accuracy_in_float32_and_reorth_restores_it() -> None:
