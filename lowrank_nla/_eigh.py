@@ -23,7 +23,7 @@ from ._backend import (
     sign_fix,
     solve_triangular,
 )
-from ._sketch import check_symmetric, orthonormalize, symmetric_range
+from ._sketch import check_symmetric, orthonormalize, symmetric_range, thin_svd
 from ._validation import check_int, check_normalizer, check_rank, check_square
 
 __all__ = ["EighResult", "nystrom", "partial_eigh", "randomized_eigh", "srevd"]
@@ -170,6 +170,7 @@ def srevd(
     oversample: int = 10,
     power_iters: int = 3,
     reorth_every: int | None = 2,
+    normalizer: str = "qr",
     rng: Any = None,
     check_symmetric: bool = True,
 ) -> EighResult:
@@ -192,6 +193,9 @@ def srevd(
         the non-dominant directions once ``(lambda_1 / lambda_l)^(q+1)`` nears ``1e7``, which
         the default avoids at the cost of a few QRs. ``reorth_every=1`` equals
         :func:`randomized_eigh`.
+    normalizer : {"qr", "cholqr2", "none"}, default "qr"
+        How the periodic and the final orthonormalizations are done (see
+        :func:`randomized_range_finder`; ``"none"`` leaves only the final QR).
     rng : None, int, numpy/torch/cupy Generator, optional
         Source of the Gaussian test matrix.
     check_symmetric : bool, default True
@@ -234,8 +238,14 @@ def srevd(
     )
     if reorth_every is not None:
         reorth_every = check_int(reorth_every, "reorth_every", minimum=1)
+    normalizer = check_normalizer(normalizer)
     Q = symmetric_range(
-        op, size, passes=power_iters + 1, normalize_every=reorth_every, normalizer="qr", draw=draw
+        op,
+        size,
+        passes=power_iters + 1,
+        normalize_every=reorth_every,
+        normalizer=normalizer,
+        draw=draw,
     )
     return _rayleigh_ritz(op, Q, rank)
 
@@ -337,7 +347,7 @@ def nystrom(
             "Omega has no Cholesky factor; use randomized_eigh for indefinite matrices"
         )
     B = solve_triangular(xp, L, Y_nu.T, lower=True).T
-    U, S, _ = xp.linalg.svd(B, full_matrices=False)
+    U, S, _ = thin_svd(xp, B, normalizer)
     w = xp.clip(S * S - nu, min=0.0)
     return _finish(xp, w, U, rank, dominant=False)
 

@@ -10,6 +10,8 @@ import math
 import warnings
 from typing import Any
 
+from array_api_compat import device as _dev
+
 from ._backend import (
     Operator,
     Sampler,
@@ -31,30 +33,49 @@ __all__ = ["adaptive_range_finder", "randomized_range_finder"]
 # --------------------------------------------------------------------------- normalizers
 
 
-def _qr(xp: Any, Y: Array) -> Array:
-    return xp.linalg.qr(Y).Q
+def qr_factor(xp: Any, Y: Array, normalizer: str) -> tuple[Array, Array]:
+    """Thin QR ``Y = Q R`` with the chosen normalizer (``"none"`` means Householder QR).
 
-
-def _cholqr2(xp: Any, Y: Array) -> Array:
-    """CholeskyQR2 (Fukaya et al. 2014): two Gram-Cholesky passes, GEMM-bound.
-
-    Falls back to Householder QR when a Cholesky factorization fails, which happens when
-    ``Y`` is numerically rank deficient (condition number beyond about ``eps**-1/2``).
+    ``"cholqr2"`` is CholeskyQR2 (Fukaya, Nakatsukasa, Yanagisawa & Yamamoto 2014): two
+    Gram-Cholesky passes, ``R = R_2 R_1``, all matrix products and triangular solves, so it
+    runs at GEMM speed where Householder QR does not (CPU BLAS and GPUs alike). It is
+    accurate when ``cond(Y) < eps**-1/2``. When a Cholesky factorization fails, or the first
+    pass leaves ``max|Q_1^T Q_1 - I| > 1/2`` (``Y`` numerically rank deficient or too
+    ill-conditioned), it falls back to Householder QR, so the result is always orthonormal.
     """
-    Q = Y
-    for _ in range(2):
-        L = cholesky_lower(xp, Q.T @ Q)
-        if L is None:
-            return _qr(xp, Y)
-        Q = solve_triangular(xp, L, Q.T, lower=True).T
-    return Q
+    if normalizer == "cholqr2":
+        G = Y.T @ Y
+        L = cholesky_lower(xp, G)
+        if L is not None:
+            Q1 = solve_triangular(xp, L, Y.T, lower=True).T
+            G1 = Q1.T @ Q1
+            # The second pass restores orthogonality to rounding only if the first pass left
+            # cond(Q1) small; max|G1 - I| <= 1/2 guarantees cond(Q1) <= sqrt(3).
+            if (
+                float(xp.max(xp.abs(G1 - xp.eye(G1.shape[0], dtype=G1.dtype, device=_dev(G1)))))
+                <= 0.5
+            ):
+                L1 = cholesky_lower(xp, G1)
+                if L1 is not None:
+                    return solve_triangular(xp, L1, Q1.T, lower=True).T, L1.T @ L.T
+    res = xp.linalg.qr(Y)
+    return res.Q, res.R
 
 
 def orthonormalize(xp: Any, Y: Array, normalizer: str) -> Array:
     """Orthonormal basis of ``range(Y)`` with the chosen normalizer (``none`` -> QR)."""
-    if normalizer == "cholqr2":
-        return _cholqr2(xp, Y)
-    return _qr(xp, Y)
+    return qr_factor(xp, Y, normalizer)[0]
+
+
+def thin_svd(xp: Any, Y: Array, normalizer: str) -> tuple[Array, Array, Array]:
+    """Thin SVD of a tall ``Y`` (m x l, m >= l) as ``QR`` then the SVD of the l x l ``R``.
+
+    ``Y = Q R = (Q U_R) S V_R^T``: the work on the tall matrix is one QR and one product,
+    which is much faster than a direct SVD of ``Y`` (LAPACK ``gesdd`` on the tall matrix).
+    """
+    Q, R = qr_factor(xp, Y, normalizer)
+    U_R, S, Vh = xp.linalg.svd(R, full_matrices=False)
+    return Q @ U_R, S, Vh
 
 
 def _normalize_between(xp: Any, Y: Array, normalizer: str) -> Array:

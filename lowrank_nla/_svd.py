@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ._backend import as_operator, normal_sampler, sign_fix
-from ._sketch import general_range
+from ._sketch import general_range, thin_svd
 from ._validation import check_int, check_normalizer, check_rank
 
 __all__ = ["SVDResult", "randomized_svd"]
@@ -74,12 +74,14 @@ def randomized_svd(
     Notes
     -----
     Algorithm (HMT 2011, Algorithms 4.4 and 5.1): ``Q = orth((A A^T)^q A Omega)``, then the
-    small SVD ``Q^T A = U_B S Vh``, and ``U = Q U_B``; the leading ``rank`` triplets are kept.
-    Cost: ``2q + 2`` products with an ``n x (rank + p)`` block, ``O((m + n)(rank + p)^2)``
-    for the orthonormalizations and the small SVD. By HMT Theorem 9.3 the rank-``k`` result
-    satisfies ``||A - U diag(S) Vh||_2 <= sigma_{k+1} + ||A - Q Q^T A||_2``, and the last term
-    is bounded in expectation by :func:`lowrank_nla.hmt_error_bound`. To measure the error
-    of a result use :func:`lowrank_nla.posterior_error_estimate` (range) or
+    SVD ``Q^T A = U_B S Vh``, and ``U = Q U_B``; the leading ``rank`` triplets are kept. The
+    SVD of the wide ``Q^T A`` is taken as a thin QR of ``A^T Q`` (with ``normalizer``)
+    followed by the SVD of its small triangular factor. Cost: ``2q + 2`` products with an
+    ``n x (rank + p)`` block and ``O((m + n)(rank + p)^2)`` for the orthonormalizations.
+    By HMT Theorem 9.3 the rank-``k`` result satisfies
+    ``||A - U diag(S) Vh||_2 <= sigma_{k+1} + ||A - Q Q^T A||_2``, and the last term is
+    bounded in expectation by :func:`lowrank_nla.hmt_error_bound`. To measure the error of
+    a result use :func:`lowrank_nla.posterior_error_estimate` (range) or
     :func:`lowrank_nla.relative_error` (decomposition).
 
     Compared with :func:`sklearn.utils.extmath.randomized_svd` the sketch is drawn in the
@@ -112,9 +114,9 @@ def randomized_svd(
     size = min(rank + oversample, min(op.shape))
     draw = normal_sampler(xp, rng, dtype=op.dtype, device=op.device)
     Q = general_range(op, size, power_iters=power_iters, normalizer=normalizer, draw=draw)
-    B = rmatmat(Q).T  # Q^T A, (size x n)
-    Ub, S, Vh = xp.linalg.svd(B, full_matrices=False)
-    U = Q @ Ub[:, :rank]
-    S, Vh = S[:rank], Vh[:rank, :]
+    # B = Q^T A (size x n) through its transpose: B^T = A^T Q = W S Z^T, so B = Z S W^T.
+    W, S, Zh = thin_svd(xp, rmatmat(Q), normalizer)
+    U = Q @ Zh.T[:, :rank]
+    S, Vh = S[:rank], W[:, :rank].T
     signs = sign_fix(xp, U)
     return SVDResult(U * signs, S, Vh * signs[:, None])

@@ -9,8 +9,8 @@ import torch
 
 import lowrank_nla as ln
 from lowrank_nla import _backend
-from lowrank_nla._sketch import orthonormalize
-from lowrank_nla.testing import Backend, assert_orthonormal, to_numpy
+from lowrank_nla._sketch import orthonormalize, qr_factor
+from lowrank_nla.testing import Backend, assert_orthonormal, matrix_with_spectrum, to_numpy
 
 
 def _sampler(backend: Backend, rng):
@@ -109,9 +109,20 @@ def test_cholqr2_orthonormal_and_falls_back_on_rank_deficiency(backend: Backend)
     # exactly rank deficient: Cholesky of the Gram matrix fails, QR takes over
     Yd = np.concatenate([Y[:, :4], Y[:, :4]], axis=1)
     Qd = orthonormalize(backend.xp, backend.asarray(Yd), "cholqr2")
+    assert_orthonormal(Qd)
     assert Qd.shape == (60, 8)
     qd = to_numpy(Qd).astype(np.float64)
     np.testing.assert_allclose(qd @ (qd.T @ Yd), Yd, atol=1e3 * backend.eps)
+
+
+def test_cholqr2_ill_conditioned_stays_orthonormal(backend: Backend) -> None:
+    # cond(Y) = 1e12 is far beyond eps**-1/2 in both precisions: a plain CholeskyQR2 would
+    # lose orthogonality (or fail); the fallback keeps Q orthonormal and Q R = Y.
+    Y = matrix_with_spectrum(np.logspace(0, -12, 10), m=80, n=10, rng=3)
+    Q, R = qr_factor(backend.xp, backend.asarray(Y), "cholqr2")
+    assert_orthonormal(Q)
+    q, r = to_numpy(Q).astype(np.float64), to_numpy(R).astype(np.float64)
+    assert np.linalg.norm(q @ r - Y, 2) <= 100 * backend.eps * np.linalg.norm(Y, 2)
 
 
 def test_cholesky_lower_reports_failure() -> None:
