@@ -22,9 +22,10 @@ Method (DESIGN.md section 5):
   ``torch.linalg.eigh``. Each peer is compared with ours on the *same array library*.
 * Ours: ``randomized_eigh``, ``srevd`` and ``nystrom`` (PSD) and ``randomized_svd`` (general)
   over oversampling p and power iterations q, searched on NumPy (q grows per (routine, p)
-  until every peer's error is reached). For each peer, per routine the configuration with the
-  fewest multiply-adds among those at least as accurate is rebuilt on the peer's library,
-  with Householder QR and with CholeskyQR2, re-measured (q raised if it misses) and timed.
+  until every peer's error is reached). For each peer, per routine and p the smallest
+  sufficient q is rebuilt on the peer's library with each normalizer and run once; per
+  routine the fastest whose re-measured error still reaches the peer's is timed
+  (:func:`candidates_for`).
 * Timing: one process, all timed methods alternating in each round, median of ``--repeats``
   (>= 5) rounds; the reported ratio is ours/peer on medians.
 
@@ -236,56 +237,54 @@ def measure_ours(ours: list[Method], peers: list[Method], A64: np.ndarray, norm_
             done.add(key)
 
 
-# Products with A per configuration (the dominant cost, each n^2 (k + p) multiply-adds).
-PRODUCTS = {
-    "randomized_eigh": lambda q: q + 2,
-    "srevd": lambda q: q + 2,
-    "nystrom": lambda q: q + 1,
-    "randomized_svd": lambda q: 2 * q + 2,
-}
-
-
 def candidates_for(
     peer: Method, ours: list[Method], A64: np.ndarray, norm_A: float, k: int, max_q: int
 ) -> list[Method]:
-    """Our cheapest configurations, on the peer's array library, at least as accurate as it.
+    """Our fastest configuration per routine, on the peer's library, at least as accurate.
 
-    Per routine, the configuration with the fewest multiply-adds in products with ``A``
-    (``products * (k + p)``) among those whose NumPy error reaches the peer's is rebuilt on
-    the peer's library with Householder QR and with CholeskyQR2. Each is re-measured (another
-    library draws another sketch); one that misses the peer's error gets one more power
-    iteration at a time, up to ``max_q``. Of the two normalizers the faster in that single
-    run goes on to the alternating timing, which decides between the routines.
+    1. Frontier: per routine and p, the smallest q whose NumPy error reaches the peer's
+       (``srevd`` takes ``randomized_eigh``'s frontier, see :func:`ours_grid`).
+    2. Each frontier configuration is rebuilt on the peer's array library with each
+       normalizer (Householder QR, CholeskyQR2, none) and run once, timed.
+    3. Per routine, fastest first, the first one whose re-measured error (another library
+       draws another sketch) reaches the peer's is kept; a miss gets one more power iteration
+       at a time up to ``max_q`` before the next option is tried.
+    The kept configurations go on to the alternating timing, which decides the routine.
     """
-    best: dict[str, tuple[int, Method]] = {}
+    frontier: dict[tuple[str, int], Method] = {}
     for m in ours:
-        if not m.error <= peer.error:
-            continue
-        cost = PRODUCTS[m.name](m.config["q"]) * (k + m.config["p"])
-        if m.name not in best or cost < best[m.name][0]:
-            best[m.name] = (cost, m)
-    if "randomized_eigh" in best:
-        cost, m = best["randomized_eigh"]
-        best["srevd"] = (
-            cost,
-            _ours(ln.srevd, m.arrays, "numpy", k, m.config["p"], max(m.config["q"], 1), "qr"),
-        )
-    out = []
-    for _, m in best.values():
+        key = (m.name, m.config["p"])
+        if m.error <= peer.error and (
+            key not in frontier or m.config["q"] < frontier[key].config["q"]
+        ):
+            frontier[key] = m
+    for (name, p), m in list(frontier.items()):
+        if name == "randomized_eigh":
+            frontier[("srevd", p)] = _ours(
+                ln.srevd, m.arrays, "numpy", k, p, max(m.config["q"], 1), "qr"
+            )
+    options: dict[str, list[tuple[float, Method]]] = {}
+    for (name, _), m in frontier.items():
         assert m.remake is not None
-        options = []
-        for normalizer in ("qr", "cholqr2"):
-            for q in range(m.config["q"], max_q + 1):
-                cand = m.remake(library=peer.library, normalizer=normalizer, q=q)
-                start = time.perf_counter()
-                result = cand.run()
-                seconds = time.perf_counter() - start
-                cand.error = spectral_error(A64, norm_A, result)
-                if cand.error <= peer.error:
-                    options.append((seconds, cand))
+        for normalizer in ("qr", "cholqr2", "none"):
+            cand = m.remake(library=peer.library, normalizer=normalizer)
+            start = time.perf_counter()
+            cand.run()
+            options.setdefault(name, []).append((time.perf_counter() - start, cand))
+    out = []
+    for opts in options.values():
+        for _, cand in sorted(opts, key=lambda o: o[0]):
+            found = None
+            for q in range(cand.config["q"], max_q + 1):
+                assert cand.remake is not None
+                c = cand if q == cand.config["q"] else cand.remake(q=q)
+                c.error = spectral_error(A64, norm_A, c.run())
+                if c.error <= peer.error:
+                    found = c
                     break
-        if options:  # keep the faster normalizer (one run each) for the alternating rounds
-            out.append(min(options, key=lambda o: o[0])[1])
+            if found is not None:
+                out.append(found)
+                break
     return out
 
 

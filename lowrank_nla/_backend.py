@@ -122,6 +122,24 @@ class Operator:
     rmatmat: Callable[[Array], Array] | None
     array: Array | None
 
+    def checked_matmat(self, X: Array, name: str = "A") -> Array:
+        """``A @ X``, raising ``ValueError`` if the product holds NaN or Inf.
+
+        For an array this is how the randomized routines validate ``A`` itself: a NaN or
+        infinite entry of ``A`` makes its whole row of ``A @ X`` non-finite when ``X`` has
+        no zero entries (a Gaussian sketch, with probability one), so no separate pass over
+        ``A`` is needed.
+        """
+        Y = self.matmat(X)
+        if not bool(self.xp.all(self.xp.isfinite(Y))):
+            if self.array is not None:
+                raise ValueError(
+                    f"`{name}` must not contain NaN or Inf (found in the product {name} @ X; "
+                    "finite entries of huge magnitude can also overflow there)"
+                )
+            raise ValueError(f"`{name} @ X` must not contain NaN or Inf")
+        return Y
+
     def rmatmat_or_raise(self, name: str) -> Callable[[Array], Array]:
         if self.rmatmat is None:
             raise TypeError(
@@ -156,12 +174,16 @@ def _operator_namespace(op: Any, name: str) -> tuple[Namespace, Any]:
     )
 
 
-def as_operator(A: Any, name: str = "A", *, symmetric: bool = False) -> Operator:
+def as_operator(
+    A: Any, name: str = "A", *, symmetric: bool = False, check_finite_entries: bool = True
+) -> Operator:
     """Validate ``A`` (2-D array or linear operator) and return its :class:`Operator` view.
 
     Arrays are checked for dimension, dtype (see :func:`floating_dtype`) and finiteness, and
-    integer arrays are converted to the default float. Operators must expose ``shape``
-    (two positive ints), ``dtype`` and ``@``; their products are checked for NaN/Inf by the
+    integer arrays are converted to the default float. With ``check_finite_entries=False``
+    the NaN/Inf check of an array is left to the caller, which must then pass its first
+    product through :meth:`Operator.checked_matmat`. Operators must expose ``shape`` (two
+    positive ints), ``dtype`` and ``@``; their products are checked for NaN/Inf by the
     algorithms. With ``symmetric=True`` the transpose of an operator is the operator itself.
     """
     if _is_array(A):
@@ -175,7 +197,8 @@ def as_operator(A: Any, name: str = "A", *, symmetric: bool = False) -> Operator
         m, n = (int(s) for s in A.shape)
         if m == 0 or n == 0:
             raise ValueError(f"`{name}` must not be empty, got shape {A.shape}")
-        check_finite(xp, A, name)
+        if check_finite_entries:
+            check_finite(xp, A, name)
         arr = A
         return Operator(
             shape=(m, n),

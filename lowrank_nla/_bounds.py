@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import Operator, as_operator, namespace, normal_sampler, to_numpy
+from ._backend import Operator, as_operator, check_finite, namespace, normal_sampler, to_numpy
 from ._eigh import EighResult
 from ._svd import SVDResult
 from ._validation import check_int
@@ -257,14 +257,15 @@ def posterior_error_estimate(A: Any, Q: Any, *, n_probes: int = 10, rng: Any = N
     >>> float(ln.posterior_error_estimate(A, Q, rng=1)) >= 1e-8  # sigma_9 = 1e-8
     True
     """
-    op = as_operator(A, "A")
+    op = as_operator(A, "A", check_finite_entries=False)  # checked in the probe product
     xp = op.xp
     namespace(op.array if op.array is not None else xp.empty((0,)), Q, names=("A", "Q"))
     if Q.ndim != 2 or Q.shape[0] != op.shape[0]:
         raise ValueError(f"`Q` must have shape ({op.shape[0]}, k) to match `A`, got {Q.shape}")
+    check_finite(xp, Q, "Q")
     n_probes = check_int(n_probes, "n_probes", minimum=1)
     draw = normal_sampler(xp, rng, dtype=op.dtype, device=op.device)
-    Y = op.matmat(draw((op.shape[1], n_probes)))
+    Y = op.checked_matmat(draw((op.shape[1], n_probes)))
     for _ in range(2):
         Y = Y - Q @ (Q.T @ Y)
     return _HMT_C * xp.max(xp.linalg.vector_norm(Y, axis=0))

@@ -47,7 +47,8 @@ class EighResult(NamedTuple):
 def _prepare(
     A: Any, rank: int, oversample: int, power_iters: int, rng: Any, check: bool
 ) -> tuple[Operator, int, int, int, Any]:
-    op = as_operator(A, "A", symmetric=True)
+    # NaN/Inf are caught in the first product (Operator.checked_matmat)
+    op = as_operator(A, "A", symmetric=True, check_finite_entries=False)
     check_square(op.shape)
     rank = check_rank(rank, op.shape)
     oversample = check_int(oversample, "oversample", minimum=0)
@@ -336,7 +337,7 @@ def nystrom(
             normalizer=normalizer,
             draw=lambda shape: Omega,
         )
-    Y = op.matmat(Omega)
+    Y = op.checked_matmat(Omega)
     nu = math.sqrt(n) * eps(xp, op.dtype) * float(xp.linalg.vector_norm(Y))
     Y_nu = Y + nu * Omega
     C = Omega.T @ Y_nu

@@ -16,7 +16,6 @@ from ._backend import (
     Operator,
     Sampler,
     as_operator,
-    check_finite,
     cholesky_lower,
     column_scale,
     eps,
@@ -85,13 +84,6 @@ def _normalize_between(xp: Any, Y: Array, normalizer: str) -> Array:
     return orthonormalize(xp, Y, normalizer)
 
 
-def _checked_product(op: Operator, X: Array, name: str) -> Array:
-    Y = op.matmat(X)
-    if op.array is None:
-        check_finite(op.xp, Y, f"{name} @ X")
-    return Y
-
-
 # --------------------------------------------------------------------------- engines
 
 
@@ -107,7 +99,7 @@ def general_range(
     """Subspace iteration ``Q = orth((A A^T)^q A Omega)`` (HMT 2011, Algorithm 4.4)."""
     xp = op.xp
     rmatmat = op.rmatmat_or_raise(name) if power_iters > 0 else None
-    Y = _checked_product(op, draw((op.shape[1], size)), name)
+    Y = op.checked_matmat(draw((op.shape[1], size)), name)
     for _ in range(power_iters):
         assert rmatmat is not None
         Z = _normalize_between(xp, rmatmat(_normalize_between(xp, Y, normalizer)), normalizer)
@@ -134,7 +126,7 @@ def symmetric_range(
     xp = op.xp
     Y = draw((op.shape[0], size))
     for i in range(1, passes + 1):
-        Y = _checked_product(op, Y, name)
+        Y = op.checked_matmat(Y, name)
         if i == passes:
             break
         if normalize_every is not None and i % normalize_every == 0:
@@ -154,7 +146,7 @@ def check_symmetric(op: Operator, draw: Sampler, name: str = "A") -> None:
     """
     xp = op.xp
     W = draw((op.shape[0], 2))
-    AW = _checked_product(op, W, name)
+    AW = op.checked_matmat(W, name)
     u, v = W[:, 0], W[:, 1]
     Au, Av = AW[:, 0], AW[:, 1]
     uAv = xp.vecdot(u, Av)
@@ -240,7 +232,7 @@ def randomized_range_finder(
     >>> bool(np.allclose(Q @ (Q.T @ A), A))
     True
     """
-    op = as_operator(A, "A")
+    op = as_operator(A, "A", check_finite_entries=False)
     size = check_rank(size, op.shape, "size")
     power_iters = check_int(power_iters, "power_iters", minimum=0)
     normalizer = check_normalizer(normalizer)
@@ -320,7 +312,7 @@ def adaptive_range_finder(
     >>> Q.shape[1] <= 30
     True
     """
-    op = as_operator(A, "A")
+    op = as_operator(A, "A", check_finite_entries=False)
     tol = check_positive_float(tol, "tol")
     full = min(op.shape)
     block = check_int(block, "block", minimum=1)
@@ -334,7 +326,7 @@ def adaptive_range_finder(
     k = 0
     while True:
         b = min(block, max_rank - k)
-        Y = _project_out(xp, Q, _checked_product(op, draw((op.shape[1], block)), "A"))
+        Y = _project_out(xp, Q, op.checked_matmat(draw((op.shape[1], block)), "A"))
         estimate = _HMT_C * float(xp.max(xp.linalg.vector_norm(Y, axis=0)))
         if estimate <= tol:
             break

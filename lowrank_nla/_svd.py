@@ -104,7 +104,7 @@ def randomized_svd(
     >>> bool(np.allclose(S, np.linalg.svd(A, compute_uv=False)[:5]))
     True
     """
-    op = as_operator(A, "A")
+    op = as_operator(A, "A", check_finite_entries=False)  # checked in the first product
     rank = check_rank(rank, op.shape)
     oversample = check_int(oversample, "oversample", minimum=0)
     power_iters = check_int(power_iters, "power_iters", minimum=0)

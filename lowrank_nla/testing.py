@@ -13,6 +13,7 @@ from functools import partial
 from typing import Any
 
 import numpy as np
+import scipy.fft
 
 from ._backend import to_numpy
 
@@ -66,19 +67,27 @@ def ea_factor(
 
     ``M_k = decay M_{k-1} + (1 - decay) X_k X_k^T / batch`` from ``M_0 = 0``, where the
     columns of ``X_k`` (n x batch) are drawn from a fixed Gaussian with a power-law
-    covariance (eigenvalues ``j^-1``) and a slowly drifting mean, as layer activations are.
+    covariance (eigenvalues ``j^-1`` in a dense orthonormal basis) and a slowly drifting
+    mean, as layer activations are.
     Its spectrum decays fast (ALGORITHMS.md section 5.1): at most ``batch * s`` eigenvalues
     exceed ``decay^s`` times the largest batch term.
     """
     gen = np.random.default_rng(rng)
-    basis, _ = np.linalg.qr(gen.standard_normal((n, n)))
+    # A random orthonormal basis without an O(n^3) QR: the orthonormal DCT-II matrix with
+    # randomly permuted and sign-flipped columns.
+    basis = scipy.fft.dct(np.eye(n), norm="ortho", axis=0)
+    basis = basis[:, gen.permutation(n)] * gen.choice([-1.0, 1.0], size=n)
     scale = 1.0 / np.sqrt(np.arange(1, n + 1))
     mean = gen.standard_normal(n) / np.sqrt(n)
-    M = np.zeros((n, n))
-    for _ in range(steps):
+    blocks = []
+    for t in range(steps):
         mean = 0.9 * mean + 0.1 * gen.standard_normal(n) / np.sqrt(n)
         X = basis @ (scale[:, None] * gen.standard_normal((n, batch))) + mean[:, None]
-        M = decay * M + (1.0 - decay) * (X @ X.T) / batch
+        # weight of step t in the average after `steps` updates
+        weight = (1.0 - decay) * decay ** (steps - 1 - t) / batch
+        blocks.append(np.sqrt(weight) * X)
+    Z = np.concatenate(blocks, axis=1)
+    M = Z @ Z.T
     return (M + M.T) / 2
 
 

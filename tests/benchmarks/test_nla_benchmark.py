@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("sklearn", reason="the benchmark compares with scikit-learn")
-
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "nla_decompositions.py"
 
 

@@ -227,6 +227,10 @@ def test_mixed_array_libraries() -> None:
 def test_posterior_and_relative_error_arguments() -> None:
     with pytest.raises(ValueError, match=r"`Q` must have shape \(12, k\) to match `A`"):
         ln.posterior_error_estimate(GENERAL, np.eye(9))
+    Q = np.eye(12)[:, :3]
+    Q[0, 0] = np.inf
+    with pytest.raises(ValueError, match="`Q` must not contain NaN or Inf"):
+        ln.posterior_error_estimate(GENERAL, Q)
     with pytest.raises(ValueError, match="`n_probes` must be >= 1"):
         ln.posterior_error_estimate(GENERAL, np.eye(12)[:, :3], n_probes=0)
     with pytest.raises(ValueError, match="`ord` must be 2 or 'fro', got 1"):
