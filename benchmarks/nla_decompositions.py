@@ -445,47 +445,63 @@ def main() -> None:
     torch.manual_seed(SEED)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    # (case, matrix, its spectrum descending, PSD?, dtypes, rounds for the exact peers)
+    cases: list[
+        tuple[
+            str,
+            Callable[[], np.ndarray],
+            Callable[[np.ndarray], np.ndarray],
+            bool,
+            tuple[str, ...],
+            int,
+        ]
+    ] = []
     for n in psd_sizes:
-        A64 = ea_factor(n, batch=32, steps=60, rng=SEED)
-        w = np.linalg.eigvalsh(A64)[::-1]
-        k = min(220, n // 4)
-        for dtype in ("float64", "float32"):
-            rows += run_case(
+        cases.append(
+            (
                 "EA factor (PSD)",
-                A64,
-                dtype,
-                k,
-                float(w[0]),
-                float(w[k] / w[0]),
+                lambda n=n: ea_factor(n, batch=32, steps=60, rng=SEED),
+                lambda A: np.linalg.eigvalsh(A)[::-1],
                 True,
-                grid,
-                repeats,
-                repeats if n <= 2048 else 1,
-                with_eigsh=n <= 2048,
+                ("float64", "float32"),
+                repeats if n <= 2048 else 1,  # a full eigh takes ~10 s at n = 4096
             )
-            print(f"PSD n={n} {dtype}: {time.perf_counter() - start:.0f} s", flush=True)
+        )
     for n in dense_sizes:
-        for case, s in (  # dense inputs in float64 only (the K-factor cases cover float32)
+        for case, spectrum in (
             ("dense, slow decay", 1.0 / np.sqrt(np.arange(1.0, n + 1))),
             ("dense, fast decay", np.exp(-np.arange(n) / 40.0)),
         ):
-            A64 = matrix_with_spectrum(s, rng=SEED)
-            k = min(220, n // 4)
-            for dtype in ("float64",):
-                rows += run_case(
+            cases.append(
+                (
                     case,
-                    A64,
-                    dtype,
-                    k,
-                    float(s[0]),
-                    float(s[k] / s[0]),
+                    lambda s=spectrum: matrix_with_spectrum(s, rng=SEED),
+                    lambda A, s=spectrum: s,
                     False,
-                    grid,
+                    ("float64",),  # the K-factor cases cover float32
                     repeats,
-                    repeats,
-                    False,
                 )
-                print(f"{case} n={n} {dtype}: {time.perf_counter() - start:.0f} s", flush=True)
+            )
+    for case, make, spectrum_of, psd, dtypes, exact_repeats in cases:
+        A64 = make()
+        s = spectrum_of(A64)
+        n = A64.shape[0]
+        k = min(220, n // 4)
+        for dtype in dtypes:
+            rows += run_case(
+                case,
+                A64,
+                dtype,
+                k,
+                float(s[0]),
+                float(s[k] / s[0]),
+                psd,
+                grid,
+                repeats,
+                exact_repeats,
+                with_eigsh=psd and n <= 2048,
+            )
+            print(f"{case} n={n} {dtype}: {time.perf_counter() - start:.0f} s", flush=True)
     seconds = time.perf_counter() - start
     env = environment()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,6 @@ library has been seen, at which point it is already in ``sys.modules``.
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 from collections.abc import Callable
@@ -402,7 +401,3 @@ def column_scale(xp: Namespace, Y: Array) -> Array:
     scale = xp.max(xp.abs(Y), axis=0)
     scale = xp.where(scale > 0, scale, xp.ones_like(scale))
     return Y / scale
-
-
-def sqrt_eps(xp: Namespace, dtype: Any) -> float:
-    return math.sqrt(eps(xp, dtype))

@@ -14,6 +14,7 @@ import numpy as np
 
 from ._backend import Operator, as_operator, check_finite, namespace, normal_sampler, to_numpy
 from ._eigh import EighResult
+from ._sketch import HMT_PROBE_FACTOR
 from ._svd import SVDResult
 from ._validation import check_int
 
@@ -212,9 +213,6 @@ def estimate_spectral_norm(
     return _gk_lanczos_norm(op, n_iter, rng, "A")
 
 
-_HMT_C = 10.0 * math.sqrt(2.0 / math.pi)
-
-
 def posterior_error_estimate(A: Any, Q: Any, *, n_probes: int = 10, rng: Any = None) -> Array:
     """Probabilistic upper bound on ``||A - Q Q^T A||_2`` from ``n_probes`` Gaussian probes.
 
@@ -268,7 +266,7 @@ def posterior_error_estimate(A: Any, Q: Any, *, n_probes: int = 10, rng: Any = N
     Y = op.checked_matmat(draw((op.shape[1], n_probes)))
     for _ in range(2):
         Y = Y - Q @ (Q.T @ Y)
-    return _HMT_C * xp.max(xp.linalg.vector_norm(Y, axis=0))
+    return HMT_PROBE_FACTOR * xp.max(xp.linalg.vector_norm(Y, axis=0))
 
 
 def _dense_approx(xp: Any, approx: Any) -> Array:

@@ -240,7 +240,8 @@ def randomized_range_finder(
     return general_range(op, size, power_iters=power_iters, normalizer=normalizer, draw=draw)
 
 
-_HMT_C = 10.0 * math.sqrt(2.0 / math.pi)
+# HMT 2011, Lemma 4.1: ||(I - P) A|| <= HMT_PROBE_FACTOR max_i ||(I - P) A w_i|| w.h.p.
+HMT_PROBE_FACTOR = 10.0 * math.sqrt(2.0 / math.pi)
 
 
 def _project_out(xp: Any, Q: Array | None, Y: Array) -> Array:
@@ -327,7 +328,7 @@ def adaptive_range_finder(
     while True:
         b = min(block, max_rank - k)
         Y = _project_out(xp, Q, op.checked_matmat(draw((op.shape[1], block)), "A"))
-        estimate = _HMT_C * float(xp.max(xp.linalg.vector_norm(Y, axis=0)))
+        estimate = HMT_PROBE_FACTOR * float(xp.max(xp.linalg.vector_norm(Y, axis=0)))
         if estimate <= tol:
             break
         if b == 0:

@@ -32,7 +32,10 @@ ALL_A = {
     "posterior_error_estimate": lambda A: ln.posterior_error_estimate(A, np.eye(10)[:, :2]),
     "relative_error": lambda A: ln.relative_error(A, np.eye(10)),
 }
-ids = lambda f: getattr(f, "__name__", "routine")  # noqa: E731
+
+
+def ids(f) -> str:
+    return f.__name__
 
 
 @pytest.mark.parametrize(("routine", "A", "kw"), RANKED, ids=[ids(r[0]) for r in RANKED])
