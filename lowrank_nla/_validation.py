@@ -8,15 +8,13 @@ from typing import Any
 NORMALIZERS = ("qr", "cholqr2", "none")
 
 
-def check_int(value: Any, name: str, *, minimum: int, maximum: int | None = None) -> int:
-    """Return ``value`` as an int in ``[minimum, maximum]`` or raise naming ``name``."""
+def check_int(value: Any, name: str, *, minimum: int) -> int:
+    """Return ``value`` as an int ``>= minimum`` or raise naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an integer, got {type(value).__name__}")
     value = int(value)
     if value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"`{name}` must be <= {maximum}, got {value}")
     return value
 
 

@@ -70,6 +70,13 @@ class _NaNOperator:
         return self
 
 
+def test_operator_producing_nan_is_caught_by_the_estimators() -> None:
+    with pytest.raises(ValueError, match="`A` produced NaN or Inf in a product"):
+        ln.estimate_spectral_norm(_NaNOperator(), rng=0)
+    with pytest.raises(ValueError, match=r"`A @ X` must not contain NaN or Inf"):
+        ln.posterior_error_estimate(_NaNOperator(), np.eye(6)[:, :2], rng=0)
+
+
 def test_operator_producing_nan_is_caught() -> None:
     with pytest.raises(ValueError, match=r"`A @ X` must not contain NaN or Inf"):
         ln.randomized_svd(_NaNOperator(), 2, rng=0)
@@ -170,6 +177,18 @@ def test_bad_operator() -> None:
     class NoTranspose(NoShape):
         shape = (4, 4)
 
+    class UnknownLibrary(NoShape):
+        shape = (4, 4)
+        dtype = "float64-ish"
+
+    class IntOperator(NoShape):
+        shape = (4, 4)
+        dtype = np.int64
+
+    with pytest.raises(TypeError, match="cannot tell which array library the operator `A`"):
+        ln.randomized_eigh(UnknownLibrary(), 1)
+    with pytest.raises(TypeError, match=r"`A\.dtype` must be float32 or float64 for an operator"):
+        ln.randomized_eigh(IntOperator(), 1)
     with pytest.raises(TypeError, match="linear operator with `shape`, `dtype` and `@`"):
         ln.randomized_svd(NoShape(), 1)
     with pytest.raises(ValueError, match=r"`A.shape` must be two positive integers"):
@@ -206,6 +225,10 @@ def test_srevd_reorth_every() -> None:
 def test_adaptive_range_finder_arguments() -> None:
     with pytest.raises(ValueError, match=r"`tol` must be a finite positive number, got 0\.0"):
         ln.adaptive_range_finder(GENERAL, 0.0)
+    with pytest.raises(TypeError, match="`tol` must be a real number, got str"):
+        ln.adaptive_range_finder(GENERAL, "1e-3")
+    with pytest.raises(ValueError, match="`tol` must be a finite positive number, got inf"):
+        ln.adaptive_range_finder(GENERAL, float("inf"))
     with pytest.raises(ValueError, match="`block` must be >= 1"):
         ln.adaptive_range_finder(GENERAL, 1e-3, block=0)
     with pytest.raises(ValueError, match=r"`max_rank` must be <= min\(A.shape\) = 9"):
@@ -255,3 +278,12 @@ def test_hmt_error_bound_arguments() -> None:
         ln.hmt_error_bound(np.ones(5), 0, 2)
     with pytest.raises(ValueError, match="`singular_values` must not contain NaN or Inf"):
         ln.hmt_error_bound(np.array([1.0, np.nan]), 1, 2)
+
+
+@pytest.mark.gpu
+def test_torch_generator_on_other_device() -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    A = torch.eye(8, device="cuda")
+    with pytest.raises(ValueError, match=r"`rng` is a torch\.Generator on cpu but the data is on"):
+        ln.randomized_eigh(A, 2, rng=torch.Generator())
