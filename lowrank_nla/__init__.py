@@ -6,29 +6,46 @@ Importing this package imports neither torch nor CuPy.
 """
 
 from ._bounds import (
+    brand_drift_bound,
+    ea_decay_modes,
     estimate_spectral_norm,
     hmt_error_bound,
+    inverse_perturbation_bound,
     posterior_error_estimate,
     relative_error,
 )
+from ._brand import BrandUpdate, brand_update, rayleigh_ritz_refresh, svd_update
 from ._eigh import EighResult, nystrom, partial_eigh, randomized_eigh, srevd
+from ._lowrank import LowRankPSD
+from ._rank import RankController, RankState, truncation_ratio
 from ._sketch import adaptive_range_finder, randomized_range_finder
 from ._svd import SVDResult, randomized_svd
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "BrandUpdate",
     "EighResult",
+    "LowRankPSD",
+    "RankController",
+    "RankState",
     "SVDResult",
     "adaptive_range_finder",
+    "brand_drift_bound",
+    "brand_update",
+    "ea_decay_modes",
     "estimate_spectral_norm",
     "hmt_error_bound",
+    "inverse_perturbation_bound",
     "nystrom",
     "partial_eigh",
     "posterior_error_estimate",
     "randomized_eigh",
     "randomized_range_finder",
     "randomized_svd",
+    "rayleigh_ritz_refresh",
     "relative_error",
     "srevd",
+    "svd_update",
+    "truncation_ratio",
 ]

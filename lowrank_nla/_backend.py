@@ -92,6 +92,8 @@ def to_numpy(x: Array) -> np.ndarray:
     """Copy an array of any supported library (any device) to a NumPy array on the host."""
     if isinstance(x, np.ndarray | np.generic | float | int):
         return np.asarray(x)
+    if isinstance(x, list | tuple):  # e.g. a history of 0-d arrays of any library
+        return np.asarray([to_numpy(v) for v in x])
     if array_api_compat.is_torch_array(x):
         return x.detach().cpu().numpy()
     if array_api_compat.is_cupy_array(x):

@@ -390,3 +390,150 @@ def relative_error(A: Any, approx: Any, *, ord: Any = 2, method: str = "auto") -
     if float(den) == 0.0:
         raise ValueError("`A` is zero: the relative error is undefined")
     return num / den
+
+
+def _nonneg_real(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be finite and >= 0, got {value}")
+    return value
+
+
+def _decay(decay: Any) -> float:
+    decay = _nonneg_real(decay, "decay")
+    if decay >= 1.0:
+        raise ValueError(f"`decay` must be in [0, 1), got {decay}")
+    return decay
+
+
+def ea_decay_modes(
+    update_rank: int, decay: float, eps: float, *, steps: int | None = None, dim: int | None = None
+) -> int:
+    """Upper bound on how many eigenvalues of an exponential average can exceed ``eps c``.
+
+    Parameters
+    ----------
+    update_rank : int
+        ``m``: rank of each update ``C_j`` (for a K-factor: ``min(D, n)`` for Linear,
+        ``min(D, n tau)`` for Conv2d).
+    decay : float
+        ``rho`` in ``[0, 1)``.
+    eps : float
+        Relative threshold in ``(0, 1]``.
+    steps : int, optional
+        Number ``k`` of updates so far (the average then has rank at most ``m k``).
+    dim : int, optional
+        Matrix dimension ``D`` (the count never exceeds it).
+
+    Returns
+    -------
+    int
+        ``m * ceil(ln(eps) / ln(rho))``, capped by ``m k`` and ``D`` when given.
+
+    Notes
+    -----
+    For ``M_k = rho^k M_0 + (1 - rho) sum_j rho^(k-j) C_j`` with ``C_j`` PSD, rank ``<= m``,
+    ``||C_j|| <= c`` and ``||M_0|| <= c``: the last ``s`` terms have rank ``<= m s`` and the
+    rest has norm ``<= rho^s c``, so by Weyl's inequality ``lambda_{ms+1}(M_k) <= rho^s c``
+    (ALGORITHMS.md 5.1). Taking ``s = ceil(ln eps / ln rho)`` gives the count. The bound only
+    guarantees decay; measured K-factor spectra decay much faster.
+
+    Examples
+    --------
+    >>> import lowrank_nla as ln
+    >>> ln.ea_decay_modes(16, 0.95, 0.1)  # 16 * ceil(44.9)
+    720
+    """
+    m = check_int(update_rank, "update_rank", minimum=1)
+    rho = _decay(decay)
+    eps = _nonneg_real(eps, "eps")
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"`eps` must be in (0, 1], got {eps}")
+    s = 1 if rho == 0.0 or eps == 1.0 else math.ceil(math.log(eps) / math.log(rho))
+    count = m * max(s, 1)
+    if steps is not None:
+        count = min(count, m * check_int(steps, "steps", minimum=0))
+    if dim is not None:
+        count = min(count, check_int(dim, "dim", minimum=1))
+    return count
+
+
+def brand_drift_bound(dropped_max: Any, decay: float, *, initial: float = 0.0) -> float:
+    """Accumulated truncation error of exponential-average Brand updates.
+
+    Parameters
+    ----------
+    dropped_max : array_like, shape (k,)
+        ``delta_j``: largest eigenvalue discarded at update ``j`` (``BrandUpdate.dropped_max``),
+        oldest first.
+    decay : float
+        ``rho`` in ``[0, 1)``.
+    initial : float, default 0
+        ``||M_0 - B_0||_2`` of the starting representation.
+
+    Returns
+    -------
+    float
+        ``rho^k initial + sum_j rho^(k-j) delta_j``, an upper bound on
+        ``||M_k - B_k||_2`` (and at most ``rho^k initial + max_j delta_j / (1 - rho)``).
+
+    Notes
+    -----
+    :func:`brand_update` truncates after the update, so ``B_k = rho B_{k-1} + (1 - rho)
+    X_k X_k^T - T_k`` with ``T_k`` PSD and ``||T_k|| = delta_k``. The error
+    ``E_k = M_k - B_k`` obeys ``E_k = rho E_{k-1} + T_k``: each truncation is forgotten
+    geometrically (ALGORITHMS.md 7.3). ``E_k`` is PSD, so the same recursion with the
+    dropped sums (``BrandUpdate.dropped_sum``) gives ``trace(E_k)`` exactly.
+
+    Examples
+    --------
+    >>> import lowrank_nla as ln
+    >>> round(ln.brand_drift_bound([1.0, 1.0], 0.5), 12)  # 0.5 * 1 + 1
+    1.5
+    """
+    rho = _decay(decay)
+    initial = _nonneg_real(initial, "initial")
+    deltas = to_numpy(dropped_max).astype(np.float64).ravel()
+    if not np.all(np.isfinite(deltas)) or np.any(deltas < 0):
+        raise ValueError("`dropped_max` must be finite and non-negative")
+    k = deltas.size
+    weights = rho ** np.arange(k - 1, -1, -1, dtype=np.float64)
+    return float(rho**k * initial + np.sum(weights * deltas))
+
+
+def inverse_perturbation_bound(error: float, damping: float) -> float:
+    """Bound on the damped-inverse error caused by a representation error.
+
+    Parameters
+    ----------
+    error : float
+        ``||X - X_hat||_2`` with ``X``, ``X_hat`` positive semidefinite.
+    damping : float
+        ``lambda > 0``.
+
+    Returns
+    -------
+    float
+        ``error / lambda^2``, an upper bound on
+        ``||(X + lambda I)^-1 - (X_hat + lambda I)^-1||_2``.
+
+    Notes
+    -----
+    ``(X + l I)^-1 - (X_hat + l I)^-1 = (X + l I)^-1 (X_hat - X) (X_hat + l I)^-1`` and both
+    outer factors have norm ``<= 1 / lambda`` for PSD ``X``, ``X_hat``. With relative
+    damping ``lambda = lambda_rel lambda_1``, a relative error ``e`` becomes an inverse error
+    of order ``e / (lambda_rel^2 lambda_1)`` (ALGORITHMS.md 5.4).
+
+    Examples
+    --------
+    >>> import lowrank_nla as ln
+    >>> ln.inverse_perturbation_bound(0.5, 0.5)
+    2.0
+    """
+    error = _nonneg_real(error, "error")
+    damping = _nonneg_real(damping, "damping")
+    if damping == 0.0:
+        raise ValueError("`damping` must be > 0")
+    return error / damping**2

@@ -1,0 +1,160 @@
+"""Rank selection: the truncation ratio and the RSVD/Brand rank controllers (ALGORITHMS.md 4)."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from ._backend import to_numpy
+from ._validation import check_int
+
+__all__ = ["RankController", "RankState", "truncation_ratio"]
+
+
+def truncation_ratio(d: Any) -> float:
+    """``min(d) / max(d)`` of retained eigenvalues: the proxy for ``lambda_{r+1} / lambda_1``.
+
+    Parameters
+    ----------
+    d : array_like, shape (k,)
+        Retained eigenvalues (any order, any library; read on the host), ``k >= 1``.
+
+    Returns
+    -------
+    float
+        The ratio in ``[0, 1]``; ``0.0`` when all eigenvalues are zero (nothing to resolve).
+
+    Raises
+    ------
+    ValueError
+        Empty, negative or non-finite ``d``.
+
+    Notes
+    -----
+    After a rank-``r`` decomposition, ``d_min / d_max ~ lambda_r / lambda_1`` bounds the
+    relative spectral truncation error ``lambda_{r+1} / lambda_1`` from above; the rank
+    controllers steer it toward a target (thesis default 0.033).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import lowrank_nla as ln
+    >>> ln.truncation_ratio(np.array([4.0, 2.0, 1.0]))
+    0.25
+    """
+    v = to_numpy(d).astype(np.float64).ravel()
+    if v.size == 0:
+        raise ValueError("`d` must hold at least one eigenvalue")
+    if not np.all(np.isfinite(v)) or np.any(v < 0):
+        raise ValueError("`d` must be finite and non-negative")
+    top = float(v.max())
+    return 0.0 if top == 0.0 else float(v.min()) / top
+
+
+class RankState(NamedTuple):
+    """State of a :class:`RankController`: current rank, recent errors, observations."""
+
+    rank: int
+    errors: tuple[float, ...]
+    observations: int
+
+
+def _real(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite real number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class RankController:
+    """Adaptive rank rule: step the rank toward a target truncation ratio.
+
+    Every ``every`` observations the mean ``e`` of the last ``every`` truncation ratios is
+    compared with the target: ``e < target - lower_margin`` (more accurate than needed)
+    lowers the rank by ``decrease_step`` down to ``floor``; ``e > target + upper_margin``
+    raises it by ``increase_step`` up to ``cap``; otherwise it stays. The state is an
+    explicit :class:`RankState` value, updated by :meth:`update`.
+
+    Parameters
+    ----------
+    target : float, default 0.033
+    lower_margin, upper_margin : float
+    decrease_step, increase_step : int
+    floor, cap : int
+    every : int, default 1
+        Observations between re-evaluations (``K`` of ALGORITHMS.md 4.2).
+    history : int, default 30
+        Errors kept in the state.
+
+    Notes
+    -----
+    :meth:`rsvd` and :meth:`brand` give the thesis rules (ALGORITHMS.md 4.2, 4.3): RSVD
+    ranks move by 10 with margins 0.007 below / 0.02 above and floor 10, cap
+    ``min(700, D)``; Brand ranks decrease by 5 (margin 0.02, floor 70) and increase by 10
+    (margin 0.015, cap 500): cautious decreases, because information a truncation drops
+    only slowly re-enters an online update.
+
+    Examples
+    --------
+    >>> import lowrank_nla as ln
+    >>> ctrl = ln.RankController.rsvd(dim=1000)
+    >>> state = ctrl.init(220)
+    >>> ctrl.update(state, 0.01).rank  # far more accurate than the target 0.033
+    210
+    >>> ctrl.update(state, 0.08).rank  # far less accurate
+    230
+    """
+
+    target: float = 0.033
+    lower_margin: float = 0.007
+    upper_margin: float = 0.02
+    decrease_step: int = 10
+    increase_step: int = 10
+    floor: int = 10
+    cap: int = 700
+    every: int = 1
+    history: int = 30
+
+    def __post_init__(self) -> None:
+        for name in ("target", "lower_margin", "upper_margin"):
+            if _real(getattr(self, name), name) < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+        for name in ("decrease_step", "increase_step"):
+            check_int(getattr(self, name), name, minimum=0)
+        for name in ("floor", "every", "history"):
+            check_int(getattr(self, name), name, minimum=1)
+        check_int(self.cap, "cap", minimum=self.floor)
+
+    @classmethod
+    def rsvd(cls, dim: int, *, every: int = 1, target: float = 0.033) -> RankController:
+        """The thesis rule for randomized-decomposition ranks (ALGORITHMS.md 4.2)."""
+        dim = check_int(dim, "dim", minimum=1)
+        return cls(target, 0.007, 0.02, 10, 10, min(10, dim), min(700, dim), every)
+
+    @classmethod
+    def brand(cls, *, every: int = 1, target: float = 0.033, cap: int = 500) -> RankController:
+        """The thesis rule for Brand ranks (ALGORITHMS.md 4.3)."""
+        return cls(target, 0.02, 0.015, 5, 10, 70, cap, every)
+
+    def init(self, rank: int) -> RankState:
+        """Initial state at ``rank`` (clipped into ``[floor, cap]``)."""
+        rank = check_int(rank, "rank", minimum=1)
+        return RankState(min(max(rank, self.floor), self.cap), (), 0)
+
+    def update(self, state: RankState, error: float) -> RankState:
+        """Record one truncation ratio; re-evaluate the rank every ``every`` observations."""
+        error = _real(error, "error")
+        errors = (*state.errors, error)[-self.history :]
+        count = state.observations + 1
+        rank = state.rank
+        if count % self.every == 0:
+            mean = sum(errors[-self.every :]) / min(self.every, len(errors))
+            if mean < self.target - self.lower_margin:
+                rank = max(rank - self.decrease_step, self.floor)
+            elif mean > self.target + self.upper_margin:
+                rank = min(rank + self.increase_step, self.cap)
+        return RankState(rank, errors, count)
