@@ -69,7 +69,8 @@ class LowRankPSD(NamedTuple):
         """Keep the ``rank`` largest eigenpairs (``rank >= self.rank`` keeps everything)."""
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ValueError(f"`rank` must be a non-negative integer, got {rank!r}")
-        return LowRankPSD(self.U[:, :rank], self.d[:rank])
+        keep = min(rank, self.rank)  # array-API slicing must stay in bounds
+        return LowRankPSD(self.U[:, :keep], self.d[:keep])
 
     def orthogonality_defect(self) -> float:
         """``||U^T U - I||_F``: how far ``U`` is from orthonormal (0 in exact arithmetic)."""
