@@ -20,6 +20,13 @@ from ._lowrank import LowRankPSD
 from ._rank import RankController, RankState, truncation_ratio
 from ._sketch import adaptive_range_finder, randomized_range_finder
 from ._svd import SVDResult, randomized_svd
+from ._woodbury import (
+    damped_inverse_apply,
+    kron_inverse_apply,
+    kron_inverse_apply_factored,
+    smw_coefficients,
+    woodbury_solve,
+)
 
 __version__ = "0.1.0.dev0"
 
@@ -33,10 +40,13 @@ __all__ = [
     "adaptive_range_finder",
     "brand_drift_bound",
     "brand_update",
+    "damped_inverse_apply",
     "ea_decay_modes",
     "estimate_spectral_norm",
     "hmt_error_bound",
     "inverse_perturbation_bound",
+    "kron_inverse_apply",
+    "kron_inverse_apply_factored",
     "nystrom",
     "partial_eigh",
     "posterior_error_estimate",
@@ -45,7 +55,9 @@ __all__ = [
     "randomized_svd",
     "rayleigh_ritz_refresh",
     "relative_error",
+    "smw_coefficients",
     "srevd",
     "svd_update",
     "truncation_ratio",
+    "woodbury_solve",
 ]

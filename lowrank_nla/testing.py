@@ -126,7 +126,7 @@ class Backend:
     needs_gpu: bool = False
 
     def asarray(self, x: Any) -> Any:
-        return self.convert(np.asarray(x))
+        return self.convert(np.ascontiguousarray(x))
 
     @property
     def eps(self) -> float:

@@ -1,0 +1,482 @@
+"""Damped inverse application without forming matrices: low rank + tail + damping, Kronecker
+products of two factors (K-FAC), and Woodbury solves through the small ``n x n`` system.
+
+Layout: a factor ``X`` of dimension ``D`` is a :class:`LowRankPSD` ``(U, d)`` (a full dense
+eigendecomposition is the case ``k = D``). A layer's gradient matrix ``V`` is ``d_G x d_A``
+(output x input, bias last; ALGORITHMS.md 1.1); the K-FAC direction is
+``(G + l_G I)^-1 V (A + l_A I)^-1``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import array_api_compat
+
+from ._backend import check_finite, cholesky_lower, namespace, solve_triangular
+from ._lowrank import LowRankPSD, check_state
+
+__all__ = [
+    "damped_inverse_apply",
+    "kron_inverse_apply",
+    "kron_inverse_apply_factored",
+    "smw_coefficients",
+    "woodbury_solve",
+]
+
+Array = Any
+
+
+def _real(value: Any, name: str, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or value < 0 or (positive and value == 0):
+        raise ValueError(
+            f"`{name}` must be finite and {'> 0' if positive else '>= 0'}, got {value}"
+        )
+    return value
+
+
+def _inverse_coefficients(xp: Any, d: Array, damping: float, tail: float) -> tuple[Array, float]:
+    """``1/(d+l) - 1/(t+l)`` and ``1/(t+l)``: the inverse of ``U D U^T + t(I - UU^T) + l I``."""
+    outside = 1.0 / (tail + damping)
+    return 1.0 / (d + damping) - outside, outside
+
+
+def _apply(U: Array, coeff: Array, outside: float, V: Array, side: str) -> Array:
+    if side == "left":
+        proj = U.T @ V
+        scaled = coeff * proj if V.ndim == 1 else coeff[:, None] * proj
+        return U @ scaled + outside * V
+    return ((V @ U) * coeff) @ U.T + outside * V
+
+
+def damped_inverse_apply(
+    state: LowRankPSD, V: Any, *, damping: float, tail: float = 0.0, side: str = "left"
+) -> Array:
+    """Apply ``(U diag(d) U^T + tail (I - U U^T) + damping I)^-1`` to ``V`` in ``O(D k m)``.
+
+    Parameters
+    ----------
+    state : LowRankPSD
+        ``(U, d)`` with ``U`` (D x k) orthonormal.
+    V : array, shape (D,) or (D, m) for ``side="left"``, (m, D) for ``side="right"``
+        Right-hand sides, same library and dtype as ``state``.
+    damping : float
+        ``lambda > 0``.
+    tail : float, default 0
+        Eigenvalue assigned to the complement of ``range(U)``: ``0`` is the plain Woodbury
+        form, ``min(d)`` the spectrum continuation of ALGORITHMS.md 1.5.
+    side : {"left", "right"}, default "left"
+        ``X^-1 V`` or ``V X^-1``; neither transposes a copy of ``V``.
+
+    Returns
+    -------
+    array
+        Same shape, library, device and dtype as ``V``.
+
+    Raises
+    ------
+    ValueError
+        Shape mismatch, ``damping <= 0``, ``tail < 0``, unknown ``side``, NaN/Inf.
+    TypeError
+        Mixed array libraries or dtypes.
+
+    Notes
+    -----
+    With ``U`` orthonormal, ``X = U (D + l) U^T + (t + l)(I - U U^T)`` and
+
+    .. math::
+
+        X^{-1} = U\\,\\mathrm{diag}\\big(\\tfrac{1}{d+\\lambda}
+        - \\tfrac{1}{t+\\lambda}\\big)U^T + \\tfrac{1}{t+\\lambda} I ,
+
+    applied as ``U (c * (U^T V)) + V / (t + l)``: two thin products, no ``D x D`` matrix.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import lowrank_nla as ln
+    >>> s = ln.LowRankPSD(np.eye(3)[:, :1], np.array([3.0]))
+    >>> ln.damped_inverse_apply(s, np.ones(3), damping=1.0).tolist()
+    [0.25, 1.0, 1.0]
+    """
+    xp, (U, d) = check_state(state)
+    damping = _real(damping, "damping", positive=True)
+    tail = _real(tail, "tail", positive=False)
+    if side not in ("left", "right"):
+        raise ValueError(f"`side` must be 'left' or 'right', got {side!r}")
+    namespace(U, V, names=("state.U", "V"))
+    D = U.shape[0]
+    ok = (
+        (V.ndim in (1, 2) and V.shape[0] == D)
+        if side == "left"
+        else (V.ndim == 2 and V.shape[1] == D)
+    )
+    if not ok:
+        want = f"({D},) or ({D}, m)" if side == "left" else f"(m, {D})"
+        raise ValueError(f"`V` must have shape {want} for side={side!r}, got {V.shape}")
+    if V.dtype != U.dtype:
+        raise TypeError(f"`V` must have the dtype of `state` ({U.dtype}), got {V.dtype}")
+    check_finite(xp, V, "V")
+    coeff, outside = _inverse_coefficients(xp, d, damping, tail)
+    return _apply(U, coeff, outside, V, side)
+
+
+def _factor_dampings(
+    G: LowRankPSD,
+    A: LowRankPSD,
+    damping: float,
+    relative: bool,
+    pi_adjusted: bool,
+    shift: tuple[float, float],
+) -> tuple[float, float]:
+    """Per-factor damping ``(l_G, l_A)`` of the factored scheme."""
+    xp = namespace(G.d)
+    top_g = float(xp.max(G.d)) if G.rank else 0.0
+    top_a = float(xp.max(A.d)) if A.rank else 0.0
+    if relative:
+        lam_g, lam_a = damping * top_g, damping * top_a
+    elif pi_adjusted:
+        # Martens & Grosse (2015), 6.3: pi = sqrt((tr A / d_A) / (tr G / d_G)).
+        mean_g = float(xp.sum(G.d)) / G.dim
+        mean_a = float(xp.sum(A.d)) / A.dim
+        pi = math.sqrt(mean_a / mean_g) if mean_g > 0 and mean_a > 0 else 1.0
+        lam_g, lam_a = math.sqrt(damping) / pi, math.sqrt(damping) * pi
+    else:
+        lam_g = lam_a = math.sqrt(damping)
+    return lam_g + shift[0], lam_a + shift[1]
+
+
+def _check_pair(G: Any, A: Any) -> Any:
+    xp, _ = check_state(G, "G")
+    check_state(A, "A")
+    namespace(G.U, A.U, names=("G.U", "A.U"))
+    if G.U.dtype != A.U.dtype:
+        raise TypeError(f"`G` and `A` must share a dtype, got {G.U.dtype} and {A.U.dtype}")
+    return xp
+
+
+def _tails(G: LowRankPSD, A: LowRankPSD, continuation: bool) -> tuple[float, float]:
+    """Complement eigenvalues: ``min(d)`` of a truncated factor with continuation, else 0."""
+    xp = namespace(G.d)
+
+    def tail(X: LowRankPSD) -> float:
+        if not continuation or X.rank == 0 or X.rank >= X.dim:
+            return 0.0
+        return float(xp.min(X.d))
+
+    return tail(G), tail(A)
+
+
+def kron_inverse_apply(
+    G: LowRankPSD,
+    A: LowRankPSD,
+    V: Any,
+    *,
+    damping: float,
+    scheme: str = "factored",
+    relative: bool = False,
+    pi_adjusted: bool = False,
+    continuation: bool = False,
+    shift: tuple[float, float] = (0.0, 0.0),
+) -> Array:
+    """K-FAC preconditioned gradient ``(G (x) A + damping)^-1`` applied to a ``d_G x d_A`` ``V``.
+
+    Parameters
+    ----------
+    G, A : LowRankPSD
+        Output-gradient factor (``d_G``) and input factor (``d_A``): a full eigendecomposition
+        (``k = D``) or a low-rank representation.
+    V : array, shape (d_G, d_A)
+        The layer's gradient matrix.
+    damping : float
+        ``lambda > 0``; its meaning depends on ``scheme`` and ``relative``.
+    scheme : {"factored", "eigenbasis"}, default "factored"
+        ``"factored"``: ``(G + l_G I)^-1 V (A + l_A I)^-1`` (Tikhonov damping split between
+        the factors). ``"eigenbasis"``: exact damping of the Kronecker product in its
+        eigenbasis, ``Q_G [(Q_G^T V Q_A) / (d_G d_A^T + l)] Q_A^T``.
+    relative : bool, default False
+        Scale the damping by the top eigenvalues: ``l_X = damping max(d_X)`` per factor
+        (factored; the thesis' "adaptive" damping) or ``l = damping max(d_G) max(d_A)``
+        (eigenbasis; baseline K-FAC of the thesis).
+    pi_adjusted : bool, default False
+        Factored, absolute damping only: ``l_G = sqrt(damping) / pi``,
+        ``l_A = sqrt(damping) pi`` with ``pi = sqrt((tr A / d_A) / (tr G / d_G))``
+        (Martens & Grosse 2015, section 6.3); otherwise both are ``sqrt(damping)``.
+    continuation : bool, default False
+        Model the discarded spectrum of a truncated factor as flat at its smallest retained
+        eigenvalue instead of zero (ALGORITHMS.md 1.5).
+    shift : (float, float), default (0, 0)
+        Identity weights added to ``(G, A)``: the ``rho^m`` of the identity initialisation
+        (ALGORITHMS.md 1.3), so ``G + shift_G I`` and ``A + shift_A I`` are inverted.
+
+    Returns
+    -------
+    array, shape (d_G, d_A)
+        The preconditioned matrix, in ``V``'s library, device and dtype.
+
+    Raises
+    ------
+    ValueError
+        Shape mismatch, non-positive damping, negative shift, unknown scheme, ``pi_adjusted``
+        with ``relative`` or with the eigenbasis scheme, NaN/Inf.
+    TypeError
+        Mixed array libraries or dtypes.
+
+    Notes
+    -----
+    Factored: :func:`damped_inverse_apply` from the left with ``G`` and from the right with
+    ``A``, ``O((k_G d_A + k_A d_G) d)`` work. Eigenbasis: with ``U`` orthonormal and ``t``
+    the complement eigenvalue of each factor, ``V`` splits into the four blocks
+    ``P_G V P_A``, ``P_G V P_A^perp``, ``P_G^perp V P_A``, ``P_G^perp V P_A^perp``, on which
+    ``G (x) A + l`` acts as ``d_G d_A^T + l``, ``d_G t_A + l``, ``t_G d_A^T + l`` and
+    ``t_G t_A + l``: exact for any ranks, and the textbook formula when both factors are
+    full eigendecompositions.
+
+    References
+    ----------
+    J. Martens, R. Grosse, "Optimizing neural networks with Kronecker-factored approximate
+    curvature", ICML 2015; T. George et al., "Fast approximate natural gradient descent in a
+    Kronecker-factored eigenbasis", NeurIPS 2018.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import lowrank_nla as ln
+    >>> G = ln.LowRankPSD(np.eye(2), np.array([3.0, 1.0]))
+    >>> A = ln.LowRankPSD(np.eye(3), np.array([1.0, 1.0, 1.0]))
+    >>> ln.kron_inverse_apply(G, A, np.ones((2, 3)), damping=1.0, scheme="eigenbasis")[:, 0]
+    array([0.25, 0.5 ])
+    """
+    xp = _check_pair(G, A)
+    damping = _real(damping, "damping", positive=True)
+    if scheme not in ("factored", "eigenbasis"):
+        raise ValueError(f"`scheme` must be 'factored' or 'eigenbasis', got {scheme!r}")
+    if pi_adjusted and (relative or scheme != "factored"):
+        raise ValueError("`pi_adjusted` applies to absolute factored damping only")
+    s_g = _real(shift[0], "shift[0]", positive=False)
+    s_a = _real(shift[1], "shift[1]", positive=False)
+    namespace(G.U, V, names=("G.U", "V"))
+    if V.ndim != 2 or V.shape != (G.dim, A.dim):
+        raise ValueError(f"`V` must have shape ({G.dim}, {A.dim}) = (d_G, d_A), got {V.shape}")
+    if V.dtype != G.U.dtype:
+        raise TypeError(f"`V` must have the dtype of the factors ({G.U.dtype}), got {V.dtype}")
+    check_finite(xp, V, "V")
+    t_g, t_a = _tails(G, A, continuation)
+    if scheme == "factored":
+        lam_g, lam_a = _factor_dampings(G, A, damping, relative, pi_adjusted, (s_g, s_a))
+        c_g, o_g = _inverse_coefficients(xp, G.d, lam_g, t_g)
+        c_a, o_a = _inverse_coefficients(xp, A.d, lam_a, t_a)
+        return _apply(A.U, c_a, o_a, _apply(G.U, c_g, o_g, V, "left"), "right")
+
+    lam = damping
+    if relative:
+        lam *= (float(xp.max(G.d)) if G.rank else 0.0) * (float(xp.max(A.d)) if A.rank else 0.0)
+        if lam == 0.0:
+            raise ValueError("relative eigenbasis damping is zero: both factors must be nonzero")
+    dg, da = G.d + s_g, A.d + s_a
+    t_g, t_a = t_g + s_g, t_a + s_a
+    Ug, Ua = G.U, A.U
+    W = Ug.T @ V  # (k_G, d_A)
+    Y = V @ Ua  # (d_G, k_A)
+    C = W @ Ua  # (k_G, k_A)
+    inner = Ug @ (C / (dg[:, None] * da[None, :] + lam)) @ Ua.T
+    g_in_a_out = Ug @ ((W - C @ Ua.T) / (dg[:, None] * t_a + lam))
+    g_out_a_in = ((Y - Ug @ C) / (t_g * da[None, :] + lam)) @ Ua.T
+    rest = (V - Ug @ W - Y @ Ua.T + Ug @ C @ Ua.T) / (t_g * t_a + lam)
+    return inner + g_in_a_out + g_out_a_in + rest
+
+
+def kron_inverse_apply_factored(
+    G: LowRankPSD,
+    A: LowRankPSD,
+    grad_outputs: Any,
+    inputs: Any,
+    *,
+    damping_G: float,
+    damping_A: float,
+    tail_G: float = 0.0,
+    tail_A: float = 0.0,
+) -> Array:
+    """Factored K-FAC direction of a Linear layer without forming its gradient first.
+
+    Parameters
+    ----------
+    G, A : LowRankPSD
+        Factor representations (``d_G``, ``d_A``).
+    grad_outputs : array, shape (d_G, n)
+        ``Gamma``: per-sample output gradients ``g_i = n dL/ds_i`` as columns.
+    inputs : array, shape (d_A, n)
+        Per-sample (augmented) layer inputs ``a_i`` as columns.
+    damping_G, damping_A : float
+        Per-factor damping (> 0).
+    tail_G, tail_A : float, default 0
+        Complement eigenvalues (spectrum continuation), see :func:`damped_inverse_apply`.
+
+    Returns
+    -------
+    array, shape (d_G, d_A)
+        ``(I_G Gamma)(I_A A)^T / n`` with ``I_X = (X + tail (I - UU^T) + damping I)^-1``,
+        which equals the factored direction applied to the gradient ``Gamma A^T / n``.
+
+    Raises
+    ------
+    ValueError
+        Shape mismatch, non-positive damping, NaN/Inf.
+    TypeError
+        Mixed array libraries or dtypes.
+
+    Notes
+    -----
+    The mini-batch gradient of a Linear layer is ``Gamma A^T / n`` (ALGORITHMS.md 6.3), so
+    ``I_G (Gamma A^T / n) I_A = (I_G Gamma)(I_A A)^T / n``. Preconditioning the two thin
+    factors costs ``O((d_G k_G + d_A k_A) n)``, linear in the layer width; only the final
+    outer product is ``O(d_G d_A n)``, the cost of forming the gradient itself.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import lowrank_nla as ln
+    >>> G = ln.LowRankPSD(np.eye(2)[:, :1], np.array([1.0]))
+    >>> A = ln.LowRankPSD(np.eye(3)[:, :1], np.array([1.0]))
+    >>> out = ln.kron_inverse_apply_factored(
+    ...     G, A, np.ones((2, 4)), np.ones((3, 4)), damping_G=1.0, damping_A=1.0)
+    >>> out[0].tolist()
+    [0.25, 0.5, 0.5]
+    """
+    _check_pair(G, A)
+    namespace(G.U, grad_outputs, inputs, names=("G.U", "grad_outputs", "inputs"))
+    if grad_outputs.ndim != 2 or inputs.ndim != 2 or grad_outputs.shape[1] != inputs.shape[1]:
+        raise ValueError(
+            "`grad_outputs` (d_G, n) and `inputs` (d_A, n) must be 2-D with the same n, got "
+            f"{grad_outputs.shape} and {inputs.shape}"
+        )
+    n = inputs.shape[1]
+    left = damped_inverse_apply(G, grad_outputs, damping=damping_G, tail=tail_G)
+    right = damped_inverse_apply(A, inputs, damping=damping_A, tail=tail_A)
+    return (left @ right.T) / n
+
+
+def _work_dtype(xp: Any, dtype: Any, device: Any) -> Any:
+    """float64 for the small systems when the device has it (float32 input stays float32 out)."""
+    info = xp.__array_namespace_info__()
+    return xp.float64 if "float64" in info.dtypes(device=device) else dtype
+
+
+def _spd_solve(xp: Any, K: Array, B: Array, what: str) -> Array:
+    L = cholesky_lower(xp, (K + K.T) / 2)
+    if L is None:
+        raise ValueError(f"the {what} is not positive definite (damping too small for its dtype)")
+    return solve_triangular(xp, L.T, solve_triangular(xp, L, B, lower=True), lower=False)
+
+
+def woodbury_solve(J: Any, v: Any, damping: float) -> Array:
+    """``(damping I + J^T J)^-1 v`` through the small ``n x n`` system (SENG, FNGD, MBF).
+
+    Parameters
+    ----------
+    J : array, shape (n, P)
+        ``n`` rows (e.g. per-sample gradients scaled by ``1/sqrt(n)``), ``n`` small.
+    v : array, shape (P,) or (P, m)
+        Right-hand side(s).
+    damping : float
+        ``lambda > 0``.
+
+    Returns
+    -------
+    array
+        Same shape, library, device and dtype as ``v``.
+
+    Raises
+    ------
+    ValueError
+        Shape mismatch, ``damping <= 0``, NaN/Inf.
+    TypeError
+        Mixed array libraries or dtypes.
+
+    Notes
+    -----
+    Sherman-Morrison-Woodbury:
+    ``(l I + J^T J)^-1 v = (v - J^T (l I_n + J J^T)^-1 J v) / l``. The capacitance matrix
+    ``l I_n + J J^T`` is factored by Cholesky in float64 when the device supports it (it is
+    only ``n x n``), so float32 input does not lose the small eigen-directions to rounding
+    of the factorization. Cost ``O(n^2 P + n^3)`` instead of ``O(P^3)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import lowrank_nla as ln
+    >>> J = np.array([[1.0, 0.0, 0.0]])
+    >>> ln.woodbury_solve(J, np.ones(3), 1.0).tolist()
+    [0.5, 1.0, 1.0]
+    """
+    xp = namespace(J, v, names=("J", "v"))
+    lam = _real(damping, "damping", positive=True)
+    if J.ndim != 2 or v.ndim not in (1, 2) or v.shape[0] != J.shape[1]:
+        raise ValueError(
+            f"`J` must be (n, P) and `v` (P,) or (P, m) with the same P, got {J.shape} and "
+            f"{v.shape}"
+        )
+    if v.dtype != J.dtype:
+        raise TypeError(f"`v` must have the dtype of `J` ({J.dtype}), got {v.dtype}")
+    check_finite(xp, J, "J")
+    check_finite(xp, v, "v")
+    device = array_api_compat.device(J)
+    work = _work_dtype(xp, J.dtype, device)
+    n = J.shape[0]
+    K = xp.astype(J @ J.T, work) + lam * xp.eye(n, dtype=work, device=device)
+    Jv = J @ v
+    rhs = Jv[:, None] if v.ndim == 1 else Jv
+    z = xp.astype(_spd_solve(xp, K, xp.astype(rhs, work), "capacitance matrix"), J.dtype)
+    correction = J.T @ (z[:, 0] if v.ndim == 1 else z)
+    return (v - correction) / lam
+
+
+def smw_coefficients(K: Any, damping: float) -> Array:
+    """FNGD's per-sample coefficients ``alpha = (K + n damping I)^-1 1`` from a Gram matrix.
+
+    Parameters
+    ----------
+    K : array, shape (n, n)
+        Gram matrix ``G^T G`` of the per-sample gradients (symmetric PSD).
+    damping : float
+        ``lambda > 0``.
+
+    Returns
+    -------
+    array, shape (n,)
+        ``alpha``; the natural-gradient direction is ``G alpha`` (ALGORITHMS.md 13.2).
+
+    Raises
+    ------
+    ValueError
+        Non-square ``K``, ``damping <= 0``, NaN/Inf, or a matrix that is not PSD enough for
+        the damping.
+
+    Notes
+    -----
+    With ``F = G G^T / n`` and ``g = G 1 / n``: ``(F + l I)^-1 g = G (G^T G + n l I)^-1 1``.
+    Solved by Cholesky in float64 when available; cost ``O(n^3)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import lowrank_nla as ln
+    >>> ln.smw_coefficients(np.eye(2), 1.5).tolist()  # (1 + 2 * 1.5)^-1 = 0.25
+    [0.25, 0.25]
+    """
+    xp = namespace(K, names=("K",))
+    lam = _real(damping, "damping", positive=True)
+    if K.ndim != 2 or K.shape[0] != K.shape[1]:
+        raise ValueError(f"`K` must be a square (n, n) matrix, got shape {K.shape}")
+    check_finite(xp, K, "K")
+    device = array_api_compat.device(K)
+    work = _work_dtype(xp, K.dtype, device)
+    n = K.shape[0]
+    M = xp.astype(K, work) + (n * lam) * xp.eye(n, dtype=work, device=device)
+    ones = xp.ones((n, 1), dtype=work, device=device)
+    return xp.astype(_spd_solve(xp, M, ones, "matrix K + n damping I")[:, 0], K.dtype)
