@@ -18,6 +18,7 @@ from ._backend import (
     to_numpy,
 )
 from ._lowrank import LowRankPSD, check_state
+from ._sketch import qr_factor
 from ._svd import SVDResult
 from ._validation import check_int
 
@@ -138,7 +139,8 @@ def brand_update(
     -----
     Symmetric Brand update (Brand 2006; B-KFAC, ALGORITHMS.md 6.3). With
     ``X' = sqrt(1 - rho) X`` and ``d' = rho d``: ``C = U^T X'``, ``E = X' - U C`` (projected
-    twice), ``E = Q_E R_E`` (thin QR), and
+    twice), ``E = Q_E R_E`` (thin QR: CholeskyQR2, Householder when ``E`` is too
+    ill-conditioned for it), and
 
     .. math::
 
@@ -186,7 +188,7 @@ def brand_update(
 
     Xs = math.sqrt(1.0 - decay) * X
     C, E = _project_out(U, Xs)
-    Q_E, R_E = xp.linalg.qr(E)
+    Q_E, R_E = qr_factor(xp, E, "cholqr2")  # GEMM-speed; Householder if E is ill-conditioned
     top = xp.concat([decay * _diag(xp, d) + C @ C.T, C @ R_E.T], axis=1)
     bottom = xp.concat([R_E @ C.T, R_E @ R_E.T], axis=1)
     K = xp.concat([top, bottom], axis=0)
@@ -289,8 +291,8 @@ def svd_update(U: Any, S: Any, Vh: Any, A: Any, B: Any, rank: int | None = None)
     V = Vh.T
     C_A, E_A = _project_out(U, A)
     C_B, E_B = _project_out(V, B)
-    Q_A, R_A = xp.linalg.qr(E_A)
-    Q_B, R_B = xp.linalg.qr(E_B)
+    Q_A, R_A = qr_factor(xp, E_A, "cholqr2")
+    Q_B, R_B = qr_factor(xp, E_B, "cholqr2")
     c = A.shape[1]
     Sk = xp.concat(
         [

@@ -42,7 +42,7 @@ def qr_factor(xp: Any, Y: Array, normalizer: str) -> tuple[Array, Array]:
     pass leaves ``max|Q_1^T Q_1 - I| > 1/2`` (``Y`` numerically rank deficient or too
     ill-conditioned), it falls back to Householder QR, so the result is always orthonormal.
     """
-    if normalizer == "cholqr2":
+    if normalizer == "cholqr2" and Y.shape[1] > 0:
         G = Y.T @ Y
         L = cholesky_lower(xp, G)
         if L is not None:
