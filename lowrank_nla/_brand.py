@@ -131,7 +131,7 @@ def brand_update(
     Raises
     ------
     ValueError
-        Shape mismatch, ``decay`` outside ``[0, 1)``, ``rank < 0``, NaN/Inf.
+        Shape mismatch, ``decay`` outside ``[0, 1)``, ``rank < 1``, NaN/Inf.
     TypeError
         Mixed array libraries or dtypes.
 
@@ -183,7 +183,7 @@ def brand_update(
         raise TypeError(f"`X` must have the dtype of `state` ({U.dtype}), got {X.dtype}")
     check_finite(xp, X, "X")
     if rank is not None:
-        rank = check_int(rank, "rank", minimum=0)
+        rank = check_int(rank, "rank", minimum=1)
     tol = orthogonality_threshold(xp, U.dtype) if reorth_tol is None else float(reorth_tol)
 
     Xs = math.sqrt(1.0 - decay) * X
@@ -231,7 +231,7 @@ def svd_update(U: Any, S: Any, Vh: Any, A: Any, B: Any, rank: int | None = None)
     Raises
     ------
     ValueError
-        Inconsistent shapes, ``rank < 0``, NaN/Inf.
+        Inconsistent shapes, ``rank < 1``, NaN/Inf.
     TypeError
         Mixed array libraries.
 
@@ -287,7 +287,7 @@ def svd_update(U: Any, S: Any, Vh: Any, A: Any, B: Any, rank: int | None = None)
     for arr, nm in ((U, "U"), (S, "S"), (Vh, "Vh"), (A, "A"), (B, "B")):
         check_finite(xp, arr, nm)
     if rank is not None:
-        rank = check_int(rank, "rank", minimum=0)
+        rank = check_int(rank, "rank", minimum=1)
     V = Vh.T
     C_A, E_A = _project_out(U, A)
     C_B, E_B = _project_out(V, B)

@@ -177,7 +177,8 @@ def test_low_rank_psd_value(backend: Backend) -> None:
         ({"decay": 1.0}, ValueError, r"`decay` must be in \[0, 1\), got 1\.0"),
         ({"decay": -0.1}, ValueError, r"`decay` must be in \[0, 1\), got -0\.1"),
         ({"decay": "0.9"}, TypeError, "`decay` must be a real number"),
-        ({"decay": 0.9, "rank": -1}, ValueError, "`rank` must be >= 0, got -1"),
+        ({"decay": 0.9, "rank": -1}, ValueError, "`rank` must be >= 1, got -1"),
+        ({"decay": 0.9, "rank": 0}, ValueError, "`rank` must be >= 1, got 0"),
     ],
 )
 def test_brand_update_bad_arguments(kwargs, error, message) -> None:
@@ -203,6 +204,33 @@ def test_brand_update_bad_inputs() -> None:
     bad = ln.LowRankPSD(np.eye(6)[:, :2], np.array([np.inf, 1.0]))
     with pytest.raises(ValueError, match=r"`state\.d` must not contain NaN or Inf"):
         ln.brand_update(bad, np.ones((6, 2)), decay=0.5)
+
+
+def test_mixed_libraries_rejected() -> None:
+    import torch
+
+    state = ln.LowRankPSD(np.eye(6)[:, :2], np.array([2.0, 1.0]))
+    with pytest.raises(TypeError, match=r"`state\.U`, `X` must all come from one array library"):
+        ln.brand_update(state, torch.ones(6, 2, dtype=torch.float64), decay=0.5)
+    with pytest.raises(TypeError, match=r"`state\.U`, `V` must all come from one array library"):
+        ln.damped_inverse_apply(state, torch.ones(6, dtype=torch.float64), damping=1.0)
+
+
+@given(st.integers(10, 40), st.integers(1, 5), st.floats(0.5, 0.99), st.integers(0, 2**16))
+def test_brand_drift_bound_holds_property(D, n, decay, seed) -> None:
+    gen = np.random.default_rng(seed)
+    r = int(gen.integers(1, D // 2 + 1))
+    state = ln.LowRankPSD(np.zeros((D, 0)), np.zeros(0))
+    dense = np.zeros((D, D))
+    dropped = []
+    for _ in range(30):
+        X = gen.standard_normal((D, n)) * gen.uniform(0.1, 2.0)
+        res = ln.brand_update(state, X, decay=decay, rank=r)
+        state = res.state
+        dense = decay * dense + (1 - decay) * X @ X.T
+        dropped.append(float(res.dropped_max))
+    drift = np.linalg.norm(dense - state.to_dense(), 2)
+    assert drift <= ln.brand_drift_bound(dropped, decay) + 1e-9 * np.linalg.norm(dense, 2)
 
 
 def test_svd_update_and_refresh_bad_inputs() -> None:

@@ -140,3 +140,33 @@ def test_inverse_perturbation_bound_is_attained() -> None:
     assert gap == pytest.approx(bound / (1 + 1e-3 / lam), rel=1e-12)
     with pytest.raises(ValueError, match="`damping` must be > 0"):
         ln.inverse_perturbation_bound(1.0, 0.0)
+
+
+def test_hmt_bound_is_not_vacuous_on_decaying_spectra() -> None:
+    # measured mean error within a factor 10 of the expectation bound
+    from lowrank_nla.testing import matrix_with_spectrum
+
+    for rate, q in ((0.8, 0), (0.9, 1), (0.95, 2)):
+        s = rate ** np.arange(80.0)
+        A = matrix_with_spectrum(s, m=100, n=80, rng=3)
+        errors = []
+        for seed in range(6):
+            Q = ln.randomized_range_finder(A, 15, power_iters=q, rng=seed)
+            errors.append(np.linalg.norm(A - Q @ (Q.T @ A), 2))
+        bound = ln.hmt_error_bound(s, 10, 5, q)
+        assert np.mean(errors) <= bound <= 10 * np.mean(errors), (rate, q)
+
+
+def test_ea_decay_modes_is_not_vacuous() -> None:
+    # The worst case of the proposition: every update C_j (rank m, norm c = 1) lives in fresh
+    # coordinates, so M is diagonal with eigenvalues (1 - rho) rho^i. The count above eps c
+    # is m ceil(ln(eps / (1 - rho)) / ln rho) = 8 * 32 = 256 here; the bound (which drops the
+    # (1 - rho) factor) gives 8 * 90 = 720: within a factor 3.
+    m, decay, eps, steps = 8, 0.95, 0.01, 100
+    weights = (1 - decay) * decay ** np.arange(steps)  # newest first
+    eigenvalues = np.repeat(weights, m)
+    count = int(np.sum(eigenvalues > eps * 1.0))
+    bound = ln.ea_decay_modes(m, decay, eps, steps=steps, dim=m * steps)
+    assert count == 256
+    assert bound == 720
+    assert count <= bound <= 3 * count

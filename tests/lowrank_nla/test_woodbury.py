@@ -182,6 +182,15 @@ def test_woodbury_solve_backends(backend: Backend) -> None:
     assert _rel(to_numpy(out).astype(np.float64), ref) <= 1e3 * backend.eps
 
 
+def test_smw_coefficients_backends(backend: Backend) -> None:
+    gen = np.random.default_rng(12)
+    G = gen.standard_normal((20, 6))
+    alpha = ln.smw_coefficients(backend.asarray(G.T @ G), 0.2)
+    assert alpha.dtype == backend.dtype
+    ref = np.linalg.solve(G.T @ G + 6 * 0.2 * np.eye(6), np.ones(6))
+    assert _rel(to_numpy(alpha).astype(np.float64), ref) <= 1e3 * backend.eps
+
+
 def test_smw_coefficients_give_the_damped_natural_gradient() -> None:
     gen = np.random.default_rng(11)
     n, P, lam = 8, 25, 0.3
