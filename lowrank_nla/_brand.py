@@ -9,6 +9,8 @@ import math
 import numbers
 from typing import Any, NamedTuple
 
+import array_api_compat
+
 from ._backend import (
     as_operator,
     check_finite,
@@ -82,8 +84,6 @@ def _truncate(xp: Any, U: Array, w: Array, rank: int | None) -> BrandUpdate:
 
 
 def _device(x: Array) -> Any:
-    import array_api_compat
-
     return array_api_compat.device(x)
 
 
@@ -195,9 +195,14 @@ def brand_update(
     w, V = eigh_descending(xp, (K + K.T) / 2, name="Brand core")
     w = xp.clip(w, min=0.0)
     U_new = xp.concat([U, Q_E], axis=1) @ V
-    if U_new.shape[1] > U_new.shape[0] or LowRankPSD(U_new, w).orthogonality_defect() > tol:
+    if U_new.shape[1] > U_new.shape[0]:
+        # [U, Q_E] cannot be orthonormal: re-diagonalize before choosing what to truncate
         U_new, w = _reorthonormalize(xp, U_new, w)
-    return _truncate(xp, U_new, w, rank)
+    out = _truncate(xp, U_new, w, rank)
+    if out.state.orthogonality_defect() > tol:  # checked on the kept columns only
+        U_kept, w_kept = _reorthonormalize(xp, *out.state)
+        out = BrandUpdate(LowRankPSD(U_kept, w_kept), out.dropped_max, out.dropped_sum)
+    return out
 
 
 def _diag(xp: Any, d: Array) -> Array:
