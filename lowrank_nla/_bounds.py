@@ -16,7 +16,7 @@ from ._backend import Operator, as_operator, check_finite, namespace, normal_sam
 from ._eigh import EighResult
 from ._sketch import HMT_PROBE_FACTOR
 from ._svd import SVDResult
-from ._validation import check_int
+from ._validation import check_decay, check_int, check_real
 
 __all__ = [
     "estimate_spectral_norm",
@@ -392,22 +392,6 @@ def relative_error(A: Any, approx: Any, *, ord: Any = 2, method: str = "auto") -
     return num / den
 
 
-def _nonneg_real(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{name}` must be finite and >= 0, got {value}")
-    return value
-
-
-def _decay(decay: Any) -> float:
-    decay = _nonneg_real(decay, "decay")
-    if decay >= 1.0:
-        raise ValueError(f"`decay` must be in [0, 1), got {decay}")
-    return decay
-
-
 def ea_decay_modes(
     update_rank: int, decay: float, eps: float, *, steps: int | None = None, dim: int | None = None
 ) -> int:
@@ -447,8 +431,8 @@ def ea_decay_modes(
     720
     """
     m = check_int(update_rank, "update_rank", minimum=1)
-    rho = _decay(decay)
-    eps = _nonneg_real(eps, "eps")
+    rho = check_decay(decay)
+    eps = check_real(eps, "eps")
     if not 0.0 < eps <= 1.0:
         raise ValueError(f"`eps` must be in (0, 1], got {eps}")
     s = 1 if rho == 0.0 or eps == 1.0 else math.ceil(math.log(eps) / math.log(rho))
@@ -493,8 +477,8 @@ def brand_drift_bound(dropped_max: Any, decay: float, *, initial: float = 0.0) -
     >>> round(ln.brand_drift_bound([1.0, 1.0], 0.5), 12)  # 0.5 * 1 + 1
     1.5
     """
-    rho = _decay(decay)
-    initial = _nonneg_real(initial, "initial")
+    rho = check_decay(decay)
+    initial = check_real(initial, "initial", minimum=0.0)
     deltas = to_numpy(dropped_max).astype(np.float64).ravel()
     if not np.all(np.isfinite(deltas)) or np.any(deltas < 0):
         raise ValueError("`dropped_max` must be finite and non-negative")
@@ -532,8 +516,6 @@ def inverse_perturbation_bound(error: float, damping: float) -> float:
     >>> ln.inverse_perturbation_bound(0.5, 0.5)
     2.0
     """
-    error = _nonneg_real(error, "error")
-    damping = _nonneg_real(damping, "damping")
-    if damping == 0.0:
-        raise ValueError("`damping` must be > 0")
+    error = check_real(error, "error", minimum=0.0)
+    damping = check_real(damping, "damping", minimum=0.0, strict=True)
     return error / damping**2

@@ -6,10 +6,9 @@ general thin-SVD update ``M + A B^T``, and the Rayleigh-Ritz refresh on a column
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, NamedTuple
 
-import array_api_compat
+from array_api_compat import device
 
 from ._backend import (
     as_operator,
@@ -22,7 +21,7 @@ from ._backend import (
 from ._lowrank import LowRankPSD, check_state
 from ._sketch import qr_factor
 from ._svd import SVDResult
-from ._validation import check_int
+from ._validation import check_decay, check_int
 
 __all__ = ["BrandUpdate", "brand_update", "rayleigh_ritz_refresh", "svd_update"]
 
@@ -76,24 +75,11 @@ def _reorthonormalize(xp: Any, U: Array, d: Array) -> tuple[Array, Array]:
 
 
 def _truncate(xp: Any, U: Array, w: Array, rank: int | None) -> BrandUpdate:
-    zero = xp.zeros((), dtype=w.dtype, device=_device(w))
+    zero = xp.zeros((), dtype=w.dtype, device=device(w))
     if rank is None or rank >= w.shape[0]:
         return BrandUpdate(LowRankPSD(U, w), zero, zero)
     dropped = w[rank:]
     return BrandUpdate(LowRankPSD(U[:, :rank], w[:rank]), xp.max(dropped), xp.sum(dropped))
-
-
-def _device(x: Array) -> Any:
-    return array_api_compat.device(x)
-
-
-def _check_decay(decay: Any) -> float:
-    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
-        raise TypeError(f"`decay` must be a real number, got {type(decay).__name__}")
-    decay = float(decay)
-    if not 0.0 <= decay < 1.0:
-        raise ValueError(f"`decay` must be in [0, 1), got {decay}")
-    return decay
 
 
 def brand_update(
@@ -175,7 +161,7 @@ def brand_update(
     True
     """
     xp, (U, d) = check_state(state)
-    decay = _check_decay(decay)
+    decay = check_decay(decay)
     namespace(U, X, names=("state.U", "X"))
     if X.ndim != 2 or X.shape[0] != U.shape[0]:
         raise ValueError(f"`X` must have shape ({U.shape[0]}, n) to match `state`, got {X.shape}")
@@ -207,7 +193,7 @@ def brand_update(
 
 def _diag(xp: Any, d: Array) -> Array:
     k = d.shape[0]
-    return xp.eye(k, dtype=d.dtype, device=_device(d)) * d
+    return xp.eye(k, dtype=d.dtype, device=device(d)) * d
 
 
 def svd_update(U: Any, S: Any, Vh: Any, A: Any, B: Any, rank: int | None = None) -> SVDResult:
@@ -301,8 +287,8 @@ def svd_update(U: Any, S: Any, Vh: Any, A: Any, B: Any, rank: int | None = None)
     c = A.shape[1]
     Sk = xp.concat(
         [
-            xp.concat([_diag(xp, S), xp.zeros((k, c), dtype=S.dtype, device=_device(S))], axis=1),
-            xp.zeros((c, k + c), dtype=S.dtype, device=_device(S)),
+            xp.concat([_diag(xp, S), xp.zeros((k, c), dtype=S.dtype, device=device(S))], axis=1),
+            xp.zeros((c, k + c), dtype=S.dtype, device=device(S)),
         ],
         axis=0,
     )
@@ -373,9 +359,9 @@ def rayleigh_ritz_refresh(state: LowRankPSD, dense: Any, columns: Any) -> LowRan
         raise ValueError(
             f"`columns` must be distinct indices in [0, {k}) (at least one), got {idx}"
         )
-    chosen = xp.asarray(idx, device=_device(U))
+    chosen = xp.asarray(idx, device=device(U))
     rest = xp.asarray(
-        [i for i in range(k) if i not in set(idx)], dtype=chosen.dtype, device=_device(U)
+        [i for i in range(k) if i not in set(idx)], dtype=chosen.dtype, device=device(U)
     )
     U_S = xp.take(U, chosen, axis=1)
     H = U_S.T @ op.checked_matmat(U_S, "dense")

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from ._backend import to_numpy
-from ._validation import check_int
+from ._validation import check_int, check_real
 
 __all__ = ["RankController", "RankState", "truncation_ratio"]
 
@@ -61,12 +59,6 @@ class RankState(NamedTuple):
     rank: int
     errors: tuple[float, ...]
     observations: int
-
-
-def _real(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"`{name}` must be a finite real number, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -121,8 +113,7 @@ class RankController:
 
     def __post_init__(self) -> None:
         for name in ("target", "lower_margin", "upper_margin"):
-            if _real(getattr(self, name), name) < 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}")
+            check_real(getattr(self, name), name, minimum=0.0)
         for name in ("decrease_step", "increase_step"):
             check_int(getattr(self, name), name, minimum=0)
         for name in ("floor", "every", "history"):
@@ -147,7 +138,7 @@ class RankController:
 
     def update(self, state: RankState, error: float) -> RankState:
         """Record one truncation ratio; re-evaluate the rank every ``every`` observations."""
-        error = _real(error, "error")
+        error = check_real(error, "error")
         errors = (*state.errors, error)[-self.history :]
         count = state.observations + 1
         rank = state.rank

@@ -22,7 +22,7 @@ from ._backend import (
     normal_sampler,
     solve_triangular,
 )
-from ._validation import check_int, check_normalizer, check_positive_float, check_rank
+from ._validation import check_int, check_normalizer, check_rank, check_real
 
 Array = Any
 
@@ -314,7 +314,7 @@ def adaptive_range_finder(
     True
     """
     op = as_operator(A, "A", check_finite_entries=False)
-    tol = check_positive_float(tol, "tol")
+    tol = check_real(tol, "tol", minimum=0.0, strict=True)
     full = min(op.shape)
     block = check_int(block, "block", minimum=1)
     max_rank = full if max_rank is None else check_rank(max_rank, op.shape, "max_rank")

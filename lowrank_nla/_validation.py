@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -26,12 +27,28 @@ def check_rank(rank: Any, shape: tuple[int, int], name: str = "rank") -> int:
     return check_int(rank, name, minimum=1)
 
 
-def check_positive_float(value: Any, name: str) -> float:
+def check_real(
+    value: Any, name: str, *, minimum: float | None = None, strict: bool = False
+) -> float:
+    """Return ``value`` as a finite float (``> minimum`` if ``strict``, else ``>= minimum``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
     value = float(value)
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"`{name}` must be a finite positive number, got {value}")
+    if minimum is None:
+        if not math.isfinite(value):
+            raise ValueError(f"`{name}` must be finite, got {value}")
+        return value
+    if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+        bound = f"> {minimum:g}" if strict else f">= {minimum:g}"
+        raise ValueError(f"`{name}` must be finite and {bound}, got {value}")
+    return value
+
+
+def check_decay(decay: Any) -> float:
+    """An exponential-average decay ``rho`` in ``[0, 1)``."""
+    value = check_real(decay, "decay")
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"`decay` must be in [0, 1), got {value}")
     return value
 
 

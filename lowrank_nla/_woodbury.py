@@ -10,13 +10,13 @@ eigendecomposition is the case ``k = D``). A layer's gradient matrix ``V`` is ``
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any
 
 import array_api_compat
 
 from ._backend import check_finite, cholesky_lower, namespace, solve_triangular
 from ._lowrank import LowRankPSD, check_state
+from ._validation import check_real
 
 __all__ = [
     "damped_inverse_apply",
@@ -27,17 +27,6 @@ __all__ = [
 ]
 
 Array = Any
-
-
-def _real(value: Any, name: str, *, positive: bool) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value) or value < 0 or (positive and value == 0):
-        raise ValueError(
-            f"`{name}` must be finite and {'> 0' if positive else '>= 0'}, got {value}"
-        )
-    return value
 
 
 def _inverse_coefficients(xp: Any, d: Array, damping: float, tail: float) -> tuple[Array, float]:
@@ -105,8 +94,8 @@ def damped_inverse_apply(
     [0.25, 1.0, 1.0]
     """
     xp, (U, d) = check_state(state)
-    damping = _real(damping, "damping", positive=True)
-    tail = _real(tail, "tail", positive=False)
+    damping = check_real(damping, "damping", minimum=0.0, strict=True)
+    tail = check_real(tail, "tail", minimum=0.0)
     if side not in ("left", "right"):
         raise ValueError(f"`side` must be 'left' or 'right', got {side!r}")
     namespace(U, V, names=("state.U", "V"))
@@ -253,13 +242,13 @@ def kron_inverse_apply(
     array([0.25, 0.5 ])
     """
     xp = _check_pair(G, A)
-    damping = _real(damping, "damping", positive=True)
+    damping = check_real(damping, "damping", minimum=0.0, strict=True)
     if scheme not in ("factored", "eigenbasis"):
         raise ValueError(f"`scheme` must be 'factored' or 'eigenbasis', got {scheme!r}")
     if pi_adjusted and (relative or scheme != "factored"):
         raise ValueError("`pi_adjusted` applies to absolute factored damping only")
-    s_g = _real(shift[0], "shift[0]", positive=False)
-    s_a = _real(shift[1], "shift[1]", positive=False)
+    s_g = check_real(shift[0], "shift[0]", minimum=0.0)
+    s_a = check_real(shift[1], "shift[1]", minimum=0.0)
     namespace(G.U, V, names=("G.U", "V"))
     if V.ndim != 2 or V.shape != (G.dim, A.dim):
         raise ValueError(f"`V` must have shape ({G.dim}, {A.dim}) = (d_G, d_A), got {V.shape}")
@@ -415,7 +404,7 @@ def woodbury_solve(J: Any, v: Any, damping: float) -> Array:
     [0.5, 1.0, 1.0]
     """
     xp = namespace(J, v, names=("J", "v"))
-    lam = _real(damping, "damping", positive=True)
+    lam = check_real(damping, "damping", minimum=0.0, strict=True)
     if J.ndim != 2 or v.ndim not in (1, 2) or v.shape[0] != J.shape[1]:
         raise ValueError(
             f"`J` must be (n, P) and `v` (P,) or (P, m) with the same P, got {J.shape} and "
@@ -470,7 +459,7 @@ def smw_coefficients(K: Any, damping: float) -> Array:
     [0.25, 0.25]
     """
     xp = namespace(K, names=("K",))
-    lam = _real(damping, "damping", positive=True)
+    lam = check_real(damping, "damping", minimum=0.0, strict=True)
     if K.ndim != 2 or K.shape[0] != K.shape[1]:
         raise ValueError(f"`K` must be a square (n, n) matrix, got shape {K.shape}")
     check_finite(xp, K, "K")

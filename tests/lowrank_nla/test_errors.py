@@ -223,11 +223,11 @@ def test_srevd_reorth_every() -> None:
 
 
 def test_adaptive_range_finder_arguments() -> None:
-    with pytest.raises(ValueError, match=r"`tol` must be a finite positive number, got 0\.0"):
+    with pytest.raises(ValueError, match=r"`tol` must be finite and > 0, got 0\.0"):
         ln.adaptive_range_finder(GENERAL, 0.0)
     with pytest.raises(TypeError, match="`tol` must be a real number, got str"):
         ln.adaptive_range_finder(GENERAL, "1e-3")
-    with pytest.raises(ValueError, match="`tol` must be a finite positive number, got inf"):
+    with pytest.raises(ValueError, match="`tol` must be finite and > 0, got inf"):
         ln.adaptive_range_finder(GENERAL, float("inf"))
     with pytest.raises(ValueError, match="`block` must be >= 1"):
         ln.adaptive_range_finder(GENERAL, 1e-3, block=0)
