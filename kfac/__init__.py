@@ -1,8 +1,15 @@
-"""kfac: Kronecker-factored natural-gradient optimizers for PyTorch, built on lowrank_nla.
+"""kfac: K-FAC natural-gradient optimizers for PyTorch, built on ``lowrank_nla``.
 
-This release ships the package skeleton only: the optimizers (``KFAC``,
-``KFACPreconditioner`` and the low-rank variants) are not implemented yet, so nothing is
-exported. See the project README for the roadmap.
+- :class:`KFACPreconditioner` rewrites each ``nn.Linear``/``nn.Conv2d`` layer's ``.grad``
+  into its K-FAC direction, so any ``torch.optim`` optimizer can step next.
+- :class:`KFAC` is a ``torch.optim.Optimizer``: the preconditioner followed by heavy-ball SGD.
+- ``inverse=`` names an inverse strategy from a registry (:func:`inverse_names`).
+
+Importing ``kfac`` imports torch (it is a torch package) but not CuPy, matplotlib or tqdm.
 """
 
-__all__: list[str] = []
+from ._inverse import inverse_names
+from .optimizer import KFAC
+from .preconditioner import KFACPreconditioner
+
+__all__ = ["KFAC", "KFACPreconditioner", "inverse_names"]

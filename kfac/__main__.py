@@ -1,0 +1,377 @@
+"""``python -m kfac``: train one optimizer or compare several on the same task.
+
+Examples::
+
+    python -m kfac train --optimizer kfac --model autoencoder --epochs 5
+    python -m kfac compare --optimizers sgd adam kfac --model mlp --plot compare.png
+
+The default data are scikit-learn's bundled digits resized to 28x28 (no download); ``--data``
+reads MNIST IDX files, CIFAR-10 pickles or an ``.npz``. Every optimizer starts from the same
+initial weights and sees the same batches (``--seed``). Wall time counts only the training
+steps: the evaluations between them are excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from . import data as datasets
+from . import models
+from ._inverse import inverse_names
+from .optimizer import KFAC
+
+#: Default learning rates (chosen on the digits tasks; ``--lr`` overrides).
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "kfac": 0.1}
+
+
+def optimizer_names() -> list[str]:
+    """``sgd``, ``adam``, ``kfac`` (K-FAC with ``inverse="eigh"``) and ``kfac-<inverse>`` for
+    every registered inverse strategy."""
+    return ["sgd", "adam", "kfac", *(f"kfac-{name}" for name in inverse_names())]
+
+
+@dataclass
+class RunConfig:
+    """One training run."""
+
+    optimizer: str = "kfac"
+    model: str = "autoencoder"
+    epochs: int = 5
+    batch_size: int = 128
+    lr: float | None = None
+    momentum: float = 0.9
+    width: float = 1.0
+    seed: int = 0
+    data: str | None = None
+    device: str = "cpu"
+    damping: float = 0.1
+    damping_scheme: str = "factored-relative"
+    kl_clip: float | None = None
+    rms_clip: float | None = None
+    factor_every: int = 1
+    inverse_every: int = 10
+    factor_decay: float = 0.95
+    evals_per_epoch: int = 1
+    target_loss: float | None = None
+    target_accuracy: float | None = None
+    max_train: int | None = None
+
+
+@dataclass
+class RunResult:
+    """History and summary of one run (times in seconds of training only)."""
+
+    optimizer: str
+    model: str
+    steps: int = 0
+    wall_time: float = 0.0
+    time: list[float] = field(default_factory=list)
+    step: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    test_accuracy: list[float | None] = field(default_factory=list)
+    time_to_target: float | None = None
+
+    @property
+    def time_per_step(self) -> float:
+        return self.wall_time / max(self.steps, 1)
+
+
+def _make_optimizer(
+    name: str, model: nn.Module, cfg: RunConfig, loss_name: str
+) -> torch.optim.Optimizer:
+    if name not in optimizer_names():
+        raise ValueError(f"Invalid optimizer: {name!r}; valid names are {optimizer_names()}")
+    kind = "kfac" if name.startswith("kfac") else name
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[kind]
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
+    if name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    inverse = "eigh" if name == "kfac" else name.removeprefix("kfac-")
+    return KFAC(
+        model,
+        lr=lr,
+        momentum=cfg.momentum,
+        inverse=inverse,
+        damping=cfg.damping,
+        damping_scheme=cfg.damping_scheme,
+        kl_clip=cfg.kl_clip,
+        rms_clip=cfg.rms_clip,
+        factor_every=cfg.factor_every,
+        inverse_every=cfg.inverse_every,
+        factor_decay=cfg.factor_decay,
+        loss=loss_name,
+    )
+
+
+def _loss_fn(loss_name: str) -> Any:
+    if loss_name == "mse":
+        return lambda out, x, y: F.mse_loss(out, x.flatten(1))
+    return lambda out, x, y: F.cross_entropy(out, y)
+
+
+@torch.no_grad()
+def _evaluate(
+    model: nn.Module, ds: datasets.Dataset, loss: Any, kind: str, device: str
+) -> tuple[float, float | None]:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, ds.x_train.shape[0], 1024):
+        x, y = ds.x_train[i : i + 1024].to(device), ds.y_train[i : i + 1024].to(device)
+        total += float(loss(model(x), x, y)) * x.shape[0]
+        count += x.shape[0]
+    accuracy = None
+    if kind == "classification":
+        correct = 0
+        for i in range(0, ds.x_test.shape[0], 1024):
+            x, y = ds.x_test[i : i + 1024].to(device), ds.y_test[i : i + 1024].to(device)
+            correct += int((model(x).argmax(dim=1) == y).sum())
+        accuracy = correct / ds.x_test.shape[0]
+    model.train()
+    return total / count, accuracy
+
+
+def _reached(cfg: RunConfig, loss: float, accuracy: float | None) -> bool:
+    if cfg.target_loss is not None and loss <= cfg.target_loss:
+        return True
+    return (
+        cfg.target_accuracy is not None
+        and accuracy is not None
+        and accuracy >= cfg.target_accuracy
+    )
+
+
+def train(
+    cfg: RunConfig, dataset: datasets.Dataset | None = None, progress: bool = True
+) -> RunResult:
+    """Train ``cfg.model`` with ``cfg.optimizer``; evaluate ``evals_per_epoch`` times an epoch."""
+    ds = dataset if dataset is not None else datasets.load(cfg.data)
+    if cfg.max_train is not None:
+        ds = ds._replace(x_train=ds.x_train[: cfg.max_train], y_train=ds.y_train[: cfg.max_train])
+    kind, loss_name = models.MODELS.get(cfg.model, (None, None))
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg.model, ds.image_shape, ds.num_classes, cfg.width).to(cfg.device)
+    assert kind is not None
+    assert loss_name is not None
+    loss = _loss_fn(loss_name)
+    opt = _make_optimizer(cfg.optimizer, model, cfg, loss_name)
+    n = ds.x_train.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    eval_every = max(1, steps_per_epoch // max(cfg.evals_per_epoch, 1))
+    result = RunResult(cfg.optimizer, cfg.model)
+    batches = torch.Generator().manual_seed(cfg.seed)
+
+    def record(elapsed: float, step: int) -> None:
+        value, accuracy = _evaluate(model, ds, loss, kind, cfg.device)
+        result.time.append(elapsed)
+        result.step.append(step)
+        result.train_loss.append(value)
+        result.test_accuracy.append(accuracy)
+        if result.time_to_target is None and _reached(cfg, value, accuracy):
+            result.time_to_target = elapsed
+
+    record(0.0, 0)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total_steps, desc=cfg.optimizer, leave=False, file=sys.stderr)
+    elapsed, step = 0.0, 0
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=batches)
+        for i in range(0, n, cfg.batch_size):
+            idx = perm[i : i + cfg.batch_size]
+            x, y = ds.x_train[idx].to(cfg.device), ds.y_train[idx].to(cfg.device)
+            if cfg.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            opt.zero_grad()
+            batch_loss = loss(model(x), x, y)
+            batch_loss.backward()
+            opt.step()
+            if cfg.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            elapsed += time.perf_counter() - start
+            step += 1
+            if not math.isfinite(batch_loss.item()):
+                raise FloatingPointError(
+                    f"{cfg.optimizer}: the training loss diverged at step {step}"
+                )
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(batch_loss):.4g}")
+            if step % eval_every == 0 or step == total_steps:
+                record(elapsed, step)
+    if bar is not None:
+        bar.close()
+    result.steps = step
+    result.wall_time = elapsed
+    return result
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: Sequence[RunResult]) -> str:
+    """Markdown table: final loss and accuracy, wall time, time per step, time to target."""
+    rows = [
+        "| optimizer | train loss | test accuracy | wall time (s) | time/step (ms) "
+        "| time to target (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        rows.append(
+            f"| {r.optimizer} | {r.train_loss[-1]:.4g} | {_fmt(r.test_accuracy[-1], '.3f')} | "
+            f"{r.wall_time:.2f} | {1e3 * r.time_per_step:.1f} | {_fmt(r.time_to_target, '.2f')} |"
+        )
+    return "\n".join(rows)
+
+
+def plot(results: Sequence[RunResult], path: str, title: str) -> None:
+    """PNG of training loss (log scale) and test accuracy against wall time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_acc = any(a is not None for r in results for a in r.test_accuracy)
+    fig, axes = plt.subplots(
+        1, 2 if has_acc else 1, figsize=(11 if has_acc else 6, 4), squeeze=False
+    )
+    for r in results:
+        axes[0, 0].plot(r.time, r.train_loss, marker=".", label=r.optimizer)
+        if has_acc:
+            axes[0, 1].plot(r.time, r.test_accuracy, marker=".", label=r.optimizer)
+    axes[0, 0].set(xlabel="wall time (s)", ylabel="training loss", yscale="log", title=title)
+    axes[0, 0].legend()
+    if has_acc:
+        axes[0, 1].set(xlabel="wall time (s)", ylabel="test accuracy", title=title)
+        axes[0, 1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m kfac", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in ("train", "compare"):
+        p = sub.add_parser(command, help=f"{command} on one task")
+        if command == "train":
+            p.add_argument("--optimizer", default="kfac", choices=optimizer_names())
+            p.add_argument(
+                "--lr", type=float, default=None, help="learning rate (default per optimizer)"
+            )
+        else:
+            p.add_argument(
+                "--optimizers",
+                nargs="+",
+                default=["sgd", "adam", "kfac"],
+                choices=optimizer_names(),
+            )
+            p.add_argument(
+                "--lr",
+                nargs="*",
+                default=[],
+                metavar="NAME=LR",
+                help="per-optimizer learning rates",
+            )
+        p.add_argument("--model", default="autoencoder", choices=list(models.MODELS))
+        p.add_argument("--epochs", type=int, default=RunConfig.epochs)
+        p.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
+        p.add_argument(
+            "--width", type=float, default=RunConfig.width, help="hidden-width multiplier"
+        )
+        p.add_argument("--momentum", type=float, default=RunConfig.momentum)
+        p.add_argument("--damping", type=float, default=RunConfig.damping)
+        p.add_argument("--factor-every", type=int, default=RunConfig.factor_every)
+        p.add_argument("--inverse-every", type=int, default=RunConfig.inverse_every)
+        p.add_argument("--seed", type=int, default=RunConfig.seed)
+        p.add_argument(
+            "--data", default=None, help="MNIST IDX dir, CIFAR-10 dir or .npz (default: digits28)"
+        )
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--evals-per-epoch", type=int, default=RunConfig.evals_per_epoch)
+        p.add_argument(
+            "--max-train", type=int, default=None, help="use the first N training samples"
+        )
+        p.add_argument("--target-loss", type=float, default=None)
+        p.add_argument("--target-accuracy", type=float, default=None)
+        p.add_argument("--plot", default=None, help="PNG path for loss/accuracy vs wall time")
+        p.add_argument("--json", default=None, help="write the histories as JSON")
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def _learning_rates(specs: Sequence[str], names: Sequence[str]) -> dict[str, float]:
+    lrs: dict[str, float] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or name not in names:
+            raise SystemExit(f"--lr expects NAME=LR with NAME in {list(names)}, got {spec!r}")
+        lrs[name] = float(value)
+    return lrs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    common = {
+        key: getattr(args, key)
+        for key in (
+            "model",
+            "epochs",
+            "batch_size",
+            "width",
+            "momentum",
+            "damping",
+            "factor_every",
+            "inverse_every",
+            "seed",
+            "data",
+            "device",
+            "evals_per_epoch",
+            "max_train",
+            "target_loss",
+            "target_accuracy",
+        )
+    }
+    if args.command == "train":
+        configs = [RunConfig(optimizer=args.optimizer, lr=args.lr, **common)]
+    else:
+        lrs = _learning_rates(args.lr, args.optimizers)
+        configs = [
+            RunConfig(optimizer=name, lr=lrs.get(name), **common) for name in args.optimizers
+        ]
+    dataset = datasets.load(args.data)
+    results = [train(cfg, dataset, progress=not args.quiet) for cfg in configs]
+    title = f"{args.model} (width {args.width:g}) on {dataset.name}"
+    print(f"\n{title}, {args.epochs} epochs, batch {args.batch_size}, seed {args.seed}\n")
+    print(table(results))
+    if args.plot:
+        plot(results, args.plot, title)
+        print(f"\nplot written to {args.plot}")
+    if args.json:
+        payload = {
+            "configs": [asdict(c) for c in configs],
+            "results": [asdict(r) for r in results],
+        }
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Hooks that record layer inputs and output gradients on factor-update steps.
+
+Inputs are reduced to the sum of outer products ``sum a a^T`` inside the forward hook (no
+activation is kept alive until ``step()``). Output gradients are captured with a *tensor* hook
+registered on the layer's output in that forward hook: unlike ``register_full_backward_hook``
+it keeps working when an in-place operation (``nn.ReLU(inplace=True)``) modifies the output
+afterwards, because a tensor hook registered before an in-place change receives the gradient
+of the value it was registered on.
+
+Monte-Carlo Fisher (``fisher="mc"``): a forward hook on the model samples targets from the
+model's predictive distribution and runs one extra backward (``torch.autograd.grad`` with
+``retain_graph=True``, so the caller's backward still works and no ``.grad`` is touched); the
+output tensor hooks record only during that pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["LOSSES", "Capture", "sampled_loss"]
+
+LOSSES = ("cross_entropy", "mse")
+
+
+def sampled_loss(output: Tensor, loss: str, generator: torch.Generator) -> Tensor:
+    """The batch-mean loss of ``output`` against targets drawn from the model's distribution.
+
+    ``"cross_entropy"``: ``y ~ Categorical(softmax(output, dim=1))`` and
+    ``F.cross_entropy(output, y)``. ``"mse"``: ``F.mse_loss(output, y)`` with
+    ``y ~ N(output, k/2 I)``, ``k`` the number of output entries per sample, the Gaussian whose
+    negative log-likelihood ``||f - y||^2 / k`` is this per-sample loss; the expected outer
+    product of the sampled gradients is then the generalized Gauss-Newton matrix of the loss.
+    """
+    logits = output.detach().float()
+    if loss == "cross_entropy":
+        if output.ndim < 2:
+            raise ValueError(
+                f"fisher='mc' with loss='cross_entropy' needs logits of shape (n, C, ...), got "
+                f"{tuple(output.shape)}"
+            )
+        probs = torch.softmax(logits, dim=1).movedim(1, -1)
+        flat = probs.reshape(-1, probs.shape[-1])
+        labels = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+        return F.cross_entropy(output, labels)
+    per_sample = output[0].numel() if output.ndim > 1 else output.numel()
+    noise = torch.randn(
+        logits.shape, generator=generator, device=logits.device, dtype=logits.dtype
+    )
+    target = logits + math.sqrt(per_sample / 2.0) * noise
+    return F.mse_loss(output, target.to(output.dtype))
+
+
+@dataclass
+class Record:
+    """What one layer saw on the current factor-update step (sums in the statistics dtype)."""
+
+    a_sum: Tensor | None = None
+    a_rows: int = 0
+    n: int | None = None
+    g_sum: Tensor | None = None
+    g_rows: int = 0
+    calls: int = 0
+    handles: list[Any] = field(default_factory=list)
+
+
+class Capture:
+    """Forward/tensor hooks on the registered layers and, for the MC Fisher, on the model.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model; a forward pre-hook on it starts a new record for every training forward.
+    layers : mapping of name to layer helper
+        The registered layers (``kfac._layers``).
+    active : callable () -> bool
+        True on factor-update steps; nothing is computed otherwise.
+    dtype : torch.dtype
+        Statistics dtype (float32 or float64), independent of the model dtype.
+    fisher : {"empirical", "mc"}
+    loss : {"cross_entropy", "mse"} or None
+        Required for ``fisher="mc"``.
+    generator : torch.Generator or None
+        Source of the MC targets.
+    grad_scale : callable () -> float
+        The current ``GradScaler`` scale (1 without a scaler): captured gradients are divided
+        by it.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Mapping[str, Any],
+        *,
+        active: Callable[[], bool],
+        dtype: torch.dtype,
+        fisher: str,
+        loss: str | None,
+        generator: torch.Generator | None,
+        grad_scale: Callable[[], float],
+    ) -> None:
+        self.layers = dict(layers)
+        self.active = active
+        self.dtype = dtype
+        self.fisher = fisher
+        self.loss = loss
+        self.generator = generator
+        self.grad_scale = grad_scale
+        self.records: dict[str, Record] = {name: Record() for name in self.layers}
+        self._mc_pass = False
+        self._handles: list[RemovableHandle] = [model.register_forward_pre_hook(self._on_start)]
+        for name, layer in self.layers.items():
+            self._handles.append(layer.module.register_forward_hook(self._forward_hook(name)))
+        if fisher == "mc":
+            self._handles.append(model.register_forward_hook(self._on_model_output))
+
+    def remove(self) -> None:
+        """Remove every hook."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was recorded (the start of a new step)."""
+        for record in self.records.values():
+            for handle in record.handles:
+                handle.remove()
+        self.records = {name: Record() for name in self.layers}
+
+    def _recording(self) -> bool:
+        return torch.is_grad_enabled() and self.active()
+
+    def _on_start(self, module: nn.Module, args: Any) -> None:
+        if self._recording():
+            self.reset()
+
+    def _forward_hook(self, name: str) -> Callable[..., None]:
+        layer = self.layers[name]
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not self._recording() or not isinstance(output, Tensor):
+                return
+            if not output.requires_grad:
+                return
+            record = self.records[name]
+            with torch.no_grad():
+                rows, n = layer.input_rows(args[0].detach())
+                rows = rows.to(self.dtype)
+                outer = rows.T @ rows
+            if record.n is not None and record.n != n:
+                raise RuntimeError(
+                    f"layer {layer.describe()} was called with {n} samples after {record.n} in "
+                    "one step; K-FAC needs the same batch size for every call of a layer"
+                )
+            record.a_sum = outer if record.a_sum is None else record.a_sum + outer
+            record.a_rows += rows.shape[0]
+            record.n = n
+            record.calls += 1
+            record.handles.append(output.register_hook(self._grad_hook(name)))
+
+        return hook
+
+    def _grad_hook(self, name: str) -> Callable[[Tensor], None]:
+        layer = self.layers[name]
+
+        def hook(grad: Tensor) -> None:
+            if (self.fisher == "mc") != self._mc_pass:
+                return
+            with torch.no_grad():
+                rows = layer.output_rows(grad.detach()).to(self.dtype)
+                scale = self.grad_scale()
+                if scale != 1.0:
+                    rows = rows / scale
+                outer = rows.T @ rows
+            record = self.records[name]
+            record.g_sum = outer if record.g_sum is None else record.g_sum + outer
+            record.g_rows += rows.shape[0]
+
+        return hook
+
+    def _on_model_output(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not self._recording():
+            return
+        if not isinstance(output, Tensor):
+            raise TypeError(
+                "fisher='mc' needs the model to return one tensor (the logits or predictions), "
+                f"got {type(output).__name__}"
+            )
+        if not output.requires_grad:
+            return
+        assert self.loss is not None
+        assert self.generator is not None
+        weights = [
+            layer.params[0] for layer in self.layers.values() if layer.params[0].requires_grad
+        ]
+        loss = sampled_loss(output, self.loss, self.generator) * self.grad_scale()
+        self._mc_pass = True
+        try:
+            torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+        finally:
+            self._mc_pass = False
+
+    def statistics(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """The instantaneous factors ``(A, G)`` of a layer (module docstring), or ``None``
+        when the layer recorded nothing; raises when only one half fired."""
+        record = self.records[name]
+        layer = self.layers[name]
+        if record.a_sum is None and record.g_sum is None:
+            return None
+        if record.a_sum is None or record.g_sum is None or record.n is None:
+            missing = "forward" if record.a_sum is None else "output-gradient"
+            raise RuntimeError(
+                f"the {missing} hook of layer {layer.describe()} never fired on this "
+                "factor-update step while the other did; was its output detached or the "
+                "layer called outside the model's forward?"
+            )
+        n = record.n
+        tau = record.a_rows / n
+        A = record.a_sum / (n * tau * tau)
+        G = record.g_sum * (tau * n)
+        return (A + A.T) / 2, (G + G.T) / 2

@@ -1,0 +1,195 @@
+"""What a layer measures: the K-FAC conventions of each supported layer type.
+
+Canonical layout (ALGORITHMS.md 1.1-1.2). A layer's gradient matrix is ``d_G x d_A``: output
+features by (augmented) input features, the bias gradient appended as the last column. A
+Conv2d weight ``(c_out, c_in, k_h, k_w)`` is flattened row-major to ``c_out x c_in k_h k_w``.
+
+Statistics. A layer sees ``n`` samples (the leading dimension of its input) and ``tau``
+positions per sample (1 for a Linear layer on ``(n, d_in)`` inputs; the extra leading
+dimensions of a Linear input, or the ``h_out w_out`` output positions of a convolution). With
+``a_{i,t}`` the augmented input rows (input patches for Conv2d) and ``g_{i,t}`` the output
+gradients of the *batch-mean* loss, the instantaneous factors are (KFC conventions, Grosse and
+Martens 2016)::
+
+    A = 1 / (n tau^2) sum_{i,t} a_{i,t} a_{i,t}^T
+    G = tau / n      sum_{i,t} (n g_{i,t}) (n g_{i,t})^T
+
+so that ``A (x) G`` carries one factor ``1 / tau``. For ``tau = 1`` these are the K-FAC
+factors of Martens and Grosse (2015) with per-sample gradients ``n dL/ds_i``.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+__all__ = ["SUPPORTED_TYPES", "Conv2dLayer", "LinearLayer", "make_layer"]
+
+
+class _Layer(abc.ABC):
+    """Shared part of the layer helpers: bias handling and the gradient-matrix round trip."""
+
+    module: nn.Module
+    name: str
+    dim_in: int
+    dim_out: int
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+        self.has_bias = getattr(module, "bias", None) is not None
+
+    @property
+    def dim_A(self) -> int:
+        """Dimension of the input factor: input features (patch size for Conv2d) + bias."""
+        return self.dim_in + int(self.has_bias)
+
+    @property
+    def dim_G(self) -> int:
+        """Dimension of the output-gradient factor."""
+        return self.dim_out
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        weight: nn.Parameter = self.module.weight  # type: ignore[assignment]
+        bias: nn.Parameter | None = self.module.bias  # type: ignore[assignment]
+        return [weight] if bias is None else [weight, bias]
+
+    def describe(self) -> str:
+        return f"'{self.name}' ({type(self.module).__name__})"
+
+    def _augment(self, rows: Tensor) -> Tensor:
+        if not self.has_bias:
+            return rows
+        ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
+        return torch.cat([rows, ones], dim=1)
+
+    def has_grad(self) -> bool:
+        return any(p.grad is not None for p in self.params)
+
+    def grad_matrix(self, dtype: torch.dtype) -> Tensor:
+        """The ``d_G x d_A`` gradient matrix (bias last), in ``dtype``; missing grads are 0."""
+        weight = self.params[0]
+        w = weight.grad if weight.grad is not None else torch.zeros_like(weight)
+        mat = w.reshape(self.dim_out, self.dim_in).to(dtype)
+        if self.has_bias:
+            bias = self.params[1]
+            b = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+            mat = torch.cat([mat, b.reshape(-1, 1).to(dtype)], dim=1)
+        return mat
+
+    def split(self, matrix: Tensor) -> list[Tensor]:
+        """Inverse of :meth:`grad_matrix`: one tensor per parameter, in parameter shape."""
+        params = self.params
+        parts = [matrix[:, : self.dim_in].reshape(params[0].shape)]
+        if self.has_bias:
+            parts.append(matrix[:, self.dim_in].reshape(params[1].shape))
+        return parts
+
+    def write_grad(self, matrix: Tensor) -> None:
+        """Replace the parameters' ``.grad`` by the blocks of ``matrix`` (cast to their dtype)."""
+        for p, part in zip(self.params, self.split(matrix), strict=True):
+            if p.grad is None:
+                p.grad = part.to(p.dtype).clone()
+            else:
+                p.grad.copy_(part)
+
+    @abc.abstractmethod
+    def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
+        """Augmented input rows ``(n tau, d_A)`` of one call and its number of samples ``n``."""
+
+    @abc.abstractmethod
+    def output_rows(self, g: Tensor) -> Tensor:
+        """Output-gradient rows ``(n tau, d_G)`` of one call."""
+
+
+class LinearLayer(_Layer):
+    """``nn.Linear``: inputs ``(n, ..., d_in)``; extra leading dimensions are positions."""
+
+    def __init__(self, name: str, module: nn.Linear) -> None:
+        super().__init__(name, module)
+        self.dim_in = module.in_features
+        self.dim_out = module.out_features
+
+    def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
+        """Augmented input rows ``(n tau, d_A)`` and the number of samples ``n``."""
+        n = x.shape[0] if x.ndim > 1 else 1
+        return self._augment(x.reshape(-1, self.dim_in)), n
+
+    def output_rows(self, g: Tensor) -> Tensor:
+        """Output-gradient rows ``(n tau, d_G)``."""
+        return g.reshape(-1, self.dim_out)
+
+
+class Conv2dLayer(_Layer):
+    """``nn.Conv2d`` with ``groups == 1`` and zero padding (stride, padding, dilation any)."""
+
+    def __init__(self, name: str, module: nn.Conv2d) -> None:
+        if module.groups != 1:
+            raise ValueError(
+                f"Unsupported layer '{name}': Conv2d with groups={module.groups}; K-FAC "
+                "supports groups=1 only (skip it with `skip_layers`)"
+            )
+        if module.padding_mode != "zeros":
+            raise ValueError(
+                f"Unsupported layer '{name}': Conv2d with padding_mode="
+                f"{module.padding_mode!r}; only 'zeros' is supported (skip it with `skip_layers`)"
+            )
+        super().__init__(name, module)
+        self.kernel_size = tuple(module.kernel_size)
+        self.stride = tuple(module.stride)
+        self.dilation = tuple(module.dilation)
+        self.padding = self._padding(name, module)
+        self.dim_in = module.in_channels * self.kernel_size[0] * self.kernel_size[1]
+        self.dim_out = module.out_channels
+
+    def _padding(self, name: str, module: nn.Conv2d) -> tuple[int, int]:
+        if not isinstance(module.padding, str):
+            return (int(module.padding[0]), int(module.padding[1]))
+        if module.padding == "valid":
+            return (0, 0)
+        # padding="same": torch pads (total // 2) before and the rest after; unfold pads
+        # symmetrically, so only an even total padding can be represented.
+        totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size, strict=True)]
+        if any(t % 2 for t in totals):
+            raise ValueError(
+                f"Unsupported layer '{name}': Conv2d padding='same' with an asymmetric total "
+                f"padding {totals}; use an odd kernel size or explicit padding"
+            )
+        return (totals[0] // 2, totals[1] // 2)
+
+    def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
+        """Augmented input patches ``(n h_out w_out, c_in k_h k_w [+1])`` and ``n``."""
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        patches = F.unfold(
+            x,
+            kernel_size=self.kernel_size,
+            dilation=self.dilation,
+            padding=self.padding,
+            stride=self.stride,
+        )  # (n, c_in k_h k_w, L): the row-major flattening of the weight
+        rows = patches.transpose(1, 2).reshape(-1, self.dim_in)
+        return self._augment(rows), x.shape[0]
+
+    def output_rows(self, g: Tensor) -> Tensor:
+        """Output-gradient rows ``(n h_out w_out, c_out)``."""
+        if g.ndim == 3:
+            g = g.unsqueeze(0)
+        return g.permute(0, 2, 3, 1).reshape(-1, self.dim_out)
+
+
+SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+
+def make_layer(name: str, module: nn.Module) -> Any:
+    """The helper for ``module`` (``nn.Linear`` or ``nn.Conv2d``); raises for bad convolutions."""
+    if isinstance(module, nn.Linear):
+        return LinearLayer(name, module)
+    if isinstance(module, nn.Conv2d):
+        return Conv2dLayer(name, module)
+    raise TypeError(f"no K-FAC layer helper for {type(module).__name__}")

@@ -1,0 +1,39 @@
+"""Small models and a one-step helper shared by the kfac tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import kfac
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def mlp(bias: bool = True, act: Callable[[], nn.Module] = nn.Tanh) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(5, 7, bias=bias), act(), nn.Linear(7, 3, bias=bias))
+
+
+def convnet(stride: int = 1, padding: int = 1, dilation: int = 1) -> nn.Sequential:
+    conv = nn.Conv2d(2, 3, 3, stride=stride, padding=padding, dilation=dilation)
+    out = (8 + 2 * padding - dilation * 2 - 1) // stride + 1
+    return nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(3 * out * out, 4))
+
+
+def exact_preconditioner(model: nn.Module, **kwargs: Any) -> kfac.KFACPreconditioner:
+    """Factors of the latest batch only (decay 0), refreshed every step, in float64."""
+    options: dict[str, Any] = {
+        "factor_every": 1,
+        "inverse_every": 1,
+        "factor_decay": 0.0,
+        "factor_dtype": torch.float64,
+    }
+    options.update(kwargs)
+    return kfac.KFACPreconditioner(model, **options)
