@@ -58,6 +58,11 @@ def sampled_loss(output: Tensor, loss: str, generator: torch.Generator) -> Tenso
     return F.mse_loss(output, target.to(output.dtype))
 
 
+def _full_precision(t: Tensor) -> Any:
+    """Statistics are products in the statistics dtype, never autocast to half precision."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 @dataclass
 class Record:
     """What one layer saw on the current factor-update step (sums in the statistics dtype)."""
@@ -151,7 +156,7 @@ class Capture:
             if not output.requires_grad:
                 return
             record = self.records[name]
-            with torch.no_grad():
+            with torch.no_grad(), _full_precision(output):
                 rows, n = layer.input_rows(args[0].detach())
                 rows = rows.to(self.dtype)
                 outer = rows.T @ rows
@@ -174,7 +179,7 @@ class Capture:
         def hook(grad: Tensor) -> None:
             if (self.fisher == "mc") != self._mc_pass:
                 return
-            with torch.no_grad():
+            with torch.no_grad(), _full_precision(grad):
                 rows = layer.output_rows(grad.detach()).to(self.dtype)
                 scale = self.grad_scale()
                 if scale != 1.0:

@@ -51,10 +51,6 @@ class DenseFactor:
 
     def load_state_dict(self, state: dict[str, Any], *, device: torch.device) -> None:
         matrix = state["matrix"]
-        if matrix is not None and tuple(matrix.shape) != (self.dim, self.dim):
-            raise ValueError(
-                f"factor state has shape {tuple(matrix.shape)}, expected ({self.dim}, {self.dim})"
-            )
         self.matrix = None if matrix is None else matrix.detach().clone().to(device)
         self.updates = int(state["updates"])
         self.identity = float(state["identity"])

@@ -165,5 +165,6 @@ class KFAC(torch.optim.Optimizer):
         if "kfac" not in state_dict:
             raise ValueError("state_dict has no 'kfac' entry: it was not saved by KFAC")
         kfac_state = state_dict.pop("kfac")
+        self.preconditioner.check_state_dict(kfac_state)  # before anything changes
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(kfac_state)

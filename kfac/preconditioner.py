@@ -297,18 +297,22 @@ class KFACPreconditioner:
             return 1.0
         return float(scaler.get_scale())
 
-    def _nonfinite(self, layer: Any, what: str) -> None:
+    def _warn_nonfinite(self, layers: list[Any], what: str) -> None:
+        if not layers:
+            return
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             return  # an overflow step: the scaler skips it
+        names = ", ".join(layer.describe() for layer in layers)
         warnings.warn(
-            f"non-finite {what} in layer {layer.describe()} at step {self.steps}: {what} "
-            "left unused, factors unchanged",
+            f"non-finite {what} in layer {names} at step {self.steps}: {what} left unused, "
+            "factors unchanged",
             RuntimeWarning,
             stacklevel=3,
         )
 
     def _update_factors(self, finite: Mapping[str, bool]) -> None:
         decay = self.factor_decay(self.steps)
+        bad = []
         for name, state in self._states.items():
             if name not in finite:
                 continue
@@ -325,10 +329,11 @@ class KFACPreconditioner:
             if not finite[name]:
                 continue  # already reported for the gradient
             if not bool(torch.isfinite(A).all() and torch.isfinite(G).all()):
-                self._nonfinite(state.layer, "statistics")
+                bad.append(state.layer)
                 continue
             state.A.update(A, decay)
             state.G.update(G, decay)
+        self._warn_nonfinite(bad, "statistics")
 
     def _refresh(self, force: bool) -> None:
         for state in self._states.values():
@@ -373,8 +378,9 @@ class KFACPreconditioner:
             if state.layer.has_grad():
                 grads[name] = state.layer.grad_matrix(self.dtype)
                 finite[name] = bool(torch.isfinite(grads[name]).all())
-                if not finite[name]:
-                    self._nonfinite(state.layer, "gradient")
+        self._warn_nonfinite(
+            [self._states[n].layer for n, ok in finite.items() if not ok], "gradient"
+        )
         try:
             if self._is_factor_step():
                 self._update_factors(finite)
@@ -428,8 +434,8 @@ class KFACPreconditioner:
             "generator": None if self.generator is None else self.generator.get_state(),
         }
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (tensors are moved to each layer's device)."""
+    def check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` unless ``state_dict`` fits this model and strategy."""
         if state_dict.get("inverse_name") != self.inverse.name:
             raise ValueError(
                 f"state_dict was saved with inverse={state_dict.get('inverse_name')!r}, this "
@@ -442,6 +448,23 @@ class KFACPreconditioner:
             )
         for name, state in self._states.items():
             entry = saved[name]
+            dims = {"A": state.layer.dim_A, "G": state.layer.dim_G}
+            for key, dim in dims.items():
+                matrix = entry[key]["matrix"]
+                if matrix is not None and tuple(matrix.shape) != (dim, dim):
+                    raise ValueError(
+                        f"state_dict factor {key} of layer '{name}' has shape "
+                        f"{tuple(matrix.shape)}, expected ({dim}, {dim})"
+                    )
+            inv = entry["inverse"]
+            if inv is not None and (inv[0].shape[0], inv[2].shape[0]) != (dims["G"], dims["A"]):
+                raise ValueError(f"state_dict representation of layer '{name}' has wrong shape")
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (tensors are moved to each layer's device)."""
+        self.check_state_dict(state_dict)
+        for name, state in self._states.items():
+            entry = state_dict["layers"][name]
             device = state.layer.params[0].device
             state.A.load_state_dict(entry["A"], device=device)
             state.G.load_state_dict(entry["G"], device=device)
@@ -450,10 +473,6 @@ class KFACPreconditioner:
                 state.inverse = None
             else:
                 gU, gd, aU, ad = (t.detach().clone().to(device) for t in inv)
-                if gU.shape[0] != state.layer.dim_G or aU.shape[0] != state.layer.dim_A:
-                    raise ValueError(
-                        f"state_dict representation of layer '{name}' has wrong shape"
-                    )
                 state.inverse = (ln.LowRankPSD(gU, gd), ln.LowRankPSD(aU, ad))
             state.shift = (float(entry["shift"][0]), float(entry["shift"][1]))
         self.steps = int(state_dict["steps"])
