@@ -92,7 +92,7 @@ def _read_idx(path: Path) -> np.ndarray:
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise ValueError(f"{path}: expected {int(np.prod(dims))} values, found {body.size}")
-    return body.reshape(dims)
+    return body.reshape(dims).copy()  # frombuffer is read-only
 
 
 def _find(root: Path, stem: str) -> Path:

@@ -1,0 +1,166 @@
+"""The command line, the dataset loaders (on files the tests write) and the models."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kfac import data, models
+from kfac.__main__ import RunConfig, main, optimizer_names, train
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = False) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(
+        f">{array.ndim}I", *array.shape
+    )
+    payload = header + array.astype(np.uint8).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        path.write_bytes(gzip.compress(payload))
+    else:
+        path.write_bytes(payload)
+
+
+@pytest.fixture
+def mnist_dir(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    write_idx(tmp_path / "train-images-idx3-ubyte", rng.integers(0, 256, (20, 28, 28)), True)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", rng.integers(0, 10, 20))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", rng.integers(0, 256, (8, 28, 28)))
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(8) % 10, True)
+    return tmp_path
+
+
+def test_mnist_idx_loader(mnist_dir: Path) -> None:
+    ds = data.load(mnist_dir)
+    assert ds.name == "mnist"
+    assert ds.x_train.shape == (20, 1, 28, 28)
+    assert ds.x_test.shape == (8, 1, 28, 28)
+    assert ds.y_test.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert ds.x_train.dtype == torch.float32
+    assert 0.0 <= float(ds.x_train.min()) and float(ds.x_train.max()) <= 1.0
+    raw = gzip.decompress((mnist_dir / "train-images-idx3-ubyte.gz").read_bytes())
+    first = np.frombuffer(raw, dtype=np.uint8, offset=16)[: 28 * 28].reshape(28, 28)
+    torch.testing.assert_close(ds.x_train[0, 0], torch.from_numpy(first / 255.0).float())
+
+
+def test_idx_errors(tmp_path: Path) -> None:
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(b"\x01\x02\x08\x03")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        data.load_mnist_idx(tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing train-images-idx3-ubyte"):
+        data.load_mnist_idx(tmp_path / "nowhere")
+
+
+def test_cifar10_loader(tmp_path: Path) -> None:
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        batch = {
+            b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+            b"labels": list(range(4)),
+        }
+        (root / name).write_bytes(pickle.dumps(batch))
+    ds = data.load(tmp_path)
+    assert ds.name == "cifar10"
+    assert ds.x_train.shape == (20, 3, 32, 32)
+    assert ds.num_classes == 4
+    batch = pickle.loads((root / "test_batch").read_bytes())
+    expected = torch.from_numpy(batch[b"data"][0].reshape(3, 32, 32) / 255.0).float()
+    torch.testing.assert_close(ds.x_test[0], expected)
+
+
+def test_npz_loader(tmp_path: Path) -> None:
+    path = tmp_path / "tiny.npz"
+    x = np.random.default_rng(0).random((6, 12, 12)).astype(np.float32)
+    np.savez(path, x_train=x, y_train=np.arange(6) % 2, x_test=x[:2], y_test=np.array([0, 1]))
+    ds = data.load(path)
+    assert ds.image_shape == (1, 12, 12)
+    torch.testing.assert_close(ds.x_train[:, 0], torch.from_numpy(x))
+    np.savez(tmp_path / "bad.npz", x_train=x)
+    with pytest.raises(ValueError, match="missing arrays"):
+        data.load(tmp_path / "bad.npz")
+
+
+def test_digits28_is_mnist_shaped_and_deterministic() -> None:
+    a, b = data.digits28(), data.digits28()
+    assert a.x_train.shape[1:] == (1, 28, 28)
+    assert a.x_train.shape[0] + a.x_test.shape[0] == 1797
+    assert torch.equal(a.y_test, b.y_test)
+    assert a.num_classes == 10
+
+
+def test_models_and_width() -> None:
+    ae = models.autoencoder(784, width=1.0)
+    sizes = [m.out_features for m in ae if isinstance(m, torch.nn.Linear)]
+    assert sizes == [1000, 500, 250, 30, 250, 500, 1000, 784]
+    wide = models.autoencoder(784, width=2.0)
+    assert [m.out_features for m in wide if isinstance(m, torch.nn.Linear)][0] == 2000
+    out = models.build("cnn", (3, 32, 32), 10, 0.5)(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10)
+    with pytest.raises(ValueError, match="Invalid width"):
+        models.mlp(width=0)
+    with pytest.raises(ValueError, match="Invalid model: 'resnet'"):
+        models.build("resnet", (1, 28, 28), 10, 1.0)
+
+
+def test_optimizer_names_follow_the_registry() -> None:
+    assert optimizer_names() == ["sgd", "adam", "kfac", "kfac-eigh"]
+
+
+def test_train_runs_on_real_files_and_records_history(mnist_dir: Path) -> None:
+    cfg = RunConfig(optimizer="kfac", model="cnn", epochs=2, batch_size=8, data=str(mnist_dir))
+    result = train(cfg, progress=False)
+    assert result.steps == 6
+    assert result.step == [0, 3, 6]
+    assert all(a is not None for a in result.test_accuracy)
+    assert result.time == sorted(result.time)
+
+
+def test_compare_writes_table_plot_and_json(tmp_path: Path, capsys) -> None:
+    plot, out = tmp_path / "cmp.png", tmp_path / "cmp.json"
+    code = main(
+        [
+            "compare",
+            "--optimizers", "sgd", "adam", "kfac",
+            "--model", "mlp",
+            "--width", "0.25",
+            "--epochs", "1",
+            "--max-train", "256",
+            "--target-accuracy", "0.0",
+            "--lr", "sgd=0.05",
+            "--plot", str(plot),
+            "--json", str(out),
+            "--quiet",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    for name in ("| sgd |", "| adam |", "| kfac |", "time to target (s)"):
+        assert name in text
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    payload = json.loads(out.read_text())
+    assert [c["optimizer"] for c in payload["configs"]] == ["sgd", "adam", "kfac"]
+    assert payload["configs"][0]["lr"] == 0.05
+    assert all(r["time_to_target"] == 0.0 for r in payload["results"])  # target 0 is met at once
+
+
+def test_cli_subprocess_train_with_progress_bar() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "kfac", "train", "--model", "mlp", "--width", "0.25",
+         "--epochs", "1", "--max-train", "128", "--optimizer", "kfac-eigh"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "| kfac-eigh |" in proc.stdout
+    assert "kfac-eigh" in proc.stderr  # the tqdm bar
