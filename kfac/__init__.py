@@ -5,7 +5,8 @@
 - :class:`KFAC` is a ``torch.optim.Optimizer``: the preconditioner followed by heavy-ball SGD.
 - ``inverse=`` names an inverse strategy from a registry (:func:`inverse_names`).
 
-Importing ``kfac`` imports torch (it is a torch package) but not CuPy, matplotlib or tqdm.
+Importing ``kfac`` imports torch (it is a torch package) but not CuPy, matplotlib or
+scikit-learn (the command line imports them when it needs them).
 """
 
 from ._inverse import inverse_names

@@ -47,7 +47,8 @@ def test_mnist_idx_loader(mnist_dir: Path) -> None:
     assert ds.x_test.shape == (8, 1, 28, 28)
     assert ds.y_test.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
     assert ds.x_train.dtype == torch.float32
-    assert 0.0 <= float(ds.x_train.min()) and float(ds.x_train.max()) <= 1.0
+    assert float(ds.x_train.min()) >= 0.0
+    assert float(ds.x_train.max()) <= 1.0
     raw = gzip.decompress((mnist_dir / "train-images-idx3-ubyte.gz").read_bytes())
     first = np.frombuffer(raw, dtype=np.uint8, offset=16)[: 28 * 28].reshape(28, 28)
     torch.testing.assert_close(ds.x_train[0, 0], torch.from_numpy(first / 255.0).float())
@@ -105,7 +106,7 @@ def test_models_and_width() -> None:
     sizes = [m.out_features for m in ae if isinstance(m, torch.nn.Linear)]
     assert sizes == [1000, 500, 250, 30, 250, 500, 1000, 784]
     wide = models.autoencoder(784, width=2.0)
-    assert [m.out_features for m in wide if isinstance(m, torch.nn.Linear)][0] == 2000
+    assert next(m.out_features for m in wide if isinstance(m, torch.nn.Linear)) == 2000
     out = models.build("cnn", (3, 32, 32), 10, 0.5)(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10)
     with pytest.raises(ValueError, match="Invalid width"):
