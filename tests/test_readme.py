@@ -19,7 +19,8 @@ def test_readme_python_blocks_run() -> None:
 def test_readme_has_exactly_two_commands_and_ci_runs_them() -> None:
     commands = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
     assert [c.strip() for c in commands] == [
-        "pip install -c constraints.txt -e . && python -m lowrank_nla demo",
+        "pip install -c constraints.txt -e . && python -m kfac compare --target-loss 0.045 "
+        "--plot compare.png",
         'pip install -c constraints.txt -e ".[test]" && python -m pytest',
     ]
     ci = (ROOT / ".ci" / "run").read_text()
