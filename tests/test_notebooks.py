@@ -27,7 +27,8 @@ def test_notebook_is_stored_without_outputs(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
-            assert not cell.outputs and cell.execution_count is None, path.name
+            assert not cell.outputs, path.name
+            assert cell.execution_count is None, path.name
     assert nb.cells[1].metadata.get("tags") == ["parameters"], "first code cell holds SCALE"
     assert "all claims hold" in nb.cells[-1].source
 
