@@ -36,10 +36,29 @@ from .optimizer import KFAC
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "kfac": 0.3}
 
 
+#: The papers' names of the K-FAC variants and their ``inverse=`` strategies.
+VARIANTS = {
+    "kfac": "eigh",
+    "rkfac": "rsvd",
+    "srekfac": "srevd",
+    "bkfac": "brand",
+    "brkfac": "brand-rsvd",
+    "bckfac": "brand-correct",
+    "brckfac": "brand-rsvd-correct",
+}
+
+
 def optimizer_names() -> list[str]:
-    """``sgd``, ``adam``, ``kfac`` (K-FAC with ``inverse="eigh"``) and ``kfac-<inverse>`` for
-    every registered inverse strategy."""
-    return ["sgd", "adam", "kfac", *(f"kfac-{name}" for name in inverse_names())]
+    """``sgd``, ``adam``, the variants' paper names (``kfac``, ``rkfac``, ``srekfac``,
+    ``bkfac``, ``brkfac``, ``bckfac``, ``brckfac``) and ``kfac-<inverse>`` for every
+    registered inverse strategy."""
+    aliases = [name for name, inverse in VARIANTS.items() if inverse in inverse_names()]
+    return ["sgd", "adam", *aliases, *(f"kfac-{name}" for name in inverse_names())]
+
+
+def inverse_for(name: str) -> str:
+    """The ``inverse=`` strategy behind a command-line optimizer name."""
+    return VARIANTS[name] if name in VARIANTS else name.removeprefix("kfac-")
 
 
 @dataclass
@@ -93,13 +112,13 @@ def _make_optimizer(
 ) -> torch.optim.Optimizer:
     if name not in optimizer_names():
         raise ValueError(f"Invalid optimizer: {name!r}; valid names are {optimizer_names()}")
-    kind = "kfac" if name.startswith("kfac") else name
+    kind = name if name in ("sgd", "adam") else "kfac"
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[kind]
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
-    inverse = "eigh" if name == "kfac" else name.removeprefix("kfac-")
+    inverse = inverse_for(name)
     return KFAC(
         model,
         lr=lr,

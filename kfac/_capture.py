@@ -1,7 +1,9 @@
 """Hooks that record layer inputs and output gradients on factor-update steps.
 
 Inputs are reduced to the sum of outer products ``sum a a^T`` inside the forward hook (no
-activation is kept alive until ``step()``). Output gradients are captured with a *tensor* hook
+activation is kept alive until ``step()``), except for the layers whose inverse strategy
+updates online (Brand): their rows are kept (``O(n D)``) and no ``D x D`` sum is formed.
+Output gradients are captured with a *tensor* hook
 registered on the layer's output in that forward hook: unlike ``register_full_backward_hook``
 it keeps working when an in-place operation (``nn.ReLU(inplace=True)``) modifies the output
 afterwards, because a tensor hook registered before an in-place change receives the gradient
@@ -24,6 +26,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
+
+from ._factors import FactorStats
 
 __all__ = ["LOSSES", "Capture", "sampled_loss"]
 
@@ -68,6 +72,8 @@ class Record:
     """What one layer saw on the current factor-update step (sums in the statistics dtype)."""
 
     a_sum: Tensor | None = None
+    a_blocks: list[Tensor] = field(default_factory=list)
+    g_blocks: list[Tensor] = field(default_factory=list)
     a_rows: int = 0
     n: int | None = None
     g_sum: Tensor | None = None
@@ -97,6 +103,8 @@ class Capture:
     grad_scale : callable () -> float
         The current ``GradScaler`` scale (1 without a scaler): captured gradients are divided
         by it.
+    keep_rows : set of str
+        Layers whose rows are kept instead of summed (see the module docstring).
     """
 
     def __init__(
@@ -110,8 +118,10 @@ class Capture:
         loss: str | None,
         generator: torch.Generator | None,
         grad_scale: Callable[[], float],
+        keep_rows: set[str] | None = None,
     ) -> None:
         self.layers = dict(layers)
+        self.keep_rows = set(keep_rows or ())
         self.active = active
         self.dtype = dtype
         self.fisher = fisher
@@ -156,16 +166,20 @@ class Capture:
             if not output.requires_grad:
                 return
             record = self.records[name]
+            keep = name in self.keep_rows
             with torch.no_grad(), _full_precision(output):
                 rows, n = layer.input_rows(args[0].detach())
-                rows = rows.to(self.dtype)
-                outer = rows.T @ rows
+                rows = rows.to(self.dtype).clone() if keep else rows.to(self.dtype)
+                outer = None if keep else rows.T @ rows
             if record.n is not None and record.n != n:
                 raise RuntimeError(
                     f"layer {layer.describe()} was called with {n} samples after {record.n} in "
                     "one step; K-FAC needs the same batch size for every call of a layer"
                 )
-            record.a_sum = outer if record.a_sum is None else record.a_sum + outer
+            if outer is None:
+                record.a_blocks.append(rows)
+            else:
+                record.a_sum = outer if record.a_sum is None else record.a_sum + outer
             record.a_rows += rows.shape[0]
             record.n = n
             record.calls += 1
@@ -179,14 +193,20 @@ class Capture:
         def hook(grad: Tensor) -> None:
             if (self.fisher == "mc") != self._mc_pass:
                 return
+            keep = name in self.keep_rows
             with torch.no_grad(), _full_precision(grad):
                 rows = layer.output_rows(grad.detach()).to(self.dtype)
                 scale = self.grad_scale()
                 if scale != 1.0:
                     rows = rows / scale
-                outer = rows.T @ rows
+                outer = None if keep else rows.T @ rows
+                if keep:
+                    rows = rows.clone()
             record = self.records[name]
-            record.g_sum = outer if record.g_sum is None else record.g_sum + outer
+            if outer is None:
+                record.g_blocks.append(rows)
+            else:
+                record.g_sum = outer if record.g_sum is None else record.g_sum + outer
             record.g_rows += rows.shape[0]
 
         return hook
@@ -213,15 +233,17 @@ class Capture:
         finally:
             self._mc_pass = False
 
-    def statistics(self, name: str) -> tuple[Tensor, Tensor] | None:
-        """The instantaneous factors ``(A, G)`` of a layer (module docstring), or ``None``
+    def statistics(self, name: str) -> tuple[FactorStats, FactorStats] | None:
+        """The instantaneous statistics ``(A, G)`` of a layer (module docstring), or ``None``
         when the layer recorded nothing; raises when only one half fired."""
         record = self.records[name]
         layer = self.layers[name]
-        if record.a_sum is None and record.g_sum is None:
+        has_a = record.a_sum is not None or bool(record.a_blocks)
+        has_g = record.g_sum is not None or bool(record.g_blocks)
+        if not has_a and not has_g:
             return None
-        if record.a_sum is None or record.g_sum is None or record.n is None:
-            missing = "forward" if record.a_sum is None else "output-gradient"
+        if not has_a or not has_g or record.n is None:
+            missing = "forward" if not has_a else "output-gradient"
             raise RuntimeError(
                 f"the {missing} hook of layer {layer.describe()} never fired on this "
                 "factor-update step while the other did; was its output detached or the "
@@ -229,6 +251,13 @@ class Capture:
             )
         n = record.n
         tau = record.a_rows / n
+        if record.a_blocks:
+            # B B^T = A_inst = sum a a^T / (n tau^2) and G_inst = tau n sum g g^T
+            block_a = torch.cat(record.a_blocks).T / (tau * math.sqrt(n))
+            block_g = torch.cat(record.g_blocks).T * math.sqrt(tau * n)
+            return FactorStats(block=block_a), FactorStats(block=block_g)
+        assert record.a_sum is not None
+        assert record.g_sum is not None
         A = record.a_sum / (n * tau * tau)
         G = record.g_sum * (tau * n)
-        return (A + A.T) / 2, (G + G.T) / 2
+        return FactorStats(matrix=(A + A.T) / 2), FactorStats(matrix=(G + G.T) / 2)

@@ -18,9 +18,9 @@ identity weight ``rho^m`` of each factor (ALGORITHMS.md 1.3):
     Factored with Martens and Grosse's pi-adjustment, ``lambda_G = sqrt(lambda) / pi``,
     ``lambda_A = sqrt(lambda) pi``, ``pi = sqrt((tr A / d_A) / (tr G / d_G))``.
 
-Every scheme adds ``s_X I`` to each factor and models the discarded spectrum of a truncated
-representation as flat at its smallest kept eigenvalue (the spectrum continuation of
-ALGORITHMS.md 1.5; no effect on a full eigendecomposition).
+Every scheme adds ``s_X I`` to each factor and, unless ``continuation=False``, models the
+discarded spectrum of a truncated representation as flat at its smallest kept eigenvalue
+(the spectrum continuation of ALGORITHMS.md 1.5; no effect on a full eigendecomposition).
 """
 
 from __future__ import annotations
@@ -134,10 +134,17 @@ def precondition(
     damping: float,
     scheme: str,
     shift: tuple[float, float],
+    continuation: bool = True,
 ) -> Tensor:
     """The damped K-FAC direction ``(G (x) A + damping)^-1 V`` of one layer (``d_G x d_A``)."""
     return ln.kron_inverse_apply(
-        G, A, V, damping=damping, shift=shift, continuation=True, **DAMPING_SCHEMES[scheme]
+        G,
+        A,
+        V,
+        damping=damping,
+        shift=shift,
+        continuation=continuation,
+        **DAMPING_SCHEMES[scheme],
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import time
 import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from ._damping import (
     precondition,
     rms_clip,
 )
-from ._factors import DenseFactor
+from ._factors import Factor
 from ._inverse import make_inverse
 from ._layers import SUPPORTED_TYPES, make_layer
 
@@ -38,10 +39,14 @@ _STAT_DTYPES = (torch.float32, torch.float64)
 @dataclass
 class _LayerState:
     layer: Any
-    A: DenseFactor
-    G: DenseFactor
-    inverse: tuple[ln.LowRankPSD, ln.LowRankPSD] | None = None  # (G, A)
-    shift: tuple[float, float] = (0.0, 0.0)  # identity weights (G, A) at the last refresh
+    A: Factor
+    G: Factor
+
+    def ready(self) -> bool:
+        return self.A.rep is not None and self.G.rep is not None
+
+
+PHASES = ("statistics", "update", "refresh", "apply")
 
 
 def _optional(value: Any, name: str) -> Schedule[float] | None:
@@ -103,6 +108,9 @@ class KFACPreconditioner:
         One of ``"eigenbasis"``, ``"eigenbasis-relative"``, ``"factored"``,
         ``"factored-relative"``, ``"pi"`` (see ``kfac._damping``). The identity
         initialisation's weight ``rho^m`` is added to each factor in every scheme.
+    continuation : bool, default True
+        Treat the discarded spectrum of a truncated (low-rank) representation as flat at its
+        smallest kept eigenvalue instead of zero (ALGORITHMS.md 1.5); no effect on ``eigh``.
     factor_every, inverse_every : int or callable(step), default 20 and 100
         Periods, in steps, of the factor statistics and of the inverse refreshes (thesis runs,
         ALGORITHMS.md 2.2). Statistics are computed only on factor-update steps.
@@ -176,6 +184,7 @@ class KFACPreconditioner:
         factor_decay: Any = 0.95,
         damping: Any = 0.1,
         damping_scheme: str = "factored-relative",
+        continuation: bool = True,
         factor_every: Any = 20,
         inverse_every: Any = 100,
         kl_clip: Any = None,
@@ -200,6 +209,9 @@ class KFACPreconditioner:
                 f"{list(DAMPING_SCHEMES)}"
             )
         self.damping_scheme = damping_scheme
+        if not isinstance(continuation, bool):
+            raise ValueError(f"Invalid continuation: {continuation!r} (must be a bool)")
+        self.continuation = continuation
         self.factor_every = Schedule(factor_every, "factor_every", check_int_at_least(1))
         self.inverse_every = Schedule(inverse_every, "inverse_every", check_int_at_least(1))
         self.kl_clip = _optional(kl_clip, "kl_clip")
@@ -232,9 +244,10 @@ class KFACPreconditioner:
                 "precondition (after skip_layers)"
             )
         self._states = {
-            name: _LayerState(layer, DenseFactor(layer.dim_A), DenseFactor(layer.dim_G))
+            name: _LayerState(layer, Factor(layer.dim_A), Factor(layer.dim_G))
             for name, layer in layers.items()
         }
+        self.timings = dict.fromkeys(PHASES, 0.0)
         self.steps = 0
         device = next(iter(layers.values())).params[0].device
         self.generator: torch.Generator | None = None
@@ -250,6 +263,7 @@ class KFACPreconditioner:
             loss=loss,
             generator=self.generator,
             grad_scale=self._grad_scale,
+            keep_rows={n for n, layer in layers.items() if self.inverse.wants_block(layer)},
         )
 
     # ------------------------------------------------------------------ introspection
@@ -264,12 +278,49 @@ class KFACPreconditioner:
         return self.inverse.name
 
     def factors(self, name: str) -> tuple[Tensor | None, Tensor | None]:
-        """The exponential averages ``(A, G)`` of layer ``name`` (``None`` before any update).
+        """The dense exponential averages ``(A, G)`` of layer ``name`` (``None`` before any
+        update, and for a factor the strategy keeps only in low-rank form).
 
         The identity initialisation is not included (see ``identity_weights``).
         """
         state = self._states[name]
         return state.A.matrix, state.G.matrix
+
+    def representations(self, name: str) -> tuple[ln.LowRankPSD | None, ln.LowRankPSD | None]:
+        """The representations ``(A, G)`` the preconditioner applies for layer ``name``."""
+        state = self._states[name]
+        return state.A.rep, state.G.rep
+
+    def diagnostics(self) -> list[dict[str, Any]]:
+        """One row per factor: kind, dimension, rank, target rank, truncation ratio
+        ``d_min / d_max``, Brand drift estimate, EA updates, memory in bytes.
+
+        Time per phase (seconds, summed over steps) is in :attr:`timings`:
+        ``statistics`` (hooks' products are not included), ``update``, ``refresh``,
+        ``apply``.
+        """
+        rows = []
+        for name, state in self._states.items():
+            for side, factor in (("A", state.A), ("G", state.G)):
+                rep = factor.rep
+                kind = "brand" if factor.brand else ("dense" if factor.matrix is not None else "-")
+                rows.append(
+                    {
+                        "layer": name,
+                        "factor": side,
+                        "kind": kind,
+                        "dim": factor.dim,
+                        "rank": None if rep is None else rep.rank,
+                        "target_rank": None if factor.rank is None else factor.rank.rank,
+                        "truncation_ratio": (
+                            None if rep is None or rep.rank == 0 else ln.truncation_ratio(rep.d)
+                        ),
+                        "drift": factor.drift if factor.brand else None,
+                        "updates": factor.updates,
+                        "memory": factor.memory(),
+                    }
+                )
+        return rows
 
     def identity_weights(self, name: str) -> tuple[float, float]:
         """Weights ``(rho^m_A, rho^m_G)`` of the identity initialisation of layer ``name``."""
@@ -312,10 +363,12 @@ class KFACPreconditioner:
 
     def _update_factors(self, finite: Mapping[str, bool]) -> None:
         decay = self.factor_decay(self.steps)
+        period = self.inverse_every(self.steps)
         bad = []
         for name, state in self._states.items():
             if name not in finite:
                 continue
+            start = time.perf_counter()
             stats = self._capture.statistics(name)
             if stats is None:
                 raise RuntimeError(
@@ -325,29 +378,25 @@ class KFACPreconditioner:
                     "forward with gradients enabled (not through torch.nn.functional with its "
                     "weight); exclude it with `skip_layers` otherwise"
                 )
-            A, G = stats
+            stats_A, stats_G = stats
+            self.timings["statistics"] += time.perf_counter() - start
             if not finite[name]:
                 continue  # already reported for the gradient
-            if not bool(torch.isfinite(A).all() and torch.isfinite(G).all()):
+            if not (stats_A.finite() and stats_G.finite()):
                 bad.append(state.layer)
                 continue
-            state.A.update(A, decay)
-            state.G.update(G, decay)
+            start = time.perf_counter()
+            self.inverse.update(state.A, stats_A, decay, self.steps, period)
+            self.inverse.update(state.G, stats_G, decay, self.steps, period)
+            self.timings["update"] += time.perf_counter() - start
         self._warn_nonfinite(bad, "statistics")
 
-    def _refresh(self, force: bool) -> None:
+    def _refresh(self, inverse_step: bool) -> None:
+        start = time.perf_counter()
         for state in self._states.values():
-            if state.A.matrix is None or state.G.matrix is None:
-                continue
-            if not force and state.inverse is not None:
-                continue
-            rep_G = self.inverse.refresh(state.G)
-            rep_A = self.inverse.refresh(state.A)
-            state.inverse = (self._cast(rep_G), self._cast(rep_A))
-            state.shift = (state.G.identity, state.A.identity)
-
-    def _cast(self, rep: ln.LowRankPSD) -> ln.LowRankPSD:
-        return ln.LowRankPSD(rep.U.to(self.dtype), rep.d.to(self.dtype))
+            for factor in (state.G, state.A):
+                self.inverse.refresh(factor, self.steps, inverse_step, self.dtype)
+        self.timings["refresh"] += time.perf_counter() - start
 
     def _lr_for(self, lr: Any, weight: Tensor) -> float:
         if isinstance(lr, Mapping):
@@ -384,8 +433,10 @@ class KFACPreconditioner:
         try:
             if self._is_factor_step():
                 self._update_factors(finite)
-            self._refresh(force=self.steps % self.inverse_every(self.steps) == 0)
+            self._refresh(self.steps % self.inverse_every(self.steps) == 0)
+            start = time.perf_counter()
             self._apply(grads, finite, lr)
+            self.timings["apply"] += time.perf_counter() - start
         finally:
             self.steps += 1
             self._capture.reset()
@@ -396,11 +447,18 @@ class KFACPreconditioner:
         directions: dict[str, Tensor] = {}
         for name, V in grads.items():
             state = self._states[name]
-            if not finite[name] or state.inverse is None:
+            if not finite[name] or not state.ready():
                 continue
-            rep_G, rep_A = state.inverse
+            assert state.G.rep is not None
+            assert state.A.rep is not None
             D = precondition(
-                rep_G, rep_A, V, damping=damping, scheme=self.damping_scheme, shift=state.shift
+                state.G.rep,
+                state.A.rep,
+                V,
+                damping=damping,
+                scheme=self.damping_scheme,
+                shift=(state.G.rep_identity, state.A.rep_identity),
+                continuation=self.continuation,
             )
             directions[name] = D if kappa is None else rms_clip(D, kappa)
         if self.kl_clip is not None and directions:
@@ -415,22 +473,16 @@ class KFACPreconditioner:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: step, factors, representations, sampler."""
-        layers = {}
-        for name, state in self._states.items():
-            inverse = None
-            if state.inverse is not None:
-                inverse = [t.clone() for rep in state.inverse for t in rep]
-            layers[name] = {
-                "A": state.A.state_dict(),
-                "G": state.G.state_dict(),
-                "inverse": inverse,
-                "shift": state.shift,
-            }
+        """Everything needed to continue exactly: step, factors (dense EA, online state,
+        representation, ranks), the strategy's and the sampler's generators."""
         return {
             "steps": self.steps,
             "inverse_name": self.inverse.name,
-            "layers": layers,
+            "layers": {
+                name: {"A": state.A.state_dict(), "G": state.G.state_dict()}
+                for name, state in self._states.items()
+            },
+            "inverse": self.inverse.state_dict(),
             "generator": None if self.generator is None else self.generator.get_state(),
         }
 
@@ -447,34 +499,19 @@ class KFACPreconditioner:
                 f"state_dict layers {sorted(saved)} do not match the model's {self.layer_names}"
             )
         for name, state in self._states.items():
-            entry = saved[name]
-            dims = {"A": state.layer.dim_A, "G": state.layer.dim_G}
-            for key, dim in dims.items():
-                matrix = entry[key]["matrix"]
-                if matrix is not None and tuple(matrix.shape) != (dim, dim):
-                    raise ValueError(
-                        f"state_dict factor {key} of layer '{name}' has shape "
-                        f"{tuple(matrix.shape)}, expected ({dim}, {dim})"
-                    )
-            inv = entry["inverse"]
-            if inv is not None and (inv[0].shape[0], inv[2].shape[0]) != (dims["G"], dims["A"]):
-                raise ValueError(f"state_dict representation of layer '{name}' has wrong shape")
+            state.A.check_state_dict(saved[name]["A"], f"A of layer '{name}'")
+            state.G.check_state_dict(saved[name]["G"], f"G of layer '{name}'")
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (tensors are moved to each layer's device)."""
+        """Restore :meth:`state_dict`. Tensors move to each layer's device, so a state saved
+        on another device (or by a run with another world size: the state is per model,
+        not per process) loads as long as the layers and shapes match."""
         self.check_state_dict(state_dict)
         for name, state in self._states.items():
-            entry = state_dict["layers"][name]
             device = state.layer.params[0].device
-            state.A.load_state_dict(entry["A"], device=device)
-            state.G.load_state_dict(entry["G"], device=device)
-            inv = entry["inverse"]
-            if inv is None:
-                state.inverse = None
-            else:
-                gU, gd, aU, ad = (t.detach().clone().to(device) for t in inv)
-                state.inverse = (ln.LowRankPSD(gU, gd), ln.LowRankPSD(aU, ad))
-            state.shift = (float(entry["shift"][0]), float(entry["shift"][1]))
+            state.A.load_state_dict(state_dict["layers"][name]["A"], device=device)
+            state.G.load_state_dict(state_dict["layers"][name]["G"], device=device)
+        self.inverse.load_state_dict(state_dict.get("inverse", {}))
         self.steps = int(state_dict["steps"])
         gen_state = state_dict.get("generator")
         if self.generator is not None and gen_state is not None:

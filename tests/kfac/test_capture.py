@@ -312,14 +312,14 @@ def test_decomposition_dtype_is_independent_of_the_factor_dtype() -> None:
         model, factor_every=1, inverse_every=1, decomposition_dtype=torch.float64
     )
     seen = []
-    original = precond.inverse.refresh
+    original = precond.inverse.decompose
 
     def spy(factor):
         rep = original(factor)
         seen.append(rep.U.dtype)
         return rep
 
-    precond.inverse.refresh = spy  # type: ignore[method-assign]
+    precond.inverse.decompose = spy  # type: ignore[method-assign]
     backward(model, torch.randn(8, 5))
     precond.step()
     assert set(seen) == {torch.float64}

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import kfac
 from kfac import data, models
 from kfac.__main__ import RunConfig, main, optimizer_names, train
 
@@ -116,7 +117,12 @@ def test_models_and_width() -> None:
 
 
 def test_optimizer_names_follow_the_registry() -> None:
-    assert optimizer_names() == ["sgd", "adam", "kfac", "kfac-eigh"]
+    names = optimizer_names()
+    assert names[:3] == ["sgd", "adam", "kfac"]
+    for alias in ("rkfac", "srekfac", "bkfac", "brkfac", "bckfac", "brckfac"):
+        assert alias in names
+    for inverse in kfac.inverse_names():
+        assert f"kfac-{inverse}" in names
 
 
 def test_train_runs_on_real_files_and_records_history(mnist_dir: Path) -> None:

@@ -207,7 +207,11 @@ def test_preconditioner_composes_with_adam() -> None:
         ({"lr": 0.1, "inverse_every": 1.5}, "Invalid inverse_every: 1.5"),
         ({"lr": 0.1, "kl_clip": -1.0}, "Invalid kl_clip"),
         ({"lr": 0.1, "rms_clip": 0}, "Invalid rms_clip"),
-        ({"lr": 0.1, "inverse": "svd"}, r"Invalid inverse: 'svd'; valid names are \['eigh'\]"),
+        (
+            {"lr": 0.1, "inverse": "svd"},
+            r"Invalid inverse: 'svd'; valid names are \['brand', 'brand-correct', 'brand-rsvd', "
+            r"'brand-rsvd-correct', 'eigh', 'rsvd', 'srevd'\]",
+        ),
         ({"lr": 0.1, "rank": 10}, r"inverse='eigh' does not take option\(s\) \['rank'\]"),
         ({"lr": 0.1, "damping_scheme": "tikhonov"}, "Invalid damping_scheme: 'tikhonov'"),
         ({"lr": 0.1, "fisher": "exact"}, "Invalid fisher: 'exact'"),

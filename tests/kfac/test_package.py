@@ -21,7 +21,15 @@ def test_public_surface_is_explicit_and_sorted() -> None:
         if not name.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj))
     }
     assert public == set(kfac.__all__)
-    assert kfac.inverse_names() == ("eigh",)
+    assert kfac.inverse_names() == (
+        "brand",
+        "brand-correct",
+        "brand-rsvd",
+        "brand-rsvd-correct",
+        "eigh",
+        "rsvd",
+        "srevd",
+    )
 
 
 @pytest.mark.parametrize("name", ["KFAC", "KFACPreconditioner"])
