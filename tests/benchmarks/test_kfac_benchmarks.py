@@ -1,0 +1,40 @@
+"""The K-FAC benchmarks run end to end (quick mode) and their records are consistent."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.slow
+def test_quick_scaling_benchmark(run_quick) -> None:
+    payload, table = run_quick("kfac_scaling")
+    rows = payload["rows"]
+    assert [r["D"] for r in rows] == [64, 128]
+    for r in rows:
+        # accuracy first: the randomized representations are near the optimal rank-r error
+        for name in ("rsvd", "srevd"):
+            assert r["optimal_error"] * (1 - 1e-4) <= r["errors"][name] <= 1.5 * r["optimal_error"]
+        assert abs(r["errors"]["eigh"] - r["optimal_error"]) <= 1e-3 * r["optimal_error"]
+        assert set(r["seconds"]) == {
+            "eigh", "rsvd", "srevd", "brand", "apply-eigh", "apply-lowrank", "apply-factored"
+        }  # fmt: skip
+        assert all(t > 0 for t in r["seconds"].values())
+        assert r["memory_bytes"]["Brand only"] < r["memory_bytes"]["dense EA + rank r"]
+    assert set(payload["fits"]) == set(rows[0]["seconds"])
+    assert "fitted exponent" in table
+
+
+@pytest.mark.slow
+def test_quick_time_to_target_benchmark(run_quick, tmp_path) -> None:
+    payload, table = run_quick("kfac_time_to_target")
+    summary = payload["summary"]
+    assert set(summary) == {"autoencoder", "cnn"}
+    for task, rows in summary.items():
+        assert list(rows) == [
+            "sgd", "adam", "kfac", "rkfac", "srekfac", "bkfac", "brkfac", "bckfac", "brckfac"
+        ]  # fmt: skip
+        for name, row in rows.items():
+            assert row["time_per_epoch"] > 0, (task, name)
+            assert row["reached"] == "1/1", (task, name)  # the quick targets are easy
+        assert f"## {task}" in table
+    assert (tmp_path / "autoencoder_time_to_target_quick.png").read_bytes()[:4] == b"\x89PNG"
