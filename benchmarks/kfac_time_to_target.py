@@ -91,7 +91,7 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
                 f"{ratio_epoch:.2f} | {'-' if ttt is None else f'{ttt:.1f}'} | {ratio_ttt} | "
                 f"{row['reached']} | {row['final_loss']:.4f} | {acc} |"
             )
-        lines += ["", f"![{task}]({task}_time_to_target{meta['suffix']}.png)"]
+        lines += ["", f"![{task}]({task}_{meta['stem']}{meta['suffix']}.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--optimizers", nargs="+", default=OPTIMIZERS, choices=OPTIMIZERS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--stem", default="kfac_time_to_target", help="name of the result files")
     args = parser.parse_args()
     tasks = dict(TASKS)
     seeds = args.seeds
@@ -138,7 +139,7 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         suffix = "_quick" if args.quick else ""
-        plot([rs[0] for rs in runs.values()], str(out / f"{task}_time_to_target{suffix}.png"),
+        plot([rs[0] for rs in runs.values()], str(out / f"{task}_{args.stem}{suffix}.png"),
              f"{task} (width {width}), seed {seeds[0]}")  # fmt: skip
     meta = {
         "device": torch.cuda.get_device_name(0)
@@ -149,6 +150,7 @@ def main() -> None:
         "seconds": time.perf_counter() - start,
         "tasks": {task: tasks[task] for task in args.tasks},
         "suffix": "_quick" if args.quick else "",
+        "stem": args.stem,
     }
     out = Path(args.out)
     stem = (

@@ -4,6 +4,7 @@ ranks, state round trips, and training."""
 from __future__ import annotations
 
 import io
+import itertools
 
 import pytest
 import torch
@@ -272,3 +273,27 @@ def test_each_variant_beats_sgd_on_the_autoencoder_and_the_cnn(inverse: str) -> 
             results[model, name] = train(cfg, ds, progress=False).train_loss[-1]
     for model in ("autoencoder", "cnn"):
         assert results[model, f"kfac-{inverse}"] < results[model, "sgd"], results
+
+
+def test_brand_representation_changes_only_on_inverse_steps() -> None:
+    """The online state moves at every Brand update; the applied representation, as for
+    every strategy, only on inverse-update steps."""
+    torch.manual_seed(0)
+    model = wide_mlp()
+    precond = kfac.KFACPreconditioner(
+        model, inverse="brand", rank=10, rank_cap=20, brand_every=1, adaptive_rank=False,
+        factor_every=1, inverse_every=3,
+    )  # fmt: skip
+    factor = precond._states["0"].A
+    reps, onlines = [], []
+    for _ in range(6):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(torch.randn(4, 64)), torch.randint(3, (4,))).backward()
+        precond.step()
+        reps.append(factor.rep.d.clone())
+        onlines.append(factor.online.d.clone())
+    assert factor.brand is True
+    changed = [not torch.equal(a, b) for a, b in itertools.pairwise(reps)]
+    assert changed == [False, False, True, False, False]  # steps 1, 2 reuse step 0's
+    assert all(not torch.equal(a, b) for a, b in itertools.pairwise(onlines))
+    torch.testing.assert_close(reps[3], onlines[3])
