@@ -154,7 +154,7 @@ def main() -> None:
     }
     out = Path(args.out)
     stem = (
-        "kfac_time_to_target"
+        args.stem
         + ("_quick" if args.quick else "")
         + ("_cuda" if args.device.startswith("cuda") else "")
     )
