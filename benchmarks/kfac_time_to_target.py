@@ -42,6 +42,15 @@ TASKS = {
 }
 
 
+DEFAULT_STEM = "kfac_time_to_target"
+
+
+def figure_name(task: str, stem: str, suffix: str) -> str:
+    """``<task>_time_to_target[_quick].png`` for the default run, ``<task>_<stem>...`` else."""
+    tag = "time_to_target" if stem == DEFAULT_STEM else stem
+    return f"{task}_{tag}{suffix}.png"
+
+
 def summarize(runs: list[RunResult], epochs: int) -> dict[str, Any]:
     per_epoch = [r.wall_time / epochs for r in runs]
     reached = [r.time_to_target for r in runs if r.time_to_target is not None]
@@ -91,7 +100,7 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
                 f"{ratio_epoch:.2f} | {'-' if ttt is None else f'{ttt:.1f}'} | {ratio_ttt} | "
                 f"{row['reached']} | {row['final_loss']:.4f} | {acc} |"
             )
-        lines += ["", f"![{task}]({task}_{meta['stem']}{meta['suffix']}.png)"]
+        lines += ["", f"![{task}]({figure_name(task, meta['stem'], meta['suffix'])})"]
     return "\n".join(lines) + "\n"
 
 
@@ -103,7 +112,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--optimizers", nargs="+", default=OPTIMIZERS, choices=OPTIMIZERS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    parser.add_argument("--stem", default="kfac_time_to_target", help="name of the result files")
+    parser.add_argument("--stem", default=DEFAULT_STEM, help="name of the result files")
     args = parser.parse_args()
     tasks = dict(TASKS)
     seeds = args.seeds
@@ -139,7 +148,7 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         suffix = "_quick" if args.quick else ""
-        plot([rs[0] for rs in runs.values()], str(out / f"{task}_{args.stem}{suffix}.png"),
+        plot([rs[0] for rs in runs.values()], str(out / figure_name(task, args.stem, suffix)),
              f"{task} (width {width}), seed {seeds[0]}")  # fmt: skip
     meta = {
         "device": torch.cuda.get_device_name(0)
