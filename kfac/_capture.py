@@ -78,7 +78,6 @@ class Record:
     n: int | None = None
     g_sum: Tensor | None = None
     g_rows: int = 0
-    calls: int = 0
     handles: list[Any] = field(default_factory=list)
 
 
@@ -182,7 +181,6 @@ class Capture:
                 record.a_sum = outer if record.a_sum is None else record.a_sum + outer
             record.a_rows += rows.shape[0]
             record.n = n
-            record.calls += 1
             record.handles.append(output.register_hook(self._grad_hook(name)))
 
         return hook

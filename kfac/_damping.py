@@ -38,6 +38,7 @@ import lowrank_nla as ln
 __all__ = [
     "DAMPING_SCHEMES",
     "Schedule",
+    "check_fraction",
     "check_int_at_least",
     "check_nonnegative",
     "check_positive",
@@ -87,6 +88,14 @@ def check_decay(value: Any, name: str) -> float:
     value = _real(value, name)
     if not 0.0 <= value < 1.0:
         raise ValueError(f"Invalid {name}: {value} (must be in [0, 1))")
+    return value
+
+
+def check_fraction(value: Any, name: str) -> float:
+    """A real in the open interval ``(0, 1)``."""
+    value = _real(value, name)
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"Invalid {name}: {value} (must be in (0, 1))")
     return value
 
 

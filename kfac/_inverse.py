@@ -49,7 +49,9 @@ import torch
 
 import lowrank_nla as ln
 
+from ._damping import check_fraction, check_int_at_least
 from ._factors import Factor, FactorStats
+from ._layers import LinearLayer
 
 __all__ = [
     "BrandInverse",
@@ -71,12 +73,6 @@ _REGISTRY: dict[str, type[InverseStrategy]] = {}
 def clip_spectrum(d: torch.Tensor) -> torch.Tensor:
     """Zero the eigenvalues ``<= EIGENVALUE_FLOOR`` (negative rounding noise included)."""
     return torch.where(d > EIGENVALUE_FLOOR, d, torch.zeros_like(d))
-
-
-def _check_int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= {minimum})")
-    return value
 
 
 class InverseStrategy(abc.ABC):
@@ -194,17 +190,15 @@ class _Randomized(InverseStrategy):
         seed: int = 0,
     ) -> None:
         super().__init__(dtype=dtype)
-        self.rank = _check_int(rank, "rank", 1)
-        self.oversample = _check_int(oversample, "oversample", 0)
+        self.rank = check_int_at_least(1)(rank, "rank")
+        self.oversample = check_int_at_least(0)(oversample, "oversample")
         q = self.default_power_iters if power_iters is None else power_iters
-        self.power_iters = _check_int(q, "power_iters", 0)
+        self.power_iters = check_int_at_least(0)(q, "power_iters")
         if not isinstance(adaptive_rank, bool):
             raise ValueError(f"Invalid adaptive_rank: {adaptive_rank!r} (must be a bool)")
         self.adaptive_rank = adaptive_rank
-        if not (isinstance(rank_target, (int, float)) and 0 < rank_target < 1):
-            raise ValueError(f"Invalid rank_target: {rank_target!r} (must be in (0, 1))")
-        self.rank_target = float(rank_target)
-        self.seed = _check_int(seed, "seed", 0)
+        self.rank_target = check_fraction(rank_target, "rank_target")
+        self.seed = check_int_at_least(0)(seed, "seed")
         self._generators: dict[str, torch.Generator] = {}
 
     def generator(self, device: torch.device) -> torch.Generator:
@@ -227,12 +221,15 @@ class _Randomized(InverseStrategy):
             ratio = ln.truncation_ratio(rep.d)
             factor.rank = self.controller(factor).update(factor.rank, ratio)
 
-    def decompose(self, factor: Factor) -> ln.LowRankPSD:
+    def low_rank(self, factor: Factor) -> ln.LowRankPSD:
+        """Rank-``target_rank`` representation of the dense EA (no rank observation)."""
         assert factor.matrix is not None
         X = factor.matrix.to(self.dtype)
-        rank = self.target_rank(factor)
-        rep = self._decompose(X, rank, self.generator(X.device))
-        rep = ln.LowRankPSD(rep.U, clip_spectrum(rep.d))
+        rep = self._decompose(X, self.target_rank(factor), self.generator(X.device))
+        return ln.LowRankPSD(rep.U, clip_spectrum(rep.d))
+
+    def decompose(self, factor: Factor) -> ln.LowRankPSD:
+        rep = self.low_rank(factor)
         self.observe(factor, rep)
         return rep
 
@@ -294,7 +291,7 @@ class SREVDInverse(_Randomized):
 
     def __init__(self, *, dtype: torch.dtype, reorth_every: int | None = 2, **kwargs: Any) -> None:
         if reorth_every is not None:
-            _check_int(reorth_every, "reorth_every", 1)
+            check_int_at_least(1)(reorth_every, "reorth_every")
         self.reorth_every = reorth_every
         super().__init__(dtype=dtype, **kwargs)
 
@@ -344,24 +341,24 @@ class BrandInverse(RSVDInverse):
     ) -> None:
         super().__init__(dtype=dtype, **kwargs)
         every = self.default_brand_every if brand_every is None else brand_every
-        self.brand_every = _check_int(every, "brand_every", 1)
-        self.rank_cap = _check_int(rank_cap, "rank_cap", 1)
-        self.reset_every = _check_int(reset_every, "reset_every", 1)
-        self.correct_every = _check_int(correct_every, "correct_every", 1)
-        if not (isinstance(correct_fraction, (int, float)) and 0 < correct_fraction < 1):
-            raise ValueError(f"Invalid correct_fraction: {correct_fraction!r} (must be in (0, 1))")
-        self.correct_fraction = float(correct_fraction)
+        self.brand_every = check_int_at_least(1)(every, "brand_every")
+        self.rank_cap = check_int_at_least(1)(rank_cap, "rank_cap")
+        self.reset_every = check_int_at_least(1)(reset_every, "reset_every")
+        self.correct_every = check_int_at_least(1)(correct_every, "correct_every")
+        self.correct_fraction = check_fraction(correct_fraction, "correct_fraction")
         if self.rank > self.rank_cap:
             raise ValueError(f"Invalid rank: {self.rank} (must be <= rank_cap = {self.rank_cap})")
 
     def wants_block(self, layer: Any) -> bool:
-        from ._layers import LinearLayer
-
         return isinstance(layer, LinearLayer)
 
-    def brand_controller(self) -> ln.RankController:
-        floor = min(70, self.rank_cap)
-        return ln.RankController(self.rank_target, 0.02, 0.015, 5, 10, floor, self.rank_cap)
+    def controller(self, factor: Factor) -> ln.RankController:
+        """The Brand rule (ALGORITHMS.md 4.3) for Brand-tracked factors, rsvd's otherwise."""
+        if not factor.brand:
+            return super().controller(factor)
+        return ln.RankController.brand(
+            target=self.rank_target, cap=self.rank_cap, floor=min(70, self.rank_cap)
+        )
 
     def eligible(self, factor: Factor, stats: FactorStats) -> bool:
         """ALGORITHMS.md 4.4: Linear factors (a block is kept) with ``rank_cap + N < D``."""
@@ -373,7 +370,7 @@ class BrandInverse(RSVDInverse):
         if factor.brand is None:
             factor.brand = self.eligible(factor, stats)
             if factor.brand:
-                factor.rank = self.brand_controller().init(min(self.rank, factor.dim))
+                factor.rank = self.controller(factor).init(min(self.rank, factor.dim))
         if not factor.brand:
             super().update(factor, stats, decay, step, period)
             return
@@ -390,11 +387,7 @@ class BrandInverse(RSVDInverse):
         if self._is_reset(step, period):
             # B-R: skip the Brand update and replace the state by a randomized decomposition
             factor.count_update(decay)
-            assert factor.matrix is not None
-            X = factor.matrix.to(self.dtype)
-            rank = min(factor.rank.rank if factor.rank else self.rank, factor.dim)
-            rep = self._decompose(X, rank, self.generator(X.device))
-            factor.online = ln.LowRankPSD(rep.U, clip_spectrum(rep.d))
+            factor.online = self.low_rank(factor)
             factor.drift = 0.0
             factor.batches = 0
             return
@@ -408,16 +401,16 @@ class BrandInverse(RSVDInverse):
         if state is None:
             empty = block.new_zeros((factor.dim, 0))
             state = ln.LowRankPSD(empty, block.new_zeros((0,)))
-        rank = min(factor.rank.rank if factor.rank else self.rank, factor.dim)
-        result = ln.brand_update(state, block, decay=decay, rank=rank)
+        result = ln.brand_update(state, block, decay=decay, rank=self.target_rank(factor))
         factor.online = result.state
         factor.count_update(decay)
         factor.drift = decay * factor.drift + float(result.dropped_max)
-        if self.adaptive_rank and factor.rank is not None and result.state.rank > 0:
-            ratio = ln.truncation_ratio(result.state.d)
-            factor.rank = self.brand_controller().update(factor.rank, ratio)
-        brand_updates = factor.updates
-        if self.corrects and brand_updates % self.correct_every == 0 and factor.matrix is not None:
+        self.observe(factor, result.state)
+        if (
+            self.corrects
+            and factor.updates % self.correct_every == 0
+            and factor.matrix is not None
+        ):
             self._correct(factor)
 
     def _correct(self, factor: Factor) -> None:

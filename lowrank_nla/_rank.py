@@ -127,9 +127,11 @@ class RankController:
         return cls(target, 0.007, 0.02, 10, 10, min(10, dim), min(700, dim), every)
 
     @classmethod
-    def brand(cls, *, every: int = 1, target: float = 0.033, cap: int = 500) -> RankController:
-        """The thesis rule for Brand ranks (ALGORITHMS.md 4.3)."""
-        return cls(target, 0.02, 0.015, 5, 10, 70, cap, every)
+    def brand(
+        cls, *, every: int = 1, target: float = 0.033, cap: int = 500, floor: int = 70
+    ) -> RankController:
+        """The thesis rule for Brand ranks (ALGORITHMS.md 4.3); ``floor`` must be <= ``cap``."""
+        return cls(target, 0.02, 0.015, 5, 10, floor, cap, every)
 
     def init(self, rank: int) -> RankState:
         """Initial state at ``rank`` (clipped into ``[floor, cap]``)."""

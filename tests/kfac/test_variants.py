@@ -297,3 +297,6 @@ def test_brand_representation_changes_only_on_inverse_steps() -> None:
     assert changed == [False, False, True, False, False]  # steps 1, 2 reuse step 0's
     assert all(not torch.equal(a, b) for a, b in itertools.pairwise(onlines))
     torch.testing.assert_close(reps[3], onlines[3])
+    rep_A, rep_G = precond.representations("0")
+    assert rep_A is factor.rep
+    assert rep_G is precond._states["0"].G.rep

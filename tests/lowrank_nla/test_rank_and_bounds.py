@@ -36,6 +36,11 @@ def test_brand_controller_scripted_sequence() -> None:
     # decrease by 5 below 0.013 (floor 70); increase by 10 above 0.048 (cap 500)
     assert _run(ctrl, 80, [0.0, 0.0, 0.0, 0.02, 0.05]) == [75, 70, 70, 70, 80]
     assert _run(ctrl, 495, [0.5, 0.5]) == [500, 500]
+    # a small cap needs a lower floor (kfac uses floor = min(70, cap))
+    small = ln.RankController.brand(cap=30, floor=20)
+    assert _run(small, 28, [0.0, 0.0, 0.5]) == [23, 20, 30]
+    with pytest.raises(ValueError, match="`cap` must be >= 20"):
+        ln.RankController.brand(cap=10, floor=20)
 
 
 def test_controller_averages_over_every_observations() -> None:
