@@ -141,10 +141,9 @@ def run(
                 continuation=True,
             )  # fmt: skip
             times["apply-lowrank"].append(t)
-            lam = 0.1 * float(low.d[0])
             _, t = timed(
                 device, ln.kron_inverse_apply_factored, low, low, outputs, inputs,
-                damping_G=lam, damping_A=lam, tail_G=float(low.d[-1]), tail_A=float(low.d[-1]),
+                damping=0.1, relative=True, continuation=True,
             )  # fmt: skip
             times["apply-factored"].append(t)
         w = reps["eigh"].d

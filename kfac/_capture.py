@@ -3,6 +3,9 @@
 Inputs are reduced to the sum of outer products ``sum a a^T`` inside the forward hook (no
 activation is kept alive until ``step()``), except for the layers whose inverse strategy
 updates online (Brand): their rows are kept (``O(n D)``) and no ``D x D`` sum is formed.
+Layers in :attr:`Capture.apply_rows` (Linear layers whose direction is computed from the rows,
+:func:`lowrank_nla.kron_inverse_apply_factored`) keep their rows on every step, not only on
+factor-update steps.
 Output gradients are captured with a *tensor* hook
 registered on the layer's output in that forward hook: unlike ``register_full_backward_hook``
 it keeps working when an in-place operation (``nn.ReLU(inplace=True)``) modifies the output
@@ -104,6 +107,12 @@ class Capture:
         by it.
     keep_rows : set of str
         Layers whose rows are kept instead of summed (see the module docstring).
+
+    Attributes
+    ----------
+    apply_rows : set of str
+        Layers (a subset of ``keep_rows``) whose rows are recorded on every step; the
+        preconditioner fills it once it knows which layers it applies in factored form.
     """
 
     def __init__(
@@ -128,6 +137,7 @@ class Capture:
         self.generator = generator
         self.grad_scale = grad_scale
         self.records: dict[str, Record] = {name: Record() for name in self.layers}
+        self.apply_rows: set[str] = set()
         self._mc_pass = False
         self._handles: list[RemovableHandle] = [model.register_forward_pre_hook(self._on_start)]
         for name, layer in self.layers.items():
@@ -149,8 +159,14 @@ class Capture:
                 handle.remove()
         self.records = {name: Record() for name in self.layers}
 
-    def _recording(self) -> bool:
-        return torch.is_grad_enabled() and self.active()
+    def _recording(self, name: str | None = None) -> bool:
+        """Whether to record now: on factor-update steps, or every step for ``apply_rows``
+        layers (``name=None``: whether any layer records)."""
+        if not torch.is_grad_enabled():
+            return False
+        if name is None:
+            return bool(self.apply_rows) or self.active()
+        return name in self.apply_rows or self.active()
 
     def _on_start(self, module: nn.Module, args: Any) -> None:
         if self._recording():
@@ -160,7 +176,7 @@ class Capture:
         layer = self.layers[name]
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not self._recording() or not isinstance(output, Tensor):
+            if not self._recording(name) or not isinstance(output, Tensor):
                 return
             if not output.requires_grad:
                 return
@@ -210,7 +226,7 @@ class Capture:
         return hook
 
     def _on_model_output(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not self._recording():
+        if not (torch.is_grad_enabled() and self.active()):
             return
         if not isinstance(output, Tensor):
             raise TypeError(
@@ -230,6 +246,14 @@ class Capture:
             torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
         finally:
             self._mc_pass = False
+
+    def rows(self, name: str) -> tuple[Tensor, Tensor] | None:
+        """The kept rows ``(output gradients (N, d_G), inputs (N, d_A))`` of a layer this
+        step, or ``None`` when they are incomplete (no forward or no backward through it)."""
+        record = self.records[name]
+        if not record.a_blocks or not record.g_blocks or record.a_rows != record.g_rows:
+            return None
+        return torch.cat(record.g_blocks), torch.cat(record.a_blocks)
 
     def statistics(self, name: str) -> tuple[FactorStats, FactorStats] | None:
         """The instantaneous statistics ``(A, G)`` of a layer (module docstring), or ``None``

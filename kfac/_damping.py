@@ -42,8 +42,10 @@ __all__ = [
     "check_int_at_least",
     "check_nonnegative",
     "check_positive",
+    "factored_scheme",
     "kl_clip_scale",
     "precondition",
+    "precondition_rows",
     "rms_clip",
 ]
 
@@ -154,6 +156,37 @@ def precondition(
         shift=shift,
         continuation=continuation,
         **DAMPING_SCHEMES[scheme],
+    )
+
+
+def factored_scheme(scheme: str) -> bool:
+    """Whether ``scheme`` damps each factor separately (the factored application needs it)."""
+    return DAMPING_SCHEMES[scheme]["scheme"] == "factored"
+
+
+def precondition_rows(
+    G: ln.LowRankPSD,
+    A: ln.LowRankPSD,
+    grad_outputs: Tensor,
+    inputs: Tensor,
+    *,
+    damping: float,
+    scheme: str,
+    shift: tuple[float, float],
+    continuation: bool = True,
+) -> Tensor:
+    """:func:`precondition` of the gradient ``grad_outputs^T inputs`` of a Linear layer from
+    its rows (``(N, d_G)`` and ``(N, d_A)``), without applying the factors to the gradient."""
+    options = {k: v for k, v in DAMPING_SCHEMES[scheme].items() if k != "scheme"}
+    return ln.kron_inverse_apply_factored(
+        G,
+        A,
+        grad_outputs.T,
+        inputs.T,
+        damping=damping,
+        shift=shift,
+        continuation=continuation,
+        **options,
     )
 
 

@@ -22,13 +22,15 @@ from ._damping import (
     check_int_at_least,
     check_nonnegative,
     check_positive,
+    factored_scheme,
     kl_clip_scale,
     precondition,
+    precondition_rows,
     rms_clip,
 )
 from ._factors import Factor
 from ._inverse import make_inverse
-from ._layers import SUPPORTED_TYPES, make_layer
+from ._layers import SUPPORTED_TYPES, LinearLayer, make_layer
 
 __all__ = ["KFACPreconditioner"]
 
@@ -138,8 +140,18 @@ class KFACPreconditioner:
     grad_scaler : torch.amp.GradScaler, optional
         The scaler of a mixed-precision loop: captured output gradients are divided by its
         scale, and steps whose gradients overflowed are skipped without a warning.
+    factored_apply : bool, default True
+        For a Linear layer whose two factors are Brand-tracked, compute the direction from
+        the layer's per-sample rows, ``(I_G grad_outputs^T)(I_A inputs^T)^T``
+        (:func:`lowrank_nla.kron_inverse_apply_factored`, linear in the width), instead of
+        applying the factors to the gradient matrix. Used with the factored damping schemes
+        and the empirical Fisher, for float32/float64 layers whose parameters all train; on
+        every step a random probe checks that the rows reproduce ``.grad`` and a layer that
+        fails (a penalty added to the loss, gradient accumulation, a gradient changed
+        before :meth:`step`) is preconditioned from ``.grad`` with a warning.
+        ``diagnostics()`` reports which application each layer used.
     seed : int, default 0
-        Seed of the Monte-Carlo target sampler.
+        Seed of the Monte-Carlo target sampler and of the factored application's probes.
     **inverse_options
         Options of the inverse strategy (the low-rank strategies take ``rank``,
         ``oversample``, ``power_iters``, ...).
@@ -196,6 +208,7 @@ class KFACPreconditioner:
         factor_dtype: torch.dtype = torch.float32,
         decomposition_dtype: torch.dtype | None = None,
         grad_scaler: Any = None,
+        factored_apply: bool = True,
         seed: int = 0,
         **inverse_options: Any,
     ) -> None:
@@ -212,6 +225,9 @@ class KFACPreconditioner:
         if not isinstance(continuation, bool):
             raise ValueError(f"Invalid continuation: {continuation!r} (must be a bool)")
         self.continuation = continuation
+        if not isinstance(factored_apply, bool):
+            raise ValueError(f"Invalid factored_apply: {factored_apply!r} (must be a bool)")
+        self.factored_apply = factored_apply
         self.factor_every = Schedule(factor_every, "factor_every", check_int_at_least(1))
         self.inverse_every = Schedule(inverse_every, "inverse_every", check_int_at_least(1))
         self.kl_clip = _optional(kl_clip, "kl_clip")
@@ -249,6 +265,7 @@ class KFACPreconditioner:
         }
         self.timings = dict.fromkeys(PHASES, 0.0)
         self.steps = 0
+        self.seed = int(seed)
         device = next(iter(layers.values())).params[0].device
         self.generator: torch.Generator | None = None
         if fisher == "mc":
@@ -265,6 +282,20 @@ class KFACPreconditioner:
             grad_scale=self._grad_scale,
             keep_rows={n for n, layer in layers.items() if self.inverse.wants_block(layer)},
         )
+        # Layers that may use the factored application once both factors are Brand-tracked.
+        self._row_candidates = {
+            name
+            for name, layer in layers.items()
+            if factored_apply
+            and fisher == "empirical"
+            and factored_scheme(damping_scheme)
+            and isinstance(layer, LinearLayer)
+            and name in self._capture.keep_rows
+            and all(p.requires_grad and p.dtype in _STAT_DTYPES for p in layer.params)
+        }
+        self._probes: dict[str, Tensor] = {}
+        self._row_mismatch: set[str] = set()
+        self._applied: dict[str, str] = {}
 
     # ------------------------------------------------------------------ introspection
     @property
@@ -293,7 +324,9 @@ class KFACPreconditioner:
 
     def diagnostics(self) -> list[dict[str, Any]]:
         """One row per factor: kind, dimension, rank, target rank, truncation ratio
-        ``d_min / d_max``, Brand drift estimate, EA updates, memory in bytes.
+        ``d_min / d_max``, Brand drift estimate, EA updates, memory in bytes, and how the
+        layer's last direction was computed (``"apply"``: ``"factored"`` from the rows,
+        ``"dense"`` from the gradient matrix, ``None`` before the first one).
 
         Time per phase (seconds, summed over steps) is in :attr:`timings`:
         ``statistics`` (hooks' products are not included), ``update``, ``refresh``,
@@ -318,6 +351,7 @@ class KFACPreconditioner:
                         "drift": factor.drift if factor.brand else None,
                         "updates": factor.updates,
                         "memory": factor.memory(),
+                        "apply": self._applied.get(name),
                     }
                 )
         return rows
@@ -390,6 +424,36 @@ class KFACPreconditioner:
             self.inverse.update(state.G, stats_G, decay, self.steps, period)
             self.timings["update"] += time.perf_counter() - start
         self._warn_nonfinite(bad, "statistics")
+        self._sync_apply_rows()
+
+    def _sync_apply_rows(self) -> None:
+        """Record every step's rows of the candidates whose two factors are Brand-tracked."""
+        self._capture.apply_rows = {
+            name
+            for name in self._row_candidates
+            if self._states[name].A.brand and self._states[name].G.brand
+        }
+
+    def _probe(self, name: str, V: Tensor) -> Tensor:
+        probe = self._probes.get(name)
+        if probe is None:
+            index = self.layer_names.index(name)
+            gen = torch.Generator(device=V.device).manual_seed(self.seed + 7919 * (index + 1))
+            probe = torch.randn(V.shape[1], generator=gen, device=V.device, dtype=V.dtype)
+            self._probes[name] = probe
+        return probe
+
+    def _rows_match(self, name: str, V: Tensor, g_rows: Tensor, a_rows: Tensor) -> bool:
+        """Whether ``g_rows^T a_rows`` is the gradient ``V``, checked on a random probe ``x``:
+        ``|V x - g_rows^T (a_rows x)| <= 8 N eps ||g_rows||_F ||a_rows x||`` (rounding of
+        the two ``N``-term sums), ``O((d_G + d_A) N + d_G d_A)``."""
+        x = self._probe(name, V)
+        ax = a_rows @ x
+        err = float(torch.linalg.vector_norm(V @ x - g_rows.T @ ax))
+        weight = self._states[name].layer.params[0]
+        eps = max(torch.finfo(V.dtype).eps, torch.finfo(weight.dtype).eps)
+        bound = float(torch.linalg.vector_norm(g_rows)) * float(torch.linalg.vector_norm(ax))
+        return err <= 8 * g_rows.shape[0] * eps * bound
 
     def _refresh(self, inverse_step: bool) -> None:
         start = time.perf_counter()
@@ -397,6 +461,22 @@ class KFACPreconditioner:
             for factor in (state.G, state.A):
                 self.inverse.refresh(factor, self.steps, inverse_step, self.dtype)
         self.timings["refresh"] += time.perf_counter() - start
+
+    def _warn_row_mismatch(self, names: list[str]) -> None:
+        new = [name for name in names if name not in self._row_mismatch]
+        if not new:
+            return
+        self._row_mismatch.update(new)
+        layers = ", ".join(self._states[name].layer.describe() for name in new)
+        warnings.warn(
+            f"the gradient of layer {layers} is not the product of its recorded output "
+            f"gradients and inputs at step {self.steps} (a penalty added to the loss, gradient "
+            "accumulation over several forwards, or a gradient modified before step()?): "
+            "preconditioning .grad instead of the rows for the steps where this happens; "
+            "pass factored_apply=False to always do so",
+            RuntimeWarning,
+            stacklevel=5,
+        )
 
     def _lr_for(self, lr: Any, weight: Tensor) -> float:
         if isinstance(lr, Mapping):
@@ -445,22 +525,30 @@ class KFACPreconditioner:
         damping = self.damping(self.steps)
         kappa = None if self.rms_clip is None else self.rms_clip(self.steps)
         directions: dict[str, Tensor] = {}
+        mismatched = []
         for name, V in grads.items():
             state = self._states[name]
             if not finite[name] or not state.ready():
                 continue
             assert state.G.rep is not None
             assert state.A.rep is not None
-            D = precondition(
+            rows = self._capture.rows(name) if name in self._capture.apply_rows else None
+            if rows is not None and not self._rows_match(name, V, *rows):
+                mismatched.append(name)
+                rows = None
+            factored = rows is not None
+            D = (precondition_rows if factored else precondition)(
                 state.G.rep,
                 state.A.rep,
-                V,
+                *(rows if rows is not None else (V,)),
                 damping=damping,
                 scheme=self.damping_scheme,
                 shift=(state.G.rep_identity, state.A.rep_identity),
                 continuation=self.continuation,
             )
+            self._applied[name] = "factored" if factored else "dense"
             directions[name] = D if kappa is None else rms_clip(D, kappa)
+        self._warn_row_mismatch(mismatched)
         if self.kl_clip is not None and directions:
             terms = [
                 (D, grads[name], self._lr_for(lr, self._states[name].layer.params[0]))
@@ -513,6 +601,7 @@ class KFACPreconditioner:
             state.G.load_state_dict(state_dict["layers"][name]["G"], device=device)
         self.inverse.load_state_dict(state_dict.get("inverse", {}))
         self.steps = int(state_dict["steps"])
+        self._sync_apply_rows()
         gen_state = state_dict.get("generator")
         if self.generator is not None and gen_state is not None:
             self.generator.set_state(gen_state)

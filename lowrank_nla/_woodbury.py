@@ -140,6 +140,24 @@ def _factor_dampings(
     return lam_g + shift[0], lam_a + shift[1]
 
 
+def _factored_inverses(
+    G: LowRankPSD,
+    A: LowRankPSD,
+    damping: float,
+    relative: bool,
+    pi_adjusted: bool,
+    shift: tuple[float, float],
+    tails: tuple[float, float],
+) -> tuple[tuple[Array, float], tuple[Array, float]]:
+    """Inverse coefficients of both factors under the factored scheme."""
+    xp = namespace(G.d)
+    lam_g, lam_a = _factor_dampings(G, A, damping, relative, pi_adjusted, shift)
+    return (
+        _inverse_coefficients(xp, G.d, lam_g, tails[0]),
+        _inverse_coefficients(xp, A.d, lam_a, tails[1]),
+    )
+
+
 def _check_pair(G: Any, A: Any) -> Any:
     xp, _ = check_state(G, "G")
     check_state(A, "A")
@@ -257,9 +275,9 @@ def kron_inverse_apply(
     check_finite(xp, V, "V")
     t_g, t_a = _tails(G, A, continuation)
     if scheme == "factored":
-        lam_g, lam_a = _factor_dampings(G, A, damping, relative, pi_adjusted, (s_g, s_a))
-        c_g, o_g = _inverse_coefficients(xp, G.d, lam_g, t_g)
-        c_a, o_a = _inverse_coefficients(xp, A.d, lam_a, t_a)
+        (c_g, o_g), (c_a, o_a) = _factored_inverses(
+            G, A, damping, relative, pi_adjusted, (s_g, s_a), (t_g, t_a)
+        )
         return _apply(A.U, c_a, o_a, _apply(G.U, c_g, o_g, V, "left"), "right")
 
     lam = damping
@@ -286,68 +304,92 @@ def kron_inverse_apply_factored(
     grad_outputs: Any,
     inputs: Any,
     *,
-    damping_G: float,
-    damping_A: float,
-    tail_G: float = 0.0,
-    tail_A: float = 0.0,
+    damping: float,
+    relative: bool = False,
+    pi_adjusted: bool = False,
+    continuation: bool = False,
+    shift: tuple[float, float] = (0.0, 0.0),
 ) -> Array:
-    """Factored K-FAC direction of a Linear layer without forming its gradient first.
+    """Factored K-FAC direction of a Linear layer from its per-sample factors, without
+    preconditioning its gradient matrix.
 
     Parameters
     ----------
     G, A : LowRankPSD
         Factor representations (``d_G``, ``d_A``).
     grad_outputs : array, shape (d_G, n)
-        ``Gamma``: per-sample output gradients ``g_i = n dL/ds_i`` as columns.
+        Gradients of the batch loss with respect to the layer outputs, one column per
+        sample (or position).
     inputs : array, shape (d_A, n)
-        Per-sample (augmented) layer inputs ``a_i`` as columns.
-    damping_G, damping_A : float
-        Per-factor damping (> 0).
-    tail_G, tail_A : float, default 0
-        Complement eigenvalues (spectrum continuation), see :func:`damped_inverse_apply`.
+        The (bias-augmented) layer inputs, same columns.
+    damping, relative, pi_adjusted, continuation, shift
+        The factored damping of :func:`kron_inverse_apply` (``scheme="factored"``), with the
+        same meaning and defaults.
 
     Returns
     -------
     array, shape (d_G, d_A)
-        ``(I_G Gamma)(I_A A)^T / n`` with ``I_X = (X + tail (I - UU^T) + damping I)^-1``,
-        which equals the factored direction applied to the gradient ``Gamma A^T / n``.
+        ``(I_G grad_outputs)(I_A inputs)^T`` with ``I_X = (X + t_X (I - UU^T) + l_X I)^-1``,
+        which equals ``kron_inverse_apply(G, A, grad_outputs @ inputs.T, ...)``.
 
     Raises
     ------
     ValueError
-        Shape mismatch, non-positive damping, NaN/Inf.
+        Shape mismatch, non-positive damping, negative shift, ``pi_adjusted`` with
+        ``relative``, NaN/Inf.
     TypeError
         Mixed array libraries or dtypes.
 
     Notes
     -----
-    The mini-batch gradient of a Linear layer is ``Gamma A^T / n`` (ALGORITHMS.md 6.3), so
-    ``I_G (Gamma A^T / n) I_A = (I_G Gamma)(I_A A)^T / n``. Preconditioning the two thin
-    factors costs ``O((d_G k_G + d_A k_A) n)``, linear in the layer width; only the final
-    outer product is ``O(d_G d_A n)``, the cost of forming the gradient itself.
+    The gradient of a Linear layer is ``V = grad_outputs inputs^T`` (ALGORITHMS.md 6.3 writes
+    it ``Gamma A^T / n`` with ``Gamma = n grad_outputs``), so
+    ``I_G V I_A = (I_G grad_outputs)(I_A inputs)^T``. Preconditioning the two thin blocks
+    costs ``O((d_G k_G + d_A k_A) n)``, linear in the layer width, instead of the
+    ``O(d_G d_A (k_G + k_A))`` of applying the factors to ``V``; only the final outer product
+    is ``O(d_G d_A n)``, the cost of forming the gradient itself.
 
     Examples
     --------
     >>> import numpy as np
     >>> import lowrank_nla as ln
-    >>> G = ln.LowRankPSD(np.eye(2)[:, :1], np.array([1.0]))
-    >>> A = ln.LowRankPSD(np.eye(3)[:, :1], np.array([1.0]))
+    >>> G = ln.LowRankPSD(np.eye(2)[:, :1], np.array([3.0]))
+    >>> A = ln.LowRankPSD(np.eye(3)[:, :1], np.array([3.0]))
     >>> out = ln.kron_inverse_apply_factored(
-    ...     G, A, np.ones((2, 4)), np.ones((3, 4)), damping_G=1.0, damping_A=1.0)
+    ...     G, A, np.ones((2, 4)), np.ones((3, 4)), damping=1.0)
     >>> out[0].tolist()
-    [0.25, 0.5, 0.5]
+    [0.25, 1.0, 1.0]
     """
-    _check_pair(G, A)
+    xp = _check_pair(G, A)
+    damping = check_real(damping, "damping", minimum=0.0, strict=True)
+    if pi_adjusted and relative:
+        raise ValueError("`pi_adjusted` applies to absolute factored damping only")
+    s_g = check_real(shift[0], "shift[0]", minimum=0.0)
+    s_a = check_real(shift[1], "shift[1]", minimum=0.0)
     namespace(G.U, grad_outputs, inputs, names=("G.U", "grad_outputs", "inputs"))
-    if grad_outputs.ndim != 2 or inputs.ndim != 2 or grad_outputs.shape[1] != inputs.shape[1]:
+    if (
+        grad_outputs.ndim != 2
+        or inputs.ndim != 2
+        or grad_outputs.shape[1] != inputs.shape[1]
+        or grad_outputs.shape[0] != G.dim
+        or inputs.shape[0] != A.dim
+    ):
         raise ValueError(
-            "`grad_outputs` (d_G, n) and `inputs` (d_A, n) must be 2-D with the same n, got "
-            f"{grad_outputs.shape} and {inputs.shape}"
+            f"`grad_outputs` must be ({G.dim}, n) = (d_G, n) and `inputs` ({A.dim}, n) = "
+            f"(d_A, n) with the same n, got {grad_outputs.shape} and {inputs.shape}"
         )
-    n = inputs.shape[1]
-    left = damped_inverse_apply(G, grad_outputs, damping=damping_G, tail=tail_G)
-    right = damped_inverse_apply(A, inputs, damping=damping_A, tail=tail_A)
-    return (left @ right.T) / n
+    for name, X in (("grad_outputs", grad_outputs), ("inputs", inputs)):
+        if X.dtype != G.U.dtype:
+            raise TypeError(
+                f"`{name}` must have the dtype of the factors ({G.U.dtype}), got {X.dtype}"
+            )
+        check_finite(xp, X, name)
+    (c_g, o_g), (c_a, o_a) = _factored_inverses(
+        G, A, damping, relative, pi_adjusted, (s_g, s_a), _tails(G, A, continuation)
+    )
+    left = _apply(G.U, c_g, o_g, grad_outputs, "left")
+    right = _apply(A.U, c_a, o_a, inputs, "left")
+    return left @ right.T
 
 
 def _work_dtype(xp: Any, dtype: Any, device: Any) -> Any:

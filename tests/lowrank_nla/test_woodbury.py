@@ -134,24 +134,43 @@ def test_kron_inverse_apply_eigenbasis_equals_dense(backend, ranks, continuation
     assert _rel(to_numpy(out).astype(np.float64), ref) <= 1e3 * backend.eps
 
 
-def test_kron_inverse_apply_factored_form_equals_dense_gradient_path(backend: Backend) -> None:
-    Ug, dG, Ua, dA = _kfac_pair(8, 6, 5, 4)
+@pytest.mark.parametrize("ranks", [(8, 6), (5, 4)], ids=["full", "low-rank"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"relative": True, "continuation": True, "shift": (0.01, 0.02)},
+        {"pi_adjusted": True},
+        {},
+    ],
+    ids=["relative-continuation-shift", "pi", "plain"],
+)
+def test_kron_inverse_apply_factored_form_equals_dense_gradient_path(
+    backend: Backend, ranks, options
+) -> None:
+    Ug, dG, Ua, dA = _kfac_pair(8, 6, *ranks)
     gen = np.random.default_rng(8)
-    Gamma, Acal = gen.standard_normal((8, 16)), gen.standard_normal((6, 16))
+    outputs, inputs = gen.standard_normal((8, 16)), gen.standard_normal((6, 16))
     G, A = _state(backend, Ug, dG), _state(backend, Ua, dA)
     out = ln.kron_inverse_apply_factored(
-        G,
-        A,
-        backend.asarray(Gamma),
-        backend.asarray(Acal),
-        damping_G=0.1,
-        damping_A=0.2,
-        tail_G=float(dG.min()),
-        tail_A=float(dA.min()),
+        G, A, backend.asarray(outputs), backend.asarray(inputs), damping=0.1, **options
     )
-    grad = Gamma @ Acal.T / 16
-    ref = np.linalg.solve(_dense(Ug, dG, dG.min(), 0.1), grad) @ np.linalg.inv(
-        _dense(Ua, dA, dA.min(), 0.2)
+    dense_path = ln.kron_inverse_apply(
+        G, A, backend.asarray(outputs @ inputs.T), damping=0.1, **options
+    )
+    assert _rel(to_numpy(out), to_numpy(dense_path)) <= 1e2 * backend.eps
+    # against float64 dense algebra
+    relative, shift = options.get("relative", False), options.get("shift", (0.0, 0.0))
+    if options.get("pi_adjusted"):
+        pi = np.sqrt((dA.sum() / 6) / (dG.sum() / 8))
+        lg, la = np.sqrt(0.1) / pi, np.sqrt(0.1) * pi
+    else:
+        lg = 0.1 * dG.max() if relative else np.sqrt(0.1)
+        la = 0.1 * dA.max() if relative else np.sqrt(0.1)
+    cont = options.get("continuation", False)
+    tg = dG.min() if cont and ranks[0] < 8 else 0.0
+    ta = dA.min() if cont and ranks[1] < 6 else 0.0
+    ref = np.linalg.solve(_dense(Ug, dG, tg, lg + shift[0]), outputs @ inputs.T) @ np.linalg.inv(
+        _dense(Ua, dA, ta, la + shift[1])
     )
     assert _rel(to_numpy(out).astype(np.float64), ref) <= 1e3 * backend.eps
 
@@ -228,10 +247,20 @@ def test_inverse_application_bad_inputs() -> None:
         ln.kron_inverse_apply(s, A, np.ones((5, 3)), damping=1.0, relative=True, pi_adjusted=True)
     with pytest.raises(ValueError, match=r"`shift\[0\]` must be finite and >= 0"):
         ln.kron_inverse_apply(s, A, np.ones((5, 3)), damping=1.0, shift=(-1.0, 0.0))
-    with pytest.raises(ValueError, match="must be 2-D with the same n"):
+    with pytest.raises(ValueError, match=r"`inputs` \(3, n\) = \(d_A, n\) with the same n"):
+        ln.kron_inverse_apply_factored(s, A, np.ones((5, 4)), np.ones((3, 5)), damping=1.0)
+    with pytest.raises(ValueError, match=r"`grad_outputs` must be \(5, n\)"):
+        ln.kron_inverse_apply_factored(s, A, np.ones((4, 4)), np.ones((3, 4)), damping=1.0)
+    with pytest.raises(ValueError, match="`pi_adjusted` applies to absolute factored damping"):
         ln.kron_inverse_apply_factored(
-            s, A, np.ones((5, 4)), np.ones((3, 5)), damping_G=1.0, damping_A=1.0
+            s, A, np.ones((5, 4)), np.ones((3, 4)), damping=1.0, relative=True, pi_adjusted=True
         )
+    with pytest.raises(TypeError, match="`inputs` must have the dtype of the factors"):
+        ln.kron_inverse_apply_factored(
+            s, A, np.ones((5, 4)), np.ones((3, 4), dtype=np.float32), damping=1.0
+        )
+    with pytest.raises(ValueError, match="`grad_outputs` must not contain NaN or Inf"):
+        ln.kron_inverse_apply_factored(s, A, np.full((5, 4), np.nan), np.ones((3, 4)), damping=1.0)
     with pytest.raises(ValueError, match=r"`J` must be \(n, P\) and `v` \(P,\) or \(P, m\)"):
         ln.woodbury_solve(np.ones((2, 4)), np.ones(3), 1.0)
     with pytest.raises(ValueError, match=r"`damping` must be finite and > 0, got 0\.0"):
