@@ -6,6 +6,7 @@ the G factors' scale, Brand ranks, refresh frequency) come from this script:
     python benchmarks/kfac_diagnose.py brand                           # B-KFAC, defaults
     python benchmarks/kfac_diagnose.py brand '{"brand_every": 1}'
     python benchmarks/kfac_diagnose.py rsvd '{"inverse_every": 1}'
+    python benchmarks/kfac_diagnose.py brand '{"identity_clock": "batches"}'
 
 Width 2, seed 0, 10 epochs of batch 128, the command line's K-FAC hyperparameters; prints
 the training loss per epoch, the time to a loss of 0.045, ``precond.diagnostics()``, the

@@ -34,7 +34,12 @@ import torch
 from kfac import data
 from kfac.__main__ import RunConfig, RunResult, plot, train
 
-OPTIMIZERS = ["sgd", "adam", "kfac", "rkfac", "srekfac", "bkfac", "brkfac", "bckfac", "brckfac"]
+#: Labelled configurations beyond the command line's names: (name, inverse options).
+CONFIGS = {"bkfac-batch-clock": ("bkfac", {"identity_clock": "batches"})}
+OPTIMIZERS = [
+    "sgd", "adam", "kfac", "rkfac", "srekfac", "bkfac", "brkfac", "bckfac", "brckfac",
+    *CONFIGS,
+]  # fmt: skip
 TASKS = {
     # name: (model, width, epochs, target loss, target accuracy)
     "autoencoder": ("autoencoder", 2.0, 10, 0.045, None),
@@ -131,8 +136,10 @@ def main() -> None:
         runs: dict[str, list[RunResult]] = {name: [] for name in args.optimizers}
         for seed in seeds:
             for name in args.optimizers:  # alternate optimizers within a seed
+                base, options = CONFIGS.get(name, (name, {}))
                 cfg = RunConfig(
-                    optimizer=name, model=model, epochs=epochs, width=width, seed=seed,
+                    optimizer=base, inverse_options=options, label=name,
+                    model=model, epochs=epochs, width=width, seed=seed,
                     device=args.device, target_loss=target_loss, target_accuracy=target_acc,
                     max_train=256 if args.quick else None,
                 )  # fmt: skip

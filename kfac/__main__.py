@@ -86,6 +86,8 @@ class RunConfig:
     target_loss: float | None = None
     target_accuracy: float | None = None
     max_train: int | None = None
+    inverse_options: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
 
 
 @dataclass
@@ -132,6 +134,7 @@ def _make_optimizer(
         inverse_every=cfg.inverse_every,
         factor_decay=cfg.factor_decay,
         loss=loss_name,
+        **cfg.inverse_options,
     )
 
 
@@ -190,7 +193,7 @@ def train(
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
     eval_every = max(1, steps_per_epoch // max(cfg.evals_per_epoch, 1))
-    result = RunResult(cfg.optimizer, cfg.model)
+    result = RunResult(cfg.label or cfg.optimizer, cfg.model)
     batches = torch.Generator().manual_seed(cfg.seed)
 
     def record(elapsed: float, step: int) -> None:
@@ -320,6 +323,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--kl-clip", type=float, default=RunConfig.kl_clip)
         p.add_argument("--factor-every", type=int, default=RunConfig.factor_every)
         p.add_argument("--inverse-every", type=int, default=RunConfig.inverse_every)
+        p.add_argument(
+            "--inverse-options",
+            type=_json_object,
+            default={},
+            metavar="JSON",
+            help="options of the K-FAC inverse strategies, e.g. '{\"rank\": 100}'",
+        )
         p.add_argument("--seed", type=int, default=RunConfig.seed)
         p.add_argument(
             "--data", default=None, help="MNIST IDX dir, CIFAR-10 dir or .npz (default: digits28)"
@@ -335,6 +345,16 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--json", default=None, help="write the histories as JSON")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _learning_rates(specs: Sequence[str], names: Sequence[str]) -> dict[str, float]:
@@ -368,6 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_train",
             "target_loss",
             "target_accuracy",
+            "inverse_options",
         )
     }
     if args.command == "train":

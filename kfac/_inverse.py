@@ -319,10 +319,22 @@ class BrandInverse(RSVDInverse):
     rank, 500: a factor is Brand-tracked iff ``rank_cap + N < D``), and for the controlled
     variants ``reset_every`` (``P_BR``, in inverse periods, 5), ``correct_every`` (``m_C``,
     in Brand updates, 5) and ``correct_fraction`` (``f``, 0.2).
+
+    ``identity_clock`` sets how a Brand-tracked factor's identity weight decays:
+    ``"updates"`` (default, the thesis'): ``rho^m`` with ``m`` the Brand updates, so with
+    ``brand_every > 1`` it decays ``brand_every`` times slower than the weight of a dense
+    factor updated on every statistics batch; ``"batches"``: ``rho^b`` with ``b`` the
+    statistics batches, the dense factors' clock (see docs/kfac.md for the measurement that
+    motivates it).
     """
 
     name = "brand"
-    options: ClassVar[tuple[str, ...]] = (*RSVDInverse.options, "brand_every", "rank_cap")
+    options: ClassVar[tuple[str, ...]] = (
+        *RSVDInverse.options,
+        "brand_every",
+        "rank_cap",
+        "identity_clock",
+    )
     keeps_dense: ClassVar[bool] = False
     resets: ClassVar[bool] = False
     corrects: ClassVar[bool] = False
@@ -337,6 +349,7 @@ class BrandInverse(RSVDInverse):
         reset_every: int = 5,
         correct_every: int = 5,
         correct_fraction: float = 0.2,
+        identity_clock: str = "updates",
         **kwargs: Any,
     ) -> None:
         super().__init__(dtype=dtype, **kwargs)
@@ -346,6 +359,12 @@ class BrandInverse(RSVDInverse):
         self.reset_every = check_int_at_least(1)(reset_every, "reset_every")
         self.correct_every = check_int_at_least(1)(correct_every, "correct_every")
         self.correct_fraction = check_fraction(correct_fraction, "correct_fraction")
+        if identity_clock not in ("updates", "batches"):
+            raise ValueError(
+                f"Invalid identity_clock: {identity_clock!r}; valid names are "
+                "['updates', 'batches']"
+            )
+        self.identity_clock = identity_clock
         if self.rank > self.rank_cap:
             raise ValueError(f"Invalid rank: {self.rank} (must be <= rank_cap = {self.rank_cap})")
 
@@ -394,7 +413,10 @@ class BrandInverse(RSVDInverse):
         count = factor.batches
         factor.batches += 1
         if count % self.brand_every:
-            return  # between Brand updates: this batch is not used (m_B > 1)
+            # between Brand updates: this batch is not used (m_B > 1)
+            if self.identity_clock == "batches":
+                factor.identity *= decay
+            return
         assert stats.block is not None
         block = stats.block.to(self.dtype)
         state = factor.online

@@ -324,7 +324,8 @@ class KFACPreconditioner:
 
     def diagnostics(self) -> list[dict[str, Any]]:
         """One row per factor: kind, dimension, rank, target rank, truncation ratio
-        ``d_min / d_max``, Brand drift estimate, EA updates, memory in bytes, and how the
+        ``d_min / d_max``, Brand drift estimate, EA updates, identity weight, memory in
+        bytes, and how the
         layer's last direction was computed (``"apply"``: ``"factored"`` from the rows,
         ``"dense"`` from the gradient matrix, ``None`` before the first one).
 
@@ -350,6 +351,7 @@ class KFACPreconditioner:
                         ),
                         "drift": factor.drift if factor.brand else None,
                         "updates": factor.updates,
+                        "identity": factor.identity,
                         "memory": factor.memory(),
                         "apply": self._applied.get(name),
                     }
@@ -357,7 +359,9 @@ class KFACPreconditioner:
         return rows
 
     def identity_weights(self, name: str) -> tuple[float, float]:
-        """Weights ``(rho^m_A, rho^m_G)`` of the identity initialisation of layer ``name``."""
+        """Weights ``(rho^m_A, rho^m_G)`` of the identity initialisation of layer ``name``
+        (``m`` counts the factor's updates, or its statistics batches for a Brand-tracked
+        factor with ``identity_clock="batches"``)."""
         state = self._states[name]
         return state.A.identity, state.G.identity
 

@@ -171,3 +171,28 @@ def test_cli_subprocess_train_with_progress_bar() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "| kfac-eigh |" in proc.stdout
     assert "kfac-eigh" in proc.stderr  # the tqdm bar
+
+
+def test_inverse_options_reach_the_strategy(tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    args = ["train", "--optimizer", "bkfac", "--model", "mlp", "--width", "0.25", "--epochs",
+            "1", "--max-train", "128", "--quiet", "--json", str(out)]  # fmt: skip
+    options = '{"identity_clock": "batches", "rank": 50}'
+    assert main([*args, "--inverse-options", options]) == 0
+    config = json.loads(out.read_text())["configs"][0]
+    assert config["inverse_options"] == {"identity_clock": "batches", "rank": 50}
+    with pytest.raises(ValueError, match="Invalid identity_clock: 'hours'"):
+        main([*args, "--inverse-options", '{"identity_clock": "hours"}'])
+
+
+@pytest.mark.parametrize("text", ["{rank: 5}", "[1, 2]"])
+def test_inverse_options_must_be_a_json_object(text: str, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--inverse-options", text])
+    assert "--inverse-options" in capsys.readouterr().err
+
+
+def test_run_config_label_names_the_result() -> None:
+    cfg = RunConfig(optimizer="sgd", model="mlp", width=0.25, epochs=1, max_train=128,
+                    label="sgd-small")  # fmt: skip
+    assert train(cfg, progress=False).optimizer == "sgd-small"

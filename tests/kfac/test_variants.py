@@ -253,6 +253,7 @@ def test_state_dict_round_trip_for_each_variant(inverse: str) -> None:
             "does not take option\\(s\\) \\['reset_every'\\]",
         ),
         ({"inverse": "rsvd", "adaptive_rank": 1}, "Invalid adaptive_rank"),
+        ({"inverse": "brand", "identity_clock": "steps"}, "Invalid identity_clock: 'steps'"),
     ],
 )
 def test_invalid_variant_options(kwargs: dict, message: str) -> None:
@@ -300,3 +301,29 @@ def test_brand_representation_changes_only_on_inverse_steps() -> None:
     rep_A, rep_G = precond.representations("0")
     assert rep_A is factor.rep
     assert rep_G is precond._states["0"].G.rep
+
+
+@pytest.mark.parametrize("clock", ["updates", "batches"])
+def test_identity_clock_of_brand_factors(clock: str) -> None:
+    """With ``brand_every=3`` a Brand factor's identity weight is ``rho^m`` over its Brand
+    updates (thesis) or ``rho^b`` over its statistics batches (the dense factors' clock)."""
+    model = wide_mlp()
+    precond = kfac.KFACPreconditioner(
+        model, inverse="brand", rank_cap=20, rank=10, brand_every=3, identity_clock=clock,
+        factor_every=1, inverse_every=1, factor_decay=0.9,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    for _ in range(7):
+        model.zero_grad()
+        x, y = torch.randn(4, 64, generator=g), torch.randint(3, (4,), generator=g)
+        nn.functional.cross_entropy(model(x), y).backward()
+        precond.step()
+    brand_a, brand_g = precond.identity_weights("0")
+    dense_a, dense_g = precond.identity_weights("2")  # G of layer 2 (3) is dense (rsvd)
+    assert dense_g == pytest.approx(0.9**7, rel=1e-12)
+    expected = 0.9**7 if clock == "batches" else 0.9**3  # Brand updates at batches 0, 3, 6
+    for weight in (brand_a, brand_g, dense_a):  # A of layer 2 (49) is Brand-tracked
+        assert weight == pytest.approx(expected, rel=1e-12)
+    rows = {(r["layer"], r["factor"]): r for r in precond.diagnostics()}
+    assert rows[("0", "A")]["updates"] == 3
+    assert rows[("0", "A")]["identity"] == brand_a
