@@ -70,6 +70,11 @@ def _full_precision(t: Tensor) -> Any:
     return torch.autocast(t.device.type, enabled=False)
 
 
+def _exact(t: Any) -> bool:
+    """Whether ``t`` is a float32/float64 tensor (not a half-precision autocast result)."""
+    return isinstance(t, Tensor) and t.dtype in (torch.float32, torch.float64)
+
+
 @dataclass
 class Record:
     """What one layer saw on the current factor-update step (sums in the statistics dtype)."""
@@ -81,6 +86,7 @@ class Record:
     n: int | None = None
     g_sum: Tensor | None = None
     g_rows: int = 0
+    half: bool = False
     handles: list[Any] = field(default_factory=list)
 
 
@@ -182,6 +188,7 @@ class Capture:
                 return
             record = self.records[name]
             keep = name in self.keep_rows
+            record.half |= not (_exact(args[0]) and _exact(output))
             with torch.no_grad(), _full_precision(output):
                 rows, n = layer.input_rows(args[0].detach())
                 rows = rows.to(self.dtype).clone() if keep else rows.to(self.dtype)
@@ -249,10 +256,13 @@ class Capture:
 
     def rows(self, name: str) -> tuple[Tensor, Tensor] | None:
         """The kept rows ``(output gradients (N, d_G), inputs (N, d_A))`` of a layer this
-        step, or ``None`` when they are incomplete (no forward or no backward through it)."""
+        step, or ``None`` when they are incomplete (no forward or no backward through it) or
+        come from a half-precision forward (autocast, a float16 input)."""
         record = self.records[name]
         if not record.a_blocks or not record.g_blocks or record.a_rows != record.g_rows:
             return None
+        if record.half:
+            return None  # the gradient came from half-precision products: rows do not match
         return torch.cat(record.g_blocks), torch.cat(record.a_blocks)
 
     def statistics(self, name: str) -> tuple[FactorStats, FactorStats] | None:

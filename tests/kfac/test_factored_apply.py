@@ -186,3 +186,23 @@ def test_rows_are_recorded_on_every_step_only_for_factored_layers() -> None:
 def test_invalid_factored_apply() -> None:
     with pytest.raises(ValueError, match="Invalid factored_apply: 1 \\(must be a bool\\)"):
         kfac.KFACPreconditioner(wide_mlp(), factored_apply=1)
+
+
+def test_half_precision_autocast_uses_the_gradient_matrix_without_warnings() -> None:
+    """Under bfloat16 autocast the gradient comes from bf16 products, which float32 rows
+    do not reproduce: the layer is preconditioned from .grad, silently."""
+    model = wide_mlp()
+    precond = kfac.KFACPreconditioner(
+        model, inverse="brand", rank=10, rank_cap=20, factor_every=1, inverse_every=1
+    )
+    assert "0" in precond._row_candidates
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for x, y in batches(model, 3, torch.float32):
+            model.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = cross_entropy(model, x, y)
+            loss.backward()
+            precond.step()
+    assert precond._capture.apply_rows == {"0"}
+    assert applied(precond)["0"] == "dense"
