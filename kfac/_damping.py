@@ -45,7 +45,6 @@ __all__ = [
     "factored_scheme",
     "kl_clip_scale",
     "precondition",
-    "precondition_rows",
     "rms_clip",
 ]
 
@@ -137,57 +136,33 @@ class Schedule(Generic[T]):
         return self._check(self._fn(step), f"{self.name} (schedule at step {step})")
 
 
-def precondition(
-    G: ln.LowRankPSD,
-    A: ln.LowRankPSD,
-    V: Tensor,
-    *,
-    damping: float,
-    scheme: str,
-    shift: tuple[float, float],
-    continuation: bool = True,
-) -> Tensor:
-    """The damped K-FAC direction ``(G (x) A + damping)^-1 V`` of one layer (``d_G x d_A``)."""
-    return ln.kron_inverse_apply(
-        G,
-        A,
-        V,
-        damping=damping,
-        shift=shift,
-        continuation=continuation,
-        **DAMPING_SCHEMES[scheme],
-    )
-
-
 def factored_scheme(scheme: str) -> bool:
     """Whether ``scheme`` damps each factor separately (the factored application needs it)."""
     return DAMPING_SCHEMES[scheme]["scheme"] == "factored"
 
 
-def precondition_rows(
+def precondition(
     G: ln.LowRankPSD,
     A: ln.LowRankPSD,
-    grad_outputs: Tensor,
-    inputs: Tensor,
+    grad: Tensor | tuple[Tensor, Tensor],
     *,
     damping: float,
     scheme: str,
     shift: tuple[float, float],
     continuation: bool = True,
 ) -> Tensor:
-    """:func:`precondition` of the gradient ``grad_outputs^T inputs`` of a Linear layer from
-    its rows (``(N, d_G)`` and ``(N, d_A)``), without applying the factors to the gradient."""
-    options = {k: v for k, v in DAMPING_SCHEMES[scheme].items() if k != "scheme"}
-    return ln.kron_inverse_apply_factored(
-        G,
-        A,
-        grad_outputs.T,
-        inputs.T,
-        damping=damping,
-        shift=shift,
-        continuation=continuation,
-        **options,
-    )
+    """The damped K-FAC direction ``(G (x) A + damping)^-1 V`` of one layer (``d_G x d_A``).
+
+    ``grad`` is the gradient matrix ``V``, or, for a Linear layer and a factored scheme, its
+    rows ``(grad_outputs (N, d_G), inputs (N, d_A))`` with ``V = grad_outputs^T inputs``
+    (:func:`lowrank_nla.kron_inverse_apply_factored`: the factors never touch ``V``).
+    """
+    options: dict[str, Any] = {"damping": damping, "shift": shift, "continuation": continuation}
+    if isinstance(grad, tuple):
+        grad_outputs, inputs = grad
+        options.update((k, v) for k, v in DAMPING_SCHEMES[scheme].items() if k != "scheme")
+        return ln.kron_inverse_apply_factored(G, A, grad_outputs.T, inputs.T, **options)
+    return ln.kron_inverse_apply(G, A, grad, **options, **DAMPING_SCHEMES[scheme])
 
 
 def rms_clip(V: Tensor, kappa: float) -> Tensor:

@@ -25,7 +25,6 @@ from ._damping import (
     factored_scheme,
     kl_clip_scale,
     precondition,
-    precondition_rows,
     rms_clip,
 )
 from ._factors import Factor
@@ -540,17 +539,16 @@ class KFACPreconditioner:
             if rows is not None and not self._rows_match(name, V, *rows):
                 mismatched.append(name)
                 rows = None
-            factored = rows is not None
-            D = (precondition_rows if factored else precondition)(
+            D = precondition(
                 state.G.rep,
                 state.A.rep,
-                *(rows if rows is not None else (V,)),
+                V if rows is None else rows,
                 damping=damping,
                 scheme=self.damping_scheme,
                 shift=(state.G.rep_identity, state.A.rep_identity),
                 continuation=self.continuation,
             )
-            self._applied[name] = "factored" if factored else "dense"
+            self._applied[name] = "dense" if rows is None else "factored"
             directions[name] = D if kappa is None else rms_clip(D, kappa)
         self._warn_row_mismatch(mismatched)
         if self.kl_clip is not None and directions:

@@ -115,29 +115,22 @@ def damped_inverse_apply(
     return _apply(U, coeff, outside, V, side)
 
 
-def _factor_dampings(
-    G: LowRankPSD,
-    A: LowRankPSD,
-    damping: float,
-    relative: bool,
-    pi_adjusted: bool,
-    shift: tuple[float, float],
-) -> tuple[float, float]:
-    """Per-factor damping ``(l_G, l_A)`` of the factored scheme."""
-    xp = namespace(G.d)
-    top_g = float(xp.max(G.d)) if G.rank else 0.0
-    top_a = float(xp.max(A.d)) if A.rank else 0.0
-    if relative:
-        lam_g, lam_a = damping * top_g, damping * top_a
-    elif pi_adjusted:
-        # Martens & Grosse (2015), 6.3: pi = sqrt((tr A / d_A) / (tr G / d_G)).
-        mean_g = float(xp.sum(G.d)) / G.dim
-        mean_a = float(xp.sum(A.d)) / A.dim
-        pi = math.sqrt(mean_a / mean_g) if mean_g > 0 and mean_a > 0 else 1.0
-        lam_g, lam_a = math.sqrt(damping) / pi, math.sqrt(damping) * pi
-    else:
-        lam_g = lam_a = math.sqrt(damping)
-    return lam_g + shift[0], lam_a + shift[1]
+def _check_factored_options(
+    damping: float, relative: bool, pi_adjusted: bool, shift: tuple[float, float], factored: bool
+) -> tuple[float, tuple[float, float]]:
+    """Validated ``damping`` and ``shift`` of :func:`kron_inverse_apply` and its factored form."""
+    damping = check_real(damping, "damping", minimum=0.0, strict=True)
+    if pi_adjusted and (relative or not factored):
+        raise ValueError("`pi_adjusted` applies to absolute factored damping only")
+    s_g = check_real(shift[0], "shift[0]", minimum=0.0)
+    s_a = check_real(shift[1], "shift[1]", minimum=0.0)
+    return damping, (s_g, s_a)
+
+
+def _check_operand(xp: Any, X: Array, name: str, dtype: Any) -> None:
+    if X.dtype != dtype:
+        raise TypeError(f"`{name}` must have the dtype of the factors ({dtype}), got {X.dtype}")
+    check_finite(xp, X, name)
 
 
 def _factored_inverses(
@@ -149,12 +142,23 @@ def _factored_inverses(
     shift: tuple[float, float],
     tails: tuple[float, float],
 ) -> tuple[tuple[Array, float], tuple[Array, float]]:
-    """Inverse coefficients of both factors under the factored scheme."""
+    """Inverse coefficients (:func:`_inverse_coefficients`) of both factors under the factored
+    scheme, with per-factor damping ``l_X + shift_X``."""
     xp = namespace(G.d)
-    lam_g, lam_a = _factor_dampings(G, A, damping, relative, pi_adjusted, shift)
+    if relative:
+        lam_g = damping * (float(xp.max(G.d)) if G.rank else 0.0)
+        lam_a = damping * (float(xp.max(A.d)) if A.rank else 0.0)
+    elif pi_adjusted:
+        # Martens & Grosse (2015), 6.3: pi = sqrt((tr A / d_A) / (tr G / d_G)).
+        mean_g = float(xp.sum(G.d)) / G.dim
+        mean_a = float(xp.sum(A.d)) / A.dim
+        pi = math.sqrt(mean_a / mean_g) if mean_g > 0 and mean_a > 0 else 1.0
+        lam_g, lam_a = math.sqrt(damping) / pi, math.sqrt(damping) * pi
+    else:
+        lam_g = lam_a = math.sqrt(damping)
     return (
-        _inverse_coefficients(xp, G.d, lam_g, tails[0]),
-        _inverse_coefficients(xp, A.d, lam_a, tails[1]),
+        _inverse_coefficients(xp, G.d, lam_g + shift[0], tails[0]),
+        _inverse_coefficients(xp, A.d, lam_a + shift[1], tails[1]),
     )
 
 
@@ -260,19 +264,15 @@ def kron_inverse_apply(
     array([0.25, 0.5 ])
     """
     xp = _check_pair(G, A)
-    damping = check_real(damping, "damping", minimum=0.0, strict=True)
     if scheme not in ("factored", "eigenbasis"):
         raise ValueError(f"`scheme` must be 'factored' or 'eigenbasis', got {scheme!r}")
-    if pi_adjusted and (relative or scheme != "factored"):
-        raise ValueError("`pi_adjusted` applies to absolute factored damping only")
-    s_g = check_real(shift[0], "shift[0]", minimum=0.0)
-    s_a = check_real(shift[1], "shift[1]", minimum=0.0)
+    damping, (s_g, s_a) = _check_factored_options(
+        damping, relative, pi_adjusted, shift, scheme == "factored"
+    )
     namespace(G.U, V, names=("G.U", "V"))
     if V.ndim != 2 or V.shape != (G.dim, A.dim):
         raise ValueError(f"`V` must have shape ({G.dim}, {A.dim}) = (d_G, d_A), got {V.shape}")
-    if V.dtype != G.U.dtype:
-        raise TypeError(f"`V` must have the dtype of the factors ({G.U.dtype}), got {V.dtype}")
-    check_finite(xp, V, "V")
+    _check_operand(xp, V, "V", G.U.dtype)
     t_g, t_a = _tails(G, A, continuation)
     if scheme == "factored":
         (c_g, o_g), (c_a, o_a) = _factored_inverses(
@@ -361,11 +361,7 @@ def kron_inverse_apply_factored(
     [0.25, 1.0, 1.0]
     """
     xp = _check_pair(G, A)
-    damping = check_real(damping, "damping", minimum=0.0, strict=True)
-    if pi_adjusted and relative:
-        raise ValueError("`pi_adjusted` applies to absolute factored damping only")
-    s_g = check_real(shift[0], "shift[0]", minimum=0.0)
-    s_a = check_real(shift[1], "shift[1]", minimum=0.0)
+    damping, shifts = _check_factored_options(damping, relative, pi_adjusted, shift, True)
     namespace(G.U, grad_outputs, inputs, names=("G.U", "grad_outputs", "inputs"))
     if (
         grad_outputs.ndim != 2
@@ -378,14 +374,10 @@ def kron_inverse_apply_factored(
             f"`grad_outputs` must be ({G.dim}, n) = (d_G, n) and `inputs` ({A.dim}, n) = "
             f"(d_A, n) with the same n, got {grad_outputs.shape} and {inputs.shape}"
         )
-    for name, X in (("grad_outputs", grad_outputs), ("inputs", inputs)):
-        if X.dtype != G.U.dtype:
-            raise TypeError(
-                f"`{name}` must have the dtype of the factors ({G.U.dtype}), got {X.dtype}"
-            )
-        check_finite(xp, X, name)
+    _check_operand(xp, grad_outputs, "grad_outputs", G.U.dtype)
+    _check_operand(xp, inputs, "inputs", G.U.dtype)
     (c_g, o_g), (c_a, o_a) = _factored_inverses(
-        G, A, damping, relative, pi_adjusted, (s_g, s_a), _tails(G, A, continuation)
+        G, A, damping, relative, pi_adjusted, shifts, _tails(G, A, continuation)
     )
     left = _apply(G.U, c_g, o_g, grad_outputs, "left")
     right = _apply(A.U, c_a, o_a, inputs, "left")
