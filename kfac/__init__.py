@@ -1,16 +1,41 @@
-"""kfac: K-FAC natural-gradient optimizers for PyTorch, built on ``lowrank_nla``.
+"""kfac: natural-gradient optimizers for PyTorch, built on ``lowrank_nla``.
 
 - :class:`KFACPreconditioner` rewrites each ``nn.Linear``/``nn.Conv2d`` layer's ``.grad``
-  into its K-FAC direction, so any ``torch.optim`` optimizer can step next.
-- :class:`KFAC` is a ``torch.optim.Optimizer``: the preconditioner followed by heavy-ball SGD.
-- ``inverse=`` names an inverse strategy from a registry (:func:`inverse_names`).
+  into its K-FAC direction, so any ``torch.optim`` optimizer can step next;
+  ``inverse=`` names an inverse strategy from a registry (:func:`inverse_names`).
+- :class:`KFAC` is a ``torch.optim.Optimizer``: the preconditioner, then ``torch.optim.SGD``.
+- :class:`Preconditioner` and :class:`PreconditionedSGD` are the same fronts for any
+  curvature method: a :class:`CurvatureBlock` registered with :func:`register_block`.
 
 Importing ``kfac`` imports torch (it is a torch package) but not CuPy, matplotlib or
 scikit-learn (the command line imports them when it needs them).
 """
 
-from ._inverse import inverse_names
-from .optimizer import KFAC
-from .preconditioner import KFACPreconditioner
+from ._curvature import (
+    CaptureSpec,
+    CurvatureBlock,
+    LayerBatch,
+    Tick,
+    block_names,
+    register_block,
+)
+from ._kron import inverse_names
+from ._layers import Layer, register_layer
+from .optimizer import KFAC, PreconditionedSGD
+from .preconditioner import KFACPreconditioner, Preconditioner
 
-__all__ = ["KFAC", "KFACPreconditioner", "inverse_names"]
+__all__ = [
+    "CaptureSpec",
+    "CurvatureBlock",
+    "KFAC",
+    "KFACPreconditioner",
+    "Layer",
+    "LayerBatch",
+    "PreconditionedSGD",
+    "Preconditioner",
+    "Tick",
+    "block_names",
+    "inverse_names",
+    "register_block",
+    "register_layer",
+]

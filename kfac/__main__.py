@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from . import data as datasets
 from . import models
-from ._inverse import inverse_names
+from ._kron import inverse_names
 from .optimizer import KFAC
 
 #: Default learning rates (``--lr`` overrides). K-FAC's (with damping 3e-3, KL clip 1e-4,

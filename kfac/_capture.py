@@ -1,16 +1,16 @@
-"""Hooks that record layer inputs and output gradients on factor-update steps.
+"""Hooks that record layer inputs and output gradients as each block's capture spec asks.
 
-Inputs are reduced to the sum of outer products ``sum a a^T`` inside the forward hook (no
-activation is kept alive until ``step()``), except for the layers whose inverse strategy
-updates online (Brand): their rows are kept (``O(n D)``) and no ``D x D`` sum is formed.
-Layers in :attr:`Capture.apply_rows` (Linear layers whose direction is computed from the rows,
-:func:`lowrank_nla.kron_inverse_apply_factored`) keep their rows on every step, not only on
-factor-update steps.
-Output gradients are captured with a *tensor* hook
-registered on the layer's output in that forward hook: unlike ``register_full_backward_hook``
-it keeps working when an in-place operation (``nn.ReLU(inplace=True)``) modifies the output
-afterwards, because a tensor hook registered before an in-place change receives the gradient
-of the value it was registered on.
+The engine arms the capture before each step with one :class:`~kfac._curvature.CaptureSpec`
+per layer (or none): what the forward of that step must record. Inputs are reduced to the
+sum of outer products ``sum a a^T`` inside the forward hook (no activation is kept alive
+until ``step()``) unless the spec asks for the rows (``O(n D)``, for online updates and for
+directions computed from the rows). A layer with no spec records nothing, and nothing is
+recorded under ``torch.no_grad()``.
+
+Output gradients are captured with a *tensor* hook registered on the layer's output in the
+forward hook: unlike ``register_full_backward_hook`` it keeps working when an in-place
+operation (``nn.ReLU(inplace=True)``) modifies the output afterwards, because a tensor hook
+registered before an in-place change receives the gradient of the value it was registered on.
 
 Monte-Carlo Fisher (``fisher="mc"``): a forward hook on the model samples targets from the
 model's predictive distribution and runs one extra backward (``torch.autograd.grad`` with
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
-from ._factors import FactorStats
+from ._curvature import CaptureSpec, LayerBatch
 
 __all__ = ["LOSSES", "Capture", "sampled_loss"]
 
@@ -99,8 +99,6 @@ class Capture:
         The model; a forward pre-hook on it starts a new record for every training forward.
     layers : mapping of name to layer helper
         The registered layers (``kfac._layers``).
-    active : callable () -> bool
-        True on factor-update steps; nothing is computed otherwise.
     dtype : torch.dtype
         Statistics dtype (float32 or float64), independent of the model dtype.
     fisher : {"empirical", "mc"}
@@ -111,14 +109,12 @@ class Capture:
     grad_scale : callable () -> float
         The current ``GradScaler`` scale (1 without a scaler): captured gradients are divided
         by it.
-    keep_rows : set of str
-        Layers whose rows are kept instead of summed (see the module docstring).
 
     Attributes
     ----------
-    apply_rows : set of str
-        Layers (a subset of ``keep_rows``) whose rows are recorded on every step; the
-        preconditioner fills it once it knows which layers it applies in factored form.
+    plan : dict of str to CaptureSpec
+        What each layer records on the coming step (:meth:`arm`); absent layers record
+        nothing.
     """
 
     def __init__(
@@ -126,30 +122,33 @@ class Capture:
         model: nn.Module,
         layers: Mapping[str, Any],
         *,
-        active: Callable[[], bool],
         dtype: torch.dtype,
         fisher: str,
         loss: str | None,
         generator: torch.Generator | None,
         grad_scale: Callable[[], float],
-        keep_rows: set[str] | None = None,
     ) -> None:
         self.layers = dict(layers)
-        self.keep_rows = set(keep_rows or ())
-        self.active = active
         self.dtype = dtype
         self.fisher = fisher
         self.loss = loss
         self.generator = generator
         self.grad_scale = grad_scale
         self.records: dict[str, Record] = {name: Record() for name in self.layers}
-        self.apply_rows: set[str] = set()
+        self.plan: dict[str, CaptureSpec] = {}
+        self._statistics = False
         self._mc_pass = False
         self._handles: list[RemovableHandle] = [model.register_forward_pre_hook(self._on_start)]
         for name, layer in self.layers.items():
             self._handles.append(layer.module.register_forward_hook(self._forward_hook(name)))
         if fisher == "mc":
             self._handles.append(model.register_forward_hook(self._on_model_output))
+
+    def arm(self, plan: Mapping[str, CaptureSpec], *, statistics: bool) -> None:
+        """Set what each layer records on the coming step; ``statistics`` says whether the
+        step is a factor-update step (the Monte-Carlo pass runs only then)."""
+        self.plan = dict(plan)
+        self._statistics = statistics
 
     def remove(self) -> None:
         """Remove every hook."""
@@ -166,13 +165,10 @@ class Capture:
         self.records = {name: Record() for name in self.layers}
 
     def _recording(self, name: str | None = None) -> bool:
-        """Whether to record now: on factor-update steps, or every step for ``apply_rows``
-        layers (``name=None``: whether any layer records)."""
+        """Whether to record now (``name=None``: whether any layer records)."""
         if not torch.is_grad_enabled():
             return False
-        if name is None:
-            return bool(self.apply_rows) or self.active()
-        return name in self.apply_rows or self.active()
+        return bool(self.plan) if name is None else name in self.plan
 
     def _on_start(self, module: nn.Module, args: Any) -> None:
         if self._recording():
@@ -187,7 +183,7 @@ class Capture:
             if not output.requires_grad:
                 return
             record = self.records[name]
-            keep = name in self.keep_rows
+            keep = self.plan[name].rows
             record.half |= not (_exact(args[0]) and _exact(output))
             with torch.no_grad(), _full_precision(output):
                 rows, n = layer.input_rows(args[0].detach())
@@ -212,9 +208,9 @@ class Capture:
         layer = self.layers[name]
 
         def hook(grad: Tensor) -> None:
-            if (self.fisher == "mc") != self._mc_pass:
+            if (self.fisher == "mc") != self._mc_pass or name not in self.plan:
                 return
-            keep = name in self.keep_rows
+            keep = self.plan[name].rows
             with torch.no_grad(), _full_precision(grad):
                 rows = layer.output_rows(grad.detach()).to(self.dtype)
                 scale = self.grad_scale()
@@ -233,7 +229,7 @@ class Capture:
         return hook
 
     def _on_model_output(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not (torch.is_grad_enabled() and self.active()):
+        if not (torch.is_grad_enabled() and self._statistics and self.plan):
             return
         if not isinstance(output, Tensor):
             raise TypeError(
@@ -254,20 +250,10 @@ class Capture:
         finally:
             self._mc_pass = False
 
-    def rows(self, name: str) -> tuple[Tensor, Tensor] | None:
-        """The kept rows ``(output gradients (N, d_G), inputs (N, d_A))`` of a layer this
-        step, or ``None`` when they are incomplete (no forward or no backward through it) or
-        come from a half-precision forward (autocast, a float16 input)."""
-        record = self.records[name]
-        if not record.a_blocks or not record.g_blocks or record.a_rows != record.g_rows:
-            return None
-        if record.half:
-            return None  # the gradient came from half-precision products: rows do not match
-        return torch.cat(record.g_blocks), torch.cat(record.a_blocks)
-
-    def statistics(self, name: str) -> tuple[FactorStats, FactorStats] | None:
-        """The instantaneous statistics ``(A, G)`` of a layer (module docstring), or ``None``
-        when the layer recorded nothing; raises when only one half fired."""
+    def batch(self, name: str) -> LayerBatch | None:
+        """What layer ``name`` recorded on this step, or ``None`` when it recorded nothing
+        (not in the plan, or no forward with gradients through it); raises when only one of
+        its two hooks fired."""
         record = self.records[name]
         layer = self.layers[name]
         has_a = record.a_sum is not None or bool(record.a_blocks)
@@ -278,18 +264,15 @@ class Capture:
             missing = "forward" if not has_a else "output-gradient"
             raise RuntimeError(
                 f"the {missing} hook of layer {layer.describe()} never fired on this "
-                "factor-update step while the other did; was its output detached or the "
-                "layer called outside the model's forward?"
+                "step while the other did; was its output detached or the layer called "
+                "outside the model's forward?"
             )
-        n = record.n
-        tau = record.a_rows / n
-        if record.a_blocks:
-            # B B^T = A_inst = sum a a^T / (n tau^2) and G_inst = tau n sum g g^T
-            block_a = torch.cat(record.a_blocks).T / (tau * math.sqrt(n))
-            block_g = torch.cat(record.g_blocks).T * math.sqrt(tau * n)
-            return FactorStats(block=block_a), FactorStats(block=block_g)
-        assert record.a_sum is not None
-        assert record.g_sum is not None
-        A = record.a_sum / (n * tau * tau)
-        G = record.g_sum * (tau * n)
-        return FactorStats(matrix=(A + A.T) / 2), FactorStats(matrix=(G + G.T) / 2)
+        return LayerBatch(
+            n=record.n,
+            positions=record.a_rows,
+            a_sum=record.a_sum,
+            g_sum=record.g_sum,
+            a_rows=torch.cat(record.a_blocks) if record.a_blocks else None,
+            g_rows=torch.cat(record.g_blocks) if record.g_blocks else None,
+            exact=not record.half,
+        )

@@ -1,8 +1,10 @@
-"""Damping schemes, clipping and hyperparameter schedules.
+"""Damping schemes as objects: each turns two factor representations and a damping value into
+a prepared inverse of the NLA core (:func:`lowrank_nla.damped_inverse`,
+:func:`lowrank_nla.kron_eigenbasis_inverse`), so a new scheme is a new class here and never an
+edit of ``lowrank_nla``.
 
-Damping schemes (``damping_scheme=``), each a configuration of
-:func:`lowrank_nla.kron_inverse_apply`, with ``lambda`` the ``damping`` value and ``s_X`` the
-identity weight ``rho^m`` of each factor (ALGORITHMS.md 1.3):
+With ``lambda`` the ``damping`` value and ``s_X`` the identity weight ``rho^m`` of each
+factor (see :class:`kfac._kron.FactorState`):
 
 ``"eigenbasis"``
     Exact damping of the Kronecker product: ``(G (x) A + lambda I)^-1`` in the eigenbasis,
@@ -18,165 +20,215 @@ identity weight ``rho^m`` of each factor (ALGORITHMS.md 1.3):
     Factored with Martens and Grosse's pi-adjustment, ``lambda_G = sqrt(lambda) / pi``,
     ``lambda_A = sqrt(lambda) pi``, ``pi = sqrt((tr A / d_A) / (tr G / d_G))``.
 
-Every scheme adds ``s_X I`` to each factor and, unless ``continuation=False``, models the
-discarded spectrum of a truncated representation as flat at its smallest kept eigenvalue
-(the spectrum continuation of ALGORITHMS.md 1.5; no effect on a full eigendecomposition).
+Every scheme adds ``s_X I`` to each factor and, with ``continuation``, models the discarded
+spectrum of a truncated representation as flat at its smallest kept eigenvalue (no effect on
+a full eigendecomposition). The scalars a scheme needs (``max(d)``, ``tr``, ``min(d)``) are
+read once, when a representation is published (:meth:`Applied.of`), so preparing an inverse
+for a new damping value reads nothing back from the device.
 """
 
 from __future__ import annotations
 
+import abc
 import math
-import numbers
-from collections.abc import Callable, Iterable
-from typing import Any, Generic, TypeVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
-import torch
 from torch import Tensor
 
 import lowrank_nla as ln
 
 __all__ = [
     "DAMPING_SCHEMES",
-    "Schedule",
-    "check_fraction",
-    "check_int_at_least",
-    "check_nonnegative",
-    "check_positive",
-    "factored_scheme",
-    "kl_clip_scale",
-    "precondition",
-    "rms_clip",
+    "Applied",
+    "DampingScheme",
+    "Eigenbasis",
+    "Factored",
+    "FactoredInverse",
+    "PiAdjusted",
+    "Prepared",
+    "make_damping",
 ]
 
-DAMPING_SCHEMES: dict[str, dict[str, Any]] = {
-    "eigenbasis": {"scheme": "eigenbasis"},
-    "eigenbasis-relative": {"scheme": "eigenbasis", "relative": True},
-    "factored": {"scheme": "factored"},
-    "factored-relative": {"scheme": "factored", "relative": True},
-    "pi": {"scheme": "factored", "pi_adjusted": True},
+
+@dataclass(frozen=True)
+class Applied:
+    """A published representation: ``(U, d)``, the identity weight ``s`` it carries, and the
+    spectrum's scalars the damping schemes use (read from the device once, here).
+
+    Attributes
+    ----------
+    rep : LowRankPSD
+    identity : float
+        Weight ``rho^m`` of the identity initialisation when the representation was made.
+    top : float
+        ``max(d)`` (0 for rank 0).
+    mean : float
+        ``tr / D = sum(d) / D``.
+    bottom : float
+        ``min(d)`` (0 for rank 0).
+    """
+
+    rep: ln.LowRankPSD
+    identity: float
+    top: float
+    mean: float
+    bottom: float
+
+    @classmethod
+    def of(cls, rep: ln.LowRankPSD, identity: float) -> Applied:
+        """Publish ``rep`` with identity weight ``identity`` (one read of three scalars)."""
+        if rep.rank == 0:
+            return cls(rep, identity, 0.0, 0.0, 0.0)
+        d = rep.d
+        top, total, bottom = (float(v) for v in (d.max(), d.sum(), d.min()))
+        return cls(rep, identity, top, total / rep.dim, bottom)
+
+    def tail(self, continuation: bool) -> float:
+        """Complement eigenvalue: ``min(d)`` of a truncated representation with
+        continuation, else 0."""
+        rep = self.rep
+        if not continuation or rep.rank == 0 or rep.rank >= rep.dim:
+            return 0.0
+        return self.bottom
+
+
+class Prepared(Protocol):
+    """A prepared inverse of one layer's Kronecker pair."""
+
+    def apply(self, V: Tensor) -> Tensor:
+        """The direction for the gradient matrix ``V`` (``d_G x d_A``)."""
+        ...
+
+    def apply_rows(self, grad_outputs: Tensor, inputs: Tensor) -> Tensor:
+        """The direction of ``V = grad_outputs^T inputs`` from the rows ``(N, d_G)`` and
+        ``(N, d_A)``, without forming ``V`` first (factored schemes only)."""
+        ...
+
+
+@dataclass(frozen=True)
+class FactoredInverse:
+    """``I_G V I_A`` with ``I_X`` a prepared damped inverse of each factor."""
+
+    G: ln.DampedInverse
+    A: ln.DampedInverse
+
+    def apply(self, V: Tensor) -> Tensor:
+        return self.A.apply(self.G.apply(V, "left"), "right")
+
+    def apply_rows(self, grad_outputs: Tensor, inputs: Tensor) -> Tensor:
+        # I_G (g^T a) I_A = (I_G g^T)(I_A a^T)^T: linear in the width but for the product
+        return self.G.apply(grad_outputs.T) @ self.A.apply(inputs.T).T
+
+
+@dataclass(frozen=True)
+class _EigenbasisInverse:
+    inverse: ln.KronEigenbasisInverse
+
+    def apply(self, V: Tensor) -> Tensor:
+        return self.inverse.apply(V)
+
+    def apply_rows(self, grad_outputs: Tensor, inputs: Tensor) -> Tensor:
+        return self.inverse.apply(grad_outputs.T @ inputs)
+
+
+class DampingScheme(abc.ABC):
+    """Turns the two published representations and ``damping`` into a prepared inverse."""
+
+    name: ClassVar[str]
+    #: Whether the scheme damps each factor separately (the rows application needs it).
+    factored: ClassVar[bool]
+
+    @abc.abstractmethod
+    def prepare(
+        self, G: Applied, A: Applied, damping: float, *, continuation: bool, validate: bool
+    ) -> Prepared:
+        """The prepared inverse; ``validate`` checks the representations (a host read)."""
+
+
+class Factored(DampingScheme):
+    """Per-factor Tikhonov damping: ``sqrt(lambda)`` each, or ``lambda max(d_X)``."""
+
+    factored: ClassVar[bool] = True
+
+    def __init__(self, relative: bool) -> None:
+        self.relative = relative
+        self.name = "factored-relative" if relative else "factored"  # type: ignore[misc]
+
+    def dampings(self, G: Applied, A: Applied, damping: float) -> tuple[float, float]:
+        """``(lambda_G, lambda_A)`` before the identity weights."""
+        if self.relative:
+            return damping * G.top, damping * A.top
+        return math.sqrt(damping), math.sqrt(damping)
+
+    def prepare(
+        self, G: Applied, A: Applied, damping: float, *, continuation: bool, validate: bool
+    ) -> Prepared:
+        lam_g, lam_a = self.dampings(G, A, damping)
+        return FactoredInverse(
+            ln.damped_inverse(
+                G.rep, damping=lam_g + G.identity, tail=G.tail(continuation), validate=validate
+            ),
+            ln.damped_inverse(
+                A.rep, damping=lam_a + A.identity, tail=A.tail(continuation), validate=validate
+            ),
+        )
+
+
+class PiAdjusted(Factored):
+    """Factored with the pi-adjustment (Martens & Grosse 2015, section 6.3)."""
+
+    name: ClassVar[str] = "pi"
+
+    def __init__(self) -> None:
+        self.relative = False
+
+    def dampings(self, G: Applied, A: Applied, damping: float) -> tuple[float, float]:
+        pi = math.sqrt(A.mean / G.mean) if G.mean > 0 and A.mean > 0 else 1.0
+        return math.sqrt(damping) / pi, math.sqrt(damping) * pi
+
+
+class Eigenbasis(DampingScheme):
+    """Exact damping of the Kronecker product in the factors' eigenbasis."""
+
+    factored: ClassVar[bool] = False
+
+    def __init__(self, relative: bool) -> None:
+        self.relative = relative
+        self.name = "eigenbasis-relative" if relative else "eigenbasis"  # type: ignore[misc]
+
+    def prepare(
+        self, G: Applied, A: Applied, damping: float, *, continuation: bool, validate: bool
+    ) -> Prepared:
+        lam = damping * G.top * A.top if self.relative else damping
+        if lam == 0.0:
+            raise ValueError("relative eigenbasis damping is zero: both factors must be nonzero")
+        return _EigenbasisInverse(
+            ln.kron_eigenbasis_inverse(
+                G.rep,
+                A.rep,
+                damping=lam,
+                tails=(G.tail(continuation), A.tail(continuation)),
+                shift=(G.identity, A.identity),
+                validate=validate,
+            )
+        )
+
+
+DAMPING_SCHEMES: dict[str, Any] = {
+    "eigenbasis": lambda: Eigenbasis(relative=False),
+    "eigenbasis-relative": lambda: Eigenbasis(relative=True),
+    "factored": lambda: Factored(relative=False),
+    "factored-relative": lambda: Factored(relative=True),
+    "pi": PiAdjusted,
 }
 
-T = TypeVar("T")
 
-
-def _real(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"Invalid {name}: {value!r} (must be a real number)")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"Invalid {name}: {value} (must be finite)")
-    return value
-
-
-def check_positive(value: Any, name: str) -> float:
-    """A finite real ``> 0``; ``ValueError("Invalid <name>: ...")`` otherwise."""
-    value = _real(value, name)
-    if value <= 0:
-        raise ValueError(f"Invalid {name}: {value} (must be > 0)")
-    return value
-
-
-def check_nonnegative(value: Any, name: str) -> float:
-    """A finite real ``>= 0``."""
-    value = _real(value, name)
-    if value < 0:
-        raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
-    return value
-
-
-def check_decay(value: Any, name: str) -> float:
-    """An exponential-average decay in ``[0, 1)``."""
-    value = _real(value, name)
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"Invalid {name}: {value} (must be in [0, 1))")
-    return value
-
-
-def check_fraction(value: Any, name: str) -> float:
-    """A real in the open interval ``(0, 1)``."""
-    value = _real(value, name)
-    if not 0.0 < value < 1.0:
-        raise ValueError(f"Invalid {name}: {value} (must be in (0, 1))")
-    return value
-
-
-def check_int_at_least(minimum: int) -> Callable[[Any, str], int]:
-    """A checker for integers ``>= minimum``."""
-
-    def check(value: Any, name: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= {minimum})")
-        if value < minimum:
-            raise ValueError(f"Invalid {name}: {value} (must be an integer >= {minimum})")
-        return int(value)
-
-    return check
-
-
-class Schedule(Generic[T]):
-    """A hyperparameter given as a constant or as ``callable(step) -> value``.
-
-    A constant is validated once, here; a callable's value is validated at every call, so a
-    schedule that returns a bad value fails with the argument's name and the step.
-    """
-
-    def __init__(self, value: Any, name: str, check: Callable[[Any, str], T]) -> None:
-        self.name = name
-        self._check = check
-        self._fn: Callable[[int], Any] | None = None
-        self._const: T | None = None
-        if callable(value):
-            self._fn = value
-        else:
-            self._const = check(value, name)
-
-    def __call__(self, step: int) -> T:
-        if self._fn is None:
-            return self._const  # type: ignore[return-value]
-        return self._check(self._fn(step), f"{self.name} (schedule at step {step})")
-
-
-def factored_scheme(scheme: str) -> bool:
-    """Whether ``scheme`` damps each factor separately (the factored application needs it)."""
-    return DAMPING_SCHEMES[scheme]["scheme"] == "factored"
-
-
-def precondition(
-    G: ln.LowRankPSD,
-    A: ln.LowRankPSD,
-    grad: Tensor | tuple[Tensor, Tensor],
-    *,
-    damping: float,
-    scheme: str,
-    shift: tuple[float, float],
-    continuation: bool = True,
-) -> Tensor:
-    """The damped K-FAC direction ``(G (x) A + damping)^-1 V`` of one layer (``d_G x d_A``).
-
-    ``grad`` is the gradient matrix ``V``, or, for a Linear layer and a factored scheme, its
-    rows ``(grad_outputs (N, d_G), inputs (N, d_A))`` with ``V = grad_outputs^T inputs``
-    (:func:`lowrank_nla.kron_inverse_apply_factored`: the factors never touch ``V``).
-    """
-    options: dict[str, Any] = {"damping": damping, "shift": shift, "continuation": continuation}
-    if isinstance(grad, tuple):
-        grad_outputs, inputs = grad
-        options.update((k, v) for k, v in DAMPING_SCHEMES[scheme].items() if k != "scheme")
-        return ln.kron_inverse_apply_factored(G, A, grad_outputs.T, inputs.T, **options)
-    return ln.kron_inverse_apply(G, A, grad, **options, **DAMPING_SCHEMES[scheme])
-
-
-def rms_clip(V: Tensor, kappa: float) -> Tensor:
-    """Scale ``V`` by ``min(1, kappa / RMS(V))``, ``RMS(V) = ||V||_F / sqrt(#V)``."""
-    rms = float(torch.linalg.vector_norm(V)) / math.sqrt(V.numel())
-    return V * (kappa / rms) if rms > kappa else V
-
-
-def kl_clip_scale(terms: Iterable[tuple[Tensor, Tensor, float]], kappa: float) -> float:
-    """Global KL clip ``nu = min(1, sqrt(kappa / |sum_l lr_l^2 <V_l, grad_l>|))``.
-
-    ``terms`` are ``(direction, gradient, learning rate)`` per layer.
-    """
-    total = sum(lr * lr * float(torch.sum(V * g)) for V, g, lr in terms)
-    if total == 0.0:
-        return 1.0
-    return min(1.0, math.sqrt(kappa / abs(total)))
+def make_damping(name: Any) -> DampingScheme:
+    """The scheme registered as ``name``; ``ValueError`` listing the valid names otherwise."""
+    if not isinstance(name, str) or name not in DAMPING_SCHEMES:
+        raise ValueError(
+            f"Invalid damping_scheme: {name!r}; valid names are {list(DAMPING_SCHEMES)}"
+        )
+    scheme: DampingScheme = DAMPING_SCHEMES[name]()
+    return scheme

@@ -1,8 +1,12 @@
-"""What a layer measures: the K-FAC conventions of each supported layer type.
+"""What a layer measures: the layer registry and the K-FAC conventions of each layer type.
 
-Canonical layout (ALGORITHMS.md 1.1-1.2). A layer's gradient matrix is ``d_G x d_A``: output
-features by (augmented) input features, the bias gradient appended as the last column. A
-Conv2d weight ``(c_out, c_in, k_h, k_w)`` is flattened row-major to ``c_out x c_in k_h k_w``.
+A layer type joins with one :func:`register_layer` entry: its helper turns a call's input and
+output gradient into rows and the parameters' gradients into one matrix and back.
+
+Canonical layout (the algorithm reference, docs/algorithms.md, *The K-FAC core*). A layer's
+gradient matrix is ``d_G x d_A``: output features by (augmented) input features, the bias
+gradient appended as the last column. A Conv2d weight ``(c_out, c_in, k_h, k_w)`` is
+flattened row-major to ``c_out x c_in k_h k_w``.
 
 Statistics. A layer sees ``n`` samples (the leading dimension of its input) and ``tau``
 positions per sample (1 for a Linear layer on ``(n, d_in)`` inputs; the extra leading
@@ -21,17 +25,61 @@ factors of Martens and Grosse (2015) with per-sample gradients ``n dL/ds_i``.
 from __future__ import annotations
 
 import abc
+import fnmatch
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["SUPPORTED_TYPES", "Conv2dLayer", "LinearLayer", "make_layer"]
+__all__ = [
+    "Conv2dLayer",
+    "Layer",
+    "LinearLayer",
+    "discover",
+    "make_layer",
+    "register_layer",
+    "supported",
+]
+
+_REGISTRY: dict[type[nn.Module], type[Layer]] = {}
 
 
-class _Layer(abc.ABC):
-    """Shared part of the layer helpers: bias handling and the gradient-matrix round trip."""
+def register_layer(module_type: type[nn.Module]) -> Callable[[type[Layer]], type[Layer]]:
+    """Class decorator registering a :class:`Layer` helper for ``module_type`` (and its
+    subclasses, unless a subclass has a helper of its own): one entry per layer type, with
+    its capture (``input_rows``/``output_rows``) and its gradient layout."""
+
+    def decorate(cls: type[Layer]) -> type[Layer]:
+        _REGISTRY[module_type] = cls
+        return cls
+
+    return decorate
+
+
+def _helper(module: nn.Module) -> type[Layer] | None:
+    for klass in type(module).__mro__:
+        if klass in _REGISTRY:
+            return _REGISTRY[klass]
+    return None
+
+
+def supported(module: nn.Module) -> bool:
+    """Whether a layer helper is registered for ``module``'s type."""
+    return _helper(module) is not None
+
+
+def make_layer(name: str, module: nn.Module) -> Layer:
+    """The registered helper for ``module``; raises for an unsupported configuration."""
+    cls = _helper(module)
+    if cls is None:
+        raise TypeError(f"no layer helper registered for {type(module).__name__}")
+    return cls(name, module)
+
+
+class Layer(abc.ABC):
+    """A registered layer: bias handling and the gradient-matrix round trip."""
 
     module: nn.Module
     name: str
@@ -107,7 +155,8 @@ class _Layer(abc.ABC):
         """Output-gradient rows ``(n tau, d_G)`` of one call."""
 
 
-class LinearLayer(_Layer):
+@register_layer(nn.Linear)
+class LinearLayer(Layer):
     """``nn.Linear``: inputs ``(n, ..., d_in)``; extra leading dimensions are positions."""
 
     def __init__(self, name: str, module: nn.Linear) -> None:
@@ -125,7 +174,8 @@ class LinearLayer(_Layer):
         return g.reshape(-1, self.dim_out)
 
 
-class Conv2dLayer(_Layer):
+@register_layer(nn.Conv2d)
+class Conv2dLayer(Layer):
     """``nn.Conv2d`` with ``groups == 1`` and zero padding (stride, padding, dilation any)."""
 
     def __init__(self, name: str, module: nn.Conv2d) -> None:
@@ -183,13 +233,34 @@ class Conv2dLayer(_Layer):
         return g.permute(0, 2, 3, 1).reshape(-1, self.dim_out)
 
 
-SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
-
-
-def make_layer(name: str, module: nn.Module) -> Any:
-    """The helper for ``module`` (``nn.Linear`` or ``nn.Conv2d``); raises for bad convolutions."""
-    if isinstance(module, nn.Linear):
-        return LinearLayer(name, module)
-    if isinstance(module, nn.Conv2d):
-        return Conv2dLayer(name, module)
-    raise TypeError(f"no K-FAC layer helper for {type(module).__name__}")
+def discover(model: nn.Module, skip_layers: Any) -> dict[str, Layer]:
+    """The registered layers of ``model`` with a trainable weight, in model order, minus
+    ``skip_layers`` (``fnmatch`` patterns on qualified names, or module types)."""
+    if isinstance(skip_layers, (str, type)):
+        skip_layers = [skip_layers]
+    patterns: list[str] = []
+    types: list[type] = []
+    for item in skip_layers:
+        if isinstance(item, str):
+            patterns.append(item)
+        elif isinstance(item, type) and issubclass(item, nn.Module):
+            types.append(item)
+        else:
+            raise ValueError(
+                f"Invalid skip_layers entry: {item!r} (must be a name pattern or an nn.Module "
+                "subclass)"
+            )
+    names = [name for name, _ in model.named_modules()]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise ValueError(f"Invalid skip_layers entry: pattern {pattern!r} matches no module")
+    layers: dict[str, Layer] = {}
+    for name, module in model.named_modules():
+        if not supported(module) or isinstance(module, tuple(types)):
+            continue
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            continue
+        if not module.weight.requires_grad:
+            continue
+        layers[name] = make_layer(name, module)
+    return layers

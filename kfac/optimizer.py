@@ -1,29 +1,149 @@
-"""``KFAC``: a ``torch.optim.Optimizer`` over :class:`KFACPreconditioner`."""
+"""Optimizers: a preconditioner followed by ``torch.optim.SGD``'s own update.
+
+:class:`PreconditionedSGD` is the one front every method's optimizer comes from: a
+``torch.optim.SGD`` whose ``step`` first rewrites the gradients with a :class:`Preconditioner`.
+A method's optimizer is a preset of it (:class:`KFAC` sets the K-FAC preconditioner).
+"""
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from ._damping import check_nonnegative
-from .preconditioner import KFACPreconditioner
+from ._schedule import check_nonnegative
+from .preconditioner import KFACPreconditioner, Preconditioner
 
-__all__ = ["KFAC"]
+__all__ = ["KFAC", "PreconditionedSGD"]
 
 
-class KFAC(torch.optim.Optimizer):
-    """K-FAC as a ``torch.optim.Optimizer``: precondition, then heavy-ball SGD.
+class PreconditionedSGD(torch.optim.SGD):
+    """A preconditioner, then ``torch.optim.SGD`` (no dampening, no Nesterov).
 
-    Each :meth:`step` runs the closure (if any), preconditions the gradients of the model's
-    ``nn.Linear``/``nn.Conv2d`` layers (:class:`KFACPreconditioner`), then updates every
-    parameter, preconditioned or not (BatchNorm, LayerNorm, embeddings, ...), with
-    ``v = grad + weight_decay * p``, ``b = momentum * b + v`` (``b = v`` the first time) and
-    ``p -= lr * b``: ``torch.optim.SGD`` without dampening applied to the preconditioned
-    gradient, so weight decay is not preconditioned (ALGORITHMS.md 1.6).
+    Each :meth:`step` runs the closure (if any), checks once that every gradient is finite
+    (else the whole step is skipped with a warning: parameters, momentum buffers and the
+    preconditioner's state and step count are unchanged, unless a ``GradScaler`` owns the
+    step), preconditions the registered layers' gradients, then applies torch's SGD update
+    to every parameter, preconditioned or not: ``v = grad + weight_decay * p``,
+    ``b = momentum * b + v`` (``b = v`` the first time), ``p -= lr * b``. Weight decay is
+    therefore not preconditioned.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model whose layers are preconditioned.
+    lr : float
+        Learning rate (``>= 0``).
+    momentum : float, default 0
+        Heavy-ball momentum (``>= 0``).
+    weight_decay : float, default 0
+        L2 penalty added to the preconditioned direction (``>= 0``).
+    params : iterable of parameters or dicts, optional
+        Parameter groups as for any ``torch.optim`` optimizer (default: the model's trainable
+        parameters). Per-group ``lr`` is used by the KL clip of each layer.
+    **kwargs
+        Passed to the preconditioner class (:attr:`preconditioner_class`; for the generic
+        front, :class:`Preconditioner` with ``block=`` a registered name or a block).
+
+    Notes
+    -----
+    ``state_dict()`` holds the torch.optim state (momentum buffers, param groups) and, under
+    the key ``"kfac"``, the preconditioner's state, so a saved run continues identically
+    after ``load_state_dict``.
+    """
+
+    #: The preconditioner a preset builds.
+    preconditioner_class: ClassVar[type[Preconditioner]] = Preconditioner
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float,
+        *,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        params: Iterable[Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        lr = check_nonnegative(lr, "learning rate")
+        momentum = check_nonnegative(momentum, "momentum")
+        weight_decay = check_nonnegative(weight_decay, "weight_decay")
+        if params is None:
+            params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.preconditioner = self.preconditioner_class(model, **kwargs)
+        owned = {id(p) for group in self.param_groups for p in group["params"]}
+        for name in self.preconditioner.layer_names:
+            if any(id(p) not in owned for p in self.preconditioner.layer(name).params):
+                raise ValueError(
+                    f"Invalid params: layer '{name}' is preconditioned but its parameters are "
+                    "not in `params` (skip it with `skip_layers`)"
+                )
+
+    def _group_lrs(self) -> dict[torch.Tensor, float]:
+        return {p: float(group["lr"]) for group in self.param_groups for p in group["params"]}
+
+    def _grads_finite(self) -> bool:
+        """One fused check of every gradient: the step's only read from the device."""
+        flags = [
+            torch.isfinite(p.grad).all()
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        if not flags:
+            return True
+        return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Precondition and update; returns the closure's loss (``None`` without a closure)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._grads_finite():
+            scaler = self.preconditioner.grad_scaler
+            if scaler is None or not scaler.is_enabled():
+                warnings.warn(
+                    f"{type(self).__name__}.step: non-finite gradient; step skipped "
+                    "(parameters, momentum and factors unchanged)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            self.preconditioner.skip()
+            return loss
+        self.preconditioner.step(lr=self._group_lrs())
+        super().step()
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim state plus the preconditioner's under ``"kfac"``."""
+        state = super().state_dict()
+        state["kfac"] = self.preconditioner.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Inverse of :meth:`state_dict`; raises ``ValueError`` without the ``"kfac"`` entry
+        or for a state of another model or method (before anything changes)."""
+        state_dict = dict(state_dict)
+        if "kfac" not in state_dict:
+            raise ValueError("state_dict has no 'kfac' entry: it was not saved by this optimizer")
+        kfac_state = state_dict.pop("kfac")
+        self.preconditioner.check_state_dict(kfac_state)
+        super().load_state_dict(state_dict)
+        self.preconditioner.load_state_dict(kfac_state)
+
+
+class KFAC(PreconditionedSGD):
+    """K-FAC as a ``torch.optim.Optimizer``: :class:`KFACPreconditioner`, then torch's SGD.
+
+    See :class:`PreconditionedSGD` for the step (one finiteness check, preconditioning,
+    ``torch.optim.SGD`` without dampening on the preconditioned gradient; weight decay is not
+    preconditioned).
 
     Parameters
     ----------
@@ -38,8 +158,7 @@ class KFAC(torch.optim.Optimizer):
     inverse : str, default "eigh"
         Inverse strategy (registry name).
     params : iterable of parameters or dicts, optional
-        Parameter groups as for any ``torch.optim`` optimizer (default: the model's trainable
-        parameters). Per-group ``lr`` is used by the KL clip of each layer.
+        Parameter groups (default: the model's trainable parameters).
     **kwargs
         Passed to :class:`KFACPreconditioner` (``factor_decay``, ``damping``,
         ``damping_scheme``, ``factor_every``, ``inverse_every``, ``kl_clip``, ``rms_clip``,
@@ -76,6 +195,9 @@ class KFAC(torch.optim.Optimizer):
     True
     """
 
+    preconditioner_class: ClassVar[type[Preconditioner]] = KFACPreconditioner
+    preconditioner: KFACPreconditioner
+
     def __init__(
         self,
         model: nn.Module,
@@ -87,84 +209,12 @@ class KFAC(torch.optim.Optimizer):
         params: Iterable[Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        lr = check_nonnegative(lr, "learning rate")
-        momentum = check_nonnegative(momentum, "momentum")
-        weight_decay = check_nonnegative(weight_decay, "weight_decay")
-        if params is None:
-            params = [p for p in model.parameters() if p.requires_grad]
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
-        super().__init__(params, defaults)
-        self.preconditioner = KFACPreconditioner(model, inverse=inverse, **kwargs)
-        owned = {id(p) for group in self.param_groups for p in group["params"]}
-        for name in self.preconditioner.layer_names:
-            layer = self.preconditioner._states[name].layer
-            if any(id(p) not in owned for p in layer.params):
-                raise ValueError(
-                    f"Invalid params: layer '{name}' is preconditioned but its parameters are "
-                    "not in `params` (skip it with `skip_layers`)"
-                )
-
-    def _group_lrs(self) -> dict[torch.Tensor, float]:
-        return {p: float(group["lr"]) for group in self.param_groups for p in group["params"]}
-
-    def _grads_finite(self) -> bool:
-        return all(
-            bool(torch.isfinite(p.grad).all())
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
+        super().__init__(
+            model,
+            lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            params=params,
+            inverse=inverse,
+            **kwargs,
         )
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Precondition and update; returns the closure's loss (``None`` without a closure)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if not self._grads_finite():
-            scaler = self.preconditioner.grad_scaler
-            if scaler is None or not scaler.is_enabled():
-                warnings.warn(
-                    "KFAC.step: non-finite gradient; step skipped (parameters, momentum and "
-                    "factors unchanged)",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            self.preconditioner._capture.reset()
-            return loss
-        self.preconditioner.step(lr=self._group_lrs())
-        for group in self.param_groups:
-            lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad
-                if weight_decay != 0:
-                    d = d.add(p, alpha=weight_decay)
-                if momentum != 0:
-                    state = self.state[p]
-                    buf = state.get("momentum_buffer")
-                    if buf is None:
-                        buf = state["momentum_buffer"] = torch.clone(d).detach()
-                    else:
-                        buf.mul_(momentum).add_(d)
-                    d = buf
-                p.add_(d, alpha=-lr)
-        return loss
-
-    def state_dict(self) -> dict[str, Any]:
-        """torch.optim state plus the preconditioner's under ``"kfac"``."""
-        state = super().state_dict()
-        state["kfac"] = self.preconditioner.state_dict()
-        return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict`; raises ``ValueError`` without the ``"kfac"`` entry."""
-        state_dict = dict(state_dict)
-        if "kfac" not in state_dict:
-            raise ValueError("state_dict has no 'kfac' entry: it was not saved by KFAC")
-        kfac_state = state_dict.pop("kfac")
-        self.preconditioner.check_state_dict(kfac_state)  # before anything changes
-        super().load_state_dict(state_dict)
-        self.preconditioner.load_state_dict(kfac_state)

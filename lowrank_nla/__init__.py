@@ -16,6 +16,12 @@ from ._bounds import (
 )
 from ._brand import BrandUpdate, brand_update, rayleigh_ritz_refresh, svd_update
 from ._eigh import EighResult, nystrom, partial_eigh, randomized_eigh, srevd
+from ._kernels import (
+    DampedInverse,
+    KronEigenbasisInverse,
+    damped_inverse,
+    kron_eigenbasis_inverse,
+)
 from ._lowrank import LowRankPSD
 from ._rank import RankController, RankState, truncation_ratio
 from ._sketch import adaptive_range_finder, randomized_range_finder
@@ -32,7 +38,9 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "BrandUpdate",
+    "DampedInverse",
     "EighResult",
+    "KronEigenbasisInverse",
     "LowRankPSD",
     "RankController",
     "RankState",
@@ -40,11 +48,13 @@ __all__ = [
     "adaptive_range_finder",
     "brand_drift_bound",
     "brand_update",
+    "damped_inverse",
     "damped_inverse_apply",
     "ea_decay_modes",
     "estimate_spectral_norm",
     "hmt_error_bound",
     "inverse_perturbation_bound",
+    "kron_eigenbasis_inverse",
     "kron_inverse_apply",
     "kron_inverse_apply_factored",
     "nystrom",

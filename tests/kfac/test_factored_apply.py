@@ -152,6 +152,15 @@ def test_rows_that_do_not_give_the_gradient_fall_back_with_a_warning(loss_fn) ->
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def rows_every_step(precond) -> set[str]:
+    """The layers whose direction comes from their rows (recorded on every step)."""
+    return {
+        n
+        for n in precond.layer_names
+        if precond.kron.rows_applied(precond.layer(n), precond.state(n))
+    }
+
+
 @pytest.mark.parametrize(
     "options",
     [
@@ -166,21 +175,23 @@ def test_factored_application_only_where_it_applies(options) -> None:
     model = wide_mlp().double()
     _, precond = run(model, batches(model, 4, torch.float64), **options)
     assert set(applied(precond).values()) == {"dense"}
-    assert precond._capture.apply_rows == set()
+    assert rows_every_step(precond) == set()
 
 
 def test_rows_are_recorded_on_every_step_only_for_factored_layers() -> None:
     """Between factor-update steps only the factored layer keeps rows, and nothing else."""
     model = wide_mlp().double()
     _, precond = run(model, batches(model, 3, torch.float64), factor_every=5)
-    assert precond._capture.apply_rows == {"0"}
+    assert rows_every_step(precond) == {"0"}
+    assert precond.capture_plan() == {"0": kfac.CaptureSpec(rows=True)}
     x, y = batches(model, 1, torch.float64)[0]
     cross_entropy(model, x, y).backward()  # step 3: not a factor-update step
-    records = precond._capture.records
-    assert len(records["0"].a_blocks) == 1
-    assert len(records["0"].g_blocks) == 1
-    assert not records["2"].a_blocks
-    assert records["2"].a_sum is None
+    record = precond.recorded("0")
+    assert record is not None
+    assert record.a_rows.shape == (x.shape[0], precond.layer("0").dim_A)
+    assert record.g_rows.shape == (x.shape[0], precond.layer("0").dim_G)
+    assert record.a_sum is None
+    assert precond.recorded("2") is None
 
 
 def test_invalid_factored_apply() -> None:
@@ -195,7 +206,7 @@ def test_half_precision_autocast_uses_the_gradient_matrix_without_warnings() -> 
     precond = kfac.KFACPreconditioner(
         model, inverse="brand", rank=10, rank_cap=20, factor_every=1, inverse_every=1
     )
-    assert "0" in precond._row_candidates
+    assert precond.kron.rows_candidate(precond.layer("0"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for x, y in batches(model, 3, torch.float32):
@@ -204,5 +215,5 @@ def test_half_precision_autocast_uses_the_gradient_matrix_without_warnings() -> 
                 loss = cross_entropy(model, x, y)
             loss.backward()
             precond.step()
-    assert precond._capture.apply_rows == {"0"}
+    assert rows_every_step(precond) == {"0"}
     assert applied(precond)["0"] == "dense"

@@ -1,0 +1,263 @@
+"""The curvature-block protocol: what every preconditioning method implements.
+
+A *curvature block* is one method's rule for one kind of curvature (the Kronecker pair of
+the K-FAC family, a diagonal, mini-blocks, a per-sample Gram matrix...). The engine
+(``kfac._engine``) owns the loop and the order of the phases; a block owns only the maths,
+on explicit state values:
+
+=================  =====================================================================
+``capture``        what the hooks must record for a layer on a step (:class:`CaptureSpec`:
+                   sums of outer products or per-sample rows), or nothing
+``init``           the initial state value of a layer
+``update``         ``update(state, batch, tick) -> state``: fold one step's statistics in
+``refresh``        ``refresh(state, tick) -> state``: rebuild what the direction applies
+                   (decompositions, prepared inverses) on the steps that call for it
+``direction``      the preconditioned gradient matrix of a layer (no host synchronisation)
+``exchange``       the tensors that define the applied representation: what an owner
+                   process would broadcast after a refresh
+``state_dict``     plain tensors and numbers for ``torch.save``; ``load_state`` inverts it
+``diagnostics``    rows of numbers for people (ranks, memory, ...)
+=================  =====================================================================
+
+States are immutable values (frozen dataclasses or NamedTuples): a block returns a new
+state, so the engine knows what changed and nothing is written behind its back. The block
+object itself holds only configuration and its random generators.
+
+A layer's gradient is one matrix in the layer's canonical layout (``kfac._layers``): output
+features by (augmented) input features; ``direction`` returns a matrix of the same shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "CaptureSpec",
+    "CurvatureBlock",
+    "LayerBatch",
+    "Tick",
+    "block_names",
+    "make_block",
+    "register_block",
+]
+
+S = TypeVar("S")
+
+
+@dataclass(frozen=True)
+class CaptureSpec:
+    """What the hooks record for one layer on one step.
+
+    Attributes
+    ----------
+    rows : bool
+        Keep the per-sample rows (inputs ``(N, d_A)`` and output gradients ``(N, d_G)``,
+        ``O(N (d_A + d_G))``) instead of reducing them to the sums of outer products
+        ``sum a a^T`` and ``sum g g^T`` (``O(d_A^2 + d_G^2)``).
+    """
+
+    rows: bool = False
+
+
+@dataclass(frozen=True)
+class Tick:
+    """The clock's reading for one step: which phases run and the scheduled values.
+
+    Attributes
+    ----------
+    step : int
+        Steps taken before this one.
+    factor : bool
+        Statistics are captured and folded into the state on this step.
+    inverse : bool
+        Representations are refreshed on this step.
+    decay : float
+        The exponential-average decay ``rho`` of this step.
+    inverse_period : int
+        The refresh period in force (some rules count in periods).
+    damping : float
+        The damping value of this step.
+    """
+
+    step: int
+    factor: bool
+    inverse: bool
+    decay: float
+    inverse_period: int
+    damping: float
+
+
+@dataclass(frozen=True)
+class LayerBatch:
+    """What one layer recorded on one step (in the statistics dtype).
+
+    A layer sees ``n`` samples and ``tau`` positions per sample (``N = n tau`` rows). With
+    rows ``a`` (augmented inputs or patches) and ``g`` (output gradients of the batch loss),
+    either the sums ``sum a a^T`` / ``sum g g^T`` or the rows themselves are present,
+    as the block's :class:`CaptureSpec` asked.
+
+    Attributes
+    ----------
+    n : int
+        Samples (leading dimension of the layer input).
+    positions : int
+        Rows ``N = n tau`` recorded.
+    a_sum, g_sum : Tensor or None
+        Sums of outer products (sums mode).
+    a_rows, g_rows : Tensor or None
+        Rows ``(N, d_A)`` and ``(N, d_G)`` (rows mode).
+    exact : bool
+        False when a product of the forward ran in half precision (autocast, a float16
+        input): the rows then do not reproduce the gradient exactly.
+    """
+
+    n: int
+    positions: int
+    a_sum: Tensor | None = None
+    g_sum: Tensor | None = None
+    a_rows: Tensor | None = None
+    g_rows: Tensor | None = None
+    exact: bool = True
+
+    @property
+    def tau(self) -> float:
+        """Positions per sample."""
+        return self.positions / self.n
+
+    def input_block(self) -> Tensor:
+        """``B_A`` (``d_A x N``) with ``B_A B_A^T = sum a a^T / (n tau^2)`` (rows mode)."""
+        assert self.a_rows is not None
+        return self.a_rows.T / (self.tau * math.sqrt(self.n))
+
+    def output_block(self) -> Tensor:
+        """``B_G`` (``d_G x N``) with ``B_G B_G^T = tau n sum g g^T`` (rows mode)."""
+        assert self.g_rows is not None
+        return self.g_rows.T * math.sqrt(self.tau * self.n)
+
+    def input_factor(self) -> Tensor:
+        """The instantaneous input factor ``A = sum a a^T / (n tau^2)``, symmetric."""
+        if self.a_sum is None:
+            B = self.input_block()
+            A = B @ B.T
+        else:
+            A = self.a_sum / (self.n * self.tau * self.tau)
+        return (A + A.T) / 2
+
+    def output_factor(self) -> Tensor:
+        """The instantaneous output-gradient factor ``G = tau n sum g g^T``, symmetric."""
+        if self.g_sum is None:
+            B = self.output_block()
+            G = B @ B.T
+        else:
+            G = self.g_sum * (self.tau * self.n)
+        return (G + G.T) / 2
+
+    def tensors(self) -> list[Tensor]:
+        """The recorded tensors (for finiteness checks and reductions)."""
+        return [t for t in (self.a_sum, self.g_sum, self.a_rows, self.g_rows) if t is not None]
+
+    def finite(self) -> bool:
+        """Whether every recorded entry is finite (reads one flag back to the host)."""
+        flags = [torch.isfinite(t).all() for t in self.tensors()]
+        return bool(torch.stack(flags).all()) if flags else True
+
+
+@runtime_checkable
+class CurvatureBlock(Protocol[S]):
+    """One method's curvature rule over per-layer state values (see the module docstring).
+
+    Attributes
+    ----------
+    name : str
+        The method's name (diagnostics, state dicts, error messages).
+    """
+
+    name: ClassVar[str]
+
+    def capture(self, layer: Any, state: S, factor_step: bool) -> CaptureSpec | None:
+        """What to record for ``layer`` on the coming step, a factor-update step or not
+        (``None``: nothing)."""
+        ...
+
+    def init(self, layer: Any) -> S:
+        """The state of a layer before any statistics."""
+        ...
+
+    def update(self, layer: Any, state: S, batch: LayerBatch, tick: Tick) -> S:
+        """Fold the statistics of one step into the state (called on factor steps)."""
+        ...
+
+    def refresh(self, layer: Any, state: S, tick: Tick) -> S:
+        """Rebuild the applied representation where ``tick`` asks for it (every step)."""
+        ...
+
+    def ready(self, state: S) -> bool:
+        """Whether ``direction`` can be computed (a representation exists)."""
+        ...
+
+    def direction(
+        self, layer: Any, state: S, grad: Tensor, batch: LayerBatch | None, tick: Tick
+    ) -> Tensor:
+        """The preconditioned gradient matrix (same shape as ``grad``); ``batch`` holds this
+        step's record of the layer when its capture spec asked for one, else ``None``."""
+        ...
+
+    def exchange(self, state: S) -> dict[str, Tensor]:
+        """The tensors that define the applied representation (what an owner broadcasts)."""
+        ...
+
+    def state_dict(self, state: S) -> dict[str, Any]:
+        """The state as plain tensors and numbers (``torch.load(weights_only=True)``)."""
+        ...
+
+    def load_state(self, layer: Any, saved: Mapping[str, Any], device: torch.device) -> S:
+        """Inverse of :meth:`state_dict`; raises ``ValueError`` for a state of other shapes."""
+        ...
+
+    def diagnostics(self, layer: Any, state: S) -> list[dict[str, Any]]:
+        """Rows of numbers describing the state (one per factor, say)."""
+        ...
+
+    def block_state_dict(self) -> dict[str, Any]:
+        """Block-level state (random generators)."""
+        ...
+
+    def check_block_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Raise ``ValueError`` unless ``state`` was saved by a block configured like this one."""
+        ...
+
+    def load_block_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`block_state_dict`."""
+        ...
+
+
+BlockFactory = Callable[..., CurvatureBlock[Any]]
+_BLOCKS: dict[str, BlockFactory] = {}
+
+
+def register_block(name: str, factory: BlockFactory) -> BlockFactory:
+    """Register a curvature method under ``name``: ``factory(*, dtype, seed, fisher,
+    **options)`` returns its block (``dtype``: the statistics dtype; ``fisher``:
+    ``"empirical"`` or ``"mc"``). ``Preconditioner(model, name, **options)`` then uses it."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Invalid block name: {name!r} (must be a non-empty string)")
+    _BLOCKS[name] = factory
+    return factory
+
+
+def block_names() -> tuple[str, ...]:
+    """The registered curvature methods, sorted."""
+    return tuple(sorted(_BLOCKS))
+
+
+def make_block(name: Any, **kwargs: Any) -> CurvatureBlock[Any]:
+    """The block registered as ``name``; ``ValueError`` listing the valid names otherwise."""
+    if not isinstance(name, str) or name not in _BLOCKS:
+        raise ValueError(f"Invalid block: {name!r}; valid names are {list(block_names())}")
+    return _BLOCKS[name](**kwargs)

@@ -1,0 +1,325 @@
+"""The engine: the phases of one step, in a fixed order, over the registered layers.
+
+============  =========================================================================
+phase         what happens
+============  =========================================================================
+capture       the gradient matrix of every layer with a gradient; the hooks' records
+reduce        statistics across processes (a no-op in one process)
+update        on factor steps: ``block.update(state, batch, tick)`` per layer
+refresh       every step: ``block.refresh(state, tick)`` (the block decides what to do)
+exchange      owners would broadcast ``block.exchange(state)`` (a no-op in one process)
+direction     ``block.direction(state, grad, batch, tick)`` per ready layer
+clip          per-layer RMS clip, then the global KL clip (device scalars)
+write         one fused finiteness check, then ``.grad``; a non-finite direction is never
+              written (the layer keeps its gradient)
+============  =========================================================================
+
+One :class:`Clock` turns the scheduled hyperparameters into a :class:`~kfac._curvature.Tick`
+per step. The engine arms the capture for the coming step at the end of each step, with each
+block's :class:`~kfac._curvature.CaptureSpec`.
+
+Host synchronisation. A step that is neither a factor-update nor a refresh step reads
+nothing back from the device: directions, clipping and the finiteness check of what is
+written stay on the device, and a layer found non-finite is reported at the next step that
+synchronises anyway (a factor or refresh step), or by :meth:`Engine.report`. Factor and
+refresh steps read finiteness flags and the decompositions' scalars.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ._capture import Capture
+from ._clip import kl_clip_scale, rms_clip
+from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick
+from ._schedule import Schedule
+
+__all__ = ["PHASES", "Clock", "Engine"]
+
+PHASES = (
+    "capture",
+    "reduce",
+    "update",
+    "refresh",
+    "exchange",
+    "direction",
+    "clip",
+    "write",
+)
+
+
+@dataclass(frozen=True)
+class Clock:
+    """The step's schedule: factor and refresh periods, EA decay and damping."""
+
+    factor_every: Schedule[int]
+    inverse_every: Schedule[int]
+    factor_decay: Schedule[float]
+    damping: Schedule[float]
+
+    def is_factor_step(self, step: int) -> bool:
+        return step % self.factor_every(step) == 0
+
+    def tick(self, step: int) -> Tick:
+        period = self.inverse_every(step)
+        return Tick(
+            step=step,
+            factor=self.is_factor_step(step),
+            inverse=step % period == 0,
+            decay=self.factor_decay(step),
+            inverse_period=period,
+            damping=self.damping(step),
+        )
+
+
+class Engine:
+    """Runs the phases of each step over ``layers`` with one curvature ``block``.
+
+    Parameters
+    ----------
+    model : nn.Module
+    layers : mapping of name to layer helper
+        The layers to precondition (``kfac._layers.discover``).
+    block : CurvatureBlock
+        The method.
+    clock : Clock
+    capture : Capture
+        The hooks on ``model`` (the engine arms them).
+    dtype : torch.dtype
+        dtype of the gradient matrices and directions.
+    kl_clip, rms_clip, lr : Schedule or None
+        Clipping thresholds and the default learning rate of the KL clip.
+    grad_scaler : torch.amp.GradScaler or None
+        Non-finite steps of an enabled scaler are its own to skip: no warning.
+    time_phases : bool
+        Accumulate the seconds of each phase in :attr:`timings` (synchronising the device
+        around each phase on CUDA so the times are the work's, not the launches').
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Mapping[str, Any],
+        block: CurvatureBlock[Any],
+        *,
+        clock: Clock,
+        capture: Capture,
+        dtype: torch.dtype,
+        kl_clip: Schedule[float] | None,
+        rms_clip: Schedule[float] | None,
+        lr: Schedule[float] | None,
+        grad_scaler: Any,
+        time_phases: bool,
+    ) -> None:
+        self.model = model
+        self.layers = dict(layers)
+        self.block = block
+        self.clock = clock
+        self.capture = capture
+        self.dtype = dtype
+        self.kl_clip = kl_clip
+        self.rms_clip = rms_clip
+        self.lr = lr
+        self.grad_scaler = grad_scaler
+        self.time_phases = time_phases
+        self.timings = dict.fromkeys(PHASES, 0.0)
+        self.steps = 0
+        self.states: dict[str, Any] = {name: block.init(layer) for name, layer in layers.items()}
+        self._pending: list[tuple[int, list[str], Tensor, set[str]]] = []
+        self.arm()
+
+    # ------------------------------------------------------------------ helpers
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """A ``torch.profiler.record_function`` range ``kfac.<name>``, timed when asked."""
+        with torch.profiler.record_function(f"kfac.{name}"):
+            if not self.time_phases:
+                yield
+                return
+            self._synchronize()
+            start = time.perf_counter()
+            try:
+                yield
+            finally:
+                self._synchronize()
+                self.timings[name] += time.perf_counter() - start
+
+    def _synchronize(self) -> None:
+        devices = {p.device for layer in self.layers.values() for p in layer.params}
+        for device in devices:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+
+    def plan(self) -> dict[str, CaptureSpec]:
+        """What each layer records on the coming step."""
+        factor = self.clock.is_factor_step(self.steps)
+        plan = {}
+        for name, layer in self.layers.items():
+            spec = self.block.capture(layer, self.states[name], factor)
+            if spec is not None:
+                plan[name] = spec
+        return plan
+
+    def arm(self) -> None:
+        """Arm the capture for the coming step."""
+        self.capture.arm(self.plan(), statistics=self.clock.is_factor_step(self.steps))
+
+    def _scaler_owns_overflow(self) -> bool:
+        return self.grad_scaler is not None and self.grad_scaler.is_enabled()
+
+    def warn_nonfinite(self, names: list[str], what: str, step: int, outcome: str) -> None:
+        """One warning naming the layers whose ``what`` was non-finite at ``step``."""
+        if not names or self._scaler_owns_overflow():
+            return
+        layers = ", ".join(self.layers[name].describe() for name in names)
+        warnings.warn(
+            f"non-finite {what} in layer {layers} at step {step}: {outcome}",
+            RuntimeWarning,
+            stacklevel=5,
+        )
+
+    def report(self) -> None:
+        """Warn about the layers whose direction was found non-finite (and so not written)
+        since the last report: reads the flags the write phase kept on the device."""
+        pending, self._pending = self._pending, []
+        for step, names, flags, reported in pending:
+            bad = [
+                name
+                for name, ok in zip(names, flags.tolist(), strict=True)
+                if not ok and name not in reported
+            ]
+            self.warn_nonfinite(bad, "direction", step, ".grad left as it was")
+
+    # ------------------------------------------------------------------ the step
+    def step(self, lr: float | Mapping[Tensor, float] | None = None) -> None:
+        """Run the phases of one step (see the module docstring)."""
+        tick = self.clock.tick(self.steps)
+        synchronising = tick.factor or tick.inverse
+        if synchronising:
+            self.report()
+        reported: set[str] = set()
+        try:
+            with self.phase("capture"):
+                grads = {
+                    name: layer.grad_matrix(self.dtype)
+                    for name, layer in self.layers.items()
+                    if layer.has_grad()
+                }
+                batches = {name: self.capture.batch(name) for name in self.capture.plan}
+            with self.phase("reduce"):
+                pass  # one process: nothing to reduce
+            if tick.factor:
+                with self.phase("update"):
+                    reported = self._update(grads, batches, tick)
+            with self.phase("refresh"):
+                for name, layer in self.layers.items():
+                    self.states[name] = self.block.refresh(layer, self.states[name], tick)
+            with self.phase("exchange"):
+                pass  # one process: every representation is local
+            with self.phase("direction"):
+                directions = {
+                    name: self.block.direction(
+                        self.layers[name], self.states[name], V, batches.get(name), tick
+                    )
+                    for name, V in grads.items()
+                    if self.block.ready(self.states[name])
+                }
+            with self.phase("clip"):
+                directions = self._clip(directions, grads, tick, lr)
+            with self.phase("write"):
+                self._write(directions, grads, tick, reported)
+            if synchronising:
+                self.report()
+        finally:
+            self.steps += 1
+            self.capture.reset()
+            self.arm()
+
+    def _update(
+        self, grads: Mapping[str, Tensor], batches: Mapping[str, LayerBatch | None], tick: Tick
+    ) -> set[str]:
+        """Update the layers whose gradient and statistics are finite; return the layers
+        reported for a non-finite gradient."""
+        names = list(grads)
+        for name in names:
+            if name in self.capture.plan and batches.get(name) is None:
+                raise RuntimeError(
+                    f"layer {self.layers[name].describe()} has a gradient but its hooks never "
+                    f"fired on factor-update step {tick.step}: K-FAC records a layer through "
+                    "its forward and output-gradient hooks, so it must be called as a module "
+                    "in a forward with gradients enabled (not through torch.nn.functional with "
+                    "its weight); exclude it with `skip_layers` otherwise"
+                )
+        # one read of every layer's finiteness: gradient, then statistics
+        flags = [torch.isfinite(grads[name]).all() for name in names]
+        flags += [
+            torch.stack([torch.isfinite(t).all() for t in batch.tensors()]).all()
+            for name in names
+            if (batch := batches.get(name)) is not None
+        ]
+        values = torch.stack([f.to(flags[0].device) for f in flags]).tolist() if flags else []
+        grad_ok = dict(zip(names, values[: len(names)], strict=True))
+        with_batch = [name for name in names if batches.get(name) is not None]
+        stats_ok = dict(zip(with_batch, values[len(names) :], strict=True))
+        bad_grads = [n for n in names if not grad_ok[n]]
+        unchanged = "left unused, factors unchanged"
+        self.warn_nonfinite(bad_grads, "gradient", tick.step, f"gradient {unchanged}")
+        bad = [n for n in with_batch if grad_ok[n] and not stats_ok[n]]
+        self.warn_nonfinite(bad, "statistics", tick.step, f"statistics {unchanged}")
+        for name in with_batch:
+            batch = batches[name]
+            if grad_ok[name] and stats_ok[name] and batch is not None:
+                layer = self.layers[name]
+                self.states[name] = self.block.update(layer, self.states[name], batch, tick)
+        return set(bad_grads)
+
+    def _lr_for(self, lr: Any, weight: Tensor) -> float:
+        if isinstance(lr, Mapping):
+            return float(lr[weight])
+        if lr is not None:
+            return float(lr)
+        if self.lr is None:
+            raise ValueError("kl_clip needs a learning rate: pass `lr` to the constructor or step")
+        return self.lr(self.steps)
+
+    def _clip(
+        self, directions: dict[str, Tensor], grads: Mapping[str, Tensor], tick: Tick, lr: Any
+    ) -> dict[str, Tensor]:
+        if self.rms_clip is not None:
+            kappa = self.rms_clip(tick.step)
+            directions = {name: rms_clip(D, kappa) for name, D in directions.items()}
+        if self.kl_clip is not None and directions:
+            terms = [
+                (D, grads[name], self._lr_for(lr, self.layers[name].params[0]))
+                for name, D in directions.items()
+            ]
+            nu = kl_clip_scale(terms, self.kl_clip(tick.step))
+            directions = {name: D * nu.to(D.device) for name, D in directions.items()}
+        return directions
+
+    def _write(
+        self,
+        directions: Mapping[str, Tensor],
+        grads: Mapping[str, Tensor],
+        tick: Tick,
+        reported: set[str],
+    ) -> None:
+        if not directions:
+            return
+        names = list(directions)
+        flags = torch.stack(
+            [torch.isfinite(directions[n]).all().to(directions[names[0]].device) for n in names]
+        )
+        for i, name in enumerate(names):
+            D = directions[name]
+            safe = torch.where(flags[i].to(D.device), D, grads[name])
+            self.layers[name].write_grad(safe)
+        self._pending.append((tick.step, names, flags, reported))

@@ -1,0 +1,928 @@
+"""The Kronecker pair of the K-FAC family as a curvature block, built by composition.
+
+Each layer's curvature is ``G (x) A`` (output-gradient factor by input factor). How a factor
+is kept and its representation refreshed is a :class:`FactorRule`:
+
+* :class:`DenseRule` keeps the dense exponential average (EA) and decomposes it on refresh
+  steps with a :class:`Decomposer` (:class:`Eigh`, :class:`RSVD` or :class:`SREVD`), with an
+  optional adaptive rank (:class:`Ranks`);
+* :class:`BrandRule` keeps a Brand-updated low-rank EA (linear memory) for the factors it is
+  eligible for, optionally also the dense EA with periodic randomized resets
+  (:class:`Reset`) and partial Rayleigh-Ritz corrections (:class:`Correction`), and hands
+  every other factor to an explicit fallback :class:`DenseRule`.
+
+The seven ``inverse=`` names are registry entries that compose these parts
+(:func:`make_strategy`); see the algorithm reference, docs/algorithms.md, for the maths and
+the papers. Factor states are frozen values (:class:`FactorState`); an update or a refresh
+returns a new one.
+
+The conceptual initialisation ``X_0 = I`` is not stored: the first update sets
+``X = (1 - rho) X_inst`` and the identity's weight ``prod rho_j`` (``rho^m``) is carried in
+:attr:`FactorState.identity` and added to the damping. Keeping ``I`` out of the matrix keeps
+it positive semidefinite with the fast spectral decay the low-rank inverses exploit.
+"""
+
+from __future__ import annotations
+
+import abc
+import warnings
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+import lowrank_nla as ln
+
+from ._curvature import CaptureSpec, LayerBatch, Tick, register_block
+from ._damping import Applied, DampingScheme, Prepared, make_damping
+from ._layers import LinearLayer
+from ._schedule import check_bool, check_fraction, check_int_at_least
+
+__all__ = [
+    "RSVD",
+    "SREVD",
+    "BrandRule",
+    "Correction",
+    "DenseRule",
+    "Eigh",
+    "FactorState",
+    "KronBlock",
+    "KronState",
+    "KronStrategy",
+    "Ranks",
+    "Reset",
+    "inverse_names",
+    "make_strategy",
+]
+
+# Eigenvalues at or below this are rounding noise of a PSD matrix.
+EIGENVALUE_FLOOR = 1e-10
+_STAT_DTYPES = (torch.float32, torch.float64)
+
+
+def clip_spectrum(d: Tensor) -> Tensor:
+    """Zero the eigenvalues ``<= EIGENVALUE_FLOOR`` (negative rounding noise included)."""
+    return torch.where(d > EIGENVALUE_FLOOR, d, torch.zeros_like(d))
+
+
+class Generators:
+    """One seeded ``torch.Generator`` per device: the sketches and random column choices of
+    a strategy, drawn in a fixed order (the engine's), so runs repeat exactly."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+        self._by_device: dict[str, torch.Generator] = {}
+
+    def __call__(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self._by_device:
+            self._by_device[key] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._by_device[key]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {key: g.get_state() for key, g in self._by_device.items()}
+
+    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+        for key, value in state.items():
+            generator = torch.Generator(device=torch.device(key))
+            generator.set_state(value)
+            self._by_device[key] = generator
+
+
+# ---------------------------------------------------------------------------- decomposers
+
+
+class Decomposer(abc.ABC):
+    """How a dense symmetric PSD factor becomes a representation ``(U, d)``."""
+
+    #: Whether the representation is a full eigendecomposition (no rank).
+    full: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def __call__(self, X: Tensor, rank: int, rng: torch.Generator) -> ln.LowRankPSD:
+        """A rank-``rank`` representation of ``X`` (``rank`` ignored when :attr:`full`)."""
+
+
+@dataclass(frozen=True)
+class Eigh(Decomposer):
+    """Full symmetric eigendecomposition (:func:`lowrank_nla.partial_eigh`, ``O(D^3)``; a
+    float32 decomposition that fails is retried in float64 with a warning)."""
+
+    full: ClassVar[bool] = True
+
+    def __call__(self, X: Tensor, rank: int, rng: torch.Generator) -> ln.LowRankPSD:
+        w, V = ln.partial_eigh(X, X.shape[0])
+        return ln.LowRankPSD(V, w)
+
+
+@dataclass(frozen=True)
+class RSVD(Decomposer):
+    """Randomized decomposition (R-KFAC): Rayleigh-Ritz finish
+    (:func:`lowrank_nla.randomized_eigh`, exactly symmetric) or ``finish="svd"``
+    (:func:`lowrank_nla.randomized_svd`, the ``torch.svd_lowrank`` form), ``O(q D^2 l)``."""
+
+    oversample: int = 10
+    power_iters: int = 3
+    finish: str = "rr"
+
+    def __call__(self, X: Tensor, rank: int, rng: torch.Generator) -> ln.LowRankPSD:
+        p, q = self.oversample, self.power_iters
+        if self.finish == "svd":
+            _, S, Vh = ln.randomized_svd(X, rank, oversample=p, power_iters=q, rng=rng)
+            return ln.LowRankPSD(Vh.T, S)
+        w, V = ln.randomized_eigh(
+            X, rank, oversample=p, power_iters=q, rng=rng, check_symmetric=False
+        )
+        return ln.LowRankPSD(V, w)
+
+
+@dataclass(frozen=True)
+class SREVD(Decomposer):
+    """Symmetric randomized EVD (SRE-KFAC, :func:`lowrank_nla.srevd`)."""
+
+    oversample: int = 10
+    power_iters: int = 4
+    reorth_every: int | None = 2
+
+    def __call__(self, X: Tensor, rank: int, rng: torch.Generator) -> ln.LowRankPSD:
+        w, V = ln.srevd(
+            X,
+            rank,
+            oversample=self.oversample,
+            power_iters=self.power_iters,
+            reorth_every=self.reorth_every,
+            rng=rng,
+            check_symmetric=False,
+        )
+        return ln.LowRankPSD(V, w)
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """Initial rank and, when ``adaptive``, the :class:`lowrank_nla.RankController` that moves
+    it from the truncation ratio ``d_min / d_max`` of every new representation."""
+
+    initial: int = 180
+    adaptive: bool = True
+    target: float = 0.033
+
+    def rsvd(self, dim: int) -> ln.RankController:
+        return ln.RankController.rsvd(dim, target=self.target)
+
+    def brand(self, cap: int) -> ln.RankController:
+        return ln.RankController.brand(target=self.target, cap=cap, floor=min(70, cap))
+
+
+# ---------------------------------------------------------------------------- factor state
+
+
+@dataclass(frozen=True)
+class FactorState:
+    """One Kronecker factor of one layer (``A`` or ``G``), a frozen value.
+
+    Attributes
+    ----------
+    dim : int
+        Dimension ``D``.
+    matrix : Tensor or None
+        Dense ``D x D`` exponential average (``None`` when the rule keeps none).
+    online : LowRankPSD or None
+        Brand-updated low-rank exponential average.
+    updates : int
+        EA updates ``m``.
+    identity : float
+        Weight of the identity initialisation, ``prod_j rho_j`` (1 before any update).
+    applied : Applied or None
+        The representation the direction applies, with the identity weight it was made with.
+    brand : bool or None
+        Whether the factor is Brand-tracked (decided at its first update; ``None`` before).
+    rank : RankState or None
+        Adaptive-rank state.
+    drift : float
+        Running ``brand_drift_bound`` of the online state.
+    batches : int
+        Statistics batches offered to the online state.
+    """
+
+    dim: int
+    matrix: Tensor | None = None
+    online: ln.LowRankPSD | None = None
+    updates: int = 0
+    identity: float = 1.0
+    applied: Applied | None = None
+    brand: bool | None = None
+    rank: ln.RankState | None = None
+    drift: float = 0.0
+    batches: int = 0
+
+    @property
+    def rep(self) -> ln.LowRankPSD | None:
+        """The applied representation ``(U, d)`` (``None`` before the first refresh)."""
+        return None if self.applied is None else self.applied.rep
+
+    def counted(self, decay: float) -> FactorState:
+        """One more EA update: ``m + 1`` and the identity weight times ``decay``."""
+        return replace(self, updates=self.updates + 1, identity=self.identity * decay)
+
+    def with_dense(self, inst: Tensor, decay: float) -> FactorState:
+        """``X <- decay X + (1 - decay) X_inst`` (``(1 - decay) X_inst`` the first time)."""
+        if self.matrix is None:
+            return replace(self, matrix=(1.0 - decay) * inst)
+        return replace(self, matrix=(self.matrix * decay).add_(inst, alpha=1.0 - decay))
+
+    def memory(self) -> int:
+        """Bytes held by the factor's tensors (dense EA, online state, representation)."""
+        tensors = [self.matrix]
+        for rep in (self.online, self.rep):
+            if rep is not None:
+                tensors += [rep.U, rep.d]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _rep_state(rep: ln.LowRankPSD | None) -> list[Tensor] | None:
+    return None if rep is None else [rep.U.clone(), rep.d.clone()]
+
+
+def _load_rep(value: Any, device: torch.device) -> ln.LowRankPSD | None:
+    if value is None:
+        return None
+    U, d = (t.detach().clone().to(device) for t in value)
+    return ln.LowRankPSD(U, d)
+
+
+def _factor_state_dict(f: FactorState) -> dict[str, Any]:
+    return {
+        "matrix": None if f.matrix is None else f.matrix.clone(),
+        "online": _rep_state(f.online),
+        "rep": _rep_state(f.rep),
+        "updates": f.updates,
+        "identity": f.identity,
+        "rep_identity": None if f.applied is None else f.applied.identity,
+        "brand": f.brand,
+        "rank": None
+        if f.rank is None
+        else (f.rank.rank, list(f.rank.errors), f.rank.observations),
+        "drift": f.drift,
+        "batches": f.batches,
+    }
+
+
+def _check_factor_state(dim: int, saved: Mapping[str, Any], where: str) -> None:
+    matrix = saved["matrix"]
+    if matrix is not None and tuple(matrix.shape) != (dim, dim):
+        raise ValueError(
+            f"state_dict factor {where} has shape {tuple(matrix.shape)}, expected ({dim}, {dim})"
+        )
+    for key in ("online", "rep"):
+        value = saved[key]
+        if value is not None and value[0].shape[0] != dim:
+            raise ValueError(
+                f"state_dict {key} representation of factor {where} has dimension "
+                f"{value[0].shape[0]}, expected {dim}"
+            )
+
+
+def _load_factor_state(dim: int, saved: Mapping[str, Any], device: torch.device) -> FactorState:
+    matrix = saved["matrix"]
+    rep = _load_rep(saved["rep"], device)
+    rank = saved["rank"]
+    return FactorState(
+        dim=dim,
+        matrix=None if matrix is None else matrix.detach().clone().to(device),
+        online=_load_rep(saved["online"], device),
+        updates=int(saved["updates"]),
+        identity=float(saved["identity"]),
+        applied=None if rep is None else Applied.of(rep, float(saved["rep_identity"])),
+        brand=saved["brand"],
+        rank=None if rank is None else ln.RankState(int(rank[0]), tuple(rank[1]), int(rank[2])),
+        drift=float(saved["drift"]),
+        batches=int(saved["batches"]),
+    )
+
+
+# ---------------------------------------------------------------------------- factor rules
+
+
+@dataclass(frozen=True)
+class Statistics:
+    """One factor's statistics of one step: the dense ``X_inst`` lazily, or its block ``B``
+    (``D x N``, ``X_inst = B B^T``) when rows were captured."""
+
+    dense: Callable[[], Tensor]
+    block: Tensor | None = None
+
+
+class FactorRule(abc.ABC):
+    """How one factor is kept (:meth:`update`) and its representation refreshed."""
+
+    @abc.abstractmethod
+    def update(
+        self, f: FactorState, stats: Statistics, tick: Tick, ctx: RuleContext
+    ) -> FactorState:
+        """Fold one step's statistics into the factor."""
+
+    @abc.abstractmethod
+    def refresh(self, f: FactorState, tick: Tick, ctx: RuleContext) -> FactorState:
+        """Make ``applied`` current where the clock asks for it."""
+
+    def wants_rows(self, layer: Any) -> bool:
+        """Whether the capture keeps the per-sample rows of ``layer`` on factor steps."""
+        return False
+
+
+@dataclass(frozen=True)
+class RuleContext:
+    """What rules share: decomposition and application dtypes, the random generators."""
+
+    decomposition_dtype: torch.dtype
+    dtype: torch.dtype
+    generators: Generators
+
+
+def _published(f: FactorState, rep: ln.LowRankPSD, dtype: torch.dtype) -> FactorState:
+    rep = ln.LowRankPSD(rep.U.to(dtype), rep.d.to(dtype))
+    return replace(f, applied=Applied.of(rep, f.identity))
+
+
+@dataclass(frozen=True)
+class DenseRule(FactorRule):
+    """Dense EA, decomposed on refresh steps (K-FAC, R-KFAC, SRE-KFAC, and the fallback of
+    the Brand rules). ``ranks`` is ``None`` for a full decomposition."""
+
+    decomposer: Decomposer
+    ranks: Ranks | None = None
+
+    def update(
+        self, f: FactorState, stats: Statistics, tick: Tick, ctx: RuleContext
+    ) -> FactorState:
+        return f.with_dense(stats.dense(), tick.decay).counted(tick.decay)
+
+    def target_rank(self, f: FactorState) -> tuple[int, FactorState]:
+        """The rank of the next decomposition (initialising the rank state)."""
+        assert self.ranks is not None
+        if f.rank is None:
+            f = replace(f, rank=self.ranks.rsvd(f.dim).init(min(self.ranks.initial, f.dim)))
+        assert f.rank is not None
+        return min(f.rank.rank, f.dim), f
+
+    def low_rank(self, f: FactorState, ctx: RuleContext) -> tuple[ln.LowRankPSD, FactorState]:
+        """A representation of the dense EA (no rank observation)."""
+        assert f.matrix is not None
+        X = f.matrix.to(ctx.decomposition_dtype)
+        rank = X.shape[0]
+        if self.ranks is not None:
+            rank, f = self.target_rank(f)
+        rep = self.decomposer(X, rank, ctx.generators(X.device))
+        return ln.LowRankPSD(rep.U, clip_spectrum(rep.d)), f
+
+    def refresh(self, f: FactorState, tick: Tick, ctx: RuleContext) -> FactorState:
+        if f.matrix is None or not (tick.inverse or f.applied is None):
+            return f
+        rep, f = self.low_rank(f, ctx)
+        if self.ranks is not None and self.ranks.adaptive and f.rank is not None and rep.rank:
+            f = replace(f, rank=self.ranks.rsvd(f.dim).update(f.rank, ln.truncation_ratio(rep.d)))
+        return _published(f, rep, ctx.dtype)
+
+
+@dataclass(frozen=True)
+class Reset:
+    """B-R: every ``every`` inverse periods the Brand state is replaced by a randomized
+    decomposition of the dense EA (the Brand update of that batch is skipped)."""
+
+    every: int = 5
+
+
+@dataclass(frozen=True)
+class Correction:
+    """BC: every ``every`` Brand updates, Rayleigh-Ritz against the dense EA on a random
+    ``fraction`` of the columns (:func:`lowrank_nla.rayleigh_ritz_refresh`)."""
+
+    every: int = 5
+    fraction: float = 0.2
+
+
+@dataclass(frozen=True)
+class BrandRule(FactorRule):
+    """Brand online updates of the eligible factors (Linear layers with ``cap + N < D``),
+    ``fallback`` for the others.
+
+    ``every`` (``m_B``): a Brand update every ``every`` statistics batches. ``identity_clock``:
+    ``"updates"`` decays the identity weight per Brand update (``rho^m``), ``"batches"`` per
+    statistics batch (``rho^b``, the dense factors' clock). ``keep_dense`` also keeps the
+    dense EA (needed by ``reset`` and ``correction``).
+    """
+
+    fallback: DenseRule
+    every: int = 5
+    cap: int = 500
+    identity_clock: str = "updates"
+    keep_dense: bool = False
+    reset: Reset | None = None
+    correction: Correction | None = None
+
+    def wants_rows(self, layer: Any) -> bool:
+        return isinstance(layer, LinearLayer)
+
+    @property
+    def ranks(self) -> Ranks:
+        assert self.fallback.ranks is not None
+        return self.fallback.ranks
+
+    def update(
+        self, f: FactorState, stats: Statistics, tick: Tick, ctx: RuleContext
+    ) -> FactorState:
+        if f.brand is None:
+            eligible = stats.block is not None and self.cap + stats.block.shape[1] < f.dim
+            f = replace(f, brand=eligible)
+            if eligible:
+                initial = min(self.ranks.initial, f.dim)
+                f = replace(f, rank=self.ranks.brand(self.cap).init(initial))
+        if not f.brand:
+            return self.fallback.update(f, stats, tick, ctx)
+        if self.keep_dense:
+            f = f.with_dense(stats.dense(), tick.decay)
+        return self._online(f, stats, tick, ctx)
+
+    def _is_reset(self, tick: Tick) -> bool:
+        period = tick.inverse_period
+        return (
+            self.reset is not None
+            and tick.step > period
+            and tick.step % (period * self.reset.every) == 0
+        )
+
+    def _online(
+        self, f: FactorState, stats: Statistics, tick: Tick, ctx: RuleContext
+    ) -> FactorState:
+        decay = tick.decay
+        if self._is_reset(tick):
+            rep, f = self.fallback.low_rank(f.counted(decay), ctx)
+            return replace(f, online=rep, drift=0.0, batches=0)
+        count = f.batches
+        f = replace(f, batches=count + 1)
+        if count % self.every:
+            # between Brand updates: this batch is not used (m_B > 1)
+            if self.identity_clock == "batches":
+                f = replace(f, identity=f.identity * decay)
+            return f
+        assert stats.block is not None
+        block = stats.block.to(ctx.decomposition_dtype)
+        state = f.online
+        if state is None:
+            state = ln.LowRankPSD(block.new_zeros((f.dim, 0)), block.new_zeros((0,)))
+        assert f.rank is not None
+        result = ln.brand_update(state, block, decay=decay, rank=min(f.rank.rank, f.dim))
+        f = replace(
+            f.counted(decay),
+            online=result.state,
+            drift=decay * f.drift + float(result.dropped_max),
+        )
+        if self.ranks.adaptive and result.state.rank > 0 and f.rank is not None:
+            ratio = ln.truncation_ratio(result.state.d)
+            f = replace(f, rank=self.ranks.brand(self.cap).update(f.rank, ratio))
+        c = self.correction
+        if c is not None and f.updates % c.every == 0 and f.matrix is not None:
+            f = self._correct(f, c, ctx)
+        return f
+
+    def _correct(self, f: FactorState, c: Correction, ctx: RuleContext) -> FactorState:
+        assert f.online is not None
+        assert f.matrix is not None
+        k = f.online.rank
+        size = min(k, round(c.fraction * k + 1))
+        if size < 1:
+            return f
+        U = f.online.U
+        perm = torch.randperm(k, generator=ctx.generators(U.device), device=U.device)
+        columns = perm[:size].sort().values
+        online = ln.rayleigh_ritz_refresh(f.online, f.matrix.to(ctx.decomposition_dtype), columns)
+        return replace(f, online=online)
+
+    def refresh(self, f: FactorState, tick: Tick, ctx: RuleContext) -> FactorState:
+        if not f.brand:
+            return self.fallback.refresh(f, tick, ctx)
+        # The online state changes at every Brand update; as for the other rules, the
+        # representation applied changes only on refresh steps.
+        fresh = tick.inverse or f.applied is None
+        if fresh and f.online is not None and f.online.rank > 0:
+            return _published(f, f.online, ctx.dtype)
+        return f
+
+
+# ---------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class KronStrategy:
+    """A registered ``inverse=`` strategy: its name, the rule of every factor and the seed
+    of its sketches and random column choices."""
+
+    name: str
+    rule: FactorRule
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class _Entry:
+    options: tuple[str, ...]
+    build: Callable[..., FactorRule]
+
+
+_RANDOMIZED = ("rank", "oversample", "power_iters", "adaptive_rank", "rank_target", "seed")
+_BRAND = (*_RANDOMIZED, "finish", "brand_every", "rank_cap", "identity_clock")
+_STRATEGIES: dict[str, _Entry] = {}
+
+
+def _ranks(rank: int, adaptive_rank: Any, rank_target: float) -> Ranks:
+    return Ranks(
+        initial=check_int_at_least(1)(rank, "rank"),
+        adaptive=check_bool(adaptive_rank, "adaptive_rank"),
+        target=check_fraction(rank_target, "rank_target"),
+    )
+
+
+def _rsvd_rule(
+    *,
+    rank: int = 180,
+    oversample: int = 10,
+    power_iters: int = 3,
+    finish: str = "rr",
+    adaptive_rank: bool = True,
+    rank_target: float = 0.033,
+) -> DenseRule:
+    if finish not in ("rr", "svd"):
+        raise ValueError(f"Invalid finish: {finish!r}; valid names are ['rr', 'svd']")
+    decomposer = RSVD(
+        oversample=check_int_at_least(0)(oversample, "oversample"),
+        power_iters=check_int_at_least(0)(power_iters, "power_iters"),
+        finish=finish,
+    )
+    return DenseRule(decomposer, _ranks(rank, adaptive_rank, rank_target))
+
+
+def _srevd_rule(
+    *,
+    rank: int = 180,
+    oversample: int = 10,
+    power_iters: int = 4,
+    reorth_every: int | None = 2,
+    adaptive_rank: bool = True,
+    rank_target: float = 0.033,
+) -> DenseRule:
+    if reorth_every is not None:
+        check_int_at_least(1)(reorth_every, "reorth_every")
+    decomposer = SREVD(
+        oversample=check_int_at_least(0)(oversample, "oversample"),
+        power_iters=check_int_at_least(0)(power_iters, "power_iters"),
+        reorth_every=reorth_every,
+    )
+    return DenseRule(decomposer, _ranks(rank, adaptive_rank, rank_target))
+
+
+def _brand_rule(
+    *,
+    controlled: bool,
+    resets: bool,
+    corrects: bool,
+    brand_every: int | None = None,
+    rank_cap: int = 500,
+    identity_clock: str = "updates",
+    reset_every: int = 5,
+    correct_every: int = 5,
+    correct_fraction: float = 0.2,
+    **rsvd: Any,
+) -> BrandRule:
+    fallback = _rsvd_rule(**rsvd)
+    every = (1 if controlled else 5) if brand_every is None else brand_every
+    cap = check_int_at_least(1)(rank_cap, "rank_cap")
+    if identity_clock not in ("updates", "batches"):
+        raise ValueError(
+            f"Invalid identity_clock: {identity_clock!r}; valid names are ['updates', 'batches']"
+        )
+    assert fallback.ranks is not None
+    if fallback.ranks.initial > cap:
+        raise ValueError(f"Invalid rank: {fallback.ranks.initial} (must be <= rank_cap = {cap})")
+    reset = Reset(check_int_at_least(1)(reset_every, "reset_every")) if resets else None
+    correction = None
+    if corrects:
+        correction = Correction(
+            check_int_at_least(1)(correct_every, "correct_every"),
+            check_fraction(correct_fraction, "correct_fraction"),
+        )
+    return BrandRule(
+        fallback=fallback,
+        every=check_int_at_least(1)(every, "brand_every"),
+        cap=cap,
+        identity_clock=identity_clock,
+        keep_dense=controlled,
+        reset=reset,
+        correction=correction,
+    )
+
+
+def _register(name: str, options: tuple[str, ...], build: Callable[..., FactorRule]) -> None:
+    _STRATEGIES[name] = _Entry(options, build)
+
+
+_register("eigh", (), lambda: DenseRule(Eigh()))
+_register("rsvd", (*_RANDOMIZED, "finish"), _rsvd_rule)
+_register("srevd", (*_RANDOMIZED, "reorth_every"), _srevd_rule)
+_register(
+    "brand", _BRAND, lambda **o: _brand_rule(controlled=False, resets=False, corrects=False, **o)
+)
+_register(
+    "brand-rsvd",
+    (*_BRAND, "reset_every"),
+    lambda **o: _brand_rule(controlled=True, resets=True, corrects=False, **o),
+)
+_register(
+    "brand-correct",
+    (*_BRAND, "correct_every", "correct_fraction"),
+    lambda **o: _brand_rule(controlled=True, resets=False, corrects=True, **o),
+)
+_register(
+    "brand-rsvd-correct",
+    (*_BRAND, "reset_every", "correct_every", "correct_fraction"),
+    lambda **o: _brand_rule(controlled=True, resets=True, corrects=True, **o),
+)
+
+
+def inverse_names() -> tuple[str, ...]:
+    """The registered ``inverse=`` names, sorted."""
+    return tuple(sorted(_STRATEGIES))
+
+
+def make_strategy(name: Any, options: Mapping[str, Any] | None = None) -> KronStrategy:
+    """The strategy registered as ``name`` with its keyword ``options``; ``ValueError`` for an
+    unknown name (listing the valid ones) or an option the strategy does not take."""
+    if not isinstance(name, str) or name not in _STRATEGIES:
+        raise ValueError(f"Invalid inverse: {name!r}; valid names are {list(inverse_names())}")
+    entry = _STRATEGIES[name]
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(entry.options))
+    if unknown:
+        raise ValueError(
+            f"inverse={name!r} does not take option(s) {unknown}; it accepts {list(entry.options)}"
+        )
+    seed = check_int_at_least(0)(options.pop("seed", 0), "seed")
+    return KronStrategy(name, entry.build(**options), seed)
+
+
+# ---------------------------------------------------------------------------- the block
+
+
+@dataclass(frozen=True)
+class KronState:
+    """The Kronecker pair of one layer: two factors and the inverse prepared from their
+    applied representations for the damping value ``damping`` (``None`` before)."""
+
+    A: FactorState
+    G: FactorState
+    prepared: Prepared | None = None
+    damping: float | None = None
+    probe: Tensor | None = None
+
+
+class KronBlock:
+    """The K-FAC family's curvature block: ``(G (x) A)`` per layer, every factor kept by the
+    strategy's rule, directions through a damping scheme's prepared inverse.
+
+    Parameters
+    ----------
+    strategy : KronStrategy
+        From :func:`make_strategy`.
+    damping : DampingScheme
+        How the damping enters the inverse (``kfac._damping``).
+    continuation : bool
+        Model the discarded spectrum of a truncated representation as flat at its smallest
+        kept eigenvalue.
+    factored_apply : bool
+        Compute the directions of Linear layers whose two factors are Brand-tracked from the
+        layer's rows (only with a factored damping scheme; checked by a probe each step).
+    dtype, decomposition_dtype : torch.dtype
+        Application (factor) dtype and decomposition dtype.
+    seed : int
+        Seed of the rows' probes (the strategy carries the seed of its sketches).
+    """
+
+    name: ClassVar[str] = "kron"
+
+    def __init__(
+        self,
+        strategy: KronStrategy,
+        damping: DampingScheme,
+        *,
+        continuation: bool = True,
+        factored_apply: bool = True,
+        dtype: torch.dtype = torch.float32,
+        decomposition_dtype: torch.dtype | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.strategy = strategy
+        self.damping_scheme = damping
+        self.continuation = continuation
+        self.factored_apply = factored_apply and damping.factored
+        self.dtype = dtype
+        self.seed = seed
+        self.ctx = RuleContext(decomposition_dtype or dtype, dtype, Generators(strategy.seed))
+        #: How each layer's last direction was computed ("factored" or "dense").
+        self.applied: dict[str, str] = {}
+        self._mismatch_warned: set[str] = set()
+
+    @property
+    def rule(self) -> FactorRule:
+        return self.strategy.rule
+
+    # -------------------------------------------------------------- protocol
+    def rows_candidate(self, layer: Any) -> bool:
+        """Whether ``layer`` may use the rows application (once its factors are Brand-tracked)."""
+        return (
+            self.factored_apply
+            and self.rule.wants_rows(layer)
+            and all(p.requires_grad and p.dtype in _STAT_DTYPES for p in layer.params)
+        )
+
+    def rows_applied(self, layer: Any, state: KronState) -> bool:
+        """Whether the layer's direction comes from its rows (both factors Brand-tracked)."""
+        return state.probe is not None and bool(state.A.brand) and bool(state.G.brand)
+
+    def capture(self, layer: Any, state: KronState, factor_step: bool) -> CaptureSpec | None:
+        rows = self.rule.wants_rows(layer)
+        if factor_step:
+            return CaptureSpec(rows=rows)
+        return CaptureSpec(rows=True) if self.rows_applied(layer, state) else None
+
+    def init(self, layer: Any) -> KronState:
+        probe = None
+        if self.rows_candidate(layer):
+            weight = layer.params[0]
+            seed = self.seed + zlib.crc32(layer.name.encode())
+            gen = torch.Generator(device=weight.device).manual_seed(seed)
+            probe = torch.randn(layer.dim_A, generator=gen, device=weight.device, dtype=self.dtype)
+        return KronState(A=FactorState(layer.dim_A), G=FactorState(layer.dim_G), probe=probe)
+
+    def update(self, layer: Any, state: KronState, batch: LayerBatch, tick: Tick) -> KronState:
+        if batch.a_rows is not None:
+            stats_A = Statistics(lambda: batch.input_factor(), batch.input_block())
+            stats_G = Statistics(lambda: batch.output_factor(), batch.output_block())
+        else:
+            stats_A, stats_G = Statistics(batch.input_factor), Statistics(batch.output_factor)
+        A = self.rule.update(state.A, stats_A, tick, self.ctx)
+        G = self.rule.update(state.G, stats_G, tick, self.ctx)
+        return replace(state, A=A, G=G)
+
+    def refresh(self, layer: Any, state: KronState, tick: Tick) -> KronState:
+        G = self.rule.refresh(state.G, tick, self.ctx)
+        A = self.rule.refresh(state.A, tick, self.ctx)
+        if G.applied is None or A.applied is None:
+            return replace(state, A=A, G=G)
+        changed = G.applied is not state.G.applied or A.applied is not state.A.applied
+        if not changed and state.damping == tick.damping:
+            return replace(state, A=A, G=G)
+        # validated once per new representation; a new damping value alone reuses it
+        prepared = self.damping_scheme.prepare(
+            G.applied, A.applied, tick.damping, continuation=self.continuation, validate=changed
+        )
+        return KronState(A=A, G=G, prepared=prepared, damping=tick.damping, probe=state.probe)
+
+    def ready(self, state: KronState) -> bool:
+        return state.prepared is not None
+
+    def direction(
+        self, layer: Any, state: KronState, grad: Tensor, batch: LayerBatch | None, tick: Tick
+    ) -> Tensor:
+        prepared = state.prepared
+        assert prepared is not None
+        rows = self._rows(layer, state, grad, batch)
+        if rows is None:
+            self.applied[layer.name] = "dense"
+            return prepared.apply(grad)
+        self.applied[layer.name] = "factored"
+        return prepared.apply_rows(*rows)
+
+    def _rows(
+        self, layer: Any, state: KronState, V: Tensor, batch: LayerBatch | None
+    ) -> tuple[Tensor, Tensor] | None:
+        """The rows ``(grad_outputs, inputs)`` when they reproduce ``V`` on a random probe
+        ``x``: ``|V x - g^T (a x)| <= 8 N eps ||g||_F ||a x||`` (rounding of the two
+        ``N``-term sums); ``None`` (with one warning per layer) when they do not."""
+        if not self.rows_applied(layer, state) or batch is None or not batch.exact:
+            return None
+        g_rows, a_rows = batch.g_rows, batch.a_rows
+        if g_rows is None or a_rows is None or g_rows.shape[0] != a_rows.shape[0]:
+            return None
+        assert state.probe is not None
+        x = state.probe
+        ax = a_rows @ x
+        err = float(torch.linalg.vector_norm(V @ x - g_rows.T @ ax))
+        eps = max(torch.finfo(V.dtype).eps, torch.finfo(layer.params[0].dtype).eps)
+        bound = float(torch.linalg.vector_norm(g_rows)) * float(torch.linalg.vector_norm(ax))
+        if err <= 8 * g_rows.shape[0] * eps * bound:
+            return g_rows, a_rows
+        if layer.name not in self._mismatch_warned:
+            self._mismatch_warned.add(layer.name)
+            warnings.warn(
+                f"the gradient of layer {layer.describe()} is not the product of its recorded "
+                "output gradients and inputs (a penalty added to the loss, gradient "
+                "accumulation over several forwards, or a gradient modified before step()?): "
+                "preconditioning .grad instead of the rows for the steps where this happens; "
+                "pass factored_apply=False to always do so",
+                RuntimeWarning,
+                stacklevel=6,
+            )
+        return None
+
+    def exchange(self, state: KronState) -> dict[str, Tensor]:
+        out = {}
+        for side, f in (("A", state.A), ("G", state.G)):
+            if f.rep is not None:
+                out[f"{side}.U"], out[f"{side}.d"] = f.rep.U, f.rep.d
+        return out
+
+    # -------------------------------------------------------------- state
+    def state_dict(self, state: KronState) -> dict[str, Any]:
+        return {"A": _factor_state_dict(state.A), "G": _factor_state_dict(state.G)}
+
+    def load_state(self, layer: Any, saved: Mapping[str, Any], device: torch.device) -> KronState:
+        where = f"of layer '{layer.name}'"
+        _check_factor_state(layer.dim_A, saved["A"], f"A {where}")
+        _check_factor_state(layer.dim_G, saved["G"], f"G {where}")
+        fresh = self.init(layer)
+        return replace(
+            fresh,
+            A=_load_factor_state(layer.dim_A, saved["A"], device),
+            G=_load_factor_state(layer.dim_G, saved["G"], device),
+        )
+
+    def block_state_dict(self) -> dict[str, Any]:
+        return {"strategy": self.strategy.name, "generators": self.ctx.generators.state_dict()}
+
+    def check_block_state_dict(self, saved: Mapping[str, Any]) -> None:
+        if saved.get("strategy") != self.strategy.name:
+            raise ValueError(
+                f"state_dict was saved with inverse={saved.get('strategy')!r}, this "
+                f"preconditioner uses {self.strategy.name!r}"
+            )
+
+    def load_block_state_dict(self, saved: Mapping[str, Any]) -> None:
+        self.check_block_state_dict(saved)
+        self.ctx.generators.load_state_dict(saved.get("generators", {}))
+
+    def diagnostics(self, layer: Any, state: KronState) -> list[dict[str, Any]]:
+        rows = []
+        for side, f in (("A", state.A), ("G", state.G)):
+            rep = f.rep
+            kind = "brand" if f.brand else ("dense" if f.matrix is not None else "-")
+            rows.append(
+                {
+                    "layer": layer.name,
+                    "factor": side,
+                    "kind": kind,
+                    "dim": f.dim,
+                    "rank": None if rep is None else rep.rank,
+                    "target_rank": None if f.rank is None else f.rank.rank,
+                    "truncation_ratio": (
+                        None if rep is None or rep.rank == 0 else ln.truncation_ratio(rep.d)
+                    ),
+                    "drift": f.drift if f.brand else None,
+                    "updates": f.updates,
+                    "identity": f.identity,
+                    "memory": f.memory(),
+                    "apply": self.applied.get(layer.name),
+                }
+            )
+        return rows
+
+
+def kron_block(
+    *,
+    dtype: torch.dtype,
+    seed: int,
+    fisher: str,
+    inverse: str = "eigh",
+    damping_scheme: str = "factored-relative",
+    continuation: bool = True,
+    factored_apply: bool = True,
+    decomposition_dtype: torch.dtype | None = None,
+    **inverse_options: Any,
+) -> KronBlock:
+    """The K-FAC family's block (registered as ``"kron"``): ``inverse`` names the strategy
+    (:func:`inverse_names`), ``inverse_options`` its options. The rows application needs the
+    empirical Fisher (the rows of a Monte-Carlo pass are not those of the gradient)."""
+    scheme = make_damping(damping_scheme)
+    strategy = make_strategy(inverse, inverse_options)
+    return KronBlock(
+        strategy,
+        scheme,
+        continuation=check_bool(continuation, "continuation"),
+        factored_apply=check_bool(factored_apply, "factored_apply") and fisher == "empirical",
+        dtype=dtype,
+        decomposition_dtype=decomposition_dtype,
+        seed=seed,
+    )
+
+
+register_block("kron", kron_block)
