@@ -95,6 +95,13 @@ def damped_inverse(
     TypeError
         ``state`` is not a :class:`LowRankPSD`, mixed libraries or dtypes.
 
+    Notes
+    -----
+    With ``U`` orthonormal, ``X = U diag(d + l) U^T + (t + l)(I - U U^T)``, so
+    ``X^-1 = U diag(1/(d + l) - 1/(t + l)) U^T + I/(t + l)``: ``O(k)`` work here, and
+    :meth:`DampedInverse.apply` costs two thin products. It equals
+    :func:`damped_inverse_apply` (the checked, one-shot form) exactly.
+
     Examples
     --------
     >>> import numpy as np
@@ -187,6 +194,20 @@ def kron_eigenbasis_inverse(
         ``damping <= 0``, a negative tail or shift, a malformed or non-finite factor.
     TypeError
         Not :class:`LowRankPSD` values, mixed libraries or dtypes.
+
+    Notes
+    -----
+    The result applies the same operator as
+    ``kron_inverse_apply(G, A, V, damping=damping, scheme="eigenbasis", shift=shift)`` with
+    the given tails: ``V`` is split into the four blocks of the two projectors
+    ``P_X = U_X U_X^T`` and their complements, on which the Kronecker product acts as
+    ``d_G d_A^T``, ``d_G t_A``, ``t_G d_A^T`` and ``t_G t_A`` (exact for any ranks).
+    Validation happens here, once; :meth:`KronEigenbasisInverse.apply` checks nothing.
+
+    References
+    ----------
+    T. George et al., "Fast approximate natural gradient descent in a Kronecker-factored
+    eigenbasis", NeurIPS 2018.
 
     Examples
     --------

@@ -18,6 +18,7 @@ MODULES = [
     "lowrank_nla._svd",
     "lowrank_nla._eigh",
     "lowrank_nla._bounds",
+    "lowrank_nla._kernels",
     "lowrank_nla.testing",
 ]
 
