@@ -172,6 +172,11 @@ class LayerBatch:
 class CurvatureBlock(Protocol[S]):
     """One method's curvature rule over per-layer state values (see the module docstring).
 
+    Implement ``capture``, ``init``, ``update``, ``ready``, ``direction``, ``state_dict`` and
+    ``load_state``; a class that subclasses ``CurvatureBlock`` explicitly inherits the
+    defaults of the others (no refresh, nothing to exchange, no diagnostics, no block-level
+    state).
+
     Attributes
     ----------
     name : str
@@ -193,10 +198,6 @@ class CurvatureBlock(Protocol[S]):
         """Fold the statistics of one step into the state (called on factor steps)."""
         ...
 
-    def refresh(self, layer: Any, state: S, tick: Tick) -> S:
-        """Rebuild the applied representation where ``tick`` asks for it (every step)."""
-        ...
-
     def ready(self, state: S) -> bool:
         """Whether ``direction`` can be computed (a representation exists)."""
         ...
@@ -205,11 +206,9 @@ class CurvatureBlock(Protocol[S]):
         self, layer: Any, state: S, grad: Tensor, batch: LayerBatch | None, tick: Tick
     ) -> Tensor:
         """The preconditioned gradient matrix (same shape as ``grad``); ``batch`` holds this
-        step's record of the layer when its capture spec asked for one, else ``None``."""
-        ...
-
-    def exchange(self, state: S) -> dict[str, Tensor]:
-        """The tensors that define the applied representation (what an owner broadcasts)."""
+        step's record of the layer when its capture spec asked for one, else ``None``. It
+        must not read anything back from the device (no ``float(tensor)``, no ``if
+        tensor``): the engine's hot path stays asynchronous."""
         ...
 
     def state_dict(self, state: S) -> dict[str, Any]:
@@ -220,21 +219,30 @@ class CurvatureBlock(Protocol[S]):
         """Inverse of :meth:`state_dict`; raises ``ValueError`` for a state of other shapes."""
         ...
 
+    def refresh(self, layer: Any, state: S, tick: Tick) -> S:
+        """Rebuild the applied representation where ``tick`` asks for it (every step;
+        default: nothing to rebuild)."""
+        return state
+
+    def exchange(self, state: S) -> dict[str, Tensor]:
+        """The tensors that define the applied representation (what an owner broadcasts;
+        default: none)."""
+        return {}
+
     def diagnostics(self, layer: Any, state: S) -> list[dict[str, Any]]:
-        """Rows of numbers describing the state (one per factor, say)."""
-        ...
+        """Rows of numbers describing the state (default: none)."""
+        return []
 
     def block_state_dict(self) -> dict[str, Any]:
-        """Block-level state (random generators)."""
-        ...
+        """Block-level state, e.g. random generators (default: none)."""
+        return {}
 
     def check_block_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Raise ``ValueError`` unless ``state`` was saved by a block configured like this one."""
-        ...
+        """Raise ``ValueError`` unless ``state`` was saved by a block configured like this
+        one (default: accept)."""
 
     def load_block_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Inverse of :meth:`block_state_dict`."""
-        ...
+        """Inverse of :meth:`block_state_dict` (default: nothing to load)."""
 
 
 BlockFactory = Callable[..., CurvatureBlock[Any]]

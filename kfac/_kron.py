@@ -36,7 +36,7 @@ from torch import Tensor
 
 import lowrank_nla as ln
 
-from ._curvature import CaptureSpec, LayerBatch, Tick, register_block
+from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick, register_block
 from ._damping import Applied, DampingScheme, Prepared, make_damping
 from ._layers import LinearLayer
 from ._schedule import check_bool, check_fraction, check_int_at_least
@@ -686,7 +686,7 @@ class KronState:
     probe: Tensor | None = None
 
 
-class KronBlock:
+class KronBlock(CurvatureBlock[KronState]):
     """The K-FAC family's curvature block: ``(G (x) A)`` per layer, every factor kept by the
     strategy's rule, directions through a damping scheme's prepared inverse.
 

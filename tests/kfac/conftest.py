@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,3 +40,17 @@ def exact_preconditioner(model: nn.Module, **kwargs: Any) -> kfac.KFACPreconditi
     }
     options.update(kwargs)
     return kfac.KFACPreconditioner(model, **options)
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+@functools.cache
+def new_method_example() -> dict[str, Any]:
+    """The namespace of the worked example of docs/guide/new_method.md (its first code
+    block: the diagonal empirical-Fisher block, registered as ``"diagonal-fisher"``)."""
+    text = (DOCS / "guide" / "new_method.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(block, "new_method.md", "exec"), namespace)
+    return namespace

@@ -1,0 +1,237 @@
+"""The torch.optim contract, checked over a registry of every optimizer and preset the
+package exports (in the spirit of torch's ``optim_db``): a new method joins by adding one
+entry to ``OPTIM_DB``.
+
+Each optimizer must equal its own preconditioner followed by ``torch.optim.SGD`` on the
+same parameter groups, step for step and bit for bit; then the usual contract: closures,
+``zero_grad``, LR schedulers, ``add_param_group``, ``state_dict`` through
+``torch.load(weights_only=True)`` with identical continuation, and every error message.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import kfac
+
+from .conftest import new_method_example
+
+
+@dataclass(frozen=True)
+class OptimInfo:
+    """One registry entry: the optimizer class and the options of its preconditioner."""
+
+    name: str
+    cls: type[kfac.PreconditionedSGD]
+    options: dict[str, Any] = field(default_factory=dict)
+    setup: Callable[[], Any] = lambda: None
+
+    def make(self, model: nn.Module, params: Any = None, **sgd: Any) -> kfac.PreconditionedSGD:
+        self.setup()
+        sgd = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, **sgd}
+        return self.cls(model, params=params, **sgd, **self.options)
+
+
+_PERIODS = {"factor_every": 1, "inverse_every": 2}
+_LOW_RANK = {"rank": 4, "adaptive_rank": False}
+OPTIM_DB = [
+    OptimInfo("KFAC-eigh", kfac.KFAC, {"inverse": "eigh", **_PERIODS}),
+    *(
+        OptimInfo(f"KFAC-{name}", kfac.KFAC, {"inverse": name, **_PERIODS, **_LOW_RANK})
+        for name in ("rsvd", "srevd")
+    ),
+    *(
+        OptimInfo(
+            f"KFAC-{name}",
+            kfac.KFAC,
+            {"inverse": name, **_PERIODS, **_LOW_RANK, "rank_cap": 5, "brand_every": 1},
+        )
+        for name in ("brand", "brand-rsvd", "brand-correct", "brand-rsvd-correct")
+    ),
+    OptimInfo(
+        "KFAC-mc-clipped",
+        kfac.KFAC,
+        {"fisher": "mc", "loss": "cross_entropy", "rms_clip": 0.5, **_PERIODS},
+    ),
+    OptimInfo("PreconditionedSGD-kron", kfac.PreconditionedSGD, {"block": "kron", **_PERIODS}),
+    OptimInfo(
+        "PreconditionedSGD-diagonal-fisher",
+        kfac.PreconditionedSGD,
+        {"block": "diagonal-fisher", "damping": 1e-2, **_PERIODS},
+        setup=new_method_example,
+    ),
+]
+IDS = [info.name for info in OPTIM_DB]
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.LayerNorm(12), nn.Linear(12, 3))
+
+
+def batches(count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(16, 6, generator=g), torch.randint(3, (16,), generator=g))
+        for _ in range(count)
+    ]
+
+
+def loss_of(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def run(model: nn.Module, opt: torch.optim.Optimizer, data, scheduler=None) -> list[float]:
+    losses = []
+    for x, y in data:
+
+        def closure(x=x, y=y) -> torch.Tensor:
+            opt.zero_grad()
+            loss = loss_of(model, x, y)
+            loss.backward()
+            return loss
+
+        losses.append(opt.step(closure).item())
+        if scheduler is not None:
+            scheduler.step()
+    return losses
+
+
+def groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Two groups: the first layer at a tenth of the learning rate, the rest at the default."""
+    first = list(model[0].parameters())
+    rest = [p for p in model.parameters() if all(p is not q for q in first)]
+    return [{"params": first, "lr": 0.005}, {"params": rest}]
+
+
+@pytest.mark.parametrize("info", OPTIM_DB, ids=IDS)
+def test_equals_its_preconditioner_then_torch_sgd_with_param_groups(info: OptimInfo) -> None:
+    data = batches(6)
+    model = make_model()
+    opt = info.make(model, params=groups(model))
+    run(model, opt, data)
+
+    reference = make_model()
+    info.setup()
+    options = dict(info.options)
+    if info.cls is kfac.PreconditionedSGD:
+        precond = kfac.Preconditioner(reference, options.pop("block"), **options)
+    else:
+        precond = info.cls.preconditioner_class(reference, **options)
+    sgd = torch.optim.SGD(groups(reference), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    for x, y in data:
+        sgd.zero_grad()
+        loss_of(reference, x, y).backward()
+        precond.step()
+        sgd.step()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)
+    assert opt.param_groups[0]["lr"] == 0.005
+    assert opt.param_groups[1]["lr"] == 0.05
+
+
+@pytest.mark.parametrize("info", OPTIM_DB, ids=IDS)
+def test_closure_zero_grad_and_a_step_without_closure(info: OptimInfo) -> None:
+    model = make_model()
+    opt = info.make(model)
+    (x, y), *_ = batches(1)
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor)
+    assert loss.grad_fn is not None  # the closure ran with gradients enabled
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    loss_of(model, x, y).backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    assert opt.step() is None
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("info", OPTIM_DB, ids=IDS)
+def test_lr_scheduler_drives_every_group(info: OptimInfo) -> None:
+    model = make_model()
+    opt = info.make(model, params=groups(model))
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    run(model, opt, batches(4), scheduler)
+    assert [g["lr"] for g in opt.param_groups] == [0.005 * 0.25, 0.05 * 0.25]
+
+
+@pytest.mark.parametrize("info", OPTIM_DB, ids=IDS)
+def test_add_param_group_trains_a_new_parameter(info: OptimInfo) -> None:
+    model = make_model()
+    opt = info.make(model)
+    temperature = nn.Parameter(torch.tensor(1.0))
+    opt.add_param_group({"params": [temperature], "lr": 0.1})
+    for x, y in batches(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x) / temperature, y).backward()
+        opt.step()
+    assert temperature.item() != 1.0
+    assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("info", OPTIM_DB, ids=IDS)
+def test_state_dict_round_trip_continues_bit_identically(info: OptimInfo) -> None:
+    data = batches(10)
+    model = make_model()
+    opt = info.make(model, params=groups(model))
+    run(model, opt, data[:5])
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    reference = run(model, opt, data[5:])
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    model2 = make_model()
+    model2.load_state_dict(saved["model"])
+    opt2 = info.make(model2, params=groups(model2))
+    opt2.load_state_dict(saved["opt"])
+    assert run(model2, opt2, data[5:]) == reference
+    for p, q in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("info", OPTIM_DB, ids=IDS)
+def test_error_messages(info: OptimInfo) -> None:
+    model = make_model()
+    for key, value, message in (
+        ("lr", -1.0, r"Invalid learning rate: -1.0 \(must be >= 0\)"),
+        ("momentum", -0.5, r"Invalid momentum: -0.5 \(must be >= 0\)"),
+        ("weight_decay", float("nan"), r"Invalid weight_decay: nan \(must be finite\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            info.make(model, **{key: value})
+    with pytest.raises(ValueError, match="Invalid params: layer '0' is preconditioned"):
+        info.make(model, params=list(model[3].parameters()))
+    opt = info.make(model)
+    with pytest.raises(ValueError, match="state_dict has no 'kfac' entry"):
+        opt.load_state_dict(torch.optim.SGD(model.parameters(), lr=0.1).state_dict())
+    other = OPTIM_DB[0] if info.options.get("inverse") == "rsvd" else OPTIM_DB[1]
+    foreign = other.make(make_model())
+    with pytest.raises(ValueError, match="state_dict was saved with"):
+        opt.load_state_dict(foreign.state_dict())
+
+
+def test_every_exported_optimizer_is_in_the_registry() -> None:
+    exported = {
+        obj
+        for name in kfac.__all__
+        if isinstance(obj := getattr(kfac, name), type) and issubclass(obj, torch.optim.Optimizer)
+    }
+    assert exported == {info.cls for info in OPTIM_DB}
+    assert {info.options.get("inverse") for info in OPTIM_DB if info.cls is kfac.KFAC} >= set(
+        kfac.inverse_names()
+    )
+    registered = {info.options.get("block") for info in OPTIM_DB}
+    assert set(kfac.block_names()) <= registered
