@@ -39,7 +39,7 @@ def main() -> None:
     options = {"inverse_every": 10, **extra}
     opt = kfac.KFAC(
         model, lr=0.3, momentum=0.9, inverse=name, damping=3e-3, kl_clip=1e-4,
-        factor_every=1, factor_decay=0.95, loss="mse", **options,
+        factor_every=1, factor_decay=0.95, loss="mse", time_phases=True, **options,
     )  # fmt: skip
     g = torch.Generator().manual_seed(0)
     n, wall, reached, loss = ds.x_train.shape[0], 0.0, None, float("nan")
@@ -63,10 +63,10 @@ def main() -> None:
     print({phase: round(t, 2) for phase, t in opt.preconditioner.timings.items()})
     for layer in opt.preconditioner.layer_names:
         A, G = opt.preconditioner.representations(layer)
-        state = opt.preconditioner._states[layer]
+        state = opt.preconditioner.state(layer)
         print(
-            f"layer {layer}: A top {float(A.d[0]):.3g} (identity {state.A.rep_identity:.3g}), "
-            f"G top {float(G.d[0]):.3g} (identity {state.G.rep_identity:.3g})"
+            f"layer {layer}: A top {float(A.d[0]):.3g} (identity {state.A.applied.identity:.3g}), "
+            f"G top {float(G.d[0]):.3g} (identity {state.G.applied.identity:.3g})"
         )
 
 

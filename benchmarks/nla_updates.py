@@ -5,7 +5,7 @@ Run from the repository root::
     python benchmarks/nla_updates.py            # D = 512 ... 8192, float32 and float64
     python benchmarks/nla_updates.py --quick    # smoke run, seconds
 
-Method (DESIGN.md section 5), per dimension D and dtype, all in one process:
+Method (side by side in one process, accuracy before time), per dimension D and dtype:
 
 * A stream of 100 updates ``X_t`` (D x n, n = 128) with a power-law covariance and a drifting
   mean builds the exact exponential average ``M`` (rho = 0.95) in float64; the same stream

@@ -1,6 +1,7 @@
-"""The factored application of Brand-tracked Linear layers (ALGORITHMS.md 6.3): the direction
-computed from the per-sample rows equals the one computed from the gradient matrix, is used
-on every step, and gives way to the gradient matrix whenever the rows do not reproduce it."""
+"""The factored application of Brand-tracked Linear layers (docs/algorithms.md, *Low-rank
+inverse application*): the direction computed from the per-sample rows equals the one
+computed from the gradient matrix, is used on every step, and gives way to the gradient
+matrix whenever the rows do not reproduce it."""
 
 from __future__ import annotations
 

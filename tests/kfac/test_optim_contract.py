@@ -142,6 +142,7 @@ def test_closure_zero_grad_and_a_step_without_closure(info: OptimInfo) -> None:
     model = make_model()
     opt = info.make(model)
     (x, y), *_ = batches(1)
+
     def closure() -> torch.Tensor:
         opt.zero_grad()
         loss = loss_of(model, x, y)

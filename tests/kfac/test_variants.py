@@ -69,7 +69,7 @@ def directions(model: nn.Module, inverse: str, batches, **options) -> list[torch
 
 @pytest.mark.parametrize("inverse", LOW_RANK)
 def test_full_rank_equals_dense_kfac(inverse: str) -> None:
-    """ALGORITHMS.md 15.3 item 9: with no truncation every variant's direction equals dense
+    """With no truncation every variant's direction equals dense
     K-FAC (eigh) with the same damping, step after step, in float64."""
     torch.manual_seed(0)
     model = wide_mlp().double()
@@ -106,8 +106,9 @@ def test_full_rank_equals_dense_kfac_on_conv(inverse: str) -> None:
 
 
 def test_brand_eligibility_on_a_mixed_model() -> None:
-    """ALGORITHMS.md 4.4: Linear factors with rank_cap + N < D are Brand-tracked; conv
-    factors and small Linear factors use rsvd; the decision is per factor."""
+    """The Brand eligibility rule (docs/algorithms.md, *Rank selection*): Linear factors
+    with rank_cap + N < D are Brand-tracked; conv factors and small Linear factors use rsvd;
+    the decision is per factor."""
     model = nn.Sequential(
         nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 50),
         nn.ReLU(), nn.Linear(50, 200),
