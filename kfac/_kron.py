@@ -536,50 +536,42 @@ _BRAND = (*_RANDOMIZED, "finish", "brand_every", "rank_cap", "identity_clock")
 _STRATEGIES: dict[str, _Entry] = {}
 
 
-def _ranks(rank: int, adaptive_rank: Any, rank_target: float) -> Ranks:
-    return Ranks(
+def _randomized_rule(
+    decomposer: Callable[..., Decomposer],
+    *,
+    rank: int = 180,
+    oversample: int = 10,
+    power_iters: int,
+    adaptive_rank: bool = True,
+    rank_target: float = 0.033,
+    **extra: Any,
+) -> DenseRule:
+    """A dense rule with a randomized decomposer and adaptive ranks (validated options)."""
+    ranks = Ranks(
         initial=check_int_at_least(1)(rank, "rank"),
         adaptive=check_bool(adaptive_rank, "adaptive_rank"),
         target=check_fraction(rank_target, "rank_target"),
     )
-
-
-def _rsvd_rule(
-    *,
-    rank: int = 180,
-    oversample: int = 10,
-    power_iters: int = 3,
-    finish: str = "rr",
-    adaptive_rank: bool = True,
-    rank_target: float = 0.033,
-) -> DenseRule:
-    if finish not in ("rr", "svd"):
-        raise ValueError(f"Invalid finish: {finish!r}; valid names are ['rr', 'svd']")
-    decomposer = RSVD(
+    sketch = decomposer(
         oversample=check_int_at_least(0)(oversample, "oversample"),
         power_iters=check_int_at_least(0)(power_iters, "power_iters"),
-        finish=finish,
+        **extra,
     )
-    return DenseRule(decomposer, _ranks(rank, adaptive_rank, rank_target))
+    return DenseRule(sketch, ranks)
+
+
+def _rsvd_rule(*, power_iters: int = 3, finish: str = "rr", **options: Any) -> DenseRule:
+    if finish not in ("rr", "svd"):
+        raise ValueError(f"Invalid finish: {finish!r}; valid names are ['rr', 'svd']")
+    return _randomized_rule(RSVD, power_iters=power_iters, finish=finish, **options)
 
 
 def _srevd_rule(
-    *,
-    rank: int = 180,
-    oversample: int = 10,
-    power_iters: int = 4,
-    reorth_every: int | None = 2,
-    adaptive_rank: bool = True,
-    rank_target: float = 0.033,
+    *, power_iters: int = 4, reorth_every: int | None = 2, **options: Any
 ) -> DenseRule:
     if reorth_every is not None:
         check_int_at_least(1)(reorth_every, "reorth_every")
-    decomposer = SREVD(
-        oversample=check_int_at_least(0)(oversample, "oversample"),
-        power_iters=check_int_at_least(0)(power_iters, "power_iters"),
-        reorth_every=reorth_every,
-    )
-    return DenseRule(decomposer, _ranks(rank, adaptive_rank, rank_target))
+    return _randomized_rule(SREVD, power_iters=power_iters, reorth_every=reorth_every, **options)
 
 
 def _brand_rule(
