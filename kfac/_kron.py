@@ -769,11 +769,13 @@ class KronBlock(CurvatureBlock[KronState]):
     def refresh(self, layer: Any, state: KronState, tick: Tick) -> KronState:
         G = self.rule.refresh(state.G, tick, self.ctx)
         A = self.rule.refresh(state.A, tick, self.ctx)
-        if G.applied is None or A.applied is None:
-            return replace(state, A=A, G=G)
         changed = G.applied is not state.G.applied or A.applied is not state.A.applied
-        if not changed and state.damping == tick.damping:
-            return replace(state, A=A, G=G)
+        if (
+            G.applied is None
+            or A.applied is None
+            or (not changed and state.damping == tick.damping)
+        ):
+            return state if G is state.G and A is state.A else replace(state, A=A, G=G)
         # validated once per new representation; a new damping value alone reuses it
         prepared = self.damping_scheme.prepare(
             G.applied, A.applied, tick.damping, continuation=self.continuation, validate=changed

@@ -20,6 +20,16 @@ from .preconditioner import KFACPreconditioner, Preconditioner
 __all__ = ["KFAC", "PreconditionedSGD"]
 
 
+def _sgd_update(optimizer: torch.optim.SGD) -> None:
+    """``torch.optim.SGD.step`` without its step hooks: once torch has wrapped ``SGD.step``
+    with the hook runner (it does so for the first SGD instance), the hooks already ran
+    around this optimizer's own ``step`` and must not run twice."""
+    step: Callable[[torch.optim.SGD], Any] = torch.optim.SGD.step
+    if getattr(step, "hooked", False):
+        step = step.__wrapped__  # type: ignore[attr-defined]
+    step(optimizer)
+
+
 class PreconditionedSGD(torch.optim.SGD):
     """A preconditioner, then ``torch.optim.SGD`` (no dampening, no Nesterov).
 
@@ -117,7 +127,7 @@ class PreconditionedSGD(torch.optim.SGD):
             self.preconditioner.skip()
             return loss
         self.preconditioner.step(lr=self._group_lrs())
-        super().step()
+        _sgd_update(self)
         return loss
 
     def state_dict(self) -> dict[str, Any]:

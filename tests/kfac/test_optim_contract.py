@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import kfac
 
@@ -166,6 +167,27 @@ def test_closure_zero_grad_and_a_step_without_closure(info: OptimInfo) -> None:
     before = [p.detach().clone() for p in model.parameters()]
     assert opt.step() is None
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("info", OPTIM_DB, ids=IDS)
+def test_step_hooks_run_once_per_step(info: OptimInfo) -> None:
+    """Per-optimizer and global step hooks run once, also after a plain ``torch.optim.SGD``
+    exists (torch then wraps ``SGD.step`` with the hook runner too)."""
+    model = make_model()
+    torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = info.make(model)
+    calls: list[str] = []
+    handles = [
+        opt.register_step_pre_hook(lambda *args: calls.append("pre")),
+        opt.register_step_post_hook(lambda *args: calls.append("post")),
+        register_optimizer_step_pre_hook(lambda *args: calls.append("global")),
+    ]
+    try:
+        run(model, opt, batches(2))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert calls == ["global", "pre", "post"] * 2
 
 
 @pytest.mark.parametrize("info", OPTIM_DB, ids=IDS)
