@@ -140,6 +140,12 @@ def _is_array(obj: Any) -> bool:
     return bool(array_api_compat.is_array_api_obj(obj)) and hasattr(obj, "ndim")
 
 
+def _is_sparse_tensor(obj: Any) -> bool:
+    """A torch tensor with a sparse layout (COO, CSR, ...): usable only through ``@``."""
+    layout = getattr(obj, "layout", None)
+    return layout is not None and str(layout) != "torch.strided"
+
+
 def check_array_kind(x: Any, name: str) -> None:
     """Reject array-likes whose data does not mean what their entries say.
 
@@ -177,6 +183,8 @@ def namespace(*arrays: Array, names: tuple[str, ...] | None = None) -> Namespace
                 f"`{label}` must be an array (NumPy, CuPy, torch or any array-API array), "
                 f"got {type(a).__name__}"
             )
+        if _is_sparse_tensor(a):
+            raise TypeError(f"`{label}` must be a dense array, got a torch tensor of {a.layout}")
     try:
         return array_api_compat.array_namespace(*arrays)
     except TypeError as exc:
@@ -211,9 +219,10 @@ def floating_dtype(xp: Namespace, x: Array, name: str, *, device: Any = None) ->
     if xp.isdtype(dtype, "integral"):
         info = xp.__array_namespace_info__()
         return info.default_dtypes(device=device)["real floating"]
+    half = _dtype_name(dtype) in ("float16", "bfloat16")
     raise TypeError(
         f"`{name}` must be float32 or float64 (or integer, promoted to the default float), "
-        f"got {dtype}; cast half-precision input to float32 first"
+        f"got {dtype}" + ("; cast half-precision input to float32 first" if half else "")
     )
 
 
@@ -373,15 +382,15 @@ def as_operator(
     :func:`floating_dtype`) and finiteness, and integer arrays are converted to the default
     float. With ``check_finite_entries=False`` the NaN/Inf check of an array is left to the
     caller, which must then pass its first product through :meth:`Operator.checked_matmat`.
-    Operators must expose ``shape`` (two positive ints), ``dtype`` (float32, float64 or an
-    integer dtype: the products are then computed with blocks of the default float) and
-    ``@``; their products are cast to the working dtype, checked for shape here and for
-    NaN/Inf by the algorithms. A transpose (``.T``) that fails when applied raises
-    ``TypeError``. With ``symmetric=True`` the transpose of an operator is the operator
-    itself.
+    Operators (and sparse torch tensors, which support little more than ``@``) must expose
+    ``shape`` (two positive ints), ``dtype`` (float32, float64 or an integer dtype: the
+    products are then computed with blocks of the default float) and ``@``; their products
+    are cast to the working dtype, checked for shape here and for NaN/Inf by the
+    algorithms. A transpose (``.T``) that fails when applied raises ``TypeError``. With
+    ``symmetric=True`` the transpose of an operator is the operator itself.
     """
     check_array_kind(A, name)
-    if _is_array(A):
+    if _is_array(A) and not _is_sparse_tensor(A):
         xp = array_api_compat.array_namespace(A)
         if A.ndim != 2:
             raise ValueError(f"`{name}` must be a 2-D array, got an array of shape {A.shape}")

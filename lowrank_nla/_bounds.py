@@ -17,6 +17,7 @@ from ._backend import (
     as_operator,
     check_factor,
     check_finite,
+    floating_dtype,
     fp_guarded,
     host_values,
     namespace,
@@ -123,6 +124,9 @@ def hmt_error_bound(
 def _gk_lanczos_norm(op: Operator, n_iter: int, rng: Any, name: str) -> Array:
     """Largest singular value by Golub-Kahan-Lanczos with full reorthogonalization.
 
+    After ``k`` steps the estimate is the largest singular value of the ``k x (k + 1)`` upper
+    bidiagonal ``U_k^T A V_(k+1)`` (its last column included, so a wide ``A`` with
+    ``k = m`` steps is exact), a compression of ``A`` and thus never above ``||A||_2``.
     Every product is checked for NaN/Inf and the norms are taken without under/overflow
     (:func:`~lowrank_nla._backend.safe_norm`), so the estimate scales with ``A`` at any
     magnitude instead of vanishing (tiny ``A``) or failing (huge ``A``).
@@ -133,51 +137,52 @@ def _gk_lanczos_norm(op: Operator, n_iter: int, rng: Any, name: str) -> Array:
     k = min(n_iter, m, n)
     draw = normal_sampler(xp, rng, dtype=op.dtype, device=op.device)
     v = draw((n, 1))
-    v = v / safe_norm(xp, v)
-    Vs = [v]
+    Vs = [v / safe_norm(xp, v)]
     Us: list[Array] = []
     alphas: list[Array] = []
     betas: list[Array] = []
-    u_prev = None
     tiny = 100 * float(xp.finfo(op.dtype).eps)
     scale = 0.0
-    for j in range(k):
+
+    def norm_of(w: Array) -> Array:
+        value = safe_norm(xp, w)
+        if not bool(xp.isfinite(value)):
+            raise overflow_error(f"`{name}`", "Lanczos recurrence", op.dtype)
+        return value
+
+    for _ in range(k):
         u = op.checked_matmat(Vs[-1], name)
-        if u_prev is not None:
-            u = u - betas[-1] * u_prev
+        if betas:
+            u = u - betas[-1] * Us[-1]
         if Us:
             Um = xp.concat(Us, axis=1)
             for _ in range(2):
                 u = u - Um @ (Um.T @ u)
-        alpha = safe_norm(xp, u)
-        if not bool(xp.isfinite(alpha)):
-            raise overflow_error(f"`{name}`", "Lanczos recurrence", op.dtype)
+        alpha = norm_of(u)
         scale = max(scale, float(alpha))
-        alphas.append(alpha)
         if float(alpha) <= tiny * scale:
-            break
-        u = u / alpha
-        Us.append(u)
-        u_prev = u
-        if j == k - 1:
-            break
-        v = op.checked_rmatmat(u, name) - alpha * Vs[-1]
+            break  # A v_j lies in span(U): an invariant subspace, B is complete
+        alphas.append(alpha)
+        Us.append(u / alpha)
+        # beta_j closes column j + 1 of the k x (k + 1) bidiagonal U_k^T A V_(k+1): without
+        # it a wide A (m < n, so k <= m) would be estimated from too few directions
+        w = op.checked_rmatmat(Us[-1], name) - alpha * Vs[-1]
         Vm = xp.concat(Vs, axis=1)
         for _ in range(2):
-            v = v - Vm @ (Vm.T @ v)
-        beta = safe_norm(xp, v)
-        if not bool(xp.isfinite(beta)):
-            raise overflow_error(f"`{name}`", "Lanczos recurrence", op.dtype)
+            w = w - Vm @ (Vm.T @ w)
+        beta = norm_of(w)
         scale = max(scale, float(beta))
         if float(beta) <= tiny * scale:
             break
         betas.append(beta)
-        Vs.append(v / beta)
-    size = len(alphas)
-    Bd = xp.zeros((size, size), dtype=op.dtype, device=op.device)
+        Vs.append(w / beta)
+    rows = len(alphas)
+    if rows == 0:  # A v_0 = 0 to rounding: the zero matrix (or v_0 in its null space)
+        return xp.zeros((), dtype=op.dtype, device=op.device)
+    Bd = xp.zeros((rows, rows + (len(betas) == rows)), dtype=op.dtype, device=op.device)
     for i, a in enumerate(alphas):
         Bd[i, i] = a
-    for i, b in enumerate(betas[: size - 1]):
+    for i, b in enumerate(betas):
         Bd[i, i + 1] = b
     check_factor(xp, Bd, f"`{name}`", "Lanczos bidiagonal matrix")
     return xp.max(xp.linalg.svdvals(Bd))
@@ -221,7 +226,8 @@ def estimate_spectral_norm(
     value of the ``k x k`` bidiagonal matrix. The estimate never exceeds ``||A||_2`` (up to
     rounding) and its relative error decays like a Chebyshev polynomial in the gap
     ``sigma_1 / sigma_2``: much faster than the power method's ``(sigma_2/sigma_1)^(2k)``.
-    It stops early when an invariant subspace is found (exact for rank < ``k``).
+    It stops early when an invariant subspace is found (exact for rank < ``k``, and for
+    ``k = min(m, n)``: the last step's ``beta`` is kept, so a wide ``A`` is exact too).
     Cost: ``k`` products with each of ``A`` and ``A^T`` plus ``O((m + n) k^2)``.
 
     References
@@ -268,7 +274,7 @@ def posterior_error_estimate(A: Any, Q: Any, *, n_probes: int = 10, rng: Any = N
     Raises
     ------
     ValueError
-        Shape mismatch or NaN/Inf.
+        Shape mismatch, NaN/Inf, or a bound that overflows the dtype.
     TypeError
         ``A`` and ``Q`` from different array libraries or of different dtypes.
 
@@ -295,12 +301,17 @@ def posterior_error_estimate(A: Any, Q: Any, *, n_probes: int = 10, rng: Any = N
     check_finite(xp, Q, "Q")
     n_probes = check_int(n_probes, "n_probes", minimum=1)
     draw = normal_sampler(xp, rng, dtype=op.dtype, device=op.device)
-    if Q.dtype != op.dtype:
+    q_dtype = floating_dtype(xp, Q, "Q", device=op.device)
+    if q_dtype != op.dtype:
         raise TypeError(f"`Q` must have the dtype of `A` ({op.dtype}), got {Q.dtype}")
+    Q = Q if Q.dtype == q_dtype else xp.astype(Q, q_dtype)
     Y = op.checked_matmat(draw((op.shape[1], n_probes)))
     for _ in range(2):
         Y = Y - Q @ (Q.T @ Y)
-    return HMT_PROBE_FACTOR * xp.max(safe_norm(xp, Y, axis=0))
+    bound = HMT_PROBE_FACTOR * xp.max(safe_norm(xp, Y, axis=0))
+    if not bool(xp.isfinite(bound)):  # within a factor 8 of the dtype's largest number
+        raise overflow_error("`A`", "probabilistic error bound", op.dtype)
+    return bound
 
 
 def _dense_approx(xp: Any, approx: Any) -> Array:
@@ -338,14 +349,15 @@ def _residual_operator(op: Operator, approx: Any) -> Operator:
         def low_t(X: Array) -> Array:
             return approx.T @ X
 
-    rmatmat = op.rmatmat_or_raise("A")
+    op.rmatmat_or_raise("A")
     return Operator(
         shape=op.shape,
         dtype=op.dtype,
         xp=op.xp,
         device=op.device,
-        matmat=lambda X: op.matmat(X) - low(X),
-        rmatmat=lambda X: rmatmat(X) - low_t(X),
+        # a NaN or overflow of A itself is reported as A's (the residual is checked again)
+        matmat=lambda X: op.checked_matmat(X, "A") - low(X),
+        rmatmat=lambda X: op.checked_rmatmat(X, "A") - low_t(X),
         array=None,
     )
 
@@ -408,9 +420,11 @@ def relative_error(A: Any, approx: Any, *, ord: Any = 2, method: str = "auto") -
     if op.array is not None:
         namespace(op.array, parts[0], names=("A", "approx"))
     for part in parts:
-        if part.dtype != op.dtype:
+        if floating_dtype(xp, part, "approx", device=op.device) != op.dtype:
             raise TypeError(f"`approx` must have the dtype of `A` ({op.dtype}), got {part.dtype}")
         check_finite(xp, part, "approx")
+    if not isinstance(approx, SVDResult | EighResult) and approx.dtype != op.dtype:
+        approx = xp.astype(approx, op.dtype)  # an integer dense approximation
     if method == "auto":
         method = "exact" if op.array is not None else "lanczos"
     if method == "lanczos":

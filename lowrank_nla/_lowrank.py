@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 import numpy as np
 
-from ._backend import check_finite, eps, floating_dtype, namespace, safe_norm
+from ._backend import check_finite, eps, floating_dtype, fp_guarded, namespace, safe_norm
 from ._validation import check_bool
 
 __all__ = ["LowRankPSD"]
@@ -49,6 +49,7 @@ def orthonormality_estimate(xp: Any, U: Array) -> float:
     return float(safe_norm(xp, R)) / math.sqrt(_PROBES)
 
 
+@fp_guarded
 def _validated(U: Any, d: Any) -> tuple[Array, Array]:
     """The construction checks of :class:`LowRankPSD`; returns ``(U, d)`` (``d`` clipped)."""
     xp = namespace(U, d, names=("U", "d"))

@@ -11,12 +11,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._backend import host_values
+from ._backend import fp_guarded, host_values
 from ._validation import check_int, check_real
 
 __all__ = ["RankController", "RankState", "truncation_ratio"]
 
 
+@fp_guarded
 def truncation_ratio(d: Any) -> float:
     """``min(d) / max(d)`` of retained eigenvalues: the proxy for ``lambda_{r+1} / lambda_1``.
 
