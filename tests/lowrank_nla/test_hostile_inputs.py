@@ -1129,3 +1129,14 @@ def test_inverse_perturbation_bound_without_underflow() -> None:
     # damping**2 underflowed to 0 (ZeroDivisionError) before issue 11
     assert ln.inverse_perturbation_bound(1e-300, 1e-200) == pytest.approx(1e100, rel=1e-14)
     assert ln.inverse_perturbation_bound(0.0, 1e-300) == 0.0
+
+
+def test_ea_decay_modes_at_extreme_thresholds() -> None:
+    # ln(1e-300) / ln(0.5) = 996.6: no overflow, no float count
+    assert ln.ea_decay_modes(2, 0.5, 1e-300) == 2 * 997
+    assert ln.ea_decay_modes(2, 0.5, 1e-300, dim=50) == 50
+    assert ln.ea_decay_modes(2, 0.0, 1e-300) == 2  # rho = 0: only the last update survives
+    with pytest.raises(ValueError, match=r"`eps` must be in \(0, 1\], got 0\.0"):
+        ln.ea_decay_modes(2, 0.5, 0.0)
+    with pytest.raises(TypeError, match="`update_rank` must be an integer, got float"):
+        ln.ea_decay_modes(2.0, 0.5, 0.1)
