@@ -343,7 +343,8 @@ class RuleContext:
 
 
 def _published(f: FactorState, rep: ln.LowRankPSD, dtype: torch.dtype) -> FactorState:
-    rep = ln.LowRankPSD(rep.U.to(dtype), rep.d.to(dtype))
+    # a cast of a representation validated when it was made
+    rep = ln.LowRankPSD(rep.U.to(dtype), rep.d.to(dtype), check=False)
     return replace(f, applied=Applied.of(rep, f.identity))
 
 
@@ -376,7 +377,8 @@ class DenseRule(FactorRule):
         if self.ranks is not None:
             rank, f = self.target_rank(f)
         rep = self.decomposer(X, rank, ctx.generators(X.device))
-        return ln.LowRankPSD(rep.U, clip_spectrum(rep.d)), f
+        # zeroing rounding noise keeps a validated spectrum sorted and non-negative
+        return ln.LowRankPSD(rep.U, clip_spectrum(rep.d), check=False), f
 
     def refresh(self, f: FactorState, tick: Tick, ctx: RuleContext) -> FactorState:
         if f.matrix is None or not (tick.inverse or f.applied is None):
@@ -472,7 +474,8 @@ class BrandRule(FactorRule):
         block = stats.block.to(ctx.decomposition_dtype)
         state = f.online
         if state is None:
-            state = ln.LowRankPSD(block.new_zeros((f.dim, 0)), block.new_zeros((0,)))
+            empty = block.new_zeros((f.dim, 0)), block.new_zeros((0,))
+            state = ln.LowRankPSD(*empty, check=False)
         assert f.rank is not None
         result = ln.brand_update(state, block, decay=decay, rank=min(f.rank.rank, f.dim))
         f = replace(

@@ -9,7 +9,9 @@ standard does not offer lives here and only here:
   (:func:`eigh_descending`);
 * triangular solves and Cholesky with failure detection (:func:`solve_triangular`,
   :func:`cholesky_lower`);
-* NaN/Inf guards (:func:`check_finite`) and dtype rules (:func:`floating_dtype`).
+* NaN/Inf guards (:func:`check_finite`, :func:`check_factor`), the floating-point
+  error-state guard of the public functions (:func:`fp_guarded`), norms that neither
+  overflow nor underflow (:func:`safe_norm`) and dtype rules (:func:`floating_dtype`).
 
 Nothing here imports torch or cupy at module import time: a backend is recognised by
 ``array_api_compat`` (which does not import it either) and imported only once an array of that
@@ -18,11 +20,13 @@ library has been seen, at which point it is already in ``sys.modules``.
 
 from __future__ import annotations
 
+import functools
+import math
 import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import array_api_compat
 import numpy as np
@@ -30,13 +34,157 @@ import numpy as np
 Array = Any
 Namespace = Any
 Sampler = Callable[[tuple[int, ...]], Array]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+# --------------------------------------------------------------------------- floating point
+
+
+def fp_guarded(func: F) -> F:
+    """Run ``func`` with NumPy's floating-point warnings for overflow, invalid and divide off.
+
+    Every public function is wrapped: NumPy (and array_api_strict, which computes with NumPy)
+    may flag a product that overflows or meets an Inf, and whether it does depends on the BLAS
+    kernel of the CPU. Inside the library such products are never trusted blindly: each one
+    is checked for NaN/Inf (:meth:`Operator.apply`, :func:`check_factor`, :func:`all_finite`)
+    and reported as a ``ValueError`` naming the argument, so the warning would only precede
+    the same information, or, with warnings as errors, replace it by a kernel-dependent
+    ``RuntimeWarning``. The error state is thread-local and restored on return.
+    """
+
+    @functools.wraps(func)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return func(*args, **kwargs)
+
+    return cast(F, guarded)
+
+
+def all_finite(xp: Namespace, x: Array) -> bool:
+    """Whether ``x`` holds no NaN or Inf, in one reduction for the common (finite) case.
+
+    The sum of an array with a NaN or an infinity is never finite (IEEE arithmetic: NaN
+    propagates, ``inf + x`` is ``inf`` or NaN), so a finite sum proves every entry finite;
+    only when the sum is not finite (a non-finite entry, or finite entries whose sum
+    overflows) is the elementwise test run. Half the memory traffic of
+    ``all(isfinite(x))`` and no boolean temporary.
+    """
+    if math.prod(x.shape) == 0:
+        return True
+    if bool(xp.isfinite(xp.sum(x))):
+        return True
+    return bool(xp.all(xp.isfinite(x)))
+
+
+def safe_norm(xp: Namespace, x: Array, axis: int | None = None) -> Array:
+    """Euclidean norm of ``x`` (of all entries, or along ``axis``) without overflow/underflow.
+
+    ``max|x| * ||x / max|x| ||``: the squares of entries below ``sqrt(tiny)`` (1e-154 in
+    float64, 1e-19 in float32) would underflow to zero and those above ``sqrt(huge)``
+    overflow, so the plain ``sqrt(sum x^2)`` misjudges matrices of extreme scale.
+    """
+    if math.prod(x.shape) == 0:
+        shape = () if axis is None else tuple(s for i, s in enumerate(x.shape) if i != axis)
+        return xp.zeros(shape, dtype=x.dtype, device=array_api_compat.device(x))
+    top = xp.max(xp.abs(x), axis=axis)
+    safe = xp.where(top > 0, top, xp.ones_like(top))
+    if axis is not None and axis % x.ndim != x.ndim - 1:
+        scaled = x / xp.expand_dims(safe, axis=axis)
+    elif axis is not None:
+        scaled = x / safe[..., None]
+    else:
+        scaled = x / safe
+    return top * xp.linalg.vector_norm(scaled, axis=axis)
+
+
+def power_of_two_scale(xp: Namespace, x: Array) -> float:
+    """A power of two ``c`` with ``max|x| / c`` in ``[1/2, 2)`` (``1.0`` for a zero ``x``).
+
+    Dividing by ``c`` and multiplying back is exact (no rounding) as long as nothing
+    under/overflows, so Gram matrices of ``x / c`` are safe from both at any input scale.
+    """
+    top = float(xp.max(xp.abs(x))) if math.prod(x.shape) else 0.0
+    if top == 0.0 or not math.isfinite(top):
+        return 1.0
+    return math.ldexp(1.0, math.frexp(top)[1] - 1)
+
+
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def overflow_error(subject: str, what: str, dtype: Any) -> ValueError:
+    """The ``ValueError`` for a non-finite intermediate computed from finite input."""
+    hint = " or compute in float64" if _dtype_name(dtype) == "float32" else ""
+    return ValueError(
+        f"{subject} is too large for {_dtype_name(dtype)}: the {what} overflowed "
+        f"(NaN or Inf from finite input); scale {subject} down{hint}"
+    )
+
+
+def check_factor(xp: Namespace, M: Array, subject: str, what: str) -> None:
+    """Raise :func:`overflow_error` unless the small factor ``M`` is finite.
+
+    Called on every small matrix (``l x l`` cores, triangular factors, Gram matrices)
+    before it reaches LAPACK, which may loop forever on NaN/Inf; costs one reduction.
+    """
+    if not all_finite(xp, M):
+        raise overflow_error(subject, what, M.dtype)
 
 
 # --------------------------------------------------------------------------- namespaces
 
 
+def _is_array(obj: Any) -> bool:
+    # Operators may define ``__array_namespace__`` too; arrays are the ones with ``ndim``.
+    return bool(array_api_compat.is_array_api_obj(obj)) and hasattr(obj, "ndim")
+
+
+def _is_sparse_tensor(obj: Any) -> bool:
+    """A torch tensor with a sparse layout (COO, CSR, ...): usable only through ``@``."""
+    layout = getattr(obj, "layout", None)
+    return layout is not None and str(layout) != "torch.strided"
+
+
+def check_array_kind(x: Any, name: str) -> None:
+    """Reject array-likes whose data does not mean what their entries say.
+
+    ``numpy.ma.MaskedArray`` (its mask would be silently ignored), ``numpy.matrix`` (its
+    ``*``, ``**`` and 1-D indexing differ from arrays, and results could not be returned
+    as the same type) and torch ``meta`` tensors (no data at all) raise ``TypeError``.
+    """
+    if isinstance(x, np.ndarray) and type(x) is not np.ndarray:
+        if isinstance(x, np.matrix):
+            raise TypeError(
+                f"`{name}` is a numpy.matrix, which is not supported (its `*` and indexing "
+                f"differ from arrays); pass np.asarray({name})"
+            )
+        if isinstance(x, np.ma.MaskedArray):
+            raise TypeError(
+                f"`{name}` is a numpy masked array, which is not supported (the mask would "
+                f"be ignored); pass {name}.filled(value) or the compressed data"
+            )
+    if getattr(x, "is_meta", False) is True:
+        raise TypeError(f"`{name}` is a torch tensor on the 'meta' device, which holds no data")
+
+
 def namespace(*arrays: Array, names: tuple[str, ...] | None = None) -> Namespace:
-    """Return the array namespace shared by ``arrays`` (mixed libraries raise ``TypeError``)."""
+    """Return the array namespace shared by ``arrays``.
+
+    Non-arrays, unsupported array kinds (:func:`check_array_kind`) and mixed libraries raise
+    ``TypeError`` naming the arguments (``names``, in the order of ``arrays``).
+    """
+    labels = names if names is not None and len(names) == len(arrays) else None
+    for i, a in enumerate(arrays):
+        label = labels[i] if labels else "array argument"
+        check_array_kind(a, label)
+        if not _is_array(a):
+            raise TypeError(
+                f"`{label}` must be an array (NumPy, CuPy, torch or any array-API array), "
+                f"got {type(a).__name__}"
+            )
+        if _is_sparse_tensor(a):
+            raise TypeError(f"`{label}` must be a dense array, got a torch tensor of {a.layout}")
     try:
         return array_api_compat.array_namespace(*arrays)
     except TypeError as exc:
@@ -45,11 +193,6 @@ def namespace(*arrays: Array, names: tuple[str, ...] | None = None) -> Namespace
         raise TypeError(
             f"{what} must all come from one array library; got arrays from {libs} ({exc})"
         ) from None
-
-
-def _is_array(obj: Any) -> bool:
-    # Operators may define ``__array_namespace__`` too; arrays are the ones with ``ndim``.
-    return bool(array_api_compat.is_array_api_obj(obj)) and hasattr(obj, "ndim")
 
 
 def eps(xp: Namespace, dtype: Any) -> float:
@@ -76,15 +219,16 @@ def floating_dtype(xp: Namespace, x: Array, name: str, *, device: Any = None) ->
     if xp.isdtype(dtype, "integral"):
         info = xp.__array_namespace_info__()
         return info.default_dtypes(device=device)["real floating"]
+    half = _dtype_name(dtype) in ("float16", "bfloat16")
     raise TypeError(
         f"`{name}` must be float32 or float64 (or integer, promoted to the default float), "
-        f"got {dtype}; cast half-precision input to float32 first"
+        f"got {dtype}" + ("; cast half-precision input to float32 first" if half else "")
     )
 
 
 def check_finite(xp: Namespace, x: Array, name: str) -> None:
-    """Raise ``ValueError`` if ``x`` holds a NaN or an infinity."""
-    if not bool(xp.all(xp.isfinite(x))):
+    """Raise ``ValueError`` if ``x`` holds a NaN or an infinity (see :func:`all_finite`)."""
+    if not all_finite(xp, x):
         raise ValueError(f"`{name}` must not contain NaN or Inf")
 
 
@@ -104,6 +248,24 @@ def to_numpy(x: Array) -> np.ndarray:
     return np.from_dlpack(x)
 
 
+def host_values(x: Any, name: str) -> np.ndarray:
+    """A 1-D float64 NumPy copy of the array-like ``x`` (any library), validated.
+
+    Masked arrays, ``numpy.matrix`` and meta tensors raise ``TypeError``
+    (:func:`~lowrank_nla._backend.check_array_kind`), as do non-numeric values.
+    """
+    check_array_kind(x, name)
+    try:
+        values = to_numpy(x)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"`{name}` must be a 1-D array-like of real numbers ({exc})") from None
+    if values.dtype == np.bool_ or not (
+        np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
+    ):
+        raise TypeError(f"`{name}` must hold real numbers, got dtype {values.dtype}")
+    return values.astype(np.float64).ravel()
+
+
 # --------------------------------------------------------------------------- operators
 
 
@@ -112,7 +274,9 @@ class Operator:
     """Internal view of a matrix or linear operator: how to apply it and its transpose.
 
     ``matmat(X)`` computes ``A @ X`` and ``rmatmat(X)`` computes ``A.T @ X`` (``None`` when
-    the operator offers no transpose). ``array`` is the input itself when it is an array.
+    the operator offers no transpose), both in ``dtype``. ``array`` is the input itself when
+    it is an array. The algorithms use the checked forms :meth:`checked_matmat` and
+    :meth:`checked_rmatmat`, so that no NaN or Inf from a product goes unnoticed.
     """
 
     shape: tuple[int, int]
@@ -129,17 +293,26 @@ class Operator:
         For an array this is how the randomized routines validate ``A`` itself: a NaN or
         infinite entry of ``A`` makes its whole row of ``A @ X`` non-finite when ``X`` has
         no zero entries (a Gaussian sketch, with probability one), so no separate pass over
-        ``A`` is needed.
+        ``A`` is needed. A non-finite product of a finite ``A`` is an overflow and is
+        reported as such.
         """
-        Y = self.matmat(X)
-        if not bool(self.xp.all(self.xp.isfinite(Y))):
-            if self.array is not None:
-                raise ValueError(
-                    f"`{name}` must not contain NaN or Inf (found in the product {name} @ X; "
-                    "finite entries of huge magnitude can also overflow there)"
-                )
-            raise ValueError(f"`{name} @ X` must not contain NaN or Inf")
-        return Y
+        return self._checked(self.matmat(X), name, f"{name} @ X")
+
+    def checked_rmatmat(self, X: Array, name: str = "A") -> Array:
+        """``A.T @ X``, checked like :meth:`checked_matmat`."""
+        return self._checked(self.rmatmat_or_raise(name)(X), name, f"{name}.T @ X")
+
+    def _checked(self, Y: Array, name: str, product: str) -> Array:
+        if all_finite(self.xp, Y):
+            return Y
+        if self.array is not None:
+            if not all_finite(self.xp, self.array):
+                raise ValueError(f"`{name}` must not contain NaN or Inf")
+            raise overflow_error(f"`{name}`", f"product {product}", self.dtype)
+        raise ValueError(
+            f"`{product}` must not contain NaN or Inf: the operator returned NaN or Inf, or "
+            f"its output overflowed {_dtype_name(self.dtype)}"
+        )
 
     def rmatmat_or_raise(self, name: str) -> Callable[[Array], Array]:
         if self.rmatmat is None:
@@ -175,19 +348,49 @@ def _operator_namespace(op: Any, name: str) -> tuple[Namespace, Any]:
     )
 
 
+def _operator_dtype(xp: Namespace, dtype: Any, name: str, device: Any) -> Any:
+    """float32/float64 kept; an integer operator computes in the default float (on ``device``)."""
+    if array_api_compat.is_numpy_namespace(xp):
+        dtype = np.dtype(dtype)
+    if dtype == xp.float32 or dtype == xp.float64:
+        return dtype
+    try:
+        integral = bool(xp.isdtype(dtype, "integral"))
+    except (TypeError, ValueError):
+        integral = False
+    if integral:
+        return xp.__array_namespace_info__().default_dtypes(device=device)["real floating"]
+    raise TypeError(
+        f"`{name}.dtype` must be float32, float64 or an integer dtype for an operator, got {dtype}"
+    )
+
+
+def _product(xp: Namespace, Y: Any, shape: tuple[int, int], dtype: Any, product: str) -> Array:
+    """The result of an operator's ``@``: a ``shape`` array of the working ``dtype``."""
+    if not _is_array(Y) or tuple(Y.shape) != shape:
+        got = f"shape {tuple(Y.shape)}" if hasattr(Y, "shape") else type(Y).__name__
+        raise ValueError(f"`{product}` must return an array of shape {shape}, got {got}")
+    return Y if Y.dtype == dtype else xp.astype(Y, dtype)
+
+
 def as_operator(
     A: Any, name: str = "A", *, symmetric: bool = False, check_finite_entries: bool = True
 ) -> Operator:
     """Validate ``A`` (2-D array or linear operator) and return its :class:`Operator` view.
 
-    Arrays are checked for dimension, dtype (see :func:`floating_dtype`) and finiteness, and
-    integer arrays are converted to the default float. With ``check_finite_entries=False``
-    the NaN/Inf check of an array is left to the caller, which must then pass its first
-    product through :meth:`Operator.checked_matmat`. Operators must expose ``shape`` (two
-    positive ints), ``dtype`` and ``@``; their products are checked for NaN/Inf by the
-    algorithms. With ``symmetric=True`` the transpose of an operator is the operator itself.
+    Arrays are checked for kind (:func:`check_array_kind`), dimension, dtype (see
+    :func:`floating_dtype`) and finiteness, and integer arrays are converted to the default
+    float. With ``check_finite_entries=False`` the NaN/Inf check of an array is left to the
+    caller, which must then pass its first product through :meth:`Operator.checked_matmat`.
+    Operators (and sparse torch tensors, which support little more than ``@``) must expose
+    ``shape`` (two positive ints), ``dtype`` (float32, float64 or an integer dtype: the
+    products are then computed with blocks of the default float) and ``@``; their products
+    are cast to the working dtype, checked for shape here and for NaN/Inf by the
+    algorithms. A transpose (``.T``) that fails when applied raises ``TypeError``. With
+    ``symmetric=True`` the transpose of an operator is the operator itself.
     """
-    if _is_array(A):
+    check_array_kind(A, name)
+    if _is_array(A) and not _is_sparse_tensor(A):
         xp = array_api_compat.array_namespace(A)
         if A.ndim != 2:
             raise ValueError(f"`{name}` must be a 2-D array, got an array of shape {A.shape}")
@@ -216,25 +419,46 @@ def as_operator(
             f"`{name}` must be a 2-D array (NumPy, CuPy, torch or any array-API array) or a "
             f"linear operator with `shape`, `dtype` and `@`; got {type(A).__name__}"
         )
-    if len(shape) != 2 or not all(isinstance(s, int | np.integer) and s > 0 for s in shape):
+    if (
+        not isinstance(shape, tuple | list)
+        or len(shape) != 2
+        or not all(
+            isinstance(s, int | np.integer) and not isinstance(s, bool) and s > 0 for s in shape
+        )
+    ):
         raise ValueError(f"`{name}.shape` must be two positive integers, got {shape}")
+    m, n = int(shape[0]), int(shape[1])
     xp, device = _operator_namespace(A, name)
-    dtype = A.dtype
-    if dtype not in (xp.float32, xp.float64):
-        raise TypeError(f"`{name}.dtype` must be float32 or float64 for an operator, got {dtype}")
+    dtype = _operator_dtype(xp, A.dtype, name, device)
+
+    def matmat(X: Array) -> Array:
+        return _product(xp, A @ X, (m, X.shape[1]), dtype, f"{name} @ X")
+
+    rmatmat: Callable[[Array], Array] | None
     if symmetric:
-        rmatmat: Callable[[Array], Array] | None = lambda X: A @ X  # noqa: E731
+        rmatmat = matmat
     elif hasattr(A, "T"):
         AT = A.T
-        rmatmat = lambda X: AT @ X  # noqa: E731
+
+        def rmatmat(X: Array) -> Array:
+            try:
+                Y = AT @ X
+            except (NotImplementedError, TypeError) as exc:
+                raise TypeError(
+                    f"`{name}` is a linear operator whose transpose cannot be applied: "
+                    f"`{name}.T @ X` raised {type(exc).__name__}({exc}); this routine needs "
+                    f"`{name}.T` (for a SciPy LinearOperator: give it `rmatvec`/`rmatmat`)"
+                ) from exc
+            return _product(xp, Y, (n, X.shape[1]), dtype, f"{name}.T @ X")
+
     else:
         rmatmat = None
     return Operator(
-        shape=(int(shape[0]), int(shape[1])),
+        shape=(m, n),
         dtype=dtype,
         xp=xp,
         device=device,
-        matmat=lambda X: A @ X,
+        matmat=matmat,
         rmatmat=rmatmat,
         array=None,
     )
@@ -327,12 +551,17 @@ def _linalg_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def eigh_descending(xp: Namespace, C: Array, *, name: str = "matrix") -> tuple[Array, Array]:
+def eigh_descending(
+    xp: Namespace, C: Array, *, name: str = "matrix", subject: str = "`A`"
+) -> tuple[Array, Array]:
     """Eigenvalues (descending) and eigenvectors of the symmetric matrix ``C``.
 
-    A float32 decomposition that fails or returns NaN/Inf is retried in float64 with a
-    ``RuntimeWarning``; a float64 failure raises ``numpy.linalg.LinAlgError``.
+    A non-finite ``C`` (an overflow upstream) raises :func:`overflow_error` naming
+    ``subject`` before LAPACK sees it. A float32 decomposition that fails or returns NaN/Inf
+    is retried in float64 with a ``RuntimeWarning``; a float64 failure raises
+    ``numpy.linalg.LinAlgError``.
     """
+    check_factor(xp, C, subject, name)
     try:
         w, V = xp.linalg.eigh(C)
         ok = bool(xp.all(xp.isfinite(w)))
@@ -346,7 +575,7 @@ def eigh_descending(xp: Namespace, C: Array, *, name: str = "matrix") -> tuple[A
             RuntimeWarning,
             stacklevel=3,
         )
-        w64, V64 = eigh_descending(xp, xp.astype(C, xp.float64), name=name)
+        w64, V64 = eigh_descending(xp, xp.astype(C, xp.float64), name=name, subject=subject)
         return xp.astype(w64, C.dtype), xp.astype(V64, C.dtype)
     return xp.flip(w, axis=0), xp.flip(V, axis=1)
 
@@ -355,14 +584,17 @@ def cholesky_lower(xp: Namespace, G: Array) -> Array | None:
     """Lower Cholesky factor of the SPD matrix ``G``, or ``None`` when it does not exist.
 
     Failure is detected both by the backend's exception and by a non-finite or non-positive
-    diagonal (some GPU backends return NaN instead of raising).
+    diagonal (some GPU backends return NaN instead of raising). A non-finite ``G`` is a
+    failure too and never reaches LAPACK.
     """
+    if not all_finite(xp, G):
+        return None
     try:
         L = xp.linalg.cholesky(G)
     except _linalg_errors():
         return None
     diag = xp.linalg.diagonal(L)
-    if not bool(xp.all(xp.isfinite(L))) or not bool(xp.all(diag > 0)):
+    if not all_finite(xp, L) or not bool(xp.all(diag > 0)):
         return None
     return L
 

@@ -12,11 +12,23 @@ from typing import Any
 
 import numpy as np
 
-from ._backend import Operator, as_operator, check_finite, namespace, normal_sampler, to_numpy
+from ._backend import (
+    Operator,
+    as_operator,
+    check_factor,
+    check_finite,
+    floating_dtype,
+    fp_guarded,
+    host_values,
+    namespace,
+    normal_sampler,
+    overflow_error,
+    safe_norm,
+)
 from ._eigh import EighResult
 from ._sketch import HMT_PROBE_FACTOR
 from ._svd import SVDResult
-from ._validation import check_decay, check_int, check_real
+from ._validation import check_bool, check_decay, check_int, check_real
 
 __all__ = [
     "estimate_spectral_norm",
@@ -28,6 +40,7 @@ __all__ = [
 Array = Any
 
 
+@fp_guarded
 def hmt_error_bound(
     singular_values: Any,
     rank: int,
@@ -88,10 +101,11 @@ def hmt_error_bound(
     >>> round(ln.hmt_error_bound(np.ones(10), 10, 2), 12)  # nothing beyond rank 10
     0.0
     """
-    sigma = np.sort(np.abs(to_numpy(singular_values).astype(np.float64).ravel()))[::-1]
+    sigma = np.sort(np.abs(host_values(singular_values, "singular_values")))[::-1]
     rank = check_int(rank, "rank", minimum=1)
     oversample = check_int(oversample, "oversample", minimum=2)
     power_iters = check_int(power_iters, "power_iters", minimum=0)
+    symmetric = check_bool(symmetric, "symmetric")
     if not np.all(np.isfinite(sigma)):
         raise ValueError("`singular_values` must not contain NaN or Inf")
     tail = sigma[rank:]
@@ -108,60 +122,73 @@ def hmt_error_bound(
 
 
 def _gk_lanczos_norm(op: Operator, n_iter: int, rng: Any, name: str) -> Array:
-    """Largest singular value by Golub-Kahan-Lanczos with full reorthogonalization."""
+    """Largest singular value by Golub-Kahan-Lanczos with full reorthogonalization.
+
+    After ``k`` steps the estimate is the largest singular value of the ``k x (k + 1)`` upper
+    bidiagonal ``U_k^T A V_(k+1)`` (its last column included, so a wide ``A`` with
+    ``k = m`` steps is exact), a compression of ``A`` and thus never above ``||A||_2``.
+    Every product is checked for NaN/Inf and the norms are taken without under/overflow
+    (:func:`~lowrank_nla._backend.safe_norm`), so the estimate scales with ``A`` at any
+    magnitude instead of vanishing (tiny ``A``) or failing (huge ``A``).
+    """
     xp = op.xp
-    rmatmat = op.rmatmat_or_raise(name)
+    op.rmatmat_or_raise(name)
     m, n = op.shape
     k = min(n_iter, m, n)
     draw = normal_sampler(xp, rng, dtype=op.dtype, device=op.device)
     v = draw((n, 1))
-    v = v / xp.linalg.vector_norm(v)
-    Vs = [v]
+    Vs = [v / safe_norm(xp, v)]
     Us: list[Array] = []
     alphas: list[Array] = []
     betas: list[Array] = []
-    u_prev = None
     tiny = 100 * float(xp.finfo(op.dtype).eps)
     scale = 0.0
-    for j in range(k):
-        u = op.matmat(Vs[-1])
-        if u_prev is not None:
-            u = u - betas[-1] * u_prev
+
+    def norm_of(w: Array) -> Array:
+        value = safe_norm(xp, w)
+        if not bool(xp.isfinite(value)):
+            raise overflow_error(f"`{name}`", "Lanczos recurrence", op.dtype)
+        return value
+
+    for _ in range(k):
+        u = op.checked_matmat(Vs[-1], name)
+        if betas:
+            u = u - betas[-1] * Us[-1]
         if Us:
             Um = xp.concat(Us, axis=1)
             for _ in range(2):
                 u = u - Um @ (Um.T @ u)
-        alpha = xp.linalg.vector_norm(u)
-        if not bool(xp.isfinite(alpha)):
-            raise ValueError(f"`{name}` produced NaN or Inf in a product")
+        alpha = norm_of(u)
         scale = max(scale, float(alpha))
-        alphas.append(alpha)
         if float(alpha) <= tiny * scale:
-            break
-        u = u / alpha
-        Us.append(u)
-        u_prev = u
-        if j == k - 1:
-            break
-        v = rmatmat(u) - alpha * Vs[-1]
+            break  # A v_j lies in span(U): an invariant subspace, B is complete
+        alphas.append(alpha)
+        Us.append(u / alpha)
+        # beta_j closes column j + 1 of the k x (k + 1) bidiagonal U_k^T A V_(k+1): without
+        # it a wide A (m < n, so k <= m) would be estimated from too few directions
+        w = op.checked_rmatmat(Us[-1], name) - alpha * Vs[-1]
         Vm = xp.concat(Vs, axis=1)
         for _ in range(2):
-            v = v - Vm @ (Vm.T @ v)
-        beta = xp.linalg.vector_norm(v)
+            w = w - Vm @ (Vm.T @ w)
+        beta = norm_of(w)
         scale = max(scale, float(beta))
         if float(beta) <= tiny * scale:
             break
         betas.append(beta)
-        Vs.append(v / beta)
-    size = len(alphas)
-    Bd = xp.zeros((size, size), dtype=op.dtype, device=op.device)
+        Vs.append(w / beta)
+    rows = len(alphas)
+    if rows == 0:  # A v_0 = 0 to rounding: the zero matrix (or v_0 in its null space)
+        return xp.zeros((), dtype=op.dtype, device=op.device)
+    Bd = xp.zeros((rows, rows + (len(betas) == rows)), dtype=op.dtype, device=op.device)
     for i, a in enumerate(alphas):
         Bd[i, i] = a
-    for i, b in enumerate(betas[: size - 1]):
+    for i, b in enumerate(betas):
         Bd[i, i + 1] = b
+    check_factor(xp, Bd, f"`{name}`", "Lanczos bidiagonal matrix")
     return xp.max(xp.linalg.svdvals(Bd))
 
 
+@fp_guarded
 def estimate_spectral_norm(
     A: Any, *, n_iter: int = 30, symmetric: bool = False, rng: Any = None
 ) -> Array:
@@ -172,7 +199,8 @@ def estimate_spectral_norm(
     A : array or linear operator, shape (m, n)
         An operator needs ``shape``, ``dtype``, ``@`` and ``.T`` (or ``symmetric=True``).
     n_iter : int, default 30
-        Lanczos steps ``k`` (each one product with ``A`` and one with ``A^T``).
+        Lanczos steps ``k`` (each one product with ``A`` and one with ``A^T``); at most
+        ``min(m, n)`` are taken (a larger ``n_iter`` costs nothing more).
     symmetric : bool, default False
         Treat ``A`` as symmetric (its own transpose); then ``.T`` is not needed.
     rng : None, int, numpy/torch/cupy Generator, optional
@@ -183,6 +211,14 @@ def estimate_spectral_norm(
     array, shape ()
         The estimate, a 0-d array in ``A``'s library, device and dtype.
 
+    Raises
+    ------
+    ValueError
+        NaN/Inf in ``A`` or its products, ``n_iter < 1``, a product that overflows the dtype.
+    TypeError
+        Unsupported input type or dtype; an operator without a transpose (unless
+        ``symmetric=True``).
+
     Notes
     -----
     Golub-Kahan-Lanczos bidiagonalization started from a random unit vector, with full
@@ -190,7 +226,8 @@ def estimate_spectral_norm(
     value of the ``k x k`` bidiagonal matrix. The estimate never exceeds ``||A||_2`` (up to
     rounding) and its relative error decays like a Chebyshev polynomial in the gap
     ``sigma_1 / sigma_2``: much faster than the power method's ``(sigma_2/sigma_1)^(2k)``.
-    It stops early when an invariant subspace is found (exact for rank < ``k``).
+    It stops early when an invariant subspace is found (exact for rank < ``k``, and for
+    ``k = min(m, n)``: the last step's ``beta`` is kept, so a wide ``A`` is exact too).
     Cost: ``k`` products with each of ``A`` and ``A^T`` plus ``O((m + n) k^2)``.
 
     References
@@ -208,11 +245,12 @@ def estimate_spectral_norm(
     >>> round(float(ln.estimate_spectral_norm(A, rng=0)), 12)
     3.0
     """
-    op = as_operator(A, "A", symmetric=symmetric)
+    op = as_operator(A, "A", symmetric=check_bool(symmetric, "symmetric"))
     n_iter = check_int(n_iter, "n_iter", minimum=1)
     return _gk_lanczos_norm(op, n_iter, rng, "A")
 
 
+@fp_guarded
 def posterior_error_estimate(A: Any, Q: Any, *, n_probes: int = 10, rng: Any = None) -> Array:
     """Probabilistic upper bound on ``||A - Q Q^T A||_2`` from ``n_probes`` Gaussian probes.
 
@@ -236,9 +274,9 @@ def posterior_error_estimate(A: Any, Q: Any, *, n_probes: int = 10, rng: Any = N
     Raises
     ------
     ValueError
-        Shape mismatch or NaN/Inf.
+        Shape mismatch, NaN/Inf, or a bound that overflows the dtype.
     TypeError
-        ``A`` and ``Q`` from different array libraries.
+        ``A`` and ``Q`` from different array libraries or of different dtypes.
 
     Notes
     -----
@@ -263,10 +301,17 @@ def posterior_error_estimate(A: Any, Q: Any, *, n_probes: int = 10, rng: Any = N
     check_finite(xp, Q, "Q")
     n_probes = check_int(n_probes, "n_probes", minimum=1)
     draw = normal_sampler(xp, rng, dtype=op.dtype, device=op.device)
+    q_dtype = floating_dtype(xp, Q, "Q", device=op.device)
+    if q_dtype != op.dtype:
+        raise TypeError(f"`Q` must have the dtype of `A` ({op.dtype}), got {Q.dtype}")
+    Q = Q if Q.dtype == q_dtype else xp.astype(Q, q_dtype)
     Y = op.checked_matmat(draw((op.shape[1], n_probes)))
     for _ in range(2):
         Y = Y - Q @ (Q.T @ Y)
-    return HMT_PROBE_FACTOR * xp.max(xp.linalg.vector_norm(Y, axis=0))
+    bound = HMT_PROBE_FACTOR * xp.max(safe_norm(xp, Y, axis=0))
+    if not bool(xp.isfinite(bound)):  # within a factor 8 of the dtype's largest number
+        raise overflow_error("`A`", "probabilistic error bound", op.dtype)
+    return bound
 
 
 def _dense_approx(xp: Any, approx: Any) -> Array:
@@ -304,18 +349,20 @@ def _residual_operator(op: Operator, approx: Any) -> Operator:
         def low_t(X: Array) -> Array:
             return approx.T @ X
 
-    rmatmat = op.rmatmat_or_raise("A")
+    op.rmatmat_or_raise("A")
     return Operator(
         shape=op.shape,
         dtype=op.dtype,
         xp=op.xp,
         device=op.device,
-        matmat=lambda X: op.matmat(X) - low(X),
-        rmatmat=lambda X: rmatmat(X) - low_t(X),
+        # a NaN or overflow of A itself is reported as A's (the residual is checked again)
+        matmat=lambda X: op.checked_matmat(X, "A") - low(X),
+        rmatmat=lambda X: op.checked_rmatmat(X, "A") - low_t(X),
         array=None,
     )
 
 
+@fp_guarded
 def relative_error(A: Any, approx: Any, *, ord: Any = 2, method: str = "auto") -> Array:
     """Relative error ``||A - approx|| / ||A||`` of an approximation.
 
@@ -342,9 +389,10 @@ def relative_error(A: Any, approx: Any, *, ord: Any = 2, method: str = "auto") -
     Raises
     ------
     ValueError
-        Unknown ``ord``/``method``, shape mismatch, ``ord="fro"`` with Lanczos, zero ``A``.
+        Unknown ``ord``/``method``, shape mismatch, ``ord="fro"`` with Lanczos, zero ``A``,
+        NaN/Inf in ``A`` or ``approx``, a residual or ratio that overflows the dtype.
     TypeError
-        Arguments from different array libraries.
+        Arguments from different array libraries or of different dtypes.
 
     Notes
     -----
@@ -368,9 +416,15 @@ def relative_error(A: Any, approx: Any, *, ord: Any = 2, method: str = "auto") -
     op = as_operator(A, "A")
     xp = op.xp
     parts = tuple(approx) if isinstance(approx, SVDResult | EighResult) else (approx,)
-    namespace(*(p for p in parts), names=("approx",))
+    namespace(*parts, names=("approx",) if len(parts) == 1 else None)
     if op.array is not None:
         namespace(op.array, parts[0], names=("A", "approx"))
+    for part in parts:
+        if floating_dtype(xp, part, "approx", device=op.device) != op.dtype:
+            raise TypeError(f"`approx` must have the dtype of `A` ({op.dtype}), got {part.dtype}")
+        check_finite(xp, part, "approx")
+    if not isinstance(approx, SVDResult | EighResult) and approx.dtype != op.dtype:
+        approx = xp.astype(approx, op.dtype)  # an integer dense approximation
     if method == "auto":
         method = "exact" if op.array is not None else "lanczos"
     if method == "lanczos":
@@ -381,17 +435,28 @@ def relative_error(A: Any, approx: Any, *, ord: Any = 2, method: str = "auto") -
     else:
         M = op.array
         if M is None:
-            M = op.matmat(xp.eye(op.shape[1], dtype=op.dtype, device=op.device))
+            M = op.checked_matmat(xp.eye(op.shape[1], dtype=op.dtype, device=op.device))
         D = _dense_approx(xp, approx)
         if tuple(D.shape) != op.shape:
             raise ValueError(f"`approx` must have the shape of `A` {op.shape}, got {D.shape}")
-        norm = (lambda X: xp.max(xp.linalg.svdvals(X))) if ord == 2 else xp.linalg.matrix_norm
-        num, den = norm(M - D), norm(M)
+        residual = M - D
+        check_factor(xp, residual, "`approx`", "residual A - approx")
+
+        def norm(X: Array) -> Array:
+            if ord == 2:  # LAPACK's SVD scales internally
+                return xp.max(xp.linalg.svdvals(X))
+            return safe_norm(xp, X)
+
+        num, den = norm(residual), norm(M)
     if float(den) == 0.0:
         raise ValueError("`A` is zero: the relative error is undefined")
-    return num / den
+    out = num / den
+    if not bool(xp.isfinite(out)):  # num huge, den tiny
+        raise overflow_error("`approx`", "relative error", op.dtype)
+    return out
 
 
+@fp_guarded
 def ea_decay_modes(
     update_rank: int, decay: float, eps: float, *, steps: int | None = None, dim: int | None = None
 ) -> int:
@@ -421,7 +486,8 @@ def ea_decay_modes(
     For ``M_k = rho^k M_0 + (1 - rho) sum_j rho^(k-j) C_j`` with ``C_j`` PSD, rank ``<= m``,
     ``||C_j|| <= c`` and ``||M_0|| <= c``: the last ``s`` terms have rank ``<= m s`` and the
     rest has norm ``<= rho^s c``, so by Weyl's inequality ``lambda_{ms+1}(M_k) <= rho^s c``
-    (ALGORITHMS.md 5.1). Taking ``s = ceil(ln eps / ln rho)`` gives the count. The bound only
+    (see the algorithm reference, docs/algorithms.md, section 'Spectrum decay and error
+    bounds'). Taking ``s = ceil(ln eps / ln rho)`` gives the count. The bound only
     guarantees decay; measured K-factor spectra decay much faster.
 
     Examples
@@ -444,6 +510,7 @@ def ea_decay_modes(
     return count
 
 
+@fp_guarded
 def brand_drift_bound(dropped_max: Any, decay: float, *, initial: float = 0.0) -> float:
     """Accumulated truncation error of exponential-average Brand updates.
 
@@ -468,7 +535,8 @@ def brand_drift_bound(dropped_max: Any, decay: float, *, initial: float = 0.0) -
     :func:`brand_update` truncates after the update, so ``B_k = rho B_{k-1} + (1 - rho)
     X_k X_k^T - T_k`` with ``T_k`` PSD and ``||T_k|| = delta_k``. The error
     ``E_k = M_k - B_k`` obeys ``E_k = rho E_{k-1} + T_k``: each truncation is forgotten
-    geometrically (ALGORITHMS.md 7.3). ``E_k`` is PSD, so the same recursion with the
+    geometrically (see the algorithm reference, docs/algorithms.md, section
+    'Error-controlled Brand variants'). ``E_k`` is PSD, so the same recursion with the
     dropped sums (``BrandUpdate.dropped_sum``) gives ``trace(E_k)`` exactly.
 
     Examples
@@ -479,14 +547,20 @@ def brand_drift_bound(dropped_max: Any, decay: float, *, initial: float = 0.0) -
     """
     rho = check_decay(decay)
     initial = check_real(initial, "initial", minimum=0.0)
-    deltas = to_numpy(dropped_max).astype(np.float64).ravel()
+    deltas = host_values(dropped_max, "dropped_max")
     if not np.all(np.isfinite(deltas)) or np.any(deltas < 0):
         raise ValueError("`dropped_max` must be finite and non-negative")
     k = deltas.size
     weights = rho ** np.arange(k - 1, -1, -1, dtype=np.float64)
-    return float(rho**k * initial + np.sum(weights * deltas))
+    bound = float(rho**k * initial + np.sum(weights * deltas))
+    if not math.isfinite(bound):
+        raise ValueError(
+            "the drift bound overflows float64: `dropped_max` (or `initial`) is too large"
+        )
+    return bound
 
 
+@fp_guarded
 def inverse_perturbation_bound(error: float, damping: float) -> float:
     """Bound on the damped-inverse error caused by a representation error.
 
@@ -503,12 +577,22 @@ def inverse_perturbation_bound(error: float, damping: float) -> float:
         ``error / lambda^2``, an upper bound on
         ``||(X + lambda I)^-1 - (X_hat + lambda I)^-1||_2``.
 
+    Raises
+    ------
+    ValueError
+        Negative or non-finite ``error``, ``damping <= 0``, or a bound that overflows
+        float64 (``error / damping^2 > 1.8e308``).
+    TypeError
+        Non-numeric arguments.
+
     Notes
     -----
     ``(X + l I)^-1 - (X_hat + l I)^-1 = (X + l I)^-1 (X_hat - X) (X_hat + l I)^-1`` and both
     outer factors have norm ``<= 1 / lambda`` for PSD ``X``, ``X_hat``. With relative
     damping ``lambda = lambda_rel lambda_1``, a relative error ``e`` becomes an inverse error
-    of order ``e / (lambda_rel^2 lambda_1)`` (ALGORITHMS.md 5.4).
+    of order ``e / (lambda_rel^2 lambda_1)`` (see the algorithm reference,
+    docs/algorithms.md, section 'Spectrum decay and error bounds'). Computed as
+    ``(error / lambda) / lambda``, which stays exact where ``lambda^2`` would underflow.
 
     Examples
     --------
@@ -518,4 +602,10 @@ def inverse_perturbation_bound(error: float, damping: float) -> float:
     """
     error = check_real(error, "error", minimum=0.0)
     damping = check_real(damping, "damping", minimum=0.0, strict=True)
-    return error / damping**2
+    bound = error / damping / damping
+    if not math.isfinite(bound):
+        raise ValueError(
+            f"the bound error / damping^2 overflows float64 (error = {error:g}, damping = "
+            f"{damping:g})"
+        )
+    return bound

@@ -16,15 +16,32 @@ import array_api_compat
 from ._backend import (
     Operator,
     as_operator,
+    check_factor,
     cholesky_lower,
     eigh_descending,
     eps,
+    fp_guarded,
     normal_sampler,
+    safe_norm,
     sign_fix,
     solve_triangular,
 )
-from ._sketch import check_symmetric, orthonormalize, symmetric_range, thin_svd
-from ._validation import check_int, check_normalizer, check_rank, check_square
+from ._sketch import (
+    NORMALIZER_REMEDY,
+    check_symmetric,
+    orthonormalize,
+    symmetric_range,
+    thin_svd,
+    warn_if_unresolved,
+)
+from ._validation import (
+    check_bool,
+    check_int,
+    check_normalizer,
+    check_power_iters,
+    check_rank,
+    check_square,
+)
 
 __all__ = ["EighResult", "nystrom", "partial_eigh", "randomized_eigh", "srevd"]
 
@@ -52,9 +69,9 @@ def _prepare(
     check_square(op.shape)
     rank = check_rank(rank, op.shape)
     oversample = check_int(oversample, "oversample", minimum=0)
-    power_iters = check_int(power_iters, "power_iters", minimum=0)
+    power_iters = check_power_iters(power_iters)
     draw = normal_sampler(op.xp, rng, dtype=op.dtype, device=op.device)
-    if check:
+    if check_bool(check, "check_symmetric"):
         check_symmetric(op, draw)
     return op, rank, min(rank + oversample, op.shape[0]), power_iters, draw
 
@@ -74,9 +91,18 @@ def _finish(xp: Any, w: Any, V: Any, rank: int, *, dominant: bool) -> EighResult
 def _rayleigh_ritz(op: Operator, Q: Any, rank: int) -> EighResult:
     """Eigenpairs of ``Q Q^T A Q Q^T``: ``eigh(Q^T A Q)`` rotated back by ``Q``."""
     xp = op.xp
-    C = Q.T @ op.matmat(Q)
+    C = Q.T @ op.checked_matmat(Q)
     w, V = eigh_descending(xp, (C + C.T) / 2, name="Rayleigh-Ritz matrix")
     return _finish(xp, w, Q @ V, rank, dominant=True)
+
+
+def _warn_if_unresolved(
+    xp: Any, res: EighResult, exponent: int, routine: str, remedy: str = NORMALIZER_REMEDY
+) -> None:
+    """:func:`warn_if_unresolved` on the absolute Ritz values (largest first)."""
+    mags = xp.abs(res.eigenvalues)
+    mags = xp.take(mags, xp.argsort(mags, descending=True, stable=True))
+    warn_if_unresolved(xp, mags, mags.shape[0], exponent, mags.dtype, routine, remedy)
 
 
 _RR_NOTES = """
@@ -88,6 +114,7 @@ _RR_NOTES = """
 """
 
 
+@fp_guarded
 def randomized_eigh(
     A: Any,
     rank: int,
@@ -109,9 +136,12 @@ def randomized_eigh(
     oversample : int, default 10
         Extra sketch columns ``p`` (sketch size ``min(rank + p, n)``).
     power_iters : int, default 2
-        ``q``: the sketch is ``A^(q+1) Omega``, orthonormalized after every product.
+        ``q``: the sketch is ``A^(q+1) Omega``, orthonormalized after every product;
+        ``0 <= q <= 100``.
     normalizer : {"qr", "cholqr2", "none"}, default "qr"
         Orthonormalization between products (see :func:`randomized_range_finder`).
+        ``"none"`` is accurate while ``(|lambda_rank| / |lambda_1|)^(q + 1)`` stays above
+        about ``100 eps``; beyond that a ``RuntimeWarning`` is issued.
     rng : None, int, numpy/torch/cupy Generator, optional
         Source of the Gaussian test matrix.
     check_symmetric : bool, default True
@@ -127,9 +157,15 @@ def randomized_eigh(
     Raises
     ------
     ValueError
-        Non-square or non-symmetric ``A``, NaN/Inf, out-of-range arguments.
+        Non-square or non-symmetric ``A``, NaN/Inf, out-of-range arguments, a product
+        that overflows ``A``'s dtype.
     TypeError
         Unsupported input type or dtype.
+
+    Warns
+    -----
+    RuntimeWarning
+        ``normalizer="none"`` beyond its safe range (see ``normalizer``).
 
     Notes
     -----
@@ -161,9 +197,13 @@ def randomized_eigh(
     Q = symmetric_range(
         op, size, passes=power_iters + 1, normalize_every=1, normalizer=normalizer, draw=draw
     )
-    return _rayleigh_ritz(op, Q, rank)
+    res = _rayleigh_ritz(op, Q, rank)
+    if normalizer == "none":
+        _warn_if_unresolved(op.xp, res, power_iters + 1, "randomized_eigh")
+    return res
 
 
+@fp_guarded
 def srevd(
     A: Any,
     rank: int,
@@ -188,12 +228,15 @@ def srevd(
     power_iters : int, default 3
         ``q``: the sketch is ``A^(q+1) Omega``. The arXiv SRE-KFAC code's ``X^4 Omega`` is
         ``power_iters=3``; the thesis error measurements' ``X^9 Omega`` is ``power_iters=8``.
+        ``0 <= q <= 100``.
     reorth_every : int or None, default 2
         Orthonormalize (QR) the block after every ``k``-th product. ``None`` is the paper's
         form (no intermediate orthonormalization, columns only rescaled); in float32 it loses
         the non-dominant directions once ``(lambda_1 / lambda_l)^(q+1)`` nears ``1e7``, which
         the default avoids at the cost of a few QRs. ``reorth_every=1`` equals
-        :func:`randomized_eigh`.
+        :func:`randomized_eigh`. With ``None`` (or ``normalizer="none"``) a
+        ``RuntimeWarning`` says when ``(|lambda_rank| / |lambda_1|)^(q + 1)`` of the result
+        is below about ``100 eps``.
     normalizer : {"qr", "cholqr2", "none"}, default "qr"
         How the periodic and the final orthonormalizations are done (see
         :func:`randomized_range_finder`; ``"none"`` leaves only the final QR).
@@ -210,14 +253,22 @@ def srevd(
     Raises
     ------
     ValueError
-        Non-square or non-symmetric ``A``, NaN/Inf, out-of-range arguments.
+        Non-square or non-symmetric ``A``, NaN/Inf, out-of-range arguments, a product
+        that overflows ``A``'s dtype.
     TypeError
         Unsupported input type or dtype.
+
+    Warns
+    -----
+    RuntimeWarning
+        Products without orthonormalization beyond their safe range (see
+        ``reorth_every``).
 
     Notes
     -----
     ``Y = A^(q+1) Omega`` by repeated products, ``Q = qr(Y)``, ``C = Q^T A Q``,
-    ``C = W diag(w) W^T``, ``U = Q W`` (ALGORITHMS.md section 3). Cost ``(q + 2) n^2 l`` for
+    ``C = W diag(w) W^T``, ``U = Q W`` (Puiu 2022, arXiv:2206.15397; see the algorithm
+    reference, docs/algorithms.md, section 'Randomized decompositions'). Cost ``(q + 2) n^2 l`` for
     the products plus ``ceil(q / k)`` QRs, against ``2q + 1`` QRs in HMT subspace iteration.
     {rr}
     References
@@ -248,9 +299,16 @@ def srevd(
         normalizer=normalizer,
         draw=draw,
     )
-    return _rayleigh_ritz(op, Q, rank)
+    res = _rayleigh_ritz(op, Q, rank)
+    if normalizer == "none" or reorth_every is None:
+        remedy = "use reorth_every=2 (the default)" + (
+            " and normalizer='qr' or 'cholqr2'" if normalizer == "none" else ""
+        )
+        _warn_if_unresolved(op.xp, res, power_iters + 1, "srevd", remedy)
+    return res
 
 
+@fp_guarded
 def nystrom(
     A: Any,
     rank: int,
@@ -272,9 +330,11 @@ def nystrom(
     oversample : int, default 10
         Extra sketch columns ``p``.
     power_iters : int, default 0
-        ``q``: the test matrix is ``orth(A^q Omega)`` (orthonormalized after each product).
+        ``q``: the test matrix is ``orth(A^q Omega)`` (orthonormalized after each product);
+        ``0 <= q <= 100``.
     normalizer : {"qr", "cholqr2", "none"}, default "qr"
-        Orthonormalization of the test matrix (see :func:`randomized_range_finder`).
+        Orthonormalization of the test matrix (see :func:`randomized_range_finder`);
+        ``"none"`` warns beyond ``(lambda_rank / lambda_1)^q < 100 eps``.
     rng : None, int, numpy/torch/cupy Generator, optional
         Source of the Gaussian test matrix.
     check_symmetric : bool, default True
@@ -284,15 +344,21 @@ def nystrom(
     -------
     EighResult
         Top ``rank`` eigenpairs of the Nystrom approximation; eigenvalues descending and
-        non-negative (clipped at 0).
+        non-negative (clipped at 0). For the zero matrix: zero eigenvalues with orthonormal
+        (arbitrary) eigenvectors.
 
     Raises
     ------
     ValueError
         Non-square, non-symmetric or (detectably) indefinite ``A``; NaN/Inf; out-of-range
-        arguments.
+        arguments; a product that overflows ``A``'s dtype.
     TypeError
         Unsupported input type or dtype.
+
+    Warns
+    -----
+    RuntimeWarning
+        ``normalizer="none"`` beyond its safe range (see ``normalizer``).
 
     Notes
     -----
@@ -303,7 +369,10 @@ def nystrom(
     ``(max(S^2 - nu, 0), U)``. It needs only ``q + 1`` products with ``A`` (no Rayleigh-Ritz
     product), the cheapest of the randomized PSD routines, and is at least as accurate as
     ``Q Q^T A Q Q^T`` from the same sketch. A Cholesky failure of the shifted core means
-    ``A`` is not positive semidefinite, which is reported as a ``ValueError``.
+    ``A`` is not positive semidefinite, which is reported as a ``ValueError``. The core is
+    computed from ``Y / c`` with ``c`` a power of two near ``max|Y|`` (exact), so the shift
+    and the Cholesky factor neither underflow nor overflow at any scale of ``A``; a zero
+    ``Y`` (the zero matrix, a valid PSD input) returns zero eigenvalues.
 
     References
     ----------
@@ -338,9 +407,16 @@ def nystrom(
             draw=lambda shape: Omega,
         )
     Y = op.checked_matmat(Omega)
-    nu = math.sqrt(n) * eps(xp, op.dtype) * float(xp.linalg.vector_norm(Y))
+    top = float(xp.max(xp.abs(Y)))
+    if top == 0.0:  # A Omega = 0: for a PSD A, the approximation is exactly zero
+        w0 = xp.zeros((size,), dtype=op.dtype, device=op.device)
+        return _finish(xp, w0, Omega, rank, dominant=False)
+    c = math.ldexp(1.0, math.frexp(top)[1] - 1)  # exact scaling: Y / c has max in [1/2, 2)
+    Y = Y / c
+    nu = math.sqrt(n) * eps(xp, op.dtype) * float(safe_norm(xp, Y))
     Y_nu = Y + nu * Omega
     C = Omega.T @ Y_nu
+    check_factor(xp, C, "`A`", "Nystrom core")
     L = cholesky_lower(xp, (C + C.T) / 2)
     if L is None:
         raise ValueError(
@@ -349,10 +425,15 @@ def nystrom(
         )
     B = solve_triangular(xp, L, Y_nu.T, lower=True).T
     U, S, _ = thin_svd(xp, B, normalizer)
-    w = xp.clip(S * S - nu, min=0.0)
-    return _finish(xp, w, U, rank, dominant=False)
+    w = xp.clip(S * S - nu, min=0.0) * c
+    check_factor(xp, w, "`A`", "eigenvalues")
+    res = _finish(xp, w, U, rank, dominant=False)
+    if normalizer == "none" and power_iters > 0:
+        _warn_if_unresolved(xp, res, power_iters, "nystrom")
+    return res
 
 
+@fp_guarded
 def partial_eigh(A: Any, k: int) -> EighResult:
     """Exact top-``k`` eigenpairs (largest eigenvalues) of a symmetric matrix.
 
@@ -400,7 +481,7 @@ def partial_eigh(A: Any, k: int) -> EighResult:
     xp = op.xp
     M = op.array
     if M is None:
-        M = op.matmat(xp.eye(n, dtype=op.dtype, device=op.device))
+        M = op.checked_matmat(xp.eye(n, dtype=op.dtype, device=op.device))
     scale = float(xp.max(xp.abs(M)))
     gap = float(xp.max(xp.abs(M - M.T)))
     if gap > math.sqrt(eps(xp, op.dtype)) * scale:

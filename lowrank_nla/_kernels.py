@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from ._backend import all_finite, fp_guarded, namespace
 from ._lowrank import LowRankPSD, check_state
 from ._validation import check_real
 
@@ -25,6 +26,7 @@ __all__ = [
     "DampedInverse",
     "KronEigenbasisInverse",
     "damped_inverse",
+    "inverse_coefficients",
     "kron_eigenbasis_inverse",
 ]
 
@@ -63,6 +65,27 @@ class DampedInverse(NamedTuple):
         return ((V @ U) * coeff) @ U.T + self.outside * V
 
 
+def inverse_coefficients(
+    xp: Any, d: Array, damping: float, tail: float, name: str = "damping", check: bool = True
+) -> tuple[Array, float]:
+    """``1/(d+l) - 1/(t+l)`` and ``1/(t+l)``: the inverse of ``U D U^T + t(I - UU^T) + l I``.
+
+    ``d >= 0`` (a :class:`LowRankPSD`) and ``l + t > 0`` make every denominator positive;
+    a damping so small that ``1/(t+l)`` overflows the dtype raises ``ValueError`` (the
+    coefficients themselves are read back for that only with ``check``).
+    """
+    top = float(xp.finfo(d.dtype).max)
+    outside = 1.0 / (tail + damping)
+    coeff = 1.0 / (d + damping) - outside
+    if not outside <= top or (check and not all_finite(xp, coeff)):
+        raise ValueError(
+            f"`{name}` is too small for {str(d.dtype).rsplit('.', 1)[-1]}: the inverse "
+            f"eigenvalue 1 / (tail + damping) = 1 / {tail + damping:.3e} overflows"
+        )
+    return coeff, outside
+
+
+@fp_guarded
 def damped_inverse(
     state: LowRankPSD, *, damping: float, tail: float = 0.0, validate: bool = True
 ) -> DampedInverse:
@@ -91,7 +114,9 @@ def damped_inverse(
     Raises
     ------
     ValueError
-        ``damping <= 0``, ``tail < 0``, a malformed or non-finite ``state``.
+        ``damping <= 0``, ``tail < 0``, a malformed or non-finite ``state``, a damping so
+        small that the inverse overflows the dtype (with ``validate=False`` only the
+        complement's ``1/(tail + damping)`` is checked: nothing is read from the device).
     TypeError
         ``state`` is not a :class:`LowRankPSD`, mixed libraries or dtypes.
 
@@ -114,8 +139,9 @@ def damped_inverse(
         check_state(state)
     damping = check_real(damping, "damping", minimum=0.0, strict=True)
     tail = check_real(tail, "tail", minimum=0.0)
-    outside = 1.0 / (tail + damping)
-    return DampedInverse(state.U, 1.0 / (state.d + damping) - outside, outside)
+    xp = namespace(state.U)
+    coeff, outside = inverse_coefficients(xp, state.d, damping, tail, check=validate)
+    return DampedInverse(state.U, coeff, outside)
 
 
 class KronEigenbasisInverse(NamedTuple):
@@ -160,6 +186,7 @@ class KronEigenbasisInverse(NamedTuple):
         return inner + g_in_a_out + g_out_a_in + rest
 
 
+@fp_guarded
 def kron_eigenbasis_inverse(
     G: LowRankPSD,
     A: LowRankPSD,

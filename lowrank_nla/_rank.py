@@ -1,4 +1,8 @@
-"""Rank selection: the truncation ratio and the RSVD/Brand rank controllers (ALGORITHMS.md 4)."""
+"""Rank selection: the truncation ratio and the RSVD/Brand rank controllers.
+
+The rules are those of Puiu's thesis and papers (arXiv:2206.15397, arXiv:2210.08494); see the
+algorithm reference, docs/algorithms.md, section 'Rank selection'.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,13 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._backend import to_numpy
+from ._backend import fp_guarded, host_values
 from ._validation import check_int, check_real
 
 __all__ = ["RankController", "RankState", "truncation_ratio"]
 
 
+@fp_guarded
 def truncation_ratio(d: Any) -> float:
     """``min(d) / max(d)`` of retained eigenvalues: the proxy for ``lambda_{r+1} / lambda_1``.
 
@@ -30,6 +35,8 @@ def truncation_ratio(d: Any) -> float:
     ------
     ValueError
         Empty, negative or non-finite ``d``.
+    TypeError
+        Non-numeric ``d``, masked arrays, ``numpy.matrix``, meta tensors.
 
     Notes
     -----
@@ -44,7 +51,7 @@ def truncation_ratio(d: Any) -> float:
     >>> ln.truncation_ratio(np.array([4.0, 2.0, 1.0]))
     0.25
     """
-    v = to_numpy(d).astype(np.float64).ravel()
+    v = host_values(d, "d")
     if v.size == 0:
         raise ValueError("`d` must hold at least one eigenvalue")
     if not np.all(np.isfinite(v)) or np.any(v < 0):
@@ -78,13 +85,14 @@ class RankController:
     decrease_step, increase_step : int
     floor, cap : int
     every : int, default 1
-        Observations between re-evaluations (``K`` of ALGORITHMS.md 4.2).
+        Observations between re-evaluations (``K`` of the thesis' rank rule).
     history : int, default 30
         Errors kept in the state.
 
     Notes
     -----
-    :meth:`rsvd` and :meth:`brand` give the thesis rules (ALGORITHMS.md 4.2, 4.3): RSVD
+    :meth:`rsvd` and :meth:`brand` give the thesis rules (see the algorithm reference,
+    docs/algorithms.md, section 'Rank selection'): RSVD
     ranks move by 10 with margins 0.007 below / 0.02 above and floor 10, cap
     ``min(700, D)``; Brand ranks decrease by 5 (margin 0.02, floor 70) and increase by 10
     (margin 0.015, cap 500): cautious decreases, because information a truncation drops
@@ -122,7 +130,8 @@ class RankController:
 
     @classmethod
     def rsvd(cls, dim: int, *, every: int = 1, target: float = 0.033) -> RankController:
-        """The thesis rule for randomized-decomposition ranks (ALGORITHMS.md 4.2)."""
+        """The thesis rule for randomized-decomposition ranks (docs/algorithms.md, 'Rank
+        selection')."""
         dim = check_int(dim, "dim", minimum=1)
         return cls(target, 0.007, 0.02, 10, 10, min(10, dim), min(700, dim), every)
 
@@ -130,7 +139,8 @@ class RankController:
     def brand(
         cls, *, every: int = 1, target: float = 0.033, cap: int = 500, floor: int = 70
     ) -> RankController:
-        """The thesis rule for Brand ranks (ALGORITHMS.md 4.3); ``floor`` must be <= ``cap``."""
+        """The thesis rule for Brand ranks (docs/algorithms.md, 'Rank selection'); ``floor``
+        must be <= ``cap``."""
         return cls(target, 0.02, 0.015, 5, 10, floor, cap, every)
 
     def init(self, rank: int) -> RankState:
@@ -139,8 +149,14 @@ class RankController:
         return RankState(min(max(rank, self.floor), self.cap), (), 0)
 
     def update(self, state: RankState, error: float) -> RankState:
-        """Record one truncation ratio; re-evaluate the rank every ``every`` observations."""
-        error = check_real(error, "error")
+        """Record one truncation ratio; re-evaluate the rank every ``every`` observations.
+
+        ``error`` is a truncation ratio (:func:`truncation_ratio`): a finite number
+        ``>= 0``, else ``ValueError``; ``state`` must be a :class:`RankState`.
+        """
+        if not isinstance(state, RankState):
+            raise TypeError(f"`state` must be a RankState, got {type(state).__name__}")
+        error = check_real(error, "error", minimum=0.0)
         errors = (*state.errors, error)[-self.history :]
         count = state.observations + 1
         rank = state.rank

@@ -16,13 +16,23 @@ from ._backend import (
     Operator,
     Sampler,
     as_operator,
+    check_factor,
     cholesky_lower,
     column_scale,
     eps,
+    fp_guarded,
     normal_sampler,
+    power_of_two_scale,
+    safe_norm,
     solve_triangular,
 )
-from ._validation import check_int, check_normalizer, check_rank, check_real
+from ._validation import (
+    check_int,
+    check_normalizer,
+    check_power_iters,
+    check_rank,
+    check_real,
+)
 
 Array = Any
 
@@ -32,7 +42,7 @@ __all__ = ["adaptive_range_finder", "randomized_range_finder"]
 # --------------------------------------------------------------------------- normalizers
 
 
-def qr_factor(xp: Any, Y: Array, normalizer: str) -> tuple[Array, Array]:
+def qr_factor(xp: Any, Y: Array, normalizer: str, subject: str = "`A`") -> tuple[Array, Array]:
     """Thin QR ``Y = Q R`` with the chosen normalizer (``"none"`` means Householder QR).
 
     ``"cholqr2"`` is CholeskyQR2 (Fukaya, Nakatsukasa, Yanagisawa & Yamamoto 2014): two
@@ -41,47 +51,107 @@ def qr_factor(xp: Any, Y: Array, normalizer: str) -> tuple[Array, Array]:
     accurate when ``cond(Y) < eps**-1/2``. When a Cholesky factorization fails, or the first
     pass leaves ``max|Q_1^T Q_1 - I| > 1/2`` (``Y`` numerically rank deficient or too
     ill-conditioned), it falls back to Householder QR, so the result is always orthonormal.
+    The Gram matrix is formed from ``Y / c`` with ``c`` the power of two nearest ``max|Y|``
+    (:func:`~lowrank_nla._backend.power_of_two_scale`), which is exact and keeps it from
+    overflowing or underflowing at any input scale; ``R`` is scaled back.
+
+    ``Y`` is checked for NaN/Inf first (one reduction), so LAPACK never receives a
+    non-finite block; ``subject`` names the argument in the error.
     """
+    check_factor(xp, Y, subject, "block to orthonormalize")
     if normalizer == "cholqr2" and Y.shape[1] > 0:
-        G = Y.T @ Y
-        L = cholesky_lower(xp, G)
+        c = power_of_two_scale(xp, Y)
+        Ys = Y if c == 1.0 else Y / c
+        L = cholesky_lower(xp, Ys.T @ Ys)  # None also for a non-finite Gram matrix
         if L is not None:
-            Q1 = solve_triangular(xp, L, Y.T, lower=True).T
+            Q1 = solve_triangular(xp, L, Ys.T, lower=True).T
             G1 = Q1.T @ Q1
             # The second pass restores orthogonality to rounding only if the first pass left
             # cond(Q1) small; max|G1 - I| <= 1/2 guarantees cond(Q1) <= sqrt(3).
-            if (
-                float(xp.max(xp.abs(G1 - xp.eye(G1.shape[0], dtype=G1.dtype, device=_dev(G1)))))
-                <= 0.5
-            ):
+            eye = xp.eye(G1.shape[0], dtype=G1.dtype, device=_dev(G1))
+            if float(xp.max(xp.abs(G1 - eye))) <= 0.5:
                 L1 = cholesky_lower(xp, G1)
                 if L1 is not None:
-                    return solve_triangular(xp, L1, Q1.T, lower=True).T, L1.T @ L.T
+                    R = L1.T @ L.T
+                    Q = solve_triangular(xp, L1, Q1.T, lower=True).T
+                    return Q, (R if c == 1.0 else R * c)
     res = xp.linalg.qr(Y)
     return res.Q, res.R
 
 
-def orthonormalize(xp: Any, Y: Array, normalizer: str) -> Array:
+def orthonormalize(xp: Any, Y: Array, normalizer: str, subject: str = "`A`") -> Array:
     """Orthonormal basis of ``range(Y)`` with the chosen normalizer (``none`` -> QR)."""
-    return qr_factor(xp, Y, normalizer)[0]
+    return qr_factor(xp, Y, normalizer, subject)[0]
 
 
-def thin_svd(xp: Any, Y: Array, normalizer: str) -> tuple[Array, Array, Array]:
+def thin_svd(
+    xp: Any, Y: Array, normalizer: str, subject: str = "`A`"
+) -> tuple[Array, Array, Array]:
     """Thin SVD of a tall ``Y`` (m x l, m >= l) as ``QR`` then the SVD of the l x l ``R``.
 
     ``Y = Q R = (Q U_R) S V_R^T``: the work on the tall matrix is one QR and one product,
     which is much faster than a direct SVD of ``Y`` (LAPACK ``gesdd`` on the tall matrix).
+    ``R`` is checked for NaN/Inf (an overflow of the singular values' dtype) before the SVD.
     """
-    Q, R = qr_factor(xp, Y, normalizer)
+    Q, R = qr_factor(xp, Y, normalizer, subject)
+    check_factor(xp, R, subject, "triangular factor of the final SVD")
     U_R, S, Vh = xp.linalg.svd(R, full_matrices=False)
     return Q @ U_R, S, Vh
 
 
-def _normalize_between(xp: Any, Y: Array, normalizer: str) -> Array:
+# Products without an orthonormalization between them (normalizer="none", or srevd's
+# reorth_every=None) shrink direction j of the block relative to the dominant one like
+# (sigma_j / sigma_1)^s, s the number of such products; once that falls to the order of eps
+# the direction is rounding noise and its singular value is lost (measured: 30-60% errors
+# in the top ten values of j^-1 and 0.9^j spectra). The routines check the computed
+# spectrum a posteriori and warn below UNRESOLVED_FACTOR * eps. Directions whose value is
+# itself at rounding level (ratio <= NEGLIGIBLE_FACTOR * eps: exactly low-rank input) are
+# exempt: no normalizer resolves them.
+UNRESOLVED_FACTOR = 100.0
+NEGLIGIBLE_FACTOR = 1000.0
+
+
+NORMALIZER_REMEDY = "use normalizer='qr' or 'cholqr2' (or fewer power iterations)"
+
+
+def warn_if_unresolved(
+    xp: Any,
+    magnitudes: Array,
+    k: int,
+    exponent: int,
+    dtype: Any,
+    routine: str,
+    remedy: str = NORMALIZER_REMEDY,
+) -> None:
+    """Warn when ``(m_k / m_1)^exponent`` of the computed magnitudes is below rounding.
+
+    ``magnitudes`` are the computed singular values or absolute eigenvalues, largest first;
+    ``exponent`` the number of products between orthonormalizations.
+    """
+    if exponent < 2 or k < 1:
+        return
+    top = float(magnitudes[0])
+    if not top > 0.0:
+        return
+    ratio = float(magnitudes[k - 1]) / top
+    e = eps(xp, dtype)
+    if ratio <= NEGLIGIBLE_FACTOR * e or ratio**exponent >= UNRESOLVED_FACTOR * e:
+        return
+    warnings.warn(
+        f"{routine}: {exponent} products without orthonormalization shrank the weakest "
+        f"requested direction to {ratio**exponent:.1e} of the dominant one, below the "
+        f"rounding of {str(dtype).rsplit('.', 1)[-1]}: the trailing results are unreliable; "
+        f"{remedy}",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _normalize_between(xp: Any, Y: Array, normalizer: str, subject: str) -> Array:
     """Normalization between power iterations: ``none`` only rescales columns."""
     if normalizer == "none":
         return column_scale(xp, Y)
-    return orthonormalize(xp, Y, normalizer)
+    return orthonormalize(xp, Y, normalizer, subject)
 
 
 # --------------------------------------------------------------------------- engines
@@ -95,16 +165,21 @@ def general_range(
     normalizer: str,
     draw: Sampler,
     name: str = "A",
-) -> Array:
-    """Subspace iteration ``Q = orth((A A^T)^q A Omega)`` (HMT 2011, Algorithm 4.4)."""
+) -> tuple[Array, Array]:
+    """Subspace iteration ``Q = orth((A A^T)^q A Omega)`` (HMT 2011, Algorithm 4.4).
+
+    Returns ``Q`` and the triangular factor ``R`` of the final orthonormalization. Every
+    product is checked for NaN/Inf.
+    """
     xp = op.xp
-    rmatmat = op.rmatmat_or_raise(name) if power_iters > 0 else None
+    subject = f"`{name}`"
+    if power_iters > 0:
+        op.rmatmat_or_raise(name)
     Y = op.checked_matmat(draw((op.shape[1], size)), name)
     for _ in range(power_iters):
-        assert rmatmat is not None
-        Z = _normalize_between(xp, rmatmat(_normalize_between(xp, Y, normalizer)), normalizer)
-        Y = op.matmat(Z)
-    return orthonormalize(xp, Y, normalizer)
+        Z = op.checked_rmatmat(_normalize_between(xp, Y, normalizer, subject), name)
+        Y = op.checked_matmat(_normalize_between(xp, Z, normalizer, subject), name)
+    return qr_factor(xp, Y, normalizer, subject)
 
 
 def symmetric_range(
@@ -124,16 +199,17 @@ def symmetric_range(
     range and prevents overflow). A final orthonormalization always follows.
     """
     xp = op.xp
+    subject = f"`{name}`"
     Y = draw((op.shape[0], size))
     for i in range(1, passes + 1):
         Y = op.checked_matmat(Y, name)
         if i == passes:
             break
         if normalize_every is not None and i % normalize_every == 0:
-            Y = _normalize_between(xp, Y, normalizer)
+            Y = _normalize_between(xp, Y, normalizer, subject)
         else:
             Y = column_scale(xp, Y)
-    return orthonormalize(xp, Y, normalizer)
+    return orthonormalize(xp, Y, normalizer, subject)
 
 
 def check_symmetric(op: Operator, draw: Sampler, name: str = "A") -> None:
@@ -142,23 +218,27 @@ def check_symmetric(op: Operator, draw: Sampler, name: str = "A") -> None:
     Raises ``ValueError`` when ``|u^T A v - v^T A u| > sqrt(eps) (|u| |Av| + |v| |Au|)``.
     Rounding contributes about ``sqrt(n) eps`` to the left side, so symmetric input passes; an
     asymmetric part ``K = (A - A^T)/2`` is detected once ``|K|_F / |A|_F`` exceeds about
-    ``sqrt(n eps)``. Cost: one product with a two-column block.
+    ``sqrt(n eps)``. Both sides are computed on ``A W / c`` with ``c`` a power of two near
+    ``max|A W|`` and with :func:`~lowrank_nla._backend.safe_norm`, so the test is invariant
+    under scaling ``A`` (neither side underflows to zero for tiny ``A`` nor overflows for
+    huge ``A``); the zero matrix passes. Cost: one product with a two-column block.
     """
     xp = op.xp
     W = draw((op.shape[0], 2))
     AW = op.checked_matmat(W, name)
+    c = power_of_two_scale(xp, AW)
+    AW = AW if c == 1.0 else AW / c
     u, v = W[:, 0], W[:, 1]
     Au, Av = AW[:, 0], AW[:, 1]
     uAv = xp.vecdot(u, Av)
     vAu = xp.vecdot(v, Au)
-    norm = xp.linalg.vector_norm
-    scale = norm(u) * norm(Av) + norm(v) * norm(Au)
+    scale = safe_norm(xp, u) * safe_norm(xp, Av) + safe_norm(xp, v) * safe_norm(xp, Au)
     gap = float(xp.abs(uAv - vAu))
     limit = math.sqrt(eps(xp, op.dtype)) * float(scale)
-    if gap > limit:
+    if not gap <= limit:
         raise ValueError(
-            f"`{name}` is not symmetric: the probe |u^T A v - v^T A u| = {gap:.3e} exceeds "
-            f"{limit:.3e}; pass a symmetric matrix (or `check_symmetric=False` if it is "
+            f"`{name}` is not symmetric: the probe |u^T A v - v^T A u| = {gap * c:.3e} exceeds "
+            f"{limit * c:.3e}; pass a symmetric matrix (or `check_symmetric=False` if it is "
             "symmetric up to a known perturbation)"
         )
 
@@ -166,6 +246,7 @@ def check_symmetric(op: Operator, draw: Sampler, name: str = "A") -> None:
 # --------------------------------------------------------------------------- public API
 
 
+@fp_guarded
 def randomized_range_finder(
     A: Any,
     size: int,
@@ -185,12 +266,15 @@ def randomized_range_finder(
         Number of columns of the sketch, ``1 <= size <= min(m, n)``. For a target rank
         ``k`` use ``size = k + p`` with a small oversampling ``p`` (5 to 10).
     power_iters : int, default 2
-        Number ``q`` of subspace iterations with ``A A^T``.
+        Number ``q`` of subspace iterations with ``A A^T``, ``0 <= q <= 100``.
     normalizer : {"qr", "cholqr2", "none"}, default "qr"
         Orthonormalization between products: Householder QR; CholeskyQR2 (two
         Gram-Cholesky passes, bound by matrix products and fast on GPUs, with a fallback to
-        QR when Cholesky fails); or none (only column rescaling; accurate only for small
-        ``q`` or mild decay).
+        QR when Cholesky fails); or none (only column rescaling). ``"none"`` is accurate
+        while ``(sigma_size / sigma_1)^(2q + 1)`` stays well above about ``100 eps`` of the
+        dtype. The decompositions check this on the spectrum they compute and warn; the
+        range finder computes no spectrum and cannot (a collapsed block and an ``A`` of
+        rank below ``size`` look alike), so prefer ``"qr"``/``"cholqr2"`` for ``q > 1``.
     rng : None, int, numpy/torch/cupy Generator, optional
         Source of the Gaussian test matrix; an int seed gives reproducible results on a
         given backend.
@@ -203,8 +287,8 @@ def randomized_range_finder(
     Raises
     ------
     ValueError
-        If ``size`` or ``power_iters`` is out of range, ``normalizer`` unknown, or ``A``
-        holds NaN/Inf.
+        If ``size`` or ``power_iters`` is out of range, ``normalizer`` unknown, ``A``
+        holds NaN/Inf, or a product overflows ``A``'s dtype.
     TypeError
         If ``A`` is not an array or operator, or has a complex/boolean dtype.
 
@@ -215,7 +299,8 @@ def randomized_range_finder(
     Tropp 2011, Algorithm 4.4). Cost: ``(2q + 1)`` products of ``A`` (or ``A^T``) with an
     ``n x size`` block plus ``2q + 1`` orthonormalizations of ``O(m size^2)``.
     For ``p = size - k >= 2`` the expected error ``E ||A - Q Q^T A||_2`` is bounded by
-    :func:`lowrank_nla.hmt_error_bound`.
+    :func:`lowrank_nla.hmt_error_bound`. Every product is checked for NaN/Inf (see the
+    algorithm reference, docs/algorithms.md, section 'Randomized decompositions').
 
     References
     ----------
@@ -234,10 +319,11 @@ def randomized_range_finder(
     """
     op = as_operator(A, "A", check_finite_entries=False)
     size = check_rank(size, op.shape, "size")
-    power_iters = check_int(power_iters, "power_iters", minimum=0)
+    power_iters = check_power_iters(power_iters)
     normalizer = check_normalizer(normalizer)
-    draw = normal_sampler(op.xp, rng, dtype=op.dtype, device=op.device)
-    return general_range(op, size, power_iters=power_iters, normalizer=normalizer, draw=draw)
+    xp = op.xp
+    draw = normal_sampler(xp, rng, dtype=op.dtype, device=op.device)
+    return general_range(op, size, power_iters=power_iters, normalizer=normalizer, draw=draw)[0]
 
 
 # HMT 2011, Lemma 4.1: ||(I - P) A|| <= HMT_PROBE_FACTOR max_i ||(I - P) A w_i|| w.h.p.
@@ -253,6 +339,7 @@ def _project_out(xp: Any, Q: Array | None, Y: Array) -> Array:
     return Y
 
 
+@fp_guarded
 def adaptive_range_finder(
     A: Any,
     tol: float,
@@ -272,12 +359,14 @@ def adaptive_range_finder(
         Absolute spectral-norm tolerance (> 0). For a relative tolerance multiply by
         :func:`lowrank_nla.estimate_spectral_norm` of ``A``.
     block : int, default 10
-        Columns added per step; also the number of probes of the stopping estimate.
+        Columns added per step; also the number of probes of the stopping estimate. A
+        ``block`` above ``max(min(m, n), 10)`` is reduced to it (more probes add nothing).
     max_rank : int, optional
         Largest basis size (default ``min(m, n)``). If it is reached before ``tol`` a
         ``RuntimeWarning`` says so and the basis built so far is returned.
     power_iters : int, default 0
-        Subspace iterations applied to each new block before it joins the basis.
+        Subspace iterations applied to each new block before it joins the basis
+        (``0 <= power_iters <= 100``).
     rng : None, int, numpy/torch/cupy Generator, optional
         Source of the Gaussian probes.
 
@@ -285,6 +374,15 @@ def adaptive_range_finder(
     -------
     Q : array, shape (m, k)
         Orthonormal columns, ``k`` a multiple of ``block`` (or ``max_rank``).
+
+    Raises
+    ------
+    ValueError
+        Out-of-range ``tol``, ``block``, ``max_rank`` or ``power_iters``; NaN/Inf in ``A``;
+        a product that overflows ``A``'s dtype.
+    TypeError
+        Unsupported input type or dtype; an operator without ``.T`` when
+        ``power_iters > 0``.
 
     Notes
     -----
@@ -295,7 +393,9 @@ def adaptive_range_finder(
 
     which holds with probability at least ``1 - 10**-block``: below ``tol`` it stops,
     otherwise the orthonormalized (and optionally power-iterated) ``Y`` joins ``Q``.
-    Projections are done twice for orthogonality in floating point. Cost per step:
+    Projections are done twice for orthogonality in floating point; the probe norms are
+    computed without under/overflow (:func:`~lowrank_nla._backend.safe_norm`), so the
+    stopping test is exact in scale for any input magnitude. Cost per step:
     ``1 + 2 power_iters`` block products and ``O(m k block)`` for the projections.
 
     References
@@ -316,19 +416,20 @@ def adaptive_range_finder(
     op = as_operator(A, "A", check_finite_entries=False)
     tol = check_real(tol, "tol", minimum=0.0, strict=True)
     full = min(op.shape)
-    block = check_int(block, "block", minimum=1)
+    block = min(check_int(block, "block", minimum=1), max(full, 10))
     max_rank = full if max_rank is None else check_rank(max_rank, op.shape, "max_rank")
-    power_iters = check_int(power_iters, "power_iters", minimum=0)
+    power_iters = check_power_iters(power_iters)
     xp = op.xp
     draw = normal_sampler(xp, rng, dtype=op.dtype, device=op.device)
-    rmatmat = op.rmatmat_or_raise("A") if power_iters > 0 else None
+    if power_iters > 0:
+        op.rmatmat_or_raise("A")
 
     Q: Array | None = None
     k = 0
     while True:
         b = min(block, max_rank - k)
         Y = _project_out(xp, Q, op.checked_matmat(draw((op.shape[1], block)), "A"))
-        estimate = HMT_PROBE_FACTOR * float(xp.max(xp.linalg.vector_norm(Y, axis=0)))
+        estimate = HMT_PROBE_FACTOR * float(xp.max(safe_norm(xp, Y, axis=0)))
         if estimate <= tol:
             break
         if b == 0:
@@ -337,14 +438,13 @@ def adaptive_range_finder(
                     f"adaptive_range_finder reached `max_rank` = {max_rank} with an error "
                     f"estimate {estimate:.3e} > `tol` = {tol:.3e}",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
             break
         Y = Y[:, :b]
         for _ in range(power_iters):
-            assert rmatmat is not None
-            Z = orthonormalize(xp, rmatmat(orthonormalize(xp, Y, "qr")), "qr")
-            Y = _project_out(xp, Q, op.matmat(Z))
+            Z = orthonormalize(xp, op.checked_rmatmat(orthonormalize(xp, Y, "qr")), "qr")
+            Y = _project_out(xp, Q, op.checked_matmat(Z))
         Qb = orthonormalize(xp, _project_out(xp, Q, orthonormalize(xp, Y, "qr")), "qr")
         Q = Qb if Q is None else xp.concat([Q, Qb], axis=1)
         k += b

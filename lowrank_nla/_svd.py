@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._backend import as_operator, normal_sampler, sign_fix
-from ._sketch import general_range, thin_svd
-from ._validation import check_int, check_normalizer, check_rank
+from ._backend import as_operator, fp_guarded, normal_sampler, sign_fix
+from ._sketch import general_range, thin_svd, warn_if_unresolved
+from ._validation import check_int, check_normalizer, check_power_iters, check_rank
 
 __all__ = ["SVDResult", "randomized_svd"]
 
@@ -29,6 +29,7 @@ class SVDResult(NamedTuple):
     Vh: Any
 
 
+@fp_guarded
 def randomized_svd(
     A: Any,
     rank: int,
@@ -50,9 +51,12 @@ def randomized_svd(
     oversample : int, default 10
         Extra sketch columns ``p``; the sketch has ``min(rank + p, min(m, n))`` columns.
     power_iters : int, default 2
-        Subspace iterations ``q`` (each one product with ``A^T`` and one with ``A``).
+        Subspace iterations ``q`` (each one product with ``A^T`` and one with ``A``),
+        ``0 <= q <= 100``.
     normalizer : {"qr", "cholqr2", "none"}, default "qr"
         Orthonormalization between products (see :func:`randomized_range_finder`).
+        ``"none"`` is accurate while ``(sigma_rank / sigma_1)^(2q + 1)`` stays above about
+        ``100 eps``; beyond that a ``RuntimeWarning`` is issued.
     rng : None, int, numpy/torch/cupy Generator, optional
         Source of the Gaussian test matrix.
 
@@ -67,9 +71,16 @@ def randomized_svd(
     ------
     ValueError
         Out-of-range ``rank``, ``oversample`` or ``power_iters``; unknown ``normalizer``;
-        NaN/Inf in ``A``.
+        NaN/Inf in ``A``; a product or a factor that overflows ``A``'s dtype (the singular
+        values themselves are not representable).
     TypeError
         Unsupported input type or dtype; an operator without ``.T``.
+
+    Warns
+    -----
+    RuntimeWarning
+        ``normalizer="none"`` with ``(S[rank-1] / S[0])^(2q + 1) < 100 eps`` (and
+        ``S[rank-1] / S[0]`` itself above rounding): the trailing triplets are unreliable.
 
     Notes
     -----
@@ -82,7 +93,8 @@ def randomized_svd(
     ``||A - U diag(S) Vh||_2 <= sigma_{k+1} + ||A - Q Q^T A||_2``, and the last term is
     bounded in expectation by :func:`lowrank_nla.hmt_error_bound`. To measure the error of
     a result use :func:`lowrank_nla.posterior_error_estimate` (range) or
-    :func:`lowrank_nla.relative_error` (decomposition).
+    :func:`lowrank_nla.relative_error` (decomposition). Every product and the small
+    triangular factor are checked for NaN/Inf, so LAPACK never sees a non-finite matrix.
 
     Compared with :func:`sklearn.utils.extmath.randomized_svd` the sketch is drawn in the
     input's own library and device; compared with :func:`torch.svd_lowrank` it accepts a
@@ -107,16 +119,18 @@ def randomized_svd(
     op = as_operator(A, "A", check_finite_entries=False)  # checked in the first product
     rank = check_rank(rank, op.shape)
     oversample = check_int(oversample, "oversample", minimum=0)
-    power_iters = check_int(power_iters, "power_iters", minimum=0)
+    power_iters = check_power_iters(power_iters)
     normalizer = check_normalizer(normalizer)
     xp = op.xp
-    rmatmat = op.rmatmat_or_raise("A")
+    op.rmatmat_or_raise("A")
     size = min(rank + oversample, min(op.shape))
     draw = normal_sampler(xp, rng, dtype=op.dtype, device=op.device)
-    Q = general_range(op, size, power_iters=power_iters, normalizer=normalizer, draw=draw)
+    Q, _ = general_range(op, size, power_iters=power_iters, normalizer=normalizer, draw=draw)
     # B = Q^T A (size x n) through its transpose: B^T = A^T Q = W S Z^T, so B = Z S W^T.
-    W, S, Zh = thin_svd(xp, rmatmat(Q), normalizer)
+    W, S, Zh = thin_svd(xp, op.checked_rmatmat(Q), normalizer)
     U = Q @ Zh.T[:, :rank]
     S, Vh = S[:rank], W[:, :rank].T
+    if normalizer == "none":
+        warn_if_unresolved(xp, S, rank, 2 * power_iters + 1, op.dtype, "randomized_svd")
     signs = sign_fix(xp, U)
     return SVDResult(U * signs, S, Vh * signs[:, None])

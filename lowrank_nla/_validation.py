@@ -6,7 +6,15 @@ import math
 import numbers
 from typing import Any
 
+import numpy as np
+
 NORMALIZERS = ("qr", "cholqr2", "none")
+
+#: Largest accepted ``power_iters``. The sketch error of subspace iteration shrinks like
+#: ``(sigma_{k+1} / sigma_k)^(2q)`` (HMT 2011, Corollary 10.10): past a hundred iterations
+#: any gap that can help at all has long reached rounding, and a count like ``10**9`` (a
+#: typo, or a misread parameter) would otherwise run for days.
+MAX_POWER_ITERS = 100
 
 
 def check_int(value: Any, name: str, *, minimum: int) -> int:
@@ -17,6 +25,24 @@ def check_int(value: Any, name: str, *, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
     return value
+
+
+def check_power_iters(value: Any, name: str = "power_iters") -> int:
+    """``0 <= power_iters <= MAX_POWER_ITERS``."""
+    value = check_int(value, name, minimum=0)
+    if value > MAX_POWER_ITERS:
+        raise ValueError(
+            f"`{name}` must be <= {MAX_POWER_ITERS}, got {value}: more power iterations never "
+            "improve a sketch measurably (use a Krylov solver for spectra without a gap)"
+        )
+    return value
+
+
+def check_bool(value: Any, name: str) -> bool:
+    """A Python or NumPy bool (not merely a truthy value)."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"`{name}` must be a bool, got {type(value).__name__}")
+    return bool(value)
 
 
 def check_rank(rank: Any, shape: tuple[int, int], name: str = "rank") -> int:

@@ -3,8 +3,8 @@ products of two factors (K-FAC), and Woodbury solves through the small ``n x n``
 
 Layout: a factor ``X`` of dimension ``D`` is a :class:`LowRankPSD` ``(U, d)`` (a full dense
 eigendecomposition is the case ``k = D``). A layer's gradient matrix ``V`` is ``d_G x d_A``
-(output x input, bias last; ALGORITHMS.md 1.1); the K-FAC direction is
-``(G + l_G I)^-1 V (A + l_A I)^-1``.
+(output x input, bias last; see the algorithm reference, docs/algorithms.md, section
+'The K-FAC core'); the K-FAC direction is ``(G + l_G I)^-1 V (A + l_A I)^-1``.
 """
 
 from __future__ import annotations
@@ -14,9 +14,21 @@ from typing import Any
 
 import array_api_compat
 
-from ._backend import check_finite, cholesky_lower, namespace, solve_triangular
+from ._backend import (
+    all_finite,
+    check_factor,
+    check_finite,
+    cholesky_lower,
+    eps,
+    floating_dtype,
+    fp_guarded,
+    namespace,
+    overflow_error,
+    solve_triangular,
+)
+from ._kernels import DampedInverse, KronEigenbasisInverse, inverse_coefficients
 from ._lowrank import LowRankPSD, check_state
-from ._validation import check_real
+from ._validation import check_bool, check_real
 
 __all__ = [
     "damped_inverse_apply",
@@ -29,20 +41,28 @@ __all__ = [
 Array = Any
 
 
-def _inverse_coefficients(xp: Any, d: Array, damping: float, tail: float) -> tuple[Array, float]:
-    """``1/(d+l) - 1/(t+l)`` and ``1/(t+l)``: the inverse of ``U D U^T + t(I - UU^T) + l I``."""
-    outside = 1.0 / (tail + damping)
-    return 1.0 / (d + damping) - outside, outside
+def _operand(xp: Any, X: Array, name: str, dtype: Any) -> Array:
+    """``X`` in the factors' ``dtype`` (integers promoted to the default float first), checked
+    finite; another floating dtype raises ``TypeError``."""
+    own = floating_dtype(xp, X, name, device=array_api_compat.device(X))
+    if own != dtype:
+        raise TypeError(f"`{name}` must have the dtype of the factors ({dtype}), got {X.dtype}")
+    X = X if X.dtype == own else xp.astype(X, own)
+    check_finite(xp, X, name)
+    return X
+
+
+def _checked_result(xp: Any, out: Array, subject: str) -> Array:
+    if not all_finite(xp, out):
+        raise overflow_error(subject, "damped inverse applied to it", out.dtype)
+    return out
 
 
 def _apply(U: Array, coeff: Array, outside: float, V: Array, side: str) -> Array:
-    if side == "left":
-        proj = U.T @ V
-        scaled = coeff * proj if V.ndim == 1 else coeff[:, None] * proj
-        return U @ scaled + outside * V
-    return ((V @ U) * coeff) @ U.T + outside * V
+    return DampedInverse(U, coeff, outside).apply(V, side)
 
 
+@fp_guarded
 def damped_inverse_apply(
     state: LowRankPSD, V: Any, *, damping: float, tail: float = 0.0, side: str = "left"
 ) -> Array:
@@ -53,12 +73,14 @@ def damped_inverse_apply(
     state : LowRankPSD
         ``(U, d)`` with ``U`` (D x k) orthonormal.
     V : array, shape (D,) or (D, m) for ``side="left"``, (m, D) for ``side="right"``
-        Right-hand sides, same library and dtype as ``state``.
+        Right-hand sides, same library and dtype as ``state`` (integer arrays are promoted
+        to the default float first).
     damping : float
         ``lambda > 0``.
     tail : float, default 0
         Eigenvalue assigned to the complement of ``range(U)``: ``0`` is the plain Woodbury
-        form, ``min(d)`` the spectrum continuation of ALGORITHMS.md 1.5.
+        form, ``min(d)`` the spectrum continuation (see the algorithm reference,
+        docs/algorithms.md, section 'Low-rank inverse application').
     side : {"left", "right"}, default "left"
         ``X^-1 V`` or ``V X^-1``; neither transposes a copy of ``V``.
 
@@ -70,13 +92,15 @@ def damped_inverse_apply(
     Raises
     ------
     ValueError
-        Shape mismatch, ``damping <= 0``, ``tail < 0``, unknown ``side``, NaN/Inf.
+        Shape mismatch, ``damping <= 0``, ``tail < 0``, unknown ``side``, NaN/Inf, a
+        ``damping`` whose inverse (or a result) overflows the dtype.
     TypeError
         Mixed array libraries or dtypes.
 
     Notes
     -----
-    With ``U`` orthonormal, ``X = U (D + l) U^T + (t + l)(I - U U^T)`` and
+    With ``U`` orthonormal (an invariant of :class:`LowRankPSD`, like ``d >= 0``, which
+    keeps every denominator positive), ``X = U (D + l) U^T + (t + l)(I - U U^T)`` and
 
     .. math::
 
@@ -108,11 +132,13 @@ def damped_inverse_apply(
     if not ok:
         want = f"({D},) or ({D}, m)" if side == "left" else f"(m, {D})"
         raise ValueError(f"`V` must have shape {want} for side={side!r}, got {V.shape}")
-    if V.dtype != U.dtype:
+    own = floating_dtype(xp, V, "V", device=array_api_compat.device(V))
+    if own != U.dtype:
         raise TypeError(f"`V` must have the dtype of `state` ({U.dtype}), got {V.dtype}")
+    V = V if V.dtype == own else xp.astype(V, own)
     check_finite(xp, V, "V")
-    coeff, outside = _inverse_coefficients(xp, d, damping, tail)
-    return _apply(U, coeff, outside, V, side)
+    coeff, outside = inverse_coefficients(xp, d, damping, tail)
+    return _checked_result(xp, _apply(U, coeff, outside, V, side), "`V`")
 
 
 def _check_factored_options(
@@ -120,17 +146,17 @@ def _check_factored_options(
 ) -> tuple[float, tuple[float, float]]:
     """Validated ``damping`` and ``shift`` of :func:`kron_inverse_apply` and its factored form."""
     damping = check_real(damping, "damping", minimum=0.0, strict=True)
+    relative = check_bool(relative, "relative")
+    pi_adjusted = check_bool(pi_adjusted, "pi_adjusted")
     if pi_adjusted and (relative or not factored):
         raise ValueError("`pi_adjusted` applies to absolute factored damping only")
+    if isinstance(shift, str) or not hasattr(shift, "__len__") or len(shift) != 2:
+        raise TypeError(
+            f"`shift` must be a pair (shift_G, shift_A) of non-negative numbers, got {shift!r}"
+        )
     s_g = check_real(shift[0], "shift[0]", minimum=0.0)
     s_a = check_real(shift[1], "shift[1]", minimum=0.0)
     return damping, (s_g, s_a)
-
-
-def _check_operand(xp: Any, X: Array, name: str, dtype: Any) -> None:
-    if X.dtype != dtype:
-        raise TypeError(f"`{name}` must have the dtype of the factors ({dtype}), got {X.dtype}")
-    check_finite(xp, X, name)
 
 
 def _factored_inverses(
@@ -148,6 +174,13 @@ def _factored_inverses(
     if relative:
         lam_g = damping * (float(xp.max(G.d)) if G.rank else 0.0)
         lam_a = damping * (float(xp.max(A.d)) if A.rank else 0.0)
+        for name, lam, s in (("G", lam_g, shift[0]), ("A", lam_a, shift[1])):
+            if lam + s == 0.0:
+                raise ValueError(
+                    f"relative damping of `{name}` is zero: `{name}` is the zero matrix "
+                    f"(max({name}.d) = 0 or rank 0) and its shift is 0, so "
+                    f"`{name}` + 0 I has no inverse; use absolute damping or a positive shift"
+                )
     elif pi_adjusted:
         # Martens & Grosse (2015), 6.3: pi = sqrt((tr A / d_A) / (tr G / d_G)).
         mean_g = float(xp.sum(G.d)) / G.dim
@@ -157,8 +190,8 @@ def _factored_inverses(
     else:
         lam_g = lam_a = math.sqrt(damping)
     return (
-        _inverse_coefficients(xp, G.d, lam_g + shift[0], tails[0]),
-        _inverse_coefficients(xp, A.d, lam_a + shift[1], tails[1]),
+        inverse_coefficients(xp, G.d, lam_g + shift[0], tails[0]),
+        inverse_coefficients(xp, A.d, lam_a + shift[1], tails[1]),
     )
 
 
@@ -183,6 +216,7 @@ def _tails(G: LowRankPSD, A: LowRankPSD, continuation: bool) -> tuple[float, flo
     return tail(G), tail(A)
 
 
+@fp_guarded
 def kron_inverse_apply(
     G: LowRankPSD,
     A: LowRankPSD,
@@ -203,7 +237,7 @@ def kron_inverse_apply(
         Output-gradient factor (``d_G``) and input factor (``d_A``): a full eigendecomposition
         (``k = D``) or a low-rank representation.
     V : array, shape (d_G, d_A)
-        The layer's gradient matrix.
+        The layer's gradient matrix (integer arrays are promoted to the default float).
     damping : float
         ``lambda > 0``; its meaning depends on ``scheme`` and ``relative``.
     scheme : {"factored", "eigenbasis"}, default "factored"
@@ -220,10 +254,12 @@ def kron_inverse_apply(
         (Martens & Grosse 2015, section 6.3); otherwise both are ``sqrt(damping)``.
     continuation : bool, default False
         Model the discarded spectrum of a truncated factor as flat at its smallest retained
-        eigenvalue instead of zero (ALGORITHMS.md 1.5).
+        eigenvalue instead of zero (see the algorithm reference, docs/algorithms.md,
+        section 'Low-rank inverse application').
     shift : (float, float), default (0, 0)
         Identity weights added to ``(G, A)``: the ``rho^m`` of the identity initialisation
-        (ALGORITHMS.md 1.3), so ``G + shift_G I`` and ``A + shift_A I`` are inverted.
+        (docs/algorithms.md, section 'The K-FAC core'), so ``G + shift_G I`` and
+        ``A + shift_A I`` are inverted.
 
     Returns
     -------
@@ -234,9 +270,10 @@ def kron_inverse_apply(
     ------
     ValueError
         Shape mismatch, non-positive damping, negative shift, unknown scheme, ``pi_adjusted``
-        with ``relative`` or with the eigenbasis scheme, NaN/Inf.
+        with ``relative`` or with the eigenbasis scheme, relative damping of a zero factor
+        without a shift (no inverse exists), NaN/Inf, a result that overflows the dtype.
     TypeError
-        Mixed array libraries or dtypes.
+        Mixed array libraries or dtypes, non-bool flags, a ``shift`` that is not a pair.
 
     Notes
     -----
@@ -272,32 +309,25 @@ def kron_inverse_apply(
     namespace(G.U, V, names=("G.U", "V"))
     if V.ndim != 2 or V.shape != (G.dim, A.dim):
         raise ValueError(f"`V` must have shape ({G.dim}, {A.dim}) = (d_G, d_A), got {V.shape}")
-    _check_operand(xp, V, "V", G.U.dtype)
-    t_g, t_a = _tails(G, A, continuation)
+    V = _operand(xp, V, "V", G.U.dtype)
+    t_g, t_a = _tails(G, A, check_bool(continuation, "continuation"))
     if scheme == "factored":
         (c_g, o_g), (c_a, o_a) = _factored_inverses(
             G, A, damping, relative, pi_adjusted, (s_g, s_a), (t_g, t_a)
         )
-        return _apply(A.U, c_a, o_a, _apply(G.U, c_g, o_g, V, "left"), "right")
+        out = _apply(A.U, c_a, o_a, _apply(G.U, c_g, o_g, V, "left"), "right")
+        return _checked_result(xp, out, "`V`")
 
     lam = damping
     if relative:
         lam *= (float(xp.max(G.d)) if G.rank else 0.0) * (float(xp.max(A.d)) if A.rank else 0.0)
         if lam == 0.0:
             raise ValueError("relative eigenbasis damping is zero: both factors must be nonzero")
-    dg, da = G.d + s_g, A.d + s_a
-    t_g, t_a = t_g + s_g, t_a + s_a
-    Ug, Ua = G.U, A.U
-    W = Ug.T @ V  # (k_G, d_A)
-    Y = V @ Ua  # (d_G, k_A)
-    C = W @ Ua  # (k_G, k_A)
-    inner = Ug @ (C / (dg[:, None] * da[None, :] + lam)) @ Ua.T
-    g_in_a_out = Ug @ ((W - C @ Ua.T) / (dg[:, None] * t_a + lam))
-    g_out_a_in = ((Y - Ug @ C) / (t_g * da[None, :] + lam)) @ Ua.T
-    rest = (V - Ug @ W - Y @ Ua.T + Ug @ C @ Ua.T) / (t_g * t_a + lam)
-    return inner + g_in_a_out + g_out_a_in + rest
+    inverse = KronEigenbasisInverse(G.U, G.d + s_g, t_g + s_g, A.U, A.d + s_a, t_a + s_a, lam)
+    return _checked_result(xp, inverse.apply(V), "`V`")
 
 
+@fp_guarded
 def kron_inverse_apply_factored(
     G: LowRankPSD,
     A: LowRankPSD,
@@ -336,14 +366,16 @@ def kron_inverse_apply_factored(
     ------
     ValueError
         Shape mismatch, non-positive damping, negative shift, ``pi_adjusted`` with
-        ``relative``, NaN/Inf.
+        ``relative``, relative damping of a zero factor without a shift, NaN/Inf, a result
+        that overflows the dtype.
     TypeError
-        Mixed array libraries or dtypes.
+        Mixed array libraries or dtypes, non-bool flags, a ``shift`` that is not a pair.
 
     Notes
     -----
-    The gradient of a Linear layer is ``V = grad_outputs inputs^T`` (ALGORITHMS.md 6.3 writes
-    it ``Gamma A^T / n`` with ``Gamma = n grad_outputs``), so
+    The gradient of a Linear layer is ``V = grad_outputs inputs^T`` (the K-FAC papers write
+    it ``Gamma A^T / n`` with ``Gamma = n grad_outputs``; see the algorithm reference,
+    docs/algorithms.md, section 'The K-FAC core'), so
     ``I_G V I_A = (I_G grad_outputs)(I_A inputs)^T``. Preconditioning the two thin blocks
     costs ``O((d_G k_G + d_A k_A) n)``, linear in the layer width, instead of the
     ``O(d_G d_A (k_G + k_A))`` of applying the factors to ``V``; only the final outer product
@@ -374,14 +406,15 @@ def kron_inverse_apply_factored(
             f"`grad_outputs` must be ({G.dim}, n) = (d_G, n) and `inputs` ({A.dim}, n) = "
             f"(d_A, n) with the same n, got {grad_outputs.shape} and {inputs.shape}"
         )
-    _check_operand(xp, grad_outputs, "grad_outputs", G.U.dtype)
-    _check_operand(xp, inputs, "inputs", G.U.dtype)
+    grad_outputs = _operand(xp, grad_outputs, "grad_outputs", G.U.dtype)
+    inputs = _operand(xp, inputs, "inputs", G.U.dtype)
+    tails = _tails(G, A, check_bool(continuation, "continuation"))
     (c_g, o_g), (c_a, o_a) = _factored_inverses(
-        G, A, damping, relative, pi_adjusted, shifts, _tails(G, A, continuation)
+        G, A, damping, relative, pi_adjusted, shifts, tails
     )
     left = _apply(G.U, c_g, o_g, grad_outputs, "left")
     right = _apply(A.U, c_a, o_a, inputs, "left")
-    return left @ right.T
+    return _checked_result(xp, left @ right.T, "`grad_outputs` and `inputs`")
 
 
 def _work_dtype(xp: Any, dtype: Any, device: Any) -> Any:
@@ -390,13 +423,15 @@ def _work_dtype(xp: Any, dtype: Any, device: Any) -> Any:
     return xp.float64 if "float64" in info.dtypes(device=device) else dtype
 
 
-def _spd_solve(xp: Any, K: Array, B: Array, what: str) -> Array:
+def _spd_solve(xp: Any, K: Array, B: Array, what: str, subject: str) -> Array:
+    check_factor(xp, K, subject, what)
     L = cholesky_lower(xp, (K + K.T) / 2)
     if L is None:
         raise ValueError(f"the {what} is not positive definite (damping too small for its dtype)")
     return solve_triangular(xp, L.T, solve_triangular(xp, L, B, lower=True), lower=False)
 
 
+@fp_guarded
 def woodbury_solve(J: Any, v: Any, damping: float) -> Array:
     """``(damping I + J^T J)^-1 v`` through the small ``n x n`` system (SENG, FNGD, MBF).
 
@@ -404,22 +439,24 @@ def woodbury_solve(J: Any, v: Any, damping: float) -> Array:
     ----------
     J : array, shape (n, P)
         ``n`` rows (e.g. per-sample gradients scaled by ``1/sqrt(n)``), ``n`` small.
+        Integer arrays are promoted to the default float.
     v : array, shape (P,) or (P, m)
-        Right-hand side(s).
+        Right-hand side(s), same dtype as ``J`` after that promotion.
     damping : float
         ``lambda > 0``.
 
     Returns
     -------
     array
-        Same shape, library, device and dtype as ``v``.
+        Same shape, library and device as ``v``, in the (promoted) floating dtype.
 
     Raises
     ------
     ValueError
-        Shape mismatch, ``damping <= 0``, NaN/Inf.
+        Shape mismatch, ``damping <= 0``, NaN/Inf, a capacitance matrix or result that
+        overflows the dtype.
     TypeError
-        Mixed array libraries or dtypes.
+        Mixed array libraries or dtypes, unsupported dtypes.
 
     Notes
     -----
@@ -444,41 +481,56 @@ def woodbury_solve(J: Any, v: Any, damping: float) -> Array:
             f"`J` must be (n, P) and `v` (P,) or (P, m) with the same P, got {J.shape} and "
             f"{v.shape}"
         )
-    if v.dtype != J.dtype:
+    device = array_api_compat.device(J)
+    j_dtype = floating_dtype(xp, J, "J", device=device)
+    v_dtype = floating_dtype(xp, v, "v", device=array_api_compat.device(v))
+    if v_dtype != j_dtype:
         raise TypeError(f"`v` must have the dtype of `J` ({J.dtype}), got {v.dtype}")
+    J = J if J.dtype == j_dtype else xp.astype(J, j_dtype)  # integer input is promoted
+    v = v if v.dtype == v_dtype else xp.astype(v, v_dtype)
     check_finite(xp, J, "J")
     check_finite(xp, v, "v")
-    device = array_api_compat.device(J)
     work = _work_dtype(xp, J.dtype, device)
     n = J.shape[0]
     K = xp.astype(J @ J.T, work) + lam * xp.eye(n, dtype=work, device=device)
     Jv = J @ v
     rhs = Jv[:, None] if v.ndim == 1 else Jv
-    z = xp.astype(_spd_solve(xp, K, xp.astype(rhs, work), "capacitance matrix"), J.dtype)
+    z = _spd_solve(xp, K, xp.astype(rhs, work), "capacitance matrix", "`J`")
+    z = xp.astype(z, J.dtype)
     correction = J.T @ (z[:, 0] if v.ndim == 1 else z)
-    return (v - correction) / lam
+    out = (v - correction) / lam
+    if not all_finite(xp, out):
+        raise overflow_error("`v`", "solution (v - J^T z) / damping", out.dtype)
+    return out
 
 
+@fp_guarded
 def smw_coefficients(K: Any, damping: float) -> Array:
     """FNGD's per-sample coefficients ``alpha = (K + n damping I)^-1 1`` from a Gram matrix.
 
     Parameters
     ----------
     K : array, shape (n, n)
-        Gram matrix ``G^T G`` of the per-sample gradients (symmetric PSD).
+        Gram matrix ``G^T G`` of the per-sample gradients (symmetric PSD; integer arrays
+        are promoted to the default float).
     damping : float
         ``lambda > 0``.
 
     Returns
     -------
     array, shape (n,)
-        ``alpha``; the natural-gradient direction is ``G alpha`` (ALGORITHMS.md 13.2).
+        ``alpha`` in ``K``'s (promoted) floating dtype; the natural-gradient direction is
+        ``G alpha`` (Sherman-Morrison-Woodbury form of the damped natural gradient; see the
+        algorithm reference, docs/algorithms.md, section 'Low-rank inverse application').
 
     Raises
     ------
     ValueError
-        Non-square ``K``, ``damping <= 0``, NaN/Inf, or a matrix that is not PSD enough for
-        the damping.
+        Non-square or non-symmetric ``K`` (``max|K - K^T| > sqrt(eps) max|K|``),
+        ``damping <= 0``, NaN/Inf, a matrix that is not PSD enough for the damping, or
+        ``K + n damping I`` overflowing the dtype.
+    TypeError
+        Unsupported dtypes.
 
     Notes
     -----
@@ -496,10 +548,21 @@ def smw_coefficients(K: Any, damping: float) -> Array:
     lam = check_real(damping, "damping", minimum=0.0, strict=True)
     if K.ndim != 2 or K.shape[0] != K.shape[1]:
         raise ValueError(f"`K` must be a square (n, n) matrix, got shape {K.shape}")
-    check_finite(xp, K, "K")
     device = array_api_compat.device(K)
-    work = _work_dtype(xp, K.dtype, device)
+    dtype = floating_dtype(xp, K, "K", device=device)
+    K = K if K.dtype == dtype else xp.astype(K, dtype)  # integer input is promoted
+    check_finite(xp, K, "K")
     n = K.shape[0]
+    if n:
+        scale = float(xp.max(xp.abs(K)))
+        gap = float(xp.max(xp.abs(K - K.T)))
+        if gap > math.sqrt(eps(xp, dtype)) * scale:
+            raise ValueError(
+                f"`K` must be symmetric: max|K - K^T| = {gap:.3e} exceeds sqrt(eps) * max|K| "
+                f"= {math.sqrt(eps(xp, dtype)) * scale:.3e}"
+            )
+    work = _work_dtype(xp, dtype, device)
     M = xp.astype(K, work) + (n * lam) * xp.eye(n, dtype=work, device=device)
     ones = xp.ones((n, 1), dtype=work, device=device)
-    return xp.astype(_spd_solve(xp, M, ones, "matrix K + n damping I")[:, 0], K.dtype)
+    alpha = _spd_solve(xp, M, ones, "matrix K + n damping I", "`K` (with `damping`)")
+    return xp.astype(alpha[:, 0], dtype)

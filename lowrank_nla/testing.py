@@ -69,7 +69,8 @@ def ea_factor(
     columns of ``X_k`` (n x batch) are drawn from a fixed Gaussian with a power-law
     covariance (eigenvalues ``j^-1`` in a dense orthonormal basis) and a slowly drifting
     mean, as layer activations are.
-    Its spectrum decays fast (ALGORITHMS.md section 5.1): at most ``batch * s`` eigenvalues
+    Its spectrum decays fast (see the algorithm reference, docs/algorithms.md, section
+    'Spectrum decay and error bounds'): at most ``batch * s`` eigenvalues
     exceed ``decay^s`` times the largest batch term.
     """
     gen = np.random.default_rng(rng)

@@ -89,14 +89,40 @@ def test_eigh_descending_sorted_and_retries_in_float64(backend: Backend) -> None
     np.testing.assert_allclose(np.abs(to_numpy(V)[:, 0]), [0, 1, 0, 0])
 
 
+class _FailingEigh:
+    """The NumPy namespace with an ``eigh`` that fails (raises) for every call."""
+
+    def __init__(self) -> None:
+        self._xp = array_api_compat.array_namespace(np.empty(0))
+        self.calls: list[str] = []
+
+        def eigh(C):
+            self.calls.append(str(C.dtype))
+            raise np.linalg.LinAlgError("no convergence")
+
+        self.linalg = type("linalg", (), {"eigh": staticmethod(eigh)})
+
+    def __getattr__(self, name):
+        return getattr(self._xp, name)
+
+
 def test_eigh_descending_failure_is_reported_not_silent() -> None:
-    xp = array_api_compat.array_namespace(np.empty(0))
-    bad = np.full((4, 4), np.nan, dtype=np.float32)
+    xp = _FailingEigh()
+    C = np.eye(4, dtype=np.float32)
     with (
         pytest.warns(RuntimeWarning, match="retrying in float64"),
         pytest.raises(np.linalg.LinAlgError, match="failed to converge in float64"),
     ):
-        _backend.eigh_descending(xp, bad)
+        _backend.eigh_descending(xp, C)
+    assert xp.calls == ["float32", "float64"]
+
+
+def test_eigh_descending_never_passes_non_finite_input_to_lapack() -> None:
+    xp = _FailingEigh()
+    bad = np.full((4, 4), np.nan, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"`A` is too large for float32: the core overflowed"):
+        _backend.eigh_descending(xp, bad, name="core")
+    assert xp.calls == []
 
 
 def test_cholqr2_orthonormal_and_falls_back_on_rank_deficiency(backend: Backend) -> None:

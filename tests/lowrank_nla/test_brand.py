@@ -163,7 +163,8 @@ def test_low_rank_psd_value(backend: Backend) -> None:
     assert s.truncate(2).rank == 2
     assert s.truncate(10).rank == 3
     assert s.orthogonality_defect() == 0.0
-    skew = ln.LowRankPSD(backend.asarray(np.ones((5, 2)) / np.sqrt(5)), d[:2])
+    # check=False skips the construction checks (this U is not orthonormal)
+    skew = ln.LowRankPSD(backend.asarray(np.ones((5, 2)) / np.sqrt(5)), d[:2], check=False)
     assert skew.orthogonality_defect() == pytest.approx(np.sqrt(2), rel=rtol_for(backend.dtype))
     with pytest.raises(AttributeError):
         s.U = U  # a frozen value
@@ -199,9 +200,12 @@ def test_brand_update_bad_inputs() -> None:
         ln.brand_update(state, np.ones((6, 2), np.float32), decay=0.5)
     with pytest.raises(TypeError, match="`state` must be a LowRankPSD, got tuple"):
         ln.brand_update((np.eye(6), np.ones(6)), X, decay=0.5)
+    # states built with check=False (or by _make) are still checked structurally by the
+    # routines that take them
+    unchecked = ln.LowRankPSD(np.eye(6), np.ones(5), check=False)
     with pytest.raises(ValueError, match=r"`state` must have U of shape \(D, k\) and d of shape"):
-        ln.brand_update(ln.LowRankPSD(np.eye(6), np.ones(5)), np.ones((6, 2)), decay=0.5)
-    bad = ln.LowRankPSD(np.eye(6)[:, :2], np.array([np.inf, 1.0]))
+        ln.brand_update(unchecked, np.ones((6, 2)), decay=0.5)
+    bad = ln.LowRankPSD(np.eye(6)[:, :2], np.array([np.inf, 1.0]), check=False)
     with pytest.raises(ValueError, match=r"`state\.d` must not contain NaN or Inf"):
         ln.brand_update(bad, np.ones((6, 2)), decay=0.5)
 

@@ -19,6 +19,10 @@ MODULES = [
     "lowrank_nla._eigh",
     "lowrank_nla._bounds",
     "lowrank_nla._kernels",
+    "lowrank_nla._lowrank",
+    "lowrank_nla._brand",
+    "lowrank_nla._woodbury",
+    "lowrank_nla._rank",
     "lowrank_nla.testing",
 ]
 

@@ -132,11 +132,13 @@ def test_error_decreases_with_oversampling(slow_decay_matrix) -> None:
 
 
 def test_srevd_paper_form_loses_accuracy_in_float32_and_reorth_restores_it() -> None:
-    # lambda_40 / lambda_1 = 10^-1.2 and 9 products: ratio^9 = 1e-11 << eps32 (ALGORITHMS.md 3.3).
+    # lambda_40 / lambda_1 = 10^-1.2 and 9 products: ratio^9 = 1e-11 << eps32 (see
+    # docs/algorithms.md, 'Randomized decompositions'); srevd says so with a warning.
     s = np.logspace(0, -6, 200)
     A = matrix_with_spectrum(s, symmetric=True, rng=5).astype(np.float32)
     exact = float(s[40])
-    paper = ln.srevd(A, 40, power_iters=8, reorth_every=None, rng=0)
+    with pytest.warns(RuntimeWarning, match="srevd: 9 products without orthonormalization"):
+        paper = ln.srevd(A, 40, power_iters=8, reorth_every=None, rng=0)
     safe = ln.srevd(A, 40, power_iters=8, reorth_every=2, rng=0)
     err = {
         name: np.linalg.norm(A - (r.eigenvectors * r.eigenvalues) @ r.eigenvectors.T, 2)

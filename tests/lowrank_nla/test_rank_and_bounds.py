@@ -59,8 +59,12 @@ def test_controller_bad_arguments() -> None:
         ln.RankController(floor=70, cap=50)
     with pytest.raises(ValueError, match="`target` must be finite and >= 0"):
         ln.RankController(target=-0.1)
-    with pytest.raises(ValueError, match="`error` must be finite, got nan"):
+    with pytest.raises(ValueError, match="`error` must be finite and >= 0, got nan"):
         ln.RankController().update(ln.RankController().init(10), float("nan"))
+    with pytest.raises(ValueError, match=r"`error` must be finite and >= 0, got -0\.5"):
+        ln.RankController().update(ln.RankController().init(10), -0.5)
+    with pytest.raises(TypeError, match="`state` must be a RankState, got tuple"):
+        ln.RankController().update((10, (), 0), 0.1)
     with pytest.raises(ValueError, match="`rank` must be >= 1, got 0"):
         ln.RankController().init(0)
 
