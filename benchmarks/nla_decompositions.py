@@ -6,7 +6,7 @@ Run from the repository root (the ``bench`` extra provides scikit-learn)::
     python benchmarks/nla_decompositions.py            # full run, about 8 minutes on 2 cores
     python benchmarks/nla_decompositions.py --quick    # smoke run, seconds
 
-Method (DESIGN.md section 5):
+Method (side by side in one process, accuracy before time):
 
 * Inputs: K-factor-like PSD matrices (exponential averages of rank-32 batches,
   :func:`lowrank_nla.testing.ea_factor`) for n = 512 ... 4096, and dense n x n matrices with a

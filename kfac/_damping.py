@@ -135,7 +135,8 @@ class _EigenbasisInverse:
 class DampingScheme(abc.ABC):
     """Turns the two published representations and ``damping`` into a prepared inverse."""
 
-    name: ClassVar[str]
+    #: The scheme's registry name.
+    name: str
     #: Whether the scheme damps each factor separately (the rows application needs it).
     factored: ClassVar[bool]
 
@@ -153,7 +154,7 @@ class Factored(DampingScheme):
 
     def __init__(self, relative: bool) -> None:
         self.relative = relative
-        self.name = "factored-relative" if relative else "factored"  # type: ignore[misc]
+        self.name = "factored-relative" if relative else "factored"
 
     def dampings(self, G: Applied, A: Applied, damping: float) -> tuple[float, float]:
         """``(lambda_G, lambda_A)`` before the identity weights."""
@@ -178,10 +179,9 @@ class Factored(DampingScheme):
 class PiAdjusted(Factored):
     """Factored with the pi-adjustment (Martens & Grosse 2015, section 6.3)."""
 
-    name: ClassVar[str] = "pi"
-
     def __init__(self) -> None:
         self.relative = False
+        self.name = "pi"
 
     def dampings(self, G: Applied, A: Applied, damping: float) -> tuple[float, float]:
         pi = math.sqrt(A.mean / G.mean) if G.mean > 0 and A.mean > 0 else 1.0
@@ -195,7 +195,7 @@ class Eigenbasis(DampingScheme):
 
     def __init__(self, relative: bool) -> None:
         self.relative = relative
-        self.name = "eigenbasis-relative" if relative else "eigenbasis"  # type: ignore[misc]
+        self.name = "eigenbasis-relative" if relative else "eigenbasis"
 
     def prepare(
         self, G: Applied, A: Applied, damping: float, *, continuation: bool, validate: bool

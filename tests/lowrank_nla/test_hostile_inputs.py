@@ -434,7 +434,6 @@ def test_general_routines_on_thin_and_tiny_shapes(shape) -> None:
 
 @pytest.mark.parametrize("name", ["randomized_eigh", "srevd", "nystrom", "partial_eigh"])
 def test_symmetric_routines_on_a_1x1_matrix(name) -> None:
-    res = DECOMPOSITIONS[name][1].__call__  # noqa: F841 (documented table entry)
     routine = getattr(ln, name)
     out = (
         routine(np.array([[2.5]]), 1)
