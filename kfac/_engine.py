@@ -302,7 +302,9 @@ class Engine:
                 for name, D in directions.items()
             ]
             nu = kl_clip_scale(terms, self.kl_clip(tick.step))
-            directions = {name: D * nu.to(D.device) for name, D in directions.items()}
+            directions = {
+                name: D * nu.to(device=D.device, dtype=D.dtype) for name, D in directions.items()
+            }
         return directions
 
     def _write(
