@@ -533,7 +533,7 @@ class MBFPreconditioner(Preconditioner):
     >>> loss.backward()
     >>> precond.step()
     >>> [(row["blocks"], row["block_size"]) for row in precond.diagnostics()]
-    [(16, 2), (8, 2), (8, 1)]
+    [(16, 2), (8, 1), (8, 2), (2, 1)]
     """
 
     def __init__(
