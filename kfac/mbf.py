@@ -353,14 +353,14 @@ class MBFBlock(CurvatureBlock[MBFState]):
             assert g.inverse is not None
             assert g.lam is not None
             inverse = g.inverse
-            x = v.to(inverse.dtype).unsqueeze(-1)  # (B, m, 1)
+            x = v.to(inverse.dtype)  # (B, m)
             if g.basis is not None:
                 U = g.basis.to(inverse.dtype)
-                y = inverse @ (U.mT @ x)
-                out = (x - U @ y) / g.lam.to(inverse.dtype)[:, None, None]
+                y = torch.einsum("brs,bs->br", inverse, torch.einsum("bmr,bm->br", U, x))
+                out = (x - torch.einsum("bmr,br->bm", U, y)) / g.lam.to(inverse.dtype)[:, None]
             else:
-                out = inverse @ x
-            parts.append(out.squeeze(-1).to(grad.dtype))
+                out = torch.einsum("bjk,bk->bj", inverse, x)
+            parts.append(out.to(grad.dtype))
         return merge_rows(parts, segments, grad.shape[0])
 
     def exchange(self, state: MBFState) -> dict[str, Tensor]:

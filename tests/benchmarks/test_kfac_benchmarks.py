@@ -39,3 +39,22 @@ def test_quick_time_to_target_benchmark(run_quick, tmp_path) -> None:
             assert row["reached"] == "1/1", (task, name)  # the quick targets are easy
         assert f"## {task}" in table
     assert (tmp_path / "autoencoder_time_to_target_quick.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_quick_mbf_benchmark(run_quick) -> None:
+    payload, table = run_quick("kfac_mbf")
+    summary = payload["summary"]
+    assert set(summary) == {"autoencoder-w1", "autoencoder-w2", "cnn"}
+    expected = ["adam", "kfac", "bkfac-batch-clock", "mbf"]
+    for task, rows in summary.items():
+        assert list(rows)[:4] == expected
+        assert set(rows) - set(expected) <= {"shampoo"}
+        for name, row in rows.items():
+            assert row["time_per_step"] > 0, (task, name)
+            assert row["reached"] == "1/1", (task, name)  # the quick targets are easy
+        assert f"## {task}" in table
+        for layer in payload["memory"][task]:
+            assert layer["mbf"] > 0
+            assert layer["kfac"] > 0
+    assert "Shampoo" in payload["meta"]["note"]
