@@ -39,7 +39,7 @@ from kfac.__main__ import RunConfig, RunResult, train
 #: MBF's settings (chosen on the width-1 autoencoder, 4 epochs, seed 0; see docs/kfac.md).
 MBF = {
     "lr": 0.3,
-    "damping": 1e-2,
+    "damping": 0.1,
     "factor_every": 10,
     "inverse_every": 10,
     "inverse_options": {"block_size": 8},
@@ -52,7 +52,7 @@ CONFIGS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "mbf": ("mbf", MBF),
     "shampoo": (None, {}),
 }
-SHAMPOO = {"lr": 0.03, "momentum": 0.9, "preconditioning_compute_steps": 10}
+SHAMPOO = {"lr": 1e-3, "preconditioning_compute_steps": 10}
 TASKS = {
     # name: (model, width, epochs, target loss, target accuracy)
     "autoencoder-w1": ("autoencoder", 1.0, 10, 0.045, None),

@@ -36,8 +36,15 @@ from .optimizer import KFAC
 #: momentum 0.9) were chosen on the digits autoencoder at width 0.25; see docs/kfac.md.
 DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "kfac": 0.3, "mbf": 0.3}
 
-#: MBF's block options unless ``--inverse-options`` sets them (benchmarks/kfac_mbf.py).
-MBF_DEFAULTS: dict[str, Any] = {"block_size": 8}
+#: MBF's command-line defaults (``--damping``, ``--factor-every``, ``--inverse-every`` and
+#: the block size, which ``--inverse-options`` overrides), chosen with lr 0.3 and KL clip 1e-4
+#: on the digits autoencoder (benchmarks/kfac_mbf.py, docs/guide/optimizers.md).
+MBF_DEFAULTS: dict[str, Any] = {
+    "damping": 0.1,
+    "factor_every": 10,
+    "inverse_every": 10,
+    "block_size": 8,
+}
 
 
 #: The papers' names of the K-FAC variants and their ``inverse=`` strategies.
@@ -136,7 +143,7 @@ def _make_optimizer(
             inverse_every=cfg.inverse_every,
             factor_decay=cfg.factor_decay,
             loss=loss_name,
-            **{**MBF_DEFAULTS, **cfg.inverse_options},
+            **{"block_size": MBF_DEFAULTS["block_size"], **cfg.inverse_options},
         )
     inverse = inverse_for(name)
     return KFAC(
@@ -346,10 +353,12 @@ def _parser() -> argparse.ArgumentParser:
             "--width", type=float, default=RunConfig.width, help="hidden-width multiplier"
         )
         p.add_argument("--momentum", type=float, default=RunConfig.momentum)
-        p.add_argument("--damping", type=float, default=RunConfig.damping)
+        p.add_argument(
+            "--damping", type=float, default=None, help="default per optimizer (K-FAC: 3e-3)"
+        )
         p.add_argument("--kl-clip", type=float, default=RunConfig.kl_clip)
-        p.add_argument("--factor-every", type=int, default=RunConfig.factor_every)
-        p.add_argument("--inverse-every", type=int, default=RunConfig.inverse_every)
+        p.add_argument("--factor-every", type=int, default=None, help="default per optimizer")
+        p.add_argument("--inverse-every", type=int, default=None, help="default per optimizer")
         p.add_argument(
             "--inverse-options",
             type=_json_object,
@@ -395,6 +404,17 @@ def _learning_rates(specs: Sequence[str], names: Sequence[str]) -> dict[str, flo
     return lrs
 
 
+def _periods(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """``damping``, ``factor_every`` and ``inverse_every``: the command line's values, else
+    the optimizer's defaults (:data:`MBF_DEFAULTS` for ``mbf``, :class:`RunConfig`'s else)."""
+    defaults = {
+        key: MBF_DEFAULTS[key] if name == "mbf" else getattr(RunConfig, key)
+        for key in ("damping", "factor_every", "inverse_every")
+    }
+    given = {key: getattr(args, key) for key in defaults}
+    return {key: defaults[key] if given[key] is None else given[key] for key in defaults}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     common = {
@@ -406,9 +426,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "batch_size",
             "width",
             "momentum",
-            "damping",
-            "factor_every",
-            "inverse_every",
             "seed",
             "data",
             "device",
@@ -420,11 +437,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     }
     if args.command == "train":
-        configs = [RunConfig(optimizer=args.optimizer, lr=args.lr, **common)]
+        configs = [
+            RunConfig(
+                optimizer=args.optimizer, lr=args.lr, **common, **_periods(args, args.optimizer)
+            )
+        ]
     else:
         lrs = _learning_rates(args.lr, args.optimizers)
         configs = [
-            RunConfig(optimizer=name, lr=lrs.get(name), **common) for name in args.optimizers
+            RunConfig(optimizer=name, lr=lrs.get(name), **common, **_periods(args, name))
+            for name in args.optimizers
         ]
     dataset = datasets.load(args.data)
     results = [train(cfg, dataset, progress=not args.quiet) for cfg in configs]

@@ -157,7 +157,7 @@ class MBFBlock(CurvatureBlock[MBFState]):
     ----------
     dtype : torch.dtype
         Statistics dtype (float32 or float64).
-    block_size : int or None, default 16
+    block_size : int or None, default 8
         Linear layers: chunk size ``m`` of each row (``None``: one block per output neuron).
     block_map : callable, optional
         ``layer -> tuple[Segment, ...]``, overriding :func:`default_block_map`.
@@ -175,7 +175,7 @@ class MBFBlock(CurvatureBlock[MBFState]):
         self,
         *,
         dtype: torch.dtype = torch.float32,
-        block_size: int | None = 16,
+        block_size: int | None = 8,
         block_map: BlockMap | None = None,
         damping_mode: str = "absolute",
         solver: str = "auto",
@@ -473,7 +473,7 @@ def mbf_block(
     dtype: torch.dtype,
     seed: int,
     fisher: str,
-    block_size: int | None = 16,
+    block_size: int | None = 8,
     block_map: BlockMap | None = None,
     damping_mode: str = "absolute",
     solver: str = "auto",
@@ -503,9 +503,9 @@ class MBFPreconditioner(Preconditioner):
     ----------
     model : nn.Module
         The model (its ``nn.Linear`` and ``nn.Conv2d`` layers are preconditioned).
-    block_size : int or None, default 16
+    block_size : int or None, default 8
         Linear layers: chunk size of each output neuron's row (``None``: the whole row).
-    damping : float or callable(step), default 1e-3
+    damping : float or callable(step), default 0.1
         ``lambda`` (absolute) or its multiple of ``tr F_b / m`` (``damping_mode="relative"``).
     damping_mode : {"absolute", "relative"}, default "absolute"
     solver : {"auto", "cholesky", "smw"}, default "auto"
@@ -513,7 +513,7 @@ class MBFPreconditioner(Preconditioner):
         statistic's rank is at most half the block size).
     factor_decay : float or callable(step), default 0.95
         Exponential-average decay of the mini-block statistics.
-    factor_every, inverse_every : int or callable(step), default 1 and 10
+    factor_every, inverse_every : int or callable(step), default 10 and 10
         Periods of the statistics updates and of the batched Cholesky refreshes.
     block_map : callable, optional
         ``layer -> tuple[Segment, ...]`` overriding the default map.
@@ -540,12 +540,12 @@ class MBFPreconditioner(Preconditioner):
         self,
         model: nn.Module,
         *,
-        block_size: int | None = 16,
-        damping: Any = 1e-3,
+        block_size: int | None = 8,
+        damping: Any = 0.1,
         damping_mode: str = "absolute",
         solver: str = "auto",
         factor_decay: Any = 0.95,
-        factor_every: Any = 1,
+        factor_every: Any = 10,
         inverse_every: Any = 10,
         block_map: BlockMap | None = None,
         **kwargs: Any,
