@@ -9,6 +9,11 @@ curvature statistics per layer, MBF against K-FAC.
     python benchmarks/kfac_mbf.py                    # seeds 0, 1, 2
     python benchmarks/kfac_mbf.py --seeds 0          # one seed
     python benchmarks/kfac_mbf.py --quick            # smoke run
+    python benchmarks/kfac_mbf.py --timing           # interleaved time per step only
+
+On a shared machine the load changes between runs; ``--timing`` alternates the optimizers
+step by step on the same batch (round robin, after a warm-up), so that each sees the same
+load, and reports the mean time per step of each (kfac_mbf_timing.{json,md}).
 
 Shampoo is ``pytorch_optimizer.Shampoo`` (the ``bench`` extra); it is skipped, and said so,
 when the package is missing. Writes benchmarks/results/kfac_mbf.{json,md}.
@@ -34,7 +39,7 @@ from torch import nn
 
 import kfac
 from kfac import data, models
-from kfac.__main__ import RunConfig, RunResult, train
+from kfac.__main__ import RunConfig, RunResult, _make_optimizer, train
 
 #: MBF's settings (chosen on the width-1 autoencoder, 4 epochs, seed 0; see docs/kfac.md).
 MBF = {
@@ -109,6 +114,62 @@ def statistics_memory(model_name: str, width: float, ds: data.Dataset) -> list[d
                 entry["kfac"] = entry.get("kfac", 0) + row["memory"]
         precond.remove()
     return list(rows.values())
+
+
+def interleaved_times(
+    task: tuple[Any, ...], names: list[str], shampoo: Any, steps: int, warmup: int
+) -> dict[str, float]:
+    """Mean seconds per step of each optimizer, stepping them round robin on one batch."""
+    model_name, width = task[0], task[1]
+    ds = data.digits28()
+    x, y = ds.x_train[:128], ds.y_train[:128]
+    runs = []
+    for name in names:
+        torch.manual_seed(0)
+        model = models.build(model_name, ds.image_shape, ds.num_classes, width)
+        base, overrides = CONFIGS[name]
+        if base is None:
+            opt = shampoo(model)
+        else:
+            cfg = RunConfig(**{"optimizer": base, "model": model_name, **overrides})
+            loss_name = models.MODELS[model_name][1]
+            opt = _make_optimizer(base, model, cfg, loss_name)
+        runs.append((name, model, opt))
+    totals = dict.fromkeys(names, 0.0)
+    for step in range(warmup + steps):
+        for name, model, opt in runs:
+            start = time.perf_counter()
+            opt.zero_grad()
+            out = model(x)
+            loss = (
+                nn.functional.mse_loss(out, x.flatten(1))
+                if model_name == "autoencoder"
+                else nn.functional.cross_entropy(out, y)
+            )
+            loss.backward()
+            opt.step()
+            if step >= warmup:
+                totals[name] += time.perf_counter() - start
+    return {name: total / steps for name, total in totals.items()}
+
+
+def timing_markdown(times: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
+    names = list(next(iter(times.values())))
+    lines = [
+        "# MBF: time per step, optimizers interleaved",
+        "",
+        f"{meta['device']}; torch {meta['torch']}; {meta['steps']} steps per optimizer after "
+        f"{meta['warmup']} warm-up steps, the optimizers stepping round robin on one batch of "
+        "128 (each sees the same machine load); every statistics period and refresh period "
+        "divides the step count. Milliseconds per step (ratio to Adam).",
+        "",
+        "| task | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for task, row in times.items():
+        cells = [f"{1e3 * row[n]:.1f} ({row[n] / row['adam']:.2f})" for n in names]
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def summarize(runs: list[RunResult]) -> dict[str, Any]:
@@ -186,6 +247,12 @@ def markdown(results: dict[str, Any], memory: dict[str, Any], meta: dict[str, An
     return "\n".join(lines) + "\n"
 
 
+def _device(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, one seed, smoke run")
@@ -194,6 +261,7 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     parser.add_argument("--optimizers", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--timing", action="store_true", help="only the interleaved time per step")
     args = parser.parse_args()
     tasks = QUICK_TASKS if args.quick else TASKS
     seeds = [0] if args.quick else args.seeds
@@ -203,6 +271,22 @@ def main() -> None:
     if "shampoo" in names and shampoo is None:
         names.remove("shampoo")
         note = "Shampoo skipped: pytorch_optimizer is not installed"
+    if args.timing:
+        steps, warmup = (2, 1) if args.quick else (20, 10)
+        times = {
+            task: interleaved_times(tasks[task], names, shampoo, steps, warmup)
+            for task in args.tasks
+        }
+        meta = {"device": _device(args.device), "torch": torch.__version__, "steps": steps,
+                "warmup": warmup, "note": note}  # fmt: skip
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        stem = "kfac_mbf_timing" + ("_quick" if args.quick else "")
+        (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "times": times}, indent=1))
+        text = timing_markdown(times, meta)
+        (out / f"{stem}.md").write_text(text)
+        print(text)
+        return
     ds = data.digits28()
     start = time.perf_counter()
     results: dict[str, Any] = {}
@@ -233,9 +317,7 @@ def main() -> None:
         histories[task] = {name: [asdict(r) for r in rs] for name, rs in runs.items()}
         memory[task] = statistics_memory(model, width, ds)
     meta = {
-        "device": torch.cuda.get_device_name(0)
-        if args.device.startswith("cuda")
-        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": _device(args.device),
         "torch": torch.__version__,
         "seeds": seeds,
         "seconds": time.perf_counter() - start,

@@ -58,3 +58,25 @@ def test_quick_mbf_benchmark(run_quick) -> None:
             assert layer["mbf"] > 0
             assert layer["kfac"] > 0
     assert "Shampoo" in payload["meta"]["note"]
+
+
+@pytest.mark.slow
+def test_quick_mbf_interleaved_timing(tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import SCRIPTS
+
+    subprocess.run(
+        [sys.executable, str(SCRIPTS / "kfac_mbf.py"), "--quick", "--timing", "--tasks", "cnn",
+         "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True,
+        env={**os.environ, "OPENBLAS_THREAD_TIMEOUT": "4"},
+    )  # fmt: skip
+    times = json.loads((tmp_path / "kfac_mbf_timing_quick.json").read_text())["times"]
+    assert set(times) == {"cnn"}
+    assert {"adam", "mbf", "kfac"} <= set(times["cnn"])
+    assert all(t > 0 for t in times["cnn"].values())
+    assert "| cnn |" in (tmp_path / "kfac_mbf_timing_quick.md").read_text()
