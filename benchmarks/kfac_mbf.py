@@ -253,6 +253,36 @@ def _device(device: str) -> str:
     return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def write(
+    args: argparse.Namespace,
+    tasks: dict[str, Any],
+    seeds: list[int],
+    note: str,
+    start: float,
+    results: dict[str, Any],
+    memory: dict[str, Any],
+    histories: dict[str, Any],
+) -> str:
+    """Write the JSON and markdown records of the tasks done so far (after each task, so a
+    long run that is stopped keeps what it measured); returns the markdown."""
+    meta = {
+        "device": _device(args.device),
+        "torch": torch.__version__,
+        "seeds": seeds,
+        "seconds": time.perf_counter() - start,
+        "tasks": {task: tasks[task] for task in results},
+        "note": note,
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.stem + ("_quick" if args.quick else "")
+    payload = {"meta": meta, "summary": results, "memory": memory, "runs": histories}
+    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    text = markdown(results, memory, meta)
+    (out / f"{stem}.md").write_text(text)
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, one seed, smoke run")
@@ -316,21 +346,7 @@ def main() -> None:
         results[task] = {name: summarize(rs) for name, rs in runs.items()}
         histories[task] = {name: [asdict(r) for r in rs] for name, rs in runs.items()}
         memory[task] = statistics_memory(model, width, ds)
-    meta = {
-        "device": _device(args.device),
-        "torch": torch.__version__,
-        "seeds": seeds,
-        "seconds": time.perf_counter() - start,
-        "tasks": {task: tasks[task] for task in args.tasks},
-        "note": note,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = "kfac_mbf" + ("_quick" if args.quick else "")
-    payload = {"meta": meta, "summary": results, "memory": memory, "runs": histories}
-    (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
-    text = markdown(results, memory, meta)
-    (out / f"{stem}.md").write_text(text)
+        text = write(args, tasks, seeds, note, start, results, memory, histories)
     print(text)
 
 
