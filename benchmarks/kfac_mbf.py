@@ -292,6 +292,7 @@ def main() -> None:
     parser.add_argument("--optimizers", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--timing", action="store_true", help="only the interleaved time per step")
+    parser.add_argument("--stem", default="kfac_mbf", help="name of the result files")
     args = parser.parse_args()
     tasks = QUICK_TASKS if args.quick else TASKS
     seeds = [0] if args.quick else args.seeds
