@@ -298,7 +298,7 @@ def main() -> None:
     seeds = [0] if args.quick else args.seeds
     names = list(args.optimizers)
     shampoo = shampoo_factory()
-    note = "Shampoo included"
+    note = "Shampoo included" if "shampoo" in names else "Shampoo not run (--optimizers)"
     if "shampoo" in names and shampoo is None:
         names.remove("shampoo")
         note = "Shampoo skipped: pytorch_optimizer is not installed"
