@@ -21,6 +21,7 @@ from ._curvature import (
 )
 from ._kron import inverse_names
 from ._layers import Layer, register_layer
+from .mbf import MBF, MBFPreconditioner
 from .optimizer import KFAC, PreconditionedSGD
 from .preconditioner import KFACPreconditioner, Preconditioner
 
@@ -31,6 +32,8 @@ __all__ = [
     "KFACPreconditioner",
     "Layer",
     "LayerBatch",
+    "MBF",
+    "MBFPreconditioner",
     "PreconditionedSGD",
     "Preconditioner",
     "Tick",

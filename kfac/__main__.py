@@ -18,7 +18,7 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,11 +29,22 @@ from torch.nn import functional as F
 from . import data as datasets
 from . import models
 from ._kron import inverse_names
+from .mbf import MBF
 from .optimizer import KFAC
 
 #: Default learning rates (``--lr`` overrides). K-FAC's (with damping 3e-3, KL clip 1e-4,
 #: momentum 0.9) were chosen on the digits autoencoder at width 0.25; see docs/kfac.md.
-DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "kfac": 0.3}
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "kfac": 0.3, "mbf": 0.3}
+
+#: MBF's command-line defaults (``--damping``, ``--factor-every``, ``--inverse-every`` and
+#: the block size, which ``--inverse-options`` overrides), chosen with lr 0.3 and KL clip 1e-4
+#: on the digits autoencoder (benchmarks/kfac_mbf.py, docs/guide/optimizers.md).
+MBF_DEFAULTS: dict[str, Any] = {
+    "damping": 0.1,
+    "factor_every": 10,
+    "inverse_every": 10,
+    "block_size": 8,
+}
 
 
 #: The papers' names of the K-FAC variants and their ``inverse=`` strategies.
@@ -50,10 +61,10 @@ VARIANTS = {
 
 def optimizer_names() -> list[str]:
     """``sgd``, ``adam``, the variants' paper names (``kfac``, ``rkfac``, ``srekfac``,
-    ``bkfac``, ``brkfac``, ``bckfac``, ``brckfac``) and ``kfac-<inverse>`` for every
-    registered inverse strategy."""
+    ``bkfac``, ``brkfac``, ``bckfac``, ``brckfac``), ``kfac-<inverse>`` for every registered
+    inverse strategy, and ``mbf`` (the mini-block Fisher method)."""
     aliases = [name for name, inverse in VARIANTS.items() if inverse in inverse_names()]
-    return ["sgd", "adam", *aliases, *(f"kfac-{name}" for name in inverse_names())]
+    return ["sgd", "adam", *aliases, *(f"kfac-{name}" for name in inverse_names()), "mbf"]
 
 
 def inverse_for(name: str) -> str:
@@ -114,12 +125,26 @@ def _make_optimizer(
 ) -> torch.optim.Optimizer:
     if name not in optimizer_names():
         raise ValueError(f"Invalid optimizer: {name!r}; valid names are {optimizer_names()}")
-    kind = name if name in ("sgd", "adam") else "kfac"
+    kind = name if name in ("sgd", "adam", "mbf") else "kfac"
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[kind]
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
+    if name == "mbf":
+        return MBF(
+            model,
+            lr=lr,
+            momentum=cfg.momentum,
+            damping=cfg.damping,
+            kl_clip=cfg.kl_clip,
+            rms_clip=cfg.rms_clip,
+            factor_every=cfg.factor_every,
+            inverse_every=cfg.inverse_every,
+            factor_decay=cfg.factor_decay,
+            loss=loss_name,
+            **{"block_size": MBF_DEFAULTS["block_size"], **cfg.inverse_options},
+        )
     inverse = inverse_for(name)
     return KFAC(
         model,
@@ -176,9 +201,15 @@ def _reached(cfg: RunConfig, loss: float, accuracy: float | None) -> bool:
 
 
 def train(
-    cfg: RunConfig, dataset: datasets.Dataset | None = None, progress: bool = True
+    cfg: RunConfig,
+    dataset: datasets.Dataset | None = None,
+    progress: bool = True,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
 ) -> RunResult:
-    """Train ``cfg.model`` with ``cfg.optimizer``; evaluate ``evals_per_epoch`` times an epoch."""
+    """Train ``cfg.model`` with ``cfg.optimizer``; evaluate ``evals_per_epoch`` times an epoch.
+
+    ``make_optimizer(model)``, when given, builds the optimizer instead of ``cfg.optimizer``
+    (an optimizer from another package; ``cfg.optimizer`` then only names the run)."""
     ds = dataset if dataset is not None else datasets.load(cfg.data)
     if cfg.max_train is not None:
         ds = ds._replace(x_train=ds.x_train[: cfg.max_train], y_train=ds.y_train[: cfg.max_train])
@@ -188,7 +219,10 @@ def train(
     assert kind is not None
     assert loss_name is not None
     loss = _loss_fn(loss_name)
-    opt = _make_optimizer(cfg.optimizer, model, cfg, loss_name)
+    if make_optimizer is not None:
+        opt = make_optimizer(model)
+    else:
+        opt = _make_optimizer(cfg.optimizer, model, cfg, loss_name)
     n = ds.x_train.shape[0]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -319,16 +353,19 @@ def _parser() -> argparse.ArgumentParser:
             "--width", type=float, default=RunConfig.width, help="hidden-width multiplier"
         )
         p.add_argument("--momentum", type=float, default=RunConfig.momentum)
-        p.add_argument("--damping", type=float, default=RunConfig.damping)
+        p.add_argument(
+            "--damping", type=float, default=None, help="default per optimizer (K-FAC: 3e-3)"
+        )
         p.add_argument("--kl-clip", type=float, default=RunConfig.kl_clip)
-        p.add_argument("--factor-every", type=int, default=RunConfig.factor_every)
-        p.add_argument("--inverse-every", type=int, default=RunConfig.inverse_every)
+        p.add_argument("--factor-every", type=int, default=None, help="default per optimizer")
+        p.add_argument("--inverse-every", type=int, default=None, help="default per optimizer")
         p.add_argument(
             "--inverse-options",
             type=_json_object,
             default={},
             metavar="JSON",
-            help="options of the K-FAC inverse strategies, e.g. '{\"rank\": 100}'",
+            help="options of the K-FAC inverse strategies, e.g. '{\"rank\": 100}', or of "
+            "MBF's block, e.g. '{\"block_size\": 16}'",
         )
         p.add_argument("--seed", type=int, default=RunConfig.seed)
         p.add_argument(
@@ -367,6 +404,17 @@ def _learning_rates(specs: Sequence[str], names: Sequence[str]) -> dict[str, flo
     return lrs
 
 
+def _periods(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """``damping``, ``factor_every`` and ``inverse_every``: the command line's values, else
+    the optimizer's defaults (:data:`MBF_DEFAULTS` for ``mbf``, :class:`RunConfig`'s else)."""
+    defaults = {
+        key: MBF_DEFAULTS[key] if name == "mbf" else getattr(RunConfig, key)
+        for key in ("damping", "factor_every", "inverse_every")
+    }
+    given = {key: getattr(args, key) for key in defaults}
+    return {key: defaults[key] if given[key] is None else given[key] for key in defaults}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     common = {
@@ -378,9 +426,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             "batch_size",
             "width",
             "momentum",
-            "damping",
-            "factor_every",
-            "inverse_every",
             "seed",
             "data",
             "device",
@@ -392,11 +437,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     }
     if args.command == "train":
-        configs = [RunConfig(optimizer=args.optimizer, lr=args.lr, **common)]
+        configs = [
+            RunConfig(
+                optimizer=args.optimizer, lr=args.lr, **common, **_periods(args, args.optimizer)
+            )
+        ]
     else:
         lrs = _learning_rates(args.lr, args.optimizers)
         configs = [
-            RunConfig(optimizer=name, lr=lrs.get(name), **common) for name in args.optimizers
+            RunConfig(optimizer=name, lr=lrs.get(name), **common, **_periods(args, name))
+            for name in args.optimizers
         ]
     dataset = datasets.load(args.data)
     results = [train(cfg, dataset, progress=not args.quiet) for cfg in configs]

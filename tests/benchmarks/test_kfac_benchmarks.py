@@ -39,3 +39,44 @@ def test_quick_time_to_target_benchmark(run_quick, tmp_path) -> None:
             assert row["reached"] == "1/1", (task, name)  # the quick targets are easy
         assert f"## {task}" in table
     assert (tmp_path / "autoencoder_time_to_target_quick.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_quick_mbf_benchmark(run_quick) -> None:
+    payload, table = run_quick("kfac_mbf")
+    summary = payload["summary"]
+    assert set(summary) == {"autoencoder-w1", "autoencoder-w2", "cnn"}
+    expected = ["adam", "kfac", "bkfac-batch-clock", "mbf"]
+    for task, rows in summary.items():
+        assert list(rows)[:4] == expected
+        assert set(rows) - set(expected) <= {"shampoo"}
+        for name, row in rows.items():
+            assert row["time_per_step"] > 0, (task, name)
+            assert row["reached"] == "1/1", (task, name)  # the quick targets are easy
+        assert f"## {task}" in table
+        for layer in payload["memory"][task]:
+            assert layer["mbf"] > 0
+            assert layer["kfac"] > 0
+    assert "Shampoo" in payload["meta"]["note"]
+
+
+@pytest.mark.slow
+def test_quick_mbf_interleaved_timing(tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import SCRIPTS
+
+    subprocess.run(
+        [sys.executable, str(SCRIPTS / "kfac_mbf.py"), "--quick", "--timing", "--tasks", "cnn",
+         "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True,
+        env={**os.environ, "OPENBLAS_THREAD_TIMEOUT": "4"},
+    )  # fmt: skip
+    times = json.loads((tmp_path / "kfac_mbf_timing_quick.json").read_text())["times"]
+    assert set(times) == {"cnn"}
+    assert {"adam", "mbf", "kfac"} <= set(times["cnn"])
+    assert all(t > 0 for t in times["cnn"].values())
+    assert "| cnn |" in (tmp_path / "kfac_mbf_timing_quick.md").read_text()

@@ -192,6 +192,27 @@ def test_inverse_options_must_be_a_json_object(text: str, capsys) -> None:
     assert "--inverse-options" in capsys.readouterr().err
 
 
+def test_mbf_from_the_command_line_with_block_options(tmp_path: Path) -> None:
+    out = tmp_path / "run.json"
+    args = ["train", "--optimizer", "mbf", "--model", "mlp", "--width", "0.25", "--epochs",
+            "1", "--max-train", "128", "--quiet", "--json", str(out)]  # fmt: skip
+    assert main([*args, "--inverse-options", '{"block_size": 4, "damping_mode": "relative"}']) == 0
+    config = json.loads(out.read_text())["configs"][0]
+    assert config["optimizer"] == "mbf"
+    assert config["inverse_options"] == {"block_size": 4, "damping_mode": "relative"}
+    with pytest.raises(ValueError, match="Invalid block_size: 0"):
+        main([*args, "--inverse-options", '{"block_size": 0}'])
+
+
+def test_train_accepts_an_optimizer_factory() -> None:
+    cfg = RunConfig(optimizer="rmsprop", model="mlp", width=0.25, epochs=1, max_train=128)
+    result = train(
+        cfg, progress=False, make_optimizer=lambda m: torch.optim.RMSprop(m.parameters())
+    )
+    assert result.optimizer == "rmsprop"
+    assert result.steps == 1
+
+
 def test_run_config_label_names_the_result() -> None:
     cfg = RunConfig(optimizer="sgd", model="mlp", width=0.25, epochs=1, max_train=128,
                     label="sgd-small")  # fmt: skip

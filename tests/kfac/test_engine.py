@@ -81,6 +81,23 @@ def test_a_step_that_refreshes_nothing_reads_nothing_back(
     assert all(not torch.equal(b, p.grad) for b, p in zip(before, model.parameters(), strict=True))
 
 
+@pytest.mark.parametrize("options", [{"block_size": 8}, {"block_size": None, "solver": "smw"}])
+def test_an_mbf_step_that_refreshes_nothing_reads_nothing_back(
+    monkeypatch: pytest.MonkeyPatch, options: dict
+) -> None:
+    model, x, y = model_and_batch()
+    precond = kfac.MBFPreconditioner(model, factor_every=4, inverse_every=4, **options)
+    for _ in range(5):
+        backward(model, x, y)
+        precond.step()
+    backward(model, x, y)
+    before = [p.grad.clone() for p in model.parameters()]
+    with count_conversions(monkeypatch) as calls:
+        precond.step()
+    assert calls == []
+    assert all(not torch.equal(b, p.grad) for b, p in zip(before, model.parameters(), strict=True))
+
+
 def test_the_conversion_counter_sees_a_synchronising_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """The control of the test above: a factor-and-refresh step reads flags and scalars."""
     model, x, y = model_and_batch()

@@ -68,6 +68,11 @@ OPTIM_DB = [
         kfac.KFAC,
         {"fisher": "mc", "loss": "cross_entropy", "rms_clip": 0.5, **_PERIODS},
     ),
+    OptimInfo("MBF-chunks", kfac.MBF, {"block_size": 5, **_PERIODS}),
+    OptimInfo(
+        "MBF-neuron-smw-relative", kfac.MBF, {"block_size": None, "damping_mode": "relative"}
+    ),
+    OptimInfo("PreconditionedSGD-mbf", kfac.PreconditionedSGD, {"block": "mbf", **_PERIODS}),
     OptimInfo("PreconditionedSGD-kron", kfac.PreconditionedSGD, {"block": "kron", **_PERIODS}),
     OptimInfo(
         "PreconditionedSGD-diagonal-fisher",
