@@ -103,7 +103,9 @@ class Decomposer(abc.ABC):
 
     @abc.abstractmethod
     def __call__(self, X: Tensor, rank: int, rng: torch.Generator) -> ln.LowRankPSD:
-        """A rank-``rank`` representation of ``X`` (``rank`` ignored when :attr:`full`)."""
+        """A rank-``rank`` representation of ``X`` (``rank`` ignored when :attr:`full`), as
+        the decomposition returned it (not yet validated: its smallest eigenvalues may be
+        negative rounding noise, which :func:`clip_spectrum` removes)."""
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,7 @@ class Eigh(Decomposer):
 
     def __call__(self, X: Tensor, rank: int, rng: torch.Generator) -> ln.LowRankPSD:
         w, V = ln.partial_eigh(X, X.shape[0])
-        return ln.LowRankPSD(V, w)
+        return ln.LowRankPSD(V, w, check=False)  # raw: validated once clipped
 
 
 @dataclass(frozen=True)
@@ -132,11 +134,11 @@ class RSVD(Decomposer):
         p, q = self.oversample, self.power_iters
         if self.finish == "svd":
             _, S, Vh = ln.randomized_svd(X, rank, oversample=p, power_iters=q, rng=rng)
-            return ln.LowRankPSD(Vh.T, S)
+            return ln.LowRankPSD(Vh.T, S, check=False)  # raw: validated once clipped
         w, V = ln.randomized_eigh(
             X, rank, oversample=p, power_iters=q, rng=rng, check_symmetric=False
         )
-        return ln.LowRankPSD(V, w)
+        return ln.LowRankPSD(V, w, check=False)  # raw: validated once clipped
 
 
 @dataclass(frozen=True)
@@ -157,7 +159,7 @@ class SREVD(Decomposer):
             rng=rng,
             check_symmetric=False,
         )
-        return ln.LowRankPSD(V, w)
+        return ln.LowRankPSD(V, w, check=False)  # raw: validated once clipped
 
 
 @dataclass(frozen=True)
@@ -377,8 +379,9 @@ class DenseRule(FactorRule):
         if self.ranks is not None:
             rank, f = self.target_rank(f)
         rep = self.decomposer(X, rank, ctx.generators(X.device))
-        # zeroing rounding noise keeps a validated spectrum sorted and non-negative
-        return ln.LowRankPSD(rep.U, clip_spectrum(rep.d), check=False), f
+        # validated after the rounding noise is zeroed: a factor accumulated in float32 and
+        # decomposed in float64 has negative eigenvalues at float32's rounding level
+        return ln.LowRankPSD(rep.U, clip_spectrum(rep.d)), f
 
     def refresh(self, f: FactorState, tick: Tick, ctx: RuleContext) -> FactorState:
         if f.matrix is None or not (tick.inverse or f.applied is None):
