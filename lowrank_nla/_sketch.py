@@ -51,16 +51,17 @@ def qr_factor(xp: Any, Y: Array, normalizer: str, subject: str = "`A`") -> tuple
     accurate when ``cond(Y) < eps**-1/2``. When a Cholesky factorization fails, or the first
     pass leaves ``max|Q_1^T Q_1 - I| > 1/2`` (``Y`` numerically rank deficient or too
     ill-conditioned), it falls back to Householder QR, so the result is always orthonormal.
-    The Gram matrix is formed from ``Y / c`` with ``c`` the power of two nearest ``max|Y|``
-    (:func:`~lowrank_nla._backend.power_of_two_scale`), which is exact and keeps it from
-    overflowing or underflowing at any input scale; ``R`` is scaled back.
+    Where ``max|Y|`` is so large or small that the Gram matrix would overflow or underflow,
+    it is formed from ``Y / c`` with ``c`` the power of two nearest ``max|Y|``
+    (:func:`~lowrank_nla._backend.power_of_two_scale`), which is exact, and ``R`` is scaled
+    back; otherwise nothing is scaled.
 
     ``Y`` is checked for NaN/Inf first (one reduction), so LAPACK never receives a
     non-finite block; ``subject`` names the argument in the error.
     """
     check_factor(xp, Y, subject, "block to orthonormalize")
     if normalizer == "cholqr2" and Y.shape[1] > 0:
-        c = power_of_two_scale(xp, Y)
+        c = power_of_two_scale(xp, Y, gram_rows=Y.shape[0])
         Ys = Y if c == 1.0 else Y / c
         L = cholesky_lower(xp, Ys.T @ Ys)  # None also for a non-finite Gram matrix
         if L is not None:
