@@ -104,7 +104,9 @@ def _warn_if_unresolved(
     """:func:`warn_if_unresolved` on the absolute Ritz values (largest first)."""
     mags = xp.abs(res.eigenvalues)
     mags = xp.take(mags, xp.argsort(mags, descending=True, stable=True))
-    warn_if_unresolved(xp, mags, mags.shape[0], exponent, mags.dtype, routine, remedy)
+    warn_if_unresolved(
+        xp, mags, mags.shape[0], exponent, mags.dtype, routine, remedy, stacklevel=5
+    )
 
 
 _RR_NOTES = """

@@ -123,11 +123,14 @@ def warn_if_unresolved(
     dtype: Any,
     routine: str,
     remedy: str = NORMALIZER_REMEDY,
+    stacklevel: int = 4,
 ) -> None:
     """Warn when ``(m_k / m_1)^exponent`` of the computed magnitudes is below rounding.
 
     ``magnitudes`` are the computed singular values or absolute eigenvalues, largest first;
-    ``exponent`` the number of products between orthonormalizations.
+    ``exponent`` the number of products between orthonormalizations. The default
+    ``stacklevel`` points at the caller of a public function that calls this directly (this
+    function, the routine, its :func:`~lowrank_nla._backend.fp_guarded` wrapper).
     """
     if exponent < 2 or k < 1:
         return
@@ -144,7 +147,7 @@ def warn_if_unresolved(
         f"rounding of {str(dtype).rsplit('.', 1)[-1]}: the trailing results are unreliable; "
         f"{remedy}",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=stacklevel,
     )
 
 

@@ -822,6 +822,14 @@ def test_normalizer_none_beyond_its_safe_range_warns() -> None:
         ln.srevd(P, 10, power_iters=50, reorth_every=None, rng=0)
     with pytest.warns(RuntimeWarning, match=r"nystrom: 50 products"):
         ln.nystrom(P, 10, power_iters=50, normalizer="none", rng=0)
+    # the warnings point at the caller, not into the library
+    for call in (
+        lambda: ln.randomized_svd(A, 10, power_iters=50, normalizer="none", rng=0),
+        lambda: ln.nystrom(P, 10, power_iters=50, normalizer="none", rng=0),
+    ):
+        with pytest.warns(RuntimeWarning) as record:
+            call()
+        assert record[0].filename == __file__
     # exactly low-rank input is not a false alarm: its trailing values are rounding anyway
     L = _low_rank(40, 30, np.array([3.0, 2.0, 1.0]), seed=4)
     ln.randomized_svd(L, 8, power_iters=8, normalizer="none", rng=0)
