@@ -327,7 +327,9 @@ def randomized_range_finder(
     normalizer = check_normalizer(normalizer)
     xp = op.xp
     draw = normal_sampler(xp, rng, dtype=op.dtype, device=op.device)
-    return general_range(op, size, power_iters=power_iters, normalizer=normalizer, draw=draw)[0]
+    Q = general_range(op, size, power_iters=power_iters, normalizer=normalizer, draw=draw)[0]
+    check_factor(xp, Q, "`A`", "orthonormal basis")  # QR of a block near the dtype's limit
+    return Q
 
 
 # HMT 2011, Lemma 4.1: ||(I - P) A|| <= HMT_PROBE_FACTOR max_i ||(I - P) A w_i|| w.h.p.
@@ -455,4 +457,5 @@ def adaptive_range_finder(
     if Q is None:
         # A is (numerically) zero at this tolerance: an empty basis is the exact answer.
         return xp.zeros((op.shape[0], 0), dtype=op.dtype, device=op.device)
+    check_factor(xp, Q, "`A`", "orthonormal basis")
     return Q
