@@ -97,15 +97,32 @@ def safe_norm(xp: Namespace, x: Array, axis: int | None = None) -> Array:
     return top * xp.linalg.vector_norm(scaled, axis=axis)
 
 
-def power_of_two_scale(xp: Namespace, x: Array) -> float:
+def max_abs(xp: Namespace, x: Array) -> float:
+    """``max|x|`` as a float (``0.0`` for an empty ``x``), without an ``abs`` temporary."""
+    if math.prod(x.shape) == 0:
+        return 0.0
+    return max(float(xp.max(x)), -float(xp.min(x)))
+
+
+def power_of_two_scale(xp: Namespace, x: Array, *, gram_rows: int | None = None) -> float:
     """A power of two ``c`` with ``max|x| / c`` in ``[1/2, 2)`` (``1.0`` for a zero ``x``).
 
     Dividing by ``c`` and multiplying back is exact (no rounding) as long as nothing
     under/overflows, so Gram matrices of ``x / c`` are safe from both at any input scale.
+    With ``gram_rows`` (the length of the columns whose inner products will be formed),
+    ``1.0`` is returned whenever no scaling is needed: every square of an entry near the
+    maximum stays normal and a sum of ``gram_rows`` of them stays finite (then the result
+    is bit-identical to the unscaled computation, and the copy is saved).
     """
-    top = float(xp.max(xp.abs(x))) if math.prod(x.shape) else 0.0
+    top = max_abs(xp, x)
     if top == 0.0 or not math.isfinite(top):
         return 1.0
+    if gram_rows is not None:
+        info = xp.finfo(x.dtype)
+        low = math.sqrt(float(info.smallest_normal)) * 2.0**16
+        high = math.sqrt(float(info.max) / (max(gram_rows, 1) * 2.0**16))
+        if low <= top <= high:
+            return 1.0
     return math.ldexp(1.0, math.frexp(top)[1] - 1)
 
 

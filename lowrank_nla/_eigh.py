@@ -21,7 +21,9 @@ from ._backend import (
     eigh_descending,
     eps,
     fp_guarded,
+    max_abs,
     normal_sampler,
+    power_of_two_scale,
     safe_norm,
     sign_fix,
     solve_triangular,
@@ -102,7 +104,9 @@ def _warn_if_unresolved(
     """:func:`warn_if_unresolved` on the absolute Ritz values (largest first)."""
     mags = xp.abs(res.eigenvalues)
     mags = xp.take(mags, xp.argsort(mags, descending=True, stable=True))
-    warn_if_unresolved(xp, mags, mags.shape[0], exponent, mags.dtype, routine, remedy)
+    warn_if_unresolved(
+        xp, mags, mags.shape[0], exponent, mags.dtype, routine, remedy, stacklevel=5
+    )
 
 
 _RR_NOTES = """
@@ -369,9 +373,9 @@ def nystrom(
     ``(max(S^2 - nu, 0), U)``. It needs only ``q + 1`` products with ``A`` (no Rayleigh-Ritz
     product), the cheapest of the randomized PSD routines, and is at least as accurate as
     ``Q Q^T A Q Q^T`` from the same sketch. A Cholesky failure of the shifted core means
-    ``A`` is not positive semidefinite, which is reported as a ``ValueError``. The core is
-    computed from ``Y / c`` with ``c`` a power of two near ``max|Y|`` (exact), so the shift
-    and the Cholesky factor neither underflow nor overflow at any scale of ``A``; a zero
+    ``A`` is not positive semidefinite, which is reported as a ``ValueError``. At extreme
+    scales the core is computed from ``Y / c`` with ``c`` a power of two near ``max|Y|``
+    (exact), so the shift and the Cholesky factor neither underflow nor overflow; a zero
     ``Y`` (the zero matrix, a valid PSD input) returns zero eigenvalues.
 
     References
@@ -407,12 +411,11 @@ def nystrom(
             draw=lambda shape: Omega,
         )
     Y = op.checked_matmat(Omega)
-    top = float(xp.max(xp.abs(Y)))
-    if top == 0.0:  # A Omega = 0: for a PSD A, the approximation is exactly zero
+    if max_abs(xp, Y) == 0.0:  # A Omega = 0: for a PSD A, the approximation is exactly zero
         w0 = xp.zeros((size,), dtype=op.dtype, device=op.device)
         return _finish(xp, w0, Omega, rank, dominant=False)
-    c = math.ldexp(1.0, math.frexp(top)[1] - 1)  # exact scaling: Y / c has max in [1/2, 2)
-    Y = Y / c
+    c = power_of_two_scale(xp, Y, gram_rows=n)  # exact; 1.0 unless the scale is extreme
+    Y = Y if c == 1.0 else Y / c
     nu = math.sqrt(n) * eps(xp, op.dtype) * float(safe_norm(xp, Y))
     Y_nu = Y + nu * Omega
     C = Omega.T @ Y_nu

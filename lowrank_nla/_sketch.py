@@ -51,16 +51,17 @@ def qr_factor(xp: Any, Y: Array, normalizer: str, subject: str = "`A`") -> tuple
     accurate when ``cond(Y) < eps**-1/2``. When a Cholesky factorization fails, or the first
     pass leaves ``max|Q_1^T Q_1 - I| > 1/2`` (``Y`` numerically rank deficient or too
     ill-conditioned), it falls back to Householder QR, so the result is always orthonormal.
-    The Gram matrix is formed from ``Y / c`` with ``c`` the power of two nearest ``max|Y|``
-    (:func:`~lowrank_nla._backend.power_of_two_scale`), which is exact and keeps it from
-    overflowing or underflowing at any input scale; ``R`` is scaled back.
+    Where ``max|Y|`` is so large or small that the Gram matrix would overflow or underflow,
+    it is formed from ``Y / c`` with ``c`` the power of two nearest ``max|Y|``
+    (:func:`~lowrank_nla._backend.power_of_two_scale`), which is exact, and ``R`` is scaled
+    back; otherwise nothing is scaled.
 
     ``Y`` is checked for NaN/Inf first (one reduction), so LAPACK never receives a
     non-finite block; ``subject`` names the argument in the error.
     """
     check_factor(xp, Y, subject, "block to orthonormalize")
     if normalizer == "cholqr2" and Y.shape[1] > 0:
-        c = power_of_two_scale(xp, Y)
+        c = power_of_two_scale(xp, Y, gram_rows=Y.shape[0])
         Ys = Y if c == 1.0 else Y / c
         L = cholesky_lower(xp, Ys.T @ Ys)  # None also for a non-finite Gram matrix
         if L is not None:
@@ -122,11 +123,14 @@ def warn_if_unresolved(
     dtype: Any,
     routine: str,
     remedy: str = NORMALIZER_REMEDY,
+    stacklevel: int = 4,
 ) -> None:
     """Warn when ``(m_k / m_1)^exponent`` of the computed magnitudes is below rounding.
 
     ``magnitudes`` are the computed singular values or absolute eigenvalues, largest first;
-    ``exponent`` the number of products between orthonormalizations.
+    ``exponent`` the number of products between orthonormalizations. The default
+    ``stacklevel`` points at the caller of a public function that calls this directly (this
+    function, the routine, its :func:`~lowrank_nla._backend.fp_guarded` wrapper).
     """
     if exponent < 2 or k < 1:
         return
@@ -143,7 +147,7 @@ def warn_if_unresolved(
         f"rounding of {str(dtype).rsplit('.', 1)[-1]}: the trailing results are unreliable; "
         f"{remedy}",
         RuntimeWarning,
-        stacklevel=4,
+        stacklevel=stacklevel,
     )
 
 
@@ -323,7 +327,9 @@ def randomized_range_finder(
     normalizer = check_normalizer(normalizer)
     xp = op.xp
     draw = normal_sampler(xp, rng, dtype=op.dtype, device=op.device)
-    return general_range(op, size, power_iters=power_iters, normalizer=normalizer, draw=draw)[0]
+    Q = general_range(op, size, power_iters=power_iters, normalizer=normalizer, draw=draw)[0]
+    check_factor(xp, Q, "`A`", "orthonormal basis")  # QR of a block near the dtype's limit
+    return Q
 
 
 # HMT 2011, Lemma 4.1: ||(I - P) A|| <= HMT_PROBE_FACTOR max_i ||(I - P) A w_i|| w.h.p.
@@ -451,4 +457,5 @@ def adaptive_range_finder(
     if Q is None:
         # A is (numerically) zero at this tolerance: an empty basis is the exact answer.
         return xp.zeros((op.shape[0], 0), dtype=op.dtype, device=op.device)
+    check_factor(xp, Q, "`A`", "orthonormal basis")
     return Q

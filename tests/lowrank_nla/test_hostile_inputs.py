@@ -304,9 +304,10 @@ def _check_values(got, want, dtype, factor: float = 1.0) -> None:
     dtype=st.sampled_from([np.float64, np.float32]),
     exponent=SCALE64,
     shape=SHAPES,
+    normalizer=st.sampled_from(["qr", "cholqr2", "none"]),
     data=st.data(),
 )
-def test_decompositions_are_scale_equivariant(dtype, exponent, shape, data) -> None:
+def test_decompositions_are_scale_equivariant(dtype, exponent, shape, normalizer, data) -> None:
     # float64: 1e-150 ... 1e150; float32: 1e-30 ... 1e30 (its range is 1e-38 ... 3e38)
     exponent = exponent if dtype == np.float64 else exponent // 5
     scale = 10.0**exponent
@@ -320,10 +321,10 @@ def test_decompositions_are_scale_equivariant(dtype, exponent, shape, data) -> N
     s = np.linspace(1.0, 0.5, k)  # exactly rank k: the sketches are exact up to rounding
     A = (scale * _low_rank(m, n, s, seed=m * 10 + n)).astype(dtype)
     A64 = A.astype(np.float64)
-    res = ln.randomized_svd(A, k, rng=0)
+    res = ln.randomized_svd(A, k, normalizer=normalizer, rng=0)
     _check_values(res.S, scale * s, dtype)
     _check_values((res.U * res.S) @ res.Vh, A64, dtype)
-    Q = ln.randomized_range_finder(A, k, rng=0)
+    Q = ln.randomized_range_finder(A, k, normalizer=normalizer, rng=0)
     _check_values(Q @ (Q.T @ A), A64, dtype)
     Qa = ln.adaptive_range_finder(A, 1e-6 * scale, block=2, rng=0)
     assert np.linalg.norm(A64 - Qa @ (Qa.T @ A64), 2) <= 1e-6 * scale + 1e3 * _eps(dtype) * scale
@@ -334,7 +335,8 @@ def test_decompositions_are_scale_equivariant(dtype, exponent, shape, data) -> N
     P = (scale * _psd(m, np.linspace(2.0, 1.0, min(k, m)), seed=m)).astype(dtype)
     w = scale * np.linspace(2.0, 1.0, min(k, m))
     for routine in (ln.randomized_eigh, ln.srevd, ln.nystrom):
-        _check_values(routine(P, w.size, rng=0).eigenvalues, w, dtype)
+        got = routine(P, w.size, normalizer=normalizer, power_iters=2, rng=0).eigenvalues
+        _check_values(got, w, dtype)
     _check_values(ln.partial_eigh(P, w.size).eigenvalues, w, dtype)
 
 
@@ -819,6 +821,14 @@ def test_normalizer_none_beyond_its_safe_range_warns() -> None:
         ln.srevd(P, 10, power_iters=50, reorth_every=None, rng=0)
     with pytest.warns(RuntimeWarning, match=r"nystrom: 50 products"):
         ln.nystrom(P, 10, power_iters=50, normalizer="none", rng=0)
+    # the warnings point at the caller, not into the library
+    for call in (
+        lambda: ln.randomized_svd(A, 10, power_iters=50, normalizer="none", rng=0),
+        lambda: ln.nystrom(P, 10, power_iters=50, normalizer="none", rng=0),
+    ):
+        with pytest.warns(RuntimeWarning) as record:
+            call()
+        assert record[0].filename == __file__
     # exactly low-rank input is not a false alarm: its trailing values are rounding anyway
     L = _low_rank(40, 30, np.array([3.0, 2.0, 1.0]), seed=4)
     ln.randomized_svd(L, 8, power_iters=8, normalizer="none", rng=0)
@@ -1139,3 +1149,18 @@ def test_ea_decay_modes_at_extreme_thresholds() -> None:
         ln.ea_decay_modes(2, 0.5, 0.0)
     with pytest.raises(TypeError, match="`update_rank` must be an integer, got float"):
         ln.ea_decay_modes(2.0, 0.5, 0.1)
+
+
+@pytest.mark.parametrize("exponent", [-160, -60, 0, 60, 150])
+def test_cholqr2_is_exact_in_scale(exponent) -> None:
+    # the Gram matrix of Y (1e-320 or 1e300 at these scales) is formed from Y / 2^e: exact,
+    # so Q is bit-identical to that of the unit-scale block and R scales by exactly 2^k
+    from lowrank_nla._sketch import qr_factor
+
+    xp = ln._backend.namespace(np.empty(0))
+    Y = _low_rank(40, 6, np.linspace(1.0, 0.1, 6), seed=9)
+    Q1, R1 = qr_factor(xp, Y, "cholqr2")
+    c = 2.0 ** round(exponent * np.log2(10.0))
+    Qc, Rc = qr_factor(xp, Y * c, "cholqr2")
+    np.testing.assert_array_equal(Qc, Q1)
+    np.testing.assert_array_equal(Rc, R1 * c)
