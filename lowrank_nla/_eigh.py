@@ -145,7 +145,7 @@ def randomized_eigh(
     normalizer : {"qr", "cholqr2", "none"}, default "qr"
         Orthonormalization between products (see :func:`randomized_range_finder`).
         ``"none"`` is accurate while ``(|lambda_rank| / |lambda_1|)^(q + 1)`` stays above
-        about ``100 eps``; beyond that a ``RuntimeWarning`` is issued.
+        about ``2 eps``; beyond that a ``RuntimeWarning`` is issued.
     rng : None, int, numpy/torch/cupy Generator, optional
         Source of the Gaussian test matrix.
     check_symmetric : bool, default True
@@ -240,7 +240,7 @@ def srevd(
         the default avoids at the cost of a few QRs. ``reorth_every=1`` equals
         :func:`randomized_eigh`. With ``None`` (or ``normalizer="none"``) a
         ``RuntimeWarning`` says when ``(|lambda_rank| / |lambda_1|)^(q + 1)`` of the result
-        is below about ``100 eps``.
+        is below about ``2 eps``.
     normalizer : {"qr", "cholqr2", "none"}, default "qr"
         How the periodic and the final orthonormalizations are done (see
         :func:`randomized_range_finder`; ``"none"`` leaves only the final QR).
@@ -338,7 +338,7 @@ def nystrom(
         ``0 <= q <= 100``.
     normalizer : {"qr", "cholqr2", "none"}, default "qr"
         Orthonormalization of the test matrix (see :func:`randomized_range_finder`);
-        ``"none"`` warns beyond ``(lambda_rank / lambda_1)^q < 100 eps``.
+        ``"none"`` warns beyond ``(lambda_rank / lambda_1)^q < 2 eps``.
     rng : None, int, numpy/torch/cupy Generator, optional
         Source of the Gaussian test matrix.
     check_symmetric : bool, default True

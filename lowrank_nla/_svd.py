@@ -56,7 +56,7 @@ def randomized_svd(
     normalizer : {"qr", "cholqr2", "none"}, default "qr"
         Orthonormalization between products (see :func:`randomized_range_finder`).
         ``"none"`` is accurate while ``(sigma_rank / sigma_1)^(2q + 1)`` stays above about
-        ``100 eps``; beyond that a ``RuntimeWarning`` is issued.
+        ``2 eps``; beyond that a ``RuntimeWarning`` is issued.
     rng : None, int, numpy/torch/cupy Generator, optional
         Source of the Gaussian test matrix.
 
@@ -79,7 +79,7 @@ def randomized_svd(
     Warns
     -----
     RuntimeWarning
-        ``normalizer="none"`` with ``(S[rank-1] / S[0])^(2q + 1) < 100 eps`` (and
+        ``normalizer="none"`` with ``(S[rank-1] / S[0])^(2q + 1) < 2 eps`` (and
         ``S[rank-1] / S[0]`` itself above rounding): the trailing triplets are unreliable.
 
     Notes
