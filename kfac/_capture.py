@@ -1,11 +1,26 @@
 """Hooks that record layer inputs and output gradients as each block's capture spec asks.
 
 The engine arms the capture before each step with one :class:`~kfac._curvature.CaptureSpec`
-per layer (or none): what the forward of that step must record. Inputs are reduced to the
+per layer (or none): what the forwards of that step must record. Inputs are reduced to the
 sum of outer products ``sum a a^T`` inside the forward hook (no activation is kept alive
 until ``step()``) unless the spec asks for the rows (``O(n D)``, for online updates and for
 directions computed from the rows). A layer with no spec records nothing, and nothing is
-recorded under ``torch.no_grad()``.
+recorded under ``torch.no_grad()`` or in eval mode (``module.training`` false).
+
+Accumulation. Everything recorded between two ``step()`` calls counts (docs/kfac.md,
+*Training loops*):
+
+* **micro-batches**: a forward of a layer after its output gradients arrived starts a new
+  micro-batch; the samples ``n`` of the micro-batches add up. With the loss of each of ``k``
+  micro-batches divided by ``k`` (the usual ``loss / k``), the statistics equal those of one
+  backward over the concatenated batch;
+* **several calls inside one forward/backward** (two views, a siamese pair, a module applied
+  twice) share the weight: like positions of a sequence (the *expand* setting of Eschenhagen
+  et al., 2023), each call adds rows for the same ``n`` samples, so ``tau`` counts rows per
+  sample over all calls.
+
+A forward recorded with no backward before ``step()`` is an error naming the layer (an
+evaluation forward in training mode with gradients enabled, most often).
 
 Output gradients are captured with a *tensor* hook registered on the layer's output in the
 forward hook: unlike ``register_full_backward_hook`` it keeps working when an in-place
@@ -77,13 +92,20 @@ def _exact(t: Any) -> bool:
 
 @dataclass
 class Record:
-    """What one layer saw on the current factor-update step (sums in the statistics dtype)."""
+    """What one layer saw since the last step (sums in the statistics dtype).
+
+    ``calls`` counts recorded forwards; ``grads`` the calls whose output gradient arrived;
+    ``n`` the samples of all micro-batches, ``call_n`` those of the current one."""
 
     a_sum: Tensor | None = None
     a_blocks: list[Tensor] = field(default_factory=list)
-    g_blocks: list[Tensor] = field(default_factory=list)
+    g_blocks: dict[int, Tensor] = field(default_factory=dict)
     a_rows: int = 0
-    n: int | None = None
+    n: int = 0
+    call_n: int | None = None
+    calls: int = 0
+    grads: set[int] = field(default_factory=set)
+    fresh_grad: bool = False
     g_sum: Tensor | None = None
     g_rows: int = 0
     half: bool = False
@@ -96,7 +118,7 @@ class Capture:
     Parameters
     ----------
     model : nn.Module
-        The model; a forward pre-hook on it starts a new record for every training forward.
+        The model (a forward hook on it runs the Monte-Carlo pass of ``fisher="mc"``).
     layers : mapping of name to layer helper
         The registered layers (``kfac._layers``).
     dtype : torch.dtype
@@ -138,7 +160,7 @@ class Capture:
         self.plan: dict[str, CaptureSpec] = {}
         self._statistics = False
         self._mc_pass = False
-        self._handles: list[RemovableHandle] = [model.register_forward_pre_hook(self._on_start)]
+        self._handles: list[RemovableHandle] = []
         for name, layer in self.layers.items():
             self._handles.append(layer.module.register_forward_hook(self._forward_hook(name)))
         if fisher == "mc":
@@ -164,15 +186,9 @@ class Capture:
                 handle.remove()
         self.records = {name: Record() for name in self.layers}
 
-    def _recording(self, name: str | None = None) -> bool:
-        """Whether to record now (``name=None``: whether any layer records)."""
-        if not torch.is_grad_enabled():
-            return False
-        return bool(self.plan) if name is None else name in self.plan
-
-    def _on_start(self, module: nn.Module, args: Any) -> None:
-        if self._recording():
-            self.reset()
+    def _recording(self, name: str) -> bool:
+        layer = self.layers[name]
+        return torch.is_grad_enabled() and layer.module.training and name in self.plan
 
     def _forward_hook(self, name: str) -> Callable[..., None]:
         layer = self.layers[name]
@@ -180,7 +196,7 @@ class Capture:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self._recording(name) or not isinstance(output, Tensor):
                 return
-            if not output.requires_grad:
+            if not output.requires_grad or not layer.trainable():
                 return
             record = self.records[name]
             keep = self.plan[name].rows
@@ -189,22 +205,31 @@ class Capture:
                 rows, n = layer.input_rows(args[0].detach())
                 rows = rows.to(self.dtype).clone() if keep else rows.to(self.dtype)
                 outer = None if keep else rows.T @ rows
-            if record.n is not None and record.n != n:
+            if record.call_n is None or record.fresh_grad:
+                # the first call, or a forward after this layer's gradients arrived: a new
+                # micro-batch, whose samples add to the step's
+                record.n += n
+                record.call_n = n
+                record.fresh_grad = False
+            elif record.call_n != n:
                 raise RuntimeError(
-                    f"layer {layer.describe()} was called with {n} samples after {record.n} in "
-                    "one step; K-FAC needs the same batch size for every call of a layer"
+                    f"layer {layer.describe()} was called with {n} samples after "
+                    f"{record.call_n} in one forward/backward; calls that share a backward "
+                    "share the weight over the same samples (views, positions), so they must "
+                    "have the same batch size"
                 )
             if outer is None:
                 record.a_blocks.append(rows)
             else:
                 record.a_sum = outer if record.a_sum is None else record.a_sum + outer
             record.a_rows += rows.shape[0]
-            record.n = n
-            record.handles.append(output.register_hook(self._grad_hook(name)))
+            call = record.calls
+            record.calls += 1
+            record.handles.append(output.register_hook(self._grad_hook(name, call, n)))
 
         return hook
 
-    def _grad_hook(self, name: str) -> Callable[[Tensor], None]:
+    def _grad_hook(self, name: str, call: int, n: int) -> Callable[[Tensor], None]:
         layer = self.layers[name]
 
         def hook(grad: Tensor) -> None:
@@ -214,22 +239,29 @@ class Capture:
             with torch.no_grad(), _full_precision(grad):
                 rows = layer.output_rows(grad.detach()).to(self.dtype)
                 scale = self.grad_scale()
+                if self._mc_pass:
+                    # the sampled loss is a mean over this micro-batch's n samples: keep
+                    # per-sample gradients, divided by the step's samples in batch()
+                    scale /= n
                 if scale != 1.0:
                     rows = rows / scale
                 outer = None if keep else rows.T @ rows
-                if keep:
-                    rows = rows.clone()
             record = self.records[name]
             if outer is None:
-                record.g_blocks.append(rows)
+                earlier = record.g_blocks.get(call)
+                # two backwards through one call (retain_graph) sum into one gradient
+                record.g_blocks[call] = rows.clone() if earlier is None else earlier + rows
             else:
                 record.g_sum = outer if record.g_sum is None else record.g_sum + outer
-            record.g_rows += rows.shape[0]
+            if call not in record.grads:
+                record.g_rows += rows.shape[0]
+            record.grads.add(call)
+            record.fresh_grad = True
 
         return hook
 
     def _on_model_output(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not (torch.is_grad_enabled() and self._statistics and self.plan):
+        if not (torch.is_grad_enabled() and module.training and self._statistics and self.plan):
             return
         if not isinstance(output, Tensor):
             raise TypeError(
@@ -240,9 +272,7 @@ class Capture:
             return
         assert self.loss is not None
         assert self.generator is not None
-        weights = [
-            layer.params[0] for layer in self.layers.values() if layer.params[0].requires_grad
-        ]
+        weights = [layer.params[0] for layer in self.layers.values() if layer.trainable()]
         loss = sampled_loss(output, self.loss, self.generator) * self.grad_scale()
         self._mc_pass = True
         try:
@@ -251,28 +281,35 @@ class Capture:
             self._mc_pass = False
 
     def batch(self, name: str) -> LayerBatch | None:
-        """What layer ``name`` recorded on this step, or ``None`` when it recorded nothing
-        (not in the plan, or no forward with gradients through it); raises when only one of
-        its two hooks fired."""
+        """What layer ``name`` recorded since the last step, or ``None`` when it recorded
+        nothing (not in the plan, or no training forward with gradients through it); raises
+        when a recorded forward got no output gradient."""
         record = self.records[name]
         layer = self.layers[name]
-        has_a = record.a_sum is not None or bool(record.a_blocks)
-        has_g = record.g_sum is not None or bool(record.g_blocks)
-        if not has_a and not has_g:
+        if record.calls == 0 and not record.grads:
             return None
-        if not has_a or not has_g or record.n is None:
-            missing = "forward" if not has_a else "output-gradient"
+        if len(record.grads) < record.calls or record.calls == 0:
+            missing = record.calls - len(record.grads)
             raise RuntimeError(
-                f"the {missing} hook of layer {layer.describe()} never fired on this "
-                "step while the other did; was its output detached or the layer called "
+                f"layer {layer.describe()} recorded {record.calls} forward call(s) in "
+                f"training mode with gradients enabled since the last step, and {missing} of "
+                "them got no output gradient before step(): was a forward run after the last "
+                "backward() (run evaluation forwards under torch.no_grad() or model.eval()), "
+                "was the output detached or unused by the loss, or was the layer called "
                 "outside the model's forward?"
             )
+        g_sum, g_rows = record.g_sum, None
+        if record.g_blocks:
+            g_rows = torch.cat([record.g_blocks[call] for call in range(record.calls)])
+        if self.fisher == "mc":
+            g_sum = None if g_sum is None else g_sum / record.n**2
+            g_rows = None if g_rows is None else g_rows / record.n
         return LayerBatch(
             n=record.n,
             positions=record.a_rows,
             a_sum=record.a_sum,
-            g_sum=record.g_sum,
+            g_sum=g_sum,
             a_rows=torch.cat(record.a_blocks) if record.a_blocks else None,
-            g_rows=torch.cat(record.g_blocks) if record.g_blocks else None,
+            g_rows=g_rows,
             exact=not record.half,
         )

@@ -811,6 +811,8 @@ class KronBlock(CurvatureBlock[KronState]):
         ``N``-term sums); ``None`` (with one warning per layer) when they do not."""
         if not self.rows_applied(layer, state) or batch is None or not batch.exact:
             return None
+        if not all(p.requires_grad for p in layer.params):
+            return None  # a bias frozen after registration: its column of V is zero
         g_rows, a_rows = batch.g_rows, batch.a_rows
         if g_rows is None or a_rows is None or g_rows.shape[0] != a_rows.shape[0]:
             return None
