@@ -94,22 +94,33 @@ def _exact(t: Any) -> bool:
 class Record:
     """What one layer saw since the last step (sums in the statistics dtype).
 
-    ``calls`` counts recorded forwards; ``grads`` the calls whose output gradient arrived;
-    ``n`` the samples of all micro-batches, ``call_n`` those of the current one."""
+    Calls are numbered in forward order. A call made during a backward pass (an activation
+    checkpoint's recomputation) is *pending* until its output gradient arrives: a
+    non-reentrant checkpoint's recomputation never gets one and is dropped, a reentrant
+    one's does and counts. ``outside`` holds the calls made outside a backward, each of
+    which must get a gradient before ``step()``."""
 
     a_sum: Tensor | None = None
-    a_blocks: list[Tensor] = field(default_factory=list)
+    a_blocks: dict[int, Tensor] = field(default_factory=dict)
     g_blocks: dict[int, Tensor] = field(default_factory=dict)
+    pending: dict[int, tuple[Tensor, int, int, bool]] = field(default_factory=dict)
     a_rows: int = 0
     n: int = 0
     call_n: int | None = None
     calls: int = 0
+    outside: set[int] = field(default_factory=set)
     grads: set[int] = field(default_factory=set)
     fresh_grad: bool = False
     g_sum: Tensor | None = None
     g_rows: int = 0
     half: bool = False
     handles: list[Any] = field(default_factory=list)
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass now (a checkpoint recomputation)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 class Capture:
@@ -200,34 +211,46 @@ class Capture:
                 return
             record = self.records[name]
             keep = self.plan[name].rows
-            record.half |= not (_exact(args[0]) and _exact(output))
+            half = not (_exact(args[0]) and _exact(output))
             with torch.no_grad(), _full_precision(output):
                 rows, n = layer.input_rows(args[0].detach())
                 rows = rows.to(self.dtype).clone() if keep else rows.to(self.dtype)
-                outer = None if keep else rows.T @ rows
-            if record.call_n is None or record.fresh_grad:
-                # the first call, or a forward after this layer's gradients arrived: a new
-                # micro-batch, whose samples add to the step's
-                record.n += n
-                record.call_n = n
-                record.fresh_grad = False
-            elif record.call_n != n:
-                raise RuntimeError(
-                    f"layer {layer.describe()} was called with {n} samples after "
-                    f"{record.call_n} in one forward/backward; calls that share a backward "
-                    "share the weight over the same samples (views, positions), so they must "
-                    "have the same batch size"
-                )
-            if outer is None:
-                record.a_blocks.append(rows)
-            else:
-                record.a_sum = outer if record.a_sum is None else record.a_sum + outer
-            record.a_rows += rows.shape[0]
+                value = rows if keep else rows.T @ rows
             call = record.calls
             record.calls += 1
+            count = rows.shape[0]
+            if _in_backward():
+                record.pending[call] = (value, count, n, half)
+            else:
+                record.outside.add(call)
+                self._commit(name, call, value, count, n, half)
             record.handles.append(output.register_hook(self._grad_hook(name, call, n)))
 
         return hook
+
+    def _commit(self, name: str, call: int, value: Tensor, count: int, n: int, half: bool) -> None:
+        """Count one call's inputs (``count`` rows of ``n`` samples, or their outer product)
+        in the step's statistics."""
+        record = self.records[name]
+        if record.call_n is None or record.fresh_grad:
+            # the first call, or a forward after this layer's gradients arrived: a new
+            # micro-batch, whose samples add to the step's
+            record.n += n
+            record.call_n = n
+            record.fresh_grad = False
+        elif record.call_n != n:
+            raise RuntimeError(
+                f"layer {self.layers[name].describe()} was called with {n} samples after "
+                f"{record.call_n} in one forward/backward; calls that share a backward share "
+                "the weight over the same samples (views, positions), so they must have the "
+                "same batch size"
+            )
+        record.half |= half
+        record.a_rows += count
+        if self.plan[name].rows:
+            record.a_blocks[call] = value
+        else:
+            record.a_sum = value if record.a_sum is None else record.a_sum + value
 
     def _grad_hook(self, name: str, call: int, n: int) -> Callable[[Tensor], None]:
         layer = self.layers[name]
@@ -235,6 +258,9 @@ class Capture:
         def hook(grad: Tensor) -> None:
             if (self.fisher == "mc") != self._mc_pass or name not in self.plan:
                 return
+            record = self.records[name]
+            if call in record.pending:
+                self._commit(name, call, *record.pending.pop(call))
             keep = self.plan[name].rows
             with torch.no_grad(), _full_precision(grad):
                 rows = layer.output_rows(grad.detach()).to(self.dtype)
@@ -246,7 +272,6 @@ class Capture:
                 if scale != 1.0:
                     rows = rows / scale
                 outer = None if keep else rows.T @ rows
-            record = self.records[name]
             if outer is None:
                 earlier = record.g_blocks.get(call)
                 # two backwards through one call (retain_graph) sum into one gradient
@@ -283,24 +308,25 @@ class Capture:
     def batch(self, name: str) -> LayerBatch | None:
         """What layer ``name`` recorded since the last step, or ``None`` when it recorded
         nothing (not in the plan, or no training forward with gradients through it); raises
-        when a recorded forward got no output gradient."""
+        when a forward recorded outside a backward got no output gradient."""
         record = self.records[name]
         layer = self.layers[name]
-        if record.calls == 0 and not record.grads:
-            return None
-        if len(record.grads) < record.calls or record.calls == 0:
-            missing = record.calls - len(record.grads)
+        missing = record.outside - record.grads
+        if missing:
             raise RuntimeError(
-                f"layer {layer.describe()} recorded {record.calls} forward call(s) in "
-                f"training mode with gradients enabled since the last step, and {missing} of "
-                "them got no output gradient before step(): was a forward run after the last "
-                "backward() (run evaluation forwards under torch.no_grad() or model.eval()), "
-                "was the output detached or unused by the loss, or was the layer called "
-                "outside the model's forward?"
+                f"layer {layer.describe()} recorded {len(record.outside)} forward call(s) in "
+                f"training mode with gradients enabled since the last step, and {len(missing)} "
+                "of them got no output gradient before step(): was a forward run after the "
+                "last backward() (run evaluation forwards under torch.no_grad() or "
+                "model.eval()), was the output detached or unused by the loss, or was the "
+                "layer called outside the model's forward?"
             )
+        if not record.grads:
+            return None
+        calls = sorted(record.grads)
         g_sum, g_rows = record.g_sum, None
         if record.g_blocks:
-            g_rows = torch.cat([record.g_blocks[call] for call in range(record.calls)])
+            g_rows = torch.cat([record.g_blocks[call] for call in calls])
         if self.fisher == "mc":
             g_sum = None if g_sum is None else g_sum / record.n**2
             g_rows = None if g_rows is None else g_rows / record.n
@@ -309,7 +335,9 @@ class Capture:
             positions=record.a_rows,
             a_sum=record.a_sum,
             g_sum=g_sum,
-            a_rows=torch.cat(record.a_blocks) if record.a_blocks else None,
+            a_rows=torch.cat([record.a_blocks[call] for call in calls])
+            if record.a_blocks
+            else None,
             g_rows=g_rows,
             exact=not record.half,
         )

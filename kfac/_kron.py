@@ -58,14 +58,19 @@ __all__ = [
     "make_strategy",
 ]
 
-# Eigenvalues at or below this are rounding noise of a PSD matrix.
-EIGENVALUE_FLOOR = 1e-10
 _STAT_DTYPES = (torch.float32, torch.float64)
+#: Initialisations of the factors' exponential averages (:class:`KronBlock`).
+FACTOR_INITS = ("identity", "zero")
 
 
 def clip_spectrum(d: Tensor) -> Tensor:
-    """Zero the eigenvalues ``<= EIGENVALUE_FLOOR`` (negative rounding noise included)."""
-    return torch.where(d > EIGENVALUE_FLOOR, d, torch.zeros_like(d))
+    """Zero the eigenvalues at or below ``D eps max(d)`` (``eps`` of ``d``'s dtype): the
+    rounding level of a ``D x D`` decomposition, relative to the factor's own scale, so a
+    factor of any magnitude keeps its spectrum (negative rounding noise included)."""
+    if d.numel() == 0:
+        return d
+    floor = d.max().clamp(min=0) * (d.numel() * torch.finfo(d.dtype).eps)
+    return torch.where(d > floor, d, torch.zeros_like(d))
 
 
 class Generators:
@@ -337,17 +342,28 @@ class FactorRule(abc.ABC):
 
 @dataclass(frozen=True)
 class RuleContext:
-    """What rules share: decomposition and application dtypes, the random generators."""
+    """What rules share: decomposition and application dtypes, the random generators, and
+    the initialisation convention of the exponential averages (``"identity"`` or ``"zero"``,
+    see :class:`KronBlock`)."""
 
     decomposition_dtype: torch.dtype
     dtype: torch.dtype
     generators: Generators
+    init: str = "identity"
 
 
-def _published(f: FactorState, rep: ln.LowRankPSD, dtype: torch.dtype) -> FactorState:
-    # a cast of a representation validated when it was made
-    rep = ln.LowRankPSD(rep.U.to(dtype), rep.d.to(dtype), check=False)
-    return replace(f, applied=Applied.of(rep, f.identity))
+def _published(f: FactorState, rep: ln.LowRankPSD, ctx: RuleContext) -> FactorState:
+    """Publish ``rep`` for the direction. With the identity initialisation the identity weight
+    ``rho^m`` travels with it; with the bias-corrected zero initialisation the EA is divided
+    by its total weight ``1 - rho^m`` and no identity is added."""
+    d = rep.d.to(ctx.dtype)
+    identity = f.identity
+    if ctx.init == "zero":
+        d = d / (1.0 - identity)
+        identity = 0.0
+    # a cast (and rescaling) of a representation validated when it was made
+    rep = ln.LowRankPSD(rep.U.to(ctx.dtype), d, check=False)
+    return replace(f, applied=Applied.of(rep, identity))
 
 
 @dataclass(frozen=True)
@@ -389,7 +405,7 @@ class DenseRule(FactorRule):
         rep, f = self.low_rank(f, ctx)
         if self.ranks is not None and self.ranks.adaptive and f.rank is not None and rep.rank:
             f = replace(f, rank=self.ranks.rsvd(f.dim).update(f.rank, ln.truncation_ratio(rep.d)))
-        return _published(f, rep, ctx.dtype)
+        return _published(f, rep, ctx)
 
 
 @dataclass(frozen=True)
@@ -514,7 +530,7 @@ class BrandRule(FactorRule):
         # representation applied changes only on refresh steps.
         fresh = tick.inverse or f.applied is None
         if fresh and f.online is not None and f.online.rank > 0:
-            return _published(f, f.online, ctx.dtype)
+            return _published(f, f.online, ctx)
         return f
 
 
@@ -704,6 +720,12 @@ class KronBlock(CurvatureBlock[KronState]):
         Application (factor) dtype and decomposition dtype.
     seed : int
         Seed of the rows' probes (the strategy carries the seed of its sketches).
+    factor_init : {"identity", "zero"}
+        Initialisation of the factors' exponential averages. ``"identity"`` (the K-FAC
+        papers'): ``X_0 = I``, carried as the weight ``rho^m`` added to the damping, so the
+        direction depends on the scale of the loss. ``"zero"``: ``X_0 = 0`` with the average
+        divided by its total weight ``1 - rho^m`` (the bias correction of Adam and kfac-jax);
+        with relative damping, multiplying the loss by ``c`` divides the direction by ``c``.
     """
 
     name: ClassVar[str] = "kron"
@@ -718,14 +740,22 @@ class KronBlock(CurvatureBlock[KronState]):
         dtype: torch.dtype = torch.float32,
         decomposition_dtype: torch.dtype | None = None,
         seed: int = 0,
+        factor_init: str = "identity",
     ) -> None:
+        if factor_init not in FACTOR_INITS:
+            raise ValueError(
+                f"Invalid factor_init: {factor_init!r}; valid names are {list(FACTOR_INITS)}"
+            )
+        self.factor_init = factor_init
         self.strategy = strategy
         self.damping_scheme = damping
         self.continuation = continuation
         self.factored_apply = factored_apply and damping.factored
         self.dtype = dtype
         self.seed = seed
-        self.ctx = RuleContext(decomposition_dtype or dtype, dtype, Generators(strategy.seed))
+        self.ctx = RuleContext(
+            decomposition_dtype or dtype, dtype, Generators(strategy.seed), factor_init
+        )
         #: How each layer's last direction was computed ("factored" or "dense").
         self.applied: dict[str, str] = {}
         self._mismatch_warned: set[str] = set()
@@ -860,13 +890,22 @@ class KronBlock(CurvatureBlock[KronState]):
         )
 
     def block_state_dict(self) -> dict[str, Any]:
-        return {"strategy": self.strategy.name, "generators": self.ctx.generators.state_dict()}
+        return {
+            "strategy": self.strategy.name,
+            "factor_init": self.factor_init,
+            "generators": self.ctx.generators.state_dict(),
+        }
 
     def check_block_state_dict(self, saved: Mapping[str, Any]) -> None:
         if saved.get("strategy") != self.strategy.name:
             raise ValueError(
                 f"state_dict was saved with inverse={saved.get('strategy')!r}, this "
                 f"preconditioner uses {self.strategy.name!r}"
+            )
+        if saved.get("factor_init", "identity") != self.factor_init:
+            raise ValueError(
+                f"state_dict was saved with factor_init={saved.get('factor_init')!r}, this "
+                f"preconditioner uses {self.factor_init!r}"
             )
 
     def load_block_state_dict(self, saved: Mapping[str, Any]) -> None:
@@ -909,6 +948,7 @@ def kron_block(
     continuation: bool = True,
     factored_apply: bool = True,
     decomposition_dtype: torch.dtype | None = None,
+    factor_init: str = "identity",
     **inverse_options: Any,
 ) -> KronBlock:
     """The K-FAC family's block (registered as ``"kron"``): ``inverse`` names the strategy
@@ -924,6 +964,7 @@ def kron_block(
         dtype=dtype,
         decomposition_dtype=decomposition_dtype,
         seed=seed,
+        factor_init=factor_init,
     )
 
 

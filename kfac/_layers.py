@@ -360,14 +360,19 @@ def _check_registrable(name: str, module: nn.Module) -> None:
             )
 
 
-def _check_shared(model: nn.Module, layers: dict[str, Layer]) -> None:
+def _check_shared(
+    model: nn.Module, layers: dict[str, Layer], skipped: Callable[[str, nn.Module], bool]
+) -> None:
     """Reject a registered layer's parameter that another module also holds (tied or shared
-    weights): its gradient sums the contributions of every use, one layer's factors
-    describe one use only, and two directions would be written to one ``.grad``."""
+    weights), unless ``skip_layers`` excludes that other module: the gradient sums the
+    contributions of every use, one layer's factors describe one use only, and two
+    directions would be written to one ``.grad``."""
     holders: dict[int, list[str]] = {}
     # one name per module object: a module applied several times is one layer (its calls
     # are weight sharing inside the forward, which the statistics handle)
     for mod_name, module in model.named_modules():
+        if skipped(mod_name, module):
+            continue
         for param in module.parameters(recurse=False):
             holders.setdefault(id(param), []).append(mod_name)
     for name, layer in layers.items():
@@ -378,9 +383,9 @@ def _check_shared(model: nn.Module, layers: dict[str, Layer]) -> None:
                 raise ValueError(
                     f"Unsupported shared parameter: a parameter of layer '{name}' is also held "
                     f"by {', '.join(repr(m) for m in others)} (tied or shared weights, used by "
-                    f"{users}); K-FAC's factors describe one use of a weight, so precondition "
-                    "at most one holder and exclude the others with `skip_layers` (the "
-                    "excluded uses then count only through the gradient), or untie the weights"
+                    f"{users}); K-FAC's factors describe one use of a weight: precondition at "
+                    "most one holder and name the others in `skip_layers` (their uses then "
+                    "count only through the gradient), or untie the weights"
                 )
 
 
@@ -393,11 +398,15 @@ def discover(model: nn.Module, skip_layers: Any) -> dict[str, Layer]:
     uninitialized lazy layer, a parameter shared with another module, or a layer type with a
     weight but no helper (transposed and 3-d convolutions, ``nn.Bilinear``)."""
     patterns, types = _parse_skip(model, skip_layers)
+
+    def skipped(name: str, module: nn.Module) -> bool:
+        return isinstance(module, tuple(types)) or any(
+            fnmatch.fnmatchcase(name, pattern) for pattern in patterns
+        )
+
     layers: dict[str, Layer] = {}
     for name, module in model.named_modules():
-        if isinstance(module, tuple(types)):
-            continue
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+        if skipped(name, module):
             continue
         if isinstance(module, _REJECTED):
             if any(p.requires_grad for p in module.parameters(recurse=False)):
@@ -414,5 +423,5 @@ def discover(model: nn.Module, skip_layers: Any) -> dict[str, Layer]:
         if not module.weight.requires_grad:
             continue
         layers[name] = make_layer(name, module)
-    _check_shared(model, layers)
+    _check_shared(model, layers, skipped)
     return layers

@@ -375,9 +375,15 @@ class KFACPreconditioner(Preconditioner):
         factored damping schemes and the empirical Fisher, for float32/float64 layers whose
         parameters all train; on every step a random probe checks that the rows reproduce
         ``.grad`` (one host read per such layer), and a layer that fails (a penalty added to
-        the loss, gradient accumulation, a gradient changed before :meth:`step`) is
-        preconditioned from ``.grad`` with a warning. ``diagnostics()`` reports which
-        application each layer used.
+        the loss, a gradient changed before :meth:`step`) is preconditioned from ``.grad``
+        with a warning. ``diagnostics()`` reports which application each layer used.
+    factor_init : {"identity", "zero"}, default "identity"
+        Initialisation of the factors' exponential averages: ``"identity"`` (the K-FAC
+        papers' ``X_0 = I``, carried as the weight ``rho^m`` added to the damping; the
+        direction then depends on the scale of the loss) or ``"zero"`` (the average divided
+        by its total weight ``1 - rho^m``, as Adam and kfac-jax do; with a relative damping
+        scheme the direction scales exactly as ``1 / c`` when the loss is multiplied by
+        ``c``).
     **inverse_options
         Options of the inverse strategy (the low-rank strategies take ``rank``,
         ``oversample``, ``power_iters``, ...).
@@ -435,6 +441,7 @@ class KFACPreconditioner(Preconditioner):
         decomposition_dtype: torch.dtype | None = None,
         grad_scaler: Any = None,
         factored_apply: bool = True,
+        factor_init: str = "identity",
         seed: int = 0,
         time_phases: bool = False,
         **inverse_options: Any,
@@ -462,6 +469,7 @@ class KFACPreconditioner(Preconditioner):
             continuation=continuation,
             factored_apply=factored_apply,
             decomposition_dtype=decomposition_dtype,
+            factor_init=factor_init,
             **inverse_options,
         )
 
