@@ -39,7 +39,7 @@ import lowrank_nla as ln
 from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick, register_block
 from ._damping import Applied, DampingScheme, Prepared, make_damping
 from ._layers import LinearLayer
-from ._schedule import check_bool, check_fraction, check_int_at_least
+from ._schedule import check_bool, check_fraction, check_int_at_least, find_stacklevel
 
 __all__ = [
     "RSVD",
@@ -59,6 +59,8 @@ __all__ = [
 ]
 
 _STAT_DTYPES = (torch.float32, torch.float64)
+#: Width above which a dense eigendecomposition draws a warning at construction.
+DENSE_WARN_DIM = 4096
 #: Initialisations of the factors' exponential averages (:class:`KronBlock`).
 FACTOR_INITS = ("identity", "zero")
 
@@ -676,6 +678,14 @@ def make_strategy(name: Any, options: Mapping[str, Any] | None = None) -> KronSt
         raise ValueError(f"Invalid inverse: {name!r}; valid names are {list(inverse_names())}")
     entry = _STRATEGIES[name]
     options = dict(options or {})
+    known = {option for other in _STRATEGIES.values() for option in other.options}
+    foreign = sorted(set(options) - known - {"seed"})
+    if foreign:
+        raise TypeError(
+            f"unexpected keyword argument(s) {foreign}: neither an option of the optimizer or "
+            "preconditioner nor of any inverse strategy (options of the strategies: "
+            f"{sorted(known | {'seed'})})"
+        )
     unknown = sorted(set(options) - set(entry.options))
     if unknown:
         raise ValueError(
@@ -782,6 +792,48 @@ class KronBlock(CurvatureBlock[KronState]):
         if factor_step:
             return CaptureSpec(rows=rows)
         return CaptureSpec(rows=True) if self.rows_applied(layer, state) else None
+
+    def check_layers(self, layers: Mapping[str, Any]) -> None:
+        """Warn when the strategy cannot do what its name says on these layers: a Brand
+        strategy whose ``rank_cap`` leaves no factor to track (every factor would take the
+        fallback), or a dense eigendecomposition of a factor wider than
+        :data:`DENSE_WARN_DIM` (``O(D^3)`` per refresh, ``D^2`` memory)."""
+        rule = self.rule
+        if isinstance(rule, BrandRule):
+            trackable = [
+                (name, side)
+                for name, layer in layers.items()
+                if rule.wants_rows(layer)
+                for side, dim in (("A", layer.dim_A), ("G", layer.dim_G))
+                if rule.cap + 1 < dim
+            ]
+            if not trackable:
+                warnings.warn(
+                    f"inverse={self.strategy.name!r} tracks no factor here: a Brand-tracked "
+                    f"factor needs a Linear layer with rank_cap + batch rows < its dimension, "
+                    f"and rank_cap={rule.cap} leaves none (widest factor: "
+                    f"{max(max(layer.dim_A, layer.dim_G) for layer in layers.values())}); "
+                    "every factor runs the fallback randomized decomposition. Lower rank_cap, "
+                    "or use inverse='rsvd' to say so",
+                    UserWarning,
+                    stacklevel=find_stacklevel(),
+                )
+        if isinstance(rule, DenseRule) and rule.decomposer.full:
+            wide = [
+                f"'{name}' {side} ({dim})"
+                for name, layer in layers.items()
+                for side, dim in (("A", layer.dim_A), ("G", layer.dim_G))
+                if dim > DENSE_WARN_DIM
+            ]
+            if wide:
+                warnings.warn(
+                    f"inverse={self.strategy.name!r} decomposes dense factors wider than "
+                    f"{DENSE_WARN_DIM}: {', '.join(wide)}; each refresh costs O(D^3) time and "
+                    "each factor D^2 memory (a 9216-wide factor: minutes per refresh on a CPU). "
+                    "A low-rank strategy (inverse='rsvd', 'brand') is linear or quadratic in D",
+                    UserWarning,
+                    stacklevel=find_stacklevel(),
+                )
 
     def init(self, layer: Any) -> KronState:
         probe = None

@@ -78,6 +78,13 @@ class PreconditionedSGD(torch.optim.SGD):
         params: Iterable[Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} takes the model (an nn.Module), not its parameters: "
+                f"got {type(model).__name__}. The preconditioner hooks the model's layers; "
+                f"write {type(self).__name__}(model, lr=...) and pass parameter groups, if "
+                "any, as params=..."
+            )
         lr = check_nonnegative(lr, "learning rate")
         momentum = check_nonnegative(momentum, "momentum")
         weight_decay = check_nonnegative(weight_decay, "weight_decay")

@@ -62,8 +62,9 @@ class Preconditioner:
         captured only on factor-update steps (and on the steps the block asks for rows).
     kl_clip : float or callable(step), optional
         Global KL clip ``nu = min(1, sqrt(kl_clip / |sum lr^2 <V, grad>|))``; needs ``lr``.
+        ``None`` or ``0`` (also as a schedule's value) switches it off.
     rms_clip : float or callable(step), optional
-        Per-layer clip of the direction's RMS to ``rms_clip``.
+        Per-layer clip of the direction's RMS to ``rms_clip``; ``None`` or ``0`` is off.
     lr : float or callable(step), optional
         Learning rate used by ``kl_clip`` when :meth:`step` is not given one.
     skip_layers : iterable of str or nn.Module subclasses, default ()
@@ -158,7 +159,7 @@ class Preconditioner:
         layers = discover(model, skip_layers)
         if not layers:
             raise ValueError(
-                "Invalid model: no nn.Linear or nn.Conv2d layer with a trainable weight to "
+                "Invalid model: no nn.Linear, nn.Conv1d or nn.Conv2d layer with a trainable weight to "
                 "precondition (after skip_layers)"
             )
         device = next(iter(layers.values())).params[0].device
@@ -182,8 +183,8 @@ class Preconditioner:
             clock=clock,
             capture=capture,
             dtype=factor_dtype,
-            kl_clip=optional_schedule(kl_clip, "kl_clip"),
-            rms_clip=optional_schedule(rms_clip, "rms_clip"),
+            kl_clip=optional_schedule(kl_clip, "kl_clip", check_nonnegative),
+            rms_clip=optional_schedule(rms_clip, "rms_clip", check_nonnegative),
             lr=optional_schedule(lr, "lr", check_nonnegative),
             grad_scaler=grad_scaler,
             time_phases=time_phases,
