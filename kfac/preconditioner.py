@@ -159,8 +159,8 @@ class Preconditioner:
         layers = discover(model, skip_layers)
         if not layers:
             raise ValueError(
-                "Invalid model: no nn.Linear, nn.Conv1d or nn.Conv2d layer with a trainable weight to "
-                "precondition (after skip_layers)"
+                "Invalid model: no nn.Linear, nn.Conv1d or nn.Conv2d layer with a trainable "
+                "weight to precondition (after skip_layers)"
             )
         device = next(iter(layers.values())).params[0].device
         self.generator: torch.Generator | None = None
