@@ -92,11 +92,44 @@ class Generators:
     def state_dict(self) -> dict[str, Tensor]:
         return {key: g.get_state() for key, g in self._by_device.items()}
 
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+    def loaded(self, state: Any) -> dict[str, torch.Generator]:
+        """The generators of a saved :meth:`state_dict`, validated (``ValueError``). A state
+        saved for a device absent here (a CUDA run loaded on a CPU-only machine) gives a
+        generator on ``"cpu"`` seeded with ``seed`` and the CRC-32 of the saved state:
+        deterministic, though not the saved stream (CPU and CUDA streams differ anyway)."""
+        if not isinstance(state, Mapping):
+            raise ValueError("state_dict entry 'generators' must be a mapping")
+        out: dict[str, torch.Generator] = {}
         for key, value in state.items():
-            generator = torch.Generator(device=torch.device(key))
-            generator.set_state(value)
-            self._by_device[key] = generator
+            if not isinstance(value, Tensor) or value.dtype != torch.uint8 or value.ndim != 1:
+                raise ValueError(f"state_dict generator state {key!r} must be a 1-d uint8 tensor")
+            try:
+                device = torch.device(key)
+            except RuntimeError as exc:
+                raise ValueError(f"state_dict generator device {key!r} is invalid") from exc
+            if device.type != "cpu" and not _available(device):
+                generator = torch.Generator(device="cpu")
+                generator.manual_seed(self.seed ^ zlib.crc32(value.numpy().tobytes()))
+                out.setdefault("cpu", generator)
+                continue
+            generator = torch.Generator(device=device)
+            try:
+                generator.set_state(value)
+            except RuntimeError as exc:
+                raise ValueError(f"state_dict generator state {key!r} is invalid: {exc}") from exc
+            out[key] = generator
+        return out
+
+    def install(self, generators: Mapping[str, torch.Generator]) -> None:
+        self._by_device.update(generators)
+
+
+def _available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    return True
 
 
 # ---------------------------------------------------------------------------- decomposers
@@ -255,11 +288,14 @@ def _rep_state(rep: ln.LowRankPSD | None) -> list[Tensor] | None:
     return None if rep is None else [rep.U.clone(), rep.d.clone()]
 
 
-def _load_rep(value: Any, device: torch.device) -> ln.LowRankPSD | None:
+def _load_rep(value: Any, device: torch.device, where: str) -> ln.LowRankPSD | None:
     if value is None:
         return None
     U, d = (t.detach().clone().to(device) for t in value)
-    return ln.LowRankPSD(U, d)
+    try:  # validated: finite, d >= 0 descending, U orthonormal
+        return ln.LowRankPSD(U, d)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"state_dict representation {where}: {exc}") from exc
 
 
 def _factor_state_dict(f: FactorState) -> dict[str, Any]:
@@ -279,29 +315,69 @@ def _factor_state_dict(f: FactorState) -> dict[str, Any]:
     }
 
 
-def _check_factor_state(dim: int, saved: Mapping[str, Any], where: str) -> None:
+_FACTOR_KEYS = (
+    "matrix", "online", "rep", "updates", "identity", "rep_identity", "brand", "rank", "drift",
+    "batches",
+)  # fmt: skip
+
+
+def _check_factor_state(dim: int, saved: Any, where: str) -> None:
+    """Keys, types, shapes and values of a saved factor (``ValueError`` naming the entry)."""
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"state_dict factor {where} must be a mapping")
+    missing = sorted(set(_FACTOR_KEYS) - set(saved))
+    if missing:
+        raise ValueError(f"state_dict factor {where} is missing the entries {missing}")
     matrix = saved["matrix"]
-    if matrix is not None and tuple(matrix.shape) != (dim, dim):
-        raise ValueError(
-            f"state_dict factor {where} has shape {tuple(matrix.shape)}, expected ({dim}, {dim})"
-        )
+    if matrix is not None:
+        if not isinstance(matrix, Tensor) or tuple(matrix.shape) != (dim, dim):
+            shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
+            raise ValueError(
+                f"state_dict factor {where} has shape {shape}, expected ({dim}, {dim})"
+            )
+        if not bool(torch.isfinite(matrix).all()):
+            raise ValueError(f"state_dict factor {where} has non-finite entries")
     for key in ("online", "rep"):
         value = saved[key]
-        if value is not None and value[0].shape[0] != dim:
+        if value is None:
+            continue
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 2
+            or not all(isinstance(t, Tensor) for t in value)
+        ):
+            raise ValueError(f"state_dict {key} representation of factor {where} must be (U, d)")
+        if value[0].ndim != 2 or value[0].shape[0] != dim:
             raise ValueError(
                 f"state_dict {key} representation of factor {where} has dimension "
-                f"{value[0].shape[0]}, expected {dim}"
+                f"{tuple(value[0].shape)}, expected ({dim}, k)"
+            )
+    for key in ("updates", "batches"):
+        count = saved[key]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(
+                f"state_dict factor {where}: {key!r} must be an int >= 0, got {count!r}"
+            )
+    for key in ("identity", "rep_identity"):
+        weight = saved[key]
+        if weight is None and key == "rep_identity":
+            continue
+        if not isinstance(weight, (int, float)) or not 0.0 <= float(weight) <= 1.0:
+            raise ValueError(
+                f"state_dict factor {where}: {key!r} must be in [0, 1], got {weight!r}"
             )
 
 
-def _load_factor_state(dim: int, saved: Mapping[str, Any], device: torch.device) -> FactorState:
+def _load_factor_state(
+    dim: int, saved: Mapping[str, Any], device: torch.device, where: str
+) -> FactorState:
     matrix = saved["matrix"]
-    rep = _load_rep(saved["rep"], device)
+    rep = _load_rep(saved["rep"], device, f"of factor {where}")
     rank = saved["rank"]
     return FactorState(
         dim=dim,
         matrix=None if matrix is None else matrix.detach().clone().to(device),
-        online=_load_rep(saved["online"], device),
+        online=_load_rep(saved["online"], device, f"(online) of factor {where}"),
         updates=int(saved["updates"]),
         identity=float(saved["identity"]),
         applied=None if rep is None else Applied.of(rep, float(saved["rep_identity"])),
@@ -937,8 +1013,8 @@ class KronBlock(CurvatureBlock[KronState]):
         fresh = self.init(layer)
         return replace(
             fresh,
-            A=_load_factor_state(layer.dim_A, saved["A"], device),
-            G=_load_factor_state(layer.dim_G, saved["G"], device),
+            A=_load_factor_state(layer.dim_A, saved["A"], device, f"A {where}"),
+            G=_load_factor_state(layer.dim_G, saved["G"], device, f"G {where}"),
         )
 
     def block_state_dict(self) -> dict[str, Any]:
@@ -949,6 +1025,7 @@ class KronBlock(CurvatureBlock[KronState]):
         }
 
     def check_block_state_dict(self, saved: Mapping[str, Any]) -> None:
+        self.ctx.generators.loaded(saved.get("generators", {}))
         if saved.get("strategy") != self.strategy.name:
             raise ValueError(
                 f"state_dict was saved with inverse={saved.get('strategy')!r}, this "
@@ -962,7 +1039,7 @@ class KronBlock(CurvatureBlock[KronState]):
 
     def load_block_state_dict(self, saved: Mapping[str, Any]) -> None:
         self.check_block_state_dict(saved)
-        self.ctx.generators.load_state_dict(saved.get("generators", {}))
+        self.ctx.generators.install(self.ctx.generators.loaded(saved.get("generators", {})))
 
     def diagnostics(self, layer: Any, state: KronState) -> list[dict[str, Any]]:
         rows = []

@@ -365,3 +365,137 @@ def test_zero_initialisation_makes_the_direction_loss_scale_invariant(inverse: s
     torch.testing.assert_close(direction(1.0, "zero"), c * direction(c, "zero"), rtol=0, atol=0)
     identity = direction(1.0, "identity") - c * direction(c, "identity")
     assert float(identity.norm()) > 1e-3 * float(direction(1.0, "identity").norm())
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _trained(inverse: str = "rsvd", steps: int = 3, **options: Any) -> tuple[nn.Module, kfac.KFAC]:
+    torch.manual_seed(0)
+    model = mlp().double()
+    opt = kfac.KFAC(
+        model,
+        lr=0.1,
+        momentum=0.9,
+        inverse=inverse,
+        factor_every=1,
+        inverse_every=2,
+        factor_dtype=F64,
+        fisher="mc",
+        loss="cross_entropy",
+        **({"rank": 3} if inverse != "eigh" else {}),
+        **options,
+    )
+    _steps(model, opt, steps)
+    return model, opt
+
+
+def _steps(model: nn.Module, opt: kfac.KFAC, steps: int) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(32, 5, dtype=F64, generator=gen)
+    y = torch.randint(3, (32,), generator=gen)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def _corrupt(state: dict, name: str) -> dict:
+    state = copy.deepcopy(state)
+    k, layer = state["kfac"], state["kfac"]["layers"]["0"]
+    if name == "steps":
+        k["steps"] = -1
+    elif name == "steps-type":
+        k["steps"] = "3"
+    elif name == "block":
+        k["block_name"] = "mbf"
+    elif name == "layers":
+        del k["layers"]["2"]
+    elif name == "missing-key":
+        del layer["A"]["identity"]
+    elif name == "matrix-shape":
+        layer["A"]["matrix"] = torch.zeros(4, 4, dtype=F64)
+    elif name == "matrix-nan":
+        layer["A"]["matrix"][0, 0] = float("nan")
+    elif name == "negative-eigenvalue":
+        layer["G"]["rep"][1][0] = -1.0
+    elif name == "rep-nan":
+        layer["G"]["rep"][0][0, 0] = float("nan")
+    elif name == "rep-dim":
+        layer["A"]["rep"][0] = layer["A"]["rep"][0][:-1]
+    elif name == "updates":
+        layer["A"]["updates"] = -2
+    elif name == "identity":
+        layer["G"]["identity"] = 2.0
+    elif name == "generators":
+        k["block"]["generators"] = {"cpu": torch.zeros(3)}
+    elif name == "mc-generator":
+        k["generator"] = torch.zeros(7, dtype=torch.int64)
+    elif name == "momentum-shape":
+        state["state"][0]["momentum_buffer"] = torch.zeros(3)
+    elif name == "momentum-nan":
+        state["state"][0]["momentum_buffer"] = state["state"][0]["momentum_buffer"] * float("nan")
+    elif name == "groups":
+        state["param_groups"][0]["params"] = state["param_groups"][0]["params"][:-1]
+    else:  # pragma: no cover - the parametrisation lists every name
+        raise AssertionError(name)
+    return state
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Exact equality of nested state dicts (tensors bit for bit, NaN equal to NaN)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(
+            torch.nan_to_num(a, nan=0.5), torch.nan_to_num(b, nan=0.5)
+        )
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return bool(a == b)
+
+
+CORRUPTIONS = [
+    "steps", "steps-type", "block", "layers", "missing-key", "matrix-shape", "matrix-nan",
+    "negative-eigenvalue", "rep-nan", "rep-dim", "updates", "identity", "generators",
+    "mc-generator", "momentum-shape", "momentum-nan", "groups",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+def test_corrupted_checkpoint_changes_nothing(corruption: str) -> None:
+    """Before: 9 of 17 corruptions replaced the momentum and some factors before failing,
+    and a NaN factor or negative eigenvalues were accepted."""
+    model, opt = _trained()
+    saved = opt.state_dict()
+    _steps(model, opt, 2)  # the live state differs from the checkpoint
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match="state_dict"):
+        opt.load_state_dict(_corrupt(saved, corruption))
+    assert _same(opt.state_dict(), before)
+    # and the run continues exactly as one that never saw the corrupted checkpoint
+    twin_model, twin = _trained(steps=5)
+    _steps(model, opt, 2)
+    _steps(twin_model, twin, 2)
+    for a, b in zip(model.parameters(), twin_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_generators_saved_on_an_absent_device_are_reseeded_deterministically() -> None:
+    """Before: a checkpoint saved from a CUDA run with a randomized strategy failed on a
+    CUDA-less machine ("Cannot get CUDA generator")."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the saved states would be restored instead")
+    _, opt = _trained()
+    cuda_like = copy.deepcopy(opt.state_dict())
+    cuda_like["kfac"]["block"]["generators"] = {"cuda:0": torch.arange(16, dtype=torch.uint8)}
+    cuda_like["kfac"]["generator"] = torch.arange(16, dtype=torch.uint8)  # a CUDA-sized state
+    m1, o1 = _trained()
+    m2, o2 = _trained()
+    o1.load_state_dict(copy.deepcopy(cuda_like))  # torch.optim keeps the loaded tensors
+    o2.load_state_dict(copy.deepcopy(cuda_like))
+    _steps(m1, o1, 3)
+    _steps(m2, o2, 3)  # the seeding rule is deterministic: both continue identically
+    for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(bool(torch.isfinite(p).all()) for p in m1.parameters())
