@@ -34,7 +34,7 @@ from .optimizer import KFAC
 
 #: Default learning rates (``--lr`` overrides). K-FAC's (with damping 3e-3, KL clip 1e-4,
 #: momentum 0.9) were chosen on the digits autoencoder at width 0.25; see docs/kfac.md.
-DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "kfac": 0.3, "mbf": 0.3}
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3, "kfac": 0.3, "mbf": 0.3}
 
 #: MBF's command-line defaults (``--damping``, ``--factor-every``, ``--inverse-every`` and
 #: the block size, which ``--inverse-options`` overrides), chosen with lr 0.3 and KL clip 1e-4
@@ -64,7 +64,14 @@ def optimizer_names() -> list[str]:
     ``bkfac``, ``brkfac``, ``bckfac``, ``brckfac``), ``kfac-<inverse>`` for every registered
     inverse strategy, and ``mbf`` (the mini-block Fisher method)."""
     aliases = [name for name, inverse in VARIANTS.items() if inverse in inverse_names()]
-    return ["sgd", "adam", *aliases, *(f"kfac-{name}" for name in inverse_names()), "mbf"]
+    return [
+        "sgd",
+        "adam",
+        "adamw",
+        *aliases,
+        *(f"kfac-{name}" for name in inverse_names()),
+        "mbf",
+    ]
 
 
 def inverse_for(name: str) -> str:
@@ -125,12 +132,14 @@ def _make_optimizer(
 ) -> torch.optim.Optimizer:
     if name not in optimizer_names():
         raise ValueError(f"Invalid optimizer: {name!r}; valid names are {optimizer_names()}")
-    kind = name if name in ("sgd", "adam", "mbf") else "kfac"
+    kind = name if name in ("sgd", "adam", "adamw", "mbf") else "kfac"
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[kind]
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr)
     if name == "mbf":
         return MBF(
             model,

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
+from ._attention import restore
 from ._curvature import CaptureSpec, LayerBatch
 
 __all__ = ["LOSSES", "Capture", "sampled_loss"]
@@ -184,10 +185,14 @@ class Capture:
         self._statistics = statistics
 
     def remove(self) -> None:
-        """Remove every hook."""
+        """Remove every hook (and give attention modules back their own forward)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for layer in self.layers.values():
+            owner = getattr(layer, "owner_module", None)
+            if owner is not None:
+                restore(owner)
         self.reset()
 
     def reset(self) -> None:

@@ -376,8 +376,9 @@ def _check_shared(
         for param in module.parameters(recurse=False):
             holders.setdefault(id(param), []).append(mod_name)
     for name, layer in layers.items():
+        owner = getattr(layer, "owner", name)
         for param in layer.params:
-            others = [m for m in holders.get(id(param), []) if m != name]
+            others = [m for m in holders.get(id(param), []) if m != owner]
             if others:
                 users = ", ".join(f"'{m}'" for m in [name, *others])
                 raise ValueError(
@@ -404,9 +405,19 @@ def discover(model: nn.Module, skip_layers: Any) -> dict[str, Layer]:
             fnmatch.fnmatchcase(name, pattern) for pattern in patterns
         )
 
+    from ._attention import attention_layers
+
     layers: dict[str, Layer] = {}
+    inside_skipped: list[str] = []
     for name, module in model.named_modules():
-        if skipped(name, module):
+        if skipped(name, module) or any(name.startswith(f"{s}.") for s in inside_skipped):
+            if isinstance(module, nn.MultiheadAttention):
+                inside_skipped.append(name)  # its out_proj is skipped with it
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            if module.in_proj_weight is not None and not module.in_proj_weight.requires_grad:
+                continue
+            layers.update(attention_layers(name, module))
             continue
         if isinstance(module, _REJECTED):
             if any(p.requires_grad for p in module.parameters(recurse=False)):

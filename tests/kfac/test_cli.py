@@ -119,7 +119,7 @@ def test_models_and_width() -> None:
 
 def test_optimizer_names_follow_the_registry() -> None:
     names = optimizer_names()
-    assert names[:3] == ["sgd", "adam", "kfac"]
+    assert names[:4] == ["sgd", "adam", "adamw", "kfac"]
     for alias in ("rkfac", "srekfac", "bkfac", "brkfac", "bckfac", "brckfac"):
         assert alias in names
     for inverse in kfac.inverse_names():
