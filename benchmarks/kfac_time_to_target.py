@@ -1,8 +1,9 @@
 """Time per epoch and time to target of every K-FAC variant against K-FAC, SGD and Adam.
 
-Two tasks on the bundled digits (28x28): the deep autoencoder with wide layers (``--width
+Three tasks on the bundled digits (28x28): the deep autoencoder with wide layers (``--width
 2``: factors of 2000-2001 for the largest layers) trained to a target training loss, and
-the CNN trained to a target test accuracy. Every optimizer starts from the same weights and
+the CNN and the row-sequence Transformer (``kfac.models.transformer``) trained to a target
+test accuracy. Every optimizer starts from the same weights and
 sees the same batches for a given seed; seeds 0, 1, 2. Times count training steps only
 (evaluations excluded). Final values are checked next to the times (a fast optimizer that
 ends worse is reported as such).
@@ -37,13 +38,14 @@ from kfac.__main__ import RunConfig, RunResult, plot, train
 #: Labelled configurations beyond the command line's names: (name, inverse options).
 CONFIGS = {"bkfac-batch-clock": ("bkfac", {"identity_clock": "batches"})}
 OPTIMIZERS = [
-    "sgd", "adam", "kfac", "rkfac", "srekfac", "bkfac", "brkfac", "bckfac", "brckfac",
+    "sgd", "adam", "adamw", "kfac", "rkfac", "srekfac", "bkfac", "brkfac", "bckfac", "brckfac",
     *CONFIGS,
 ]  # fmt: skip
 TASKS = {
     # name: (model, width, epochs, target loss, target accuracy)
     "autoencoder": ("autoencoder", 2.0, 10, 0.045, None),
     "cnn": ("cnn", 1.0, 6, None, 0.9),
+    "transformer": ("transformer", 1.0, 8, None, 0.7),
 }
 
 
@@ -125,6 +127,7 @@ def main() -> None:
         tasks = {
             "autoencoder": ("autoencoder", 0.1, 1, 0.2, None),
             "cnn": ("cnn", 0.25, 1, None, 0.0),
+            "transformer": ("transformer", 0.25, 1, None, 0.0),
         }
         seeds = [0]
     ds = data.digits28()

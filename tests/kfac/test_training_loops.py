@@ -183,6 +183,26 @@ def test_two_calls_in_one_forward_count_as_positions() -> None:
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_model_called_twice_per_step_counts_both_calls() -> None:
+    """Before: each model forward started a new record, so only the second view's
+    statistics were used. Two forwards of the model before one backward are two calls of
+    every layer: positions of the same samples."""
+    siamese = Siamese().double()
+    stacked = Stacked(copy.deepcopy(siamese))
+    x1, x2 = torch.randn(10, 5, dtype=F64), torch.randn(10, 5, dtype=F64)
+    p1 = exact_preconditioner(siamese.body)
+    p2 = exact_preconditioner(stacked.body)
+    h1, h2 = siamese.body(x1), siamese.body(x2)  # two forwards of the model `siamese.body`
+    h = stacked.body(torch.stack([x1, x2], dim=1))
+    F.mse_loss(torch.cat([h1, h2], 1), torch.ones(10, 12, dtype=F64)).backward()
+    F.mse_loss(h.reshape(10, 12), torch.ones(10, 12, dtype=F64)).backward()
+    p1.step()
+    p2.step()
+    for a, b in zip(p1.factors("0"), p2.factors("0"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(siamese.body[0].weight.grad, stacked.body[0].weight.grad)
+
+
 # --------------------------------------------------------------------------- shared weights
 
 
@@ -499,3 +519,15 @@ def test_generators_saved_on_an_absent_device_are_reseeded_deterministically() -
     for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert all(bool(torch.isfinite(p).all()) for p in m1.parameters())
+
+
+def test_embedding_is_left_to_the_base_update() -> None:
+    """nn.Embedding is not preconditioned (docs/kfac.md): its gradient is untouched."""
+    model = nn.Sequential(nn.Embedding(10, 6), nn.Flatten(), nn.Linear(18, 3))
+    precond = kfac.KFACPreconditioner(model, factor_every=1, inverse_every=1)
+    assert precond.layer_names == ["2"]
+    tokens, y = torch.randint(10, (8, 3)), torch.randint(3, (8,))
+    F.cross_entropy(model(tokens), y).backward()
+    raw = model[0].weight.grad.clone()
+    precond.step()
+    torch.testing.assert_close(model[0].weight.grad, raw, rtol=0, atol=0)
