@@ -31,8 +31,8 @@ def test_quick_time_to_target_benchmark(run_quick, tmp_path) -> None:
     assert set(summary) == {"autoencoder", "cnn", "transformer"}
     for task, rows in summary.items():
         assert list(rows) == [
-            "sgd", "adam", "adamw", "kfac", "rkfac", "srekfac", "bkfac", "brkfac", "bckfac", "brckfac",
-            "bkfac-batch-clock",
+            "sgd", "adam", "adamw", "kfac", "rkfac", "srekfac", "bkfac", "brkfac", "bckfac",
+            "brckfac", "bkfac-batch-clock",
         ]  # fmt: skip
         for name, row in rows.items():
             assert row["time_per_epoch"] > 0, (task, name)
