@@ -36,10 +36,15 @@ from kfac import data
 from kfac.__main__ import RunConfig, RunResult, plot, train
 
 #: Labelled configurations beyond the command line's names: (name, inverse options).
-CONFIGS = {"bkfac-batch-clock": ("bkfac", {"identity_clock": "batches"})}
+CONFIGS = {
+    "bkfac-batch-clock": ("bkfac", {"identity_clock": "batches"}),
+    # the bias-corrected zero initialisation of the factors (not in the default list)
+    "kfac-zero-init": ("kfac", {"factor_init": "zero"}),
+    "bkfac-batch-clock-zero-init": ("bkfac", {"identity_clock": "batches", "factor_init": "zero"}),
+}
 OPTIMIZERS = [
     "sgd", "adam", "adamw", "kfac", "rkfac", "srekfac", "bkfac", "brkfac", "bckfac", "brckfac",
-    *CONFIGS,
+    "bkfac-batch-clock",
 ]  # fmt: skip
 TASKS = {
     # name: (model, width, epochs, target loss, target accuracy)
@@ -117,7 +122,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--optimizers", nargs="+", default=OPTIMIZERS, choices=OPTIMIZERS)
+    parser.add_argument(
+        "--optimizers", nargs="+", default=OPTIMIZERS, choices=[*OPTIMIZERS, *CONFIGS]
+    )
+    parser.add_argument("--width", type=float, default=None, help="override the tasks' width")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--stem", default=DEFAULT_STEM, help="name of the result files")
     args = parser.parse_args()
@@ -136,6 +144,7 @@ def main() -> None:
     histories: dict[str, Any] = {}
     for task in args.tasks:
         model, width, epochs, target_loss, target_acc = tasks[task]
+        width = width if args.width is None else args.width
         runs: dict[str, list[RunResult]] = {name: [] for name in args.optimizers}
         for seed in seeds:
             for name in args.optimizers:  # alternate optimizers within a seed
@@ -168,6 +177,7 @@ def main() -> None:
         "seeds": seeds,
         "seconds": time.perf_counter() - start,
         "tasks": {task: tasks[task] for task in args.tasks},
+        "width_override": args.width,
         "suffix": "_quick" if args.quick else "",
         "stem": args.stem,
     }
