@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 NORMALIZERS = ("qr", "cholqr2", "none")
+METHODS = ("subspace", "block_krylov")
 
 #: Largest accepted ``power_iters``. The sketch error of subspace iteration shrinks like
 #: ``(sigma_{k+1} / sigma_k)^(2q)`` (HMT 2011, Corollary 10.10): past a hundred iterations
@@ -82,6 +83,18 @@ def check_normalizer(normalizer: Any) -> str:
     if normalizer not in NORMALIZERS:
         raise ValueError(f"`normalizer` must be one of {NORMALIZERS}, got {normalizer!r}")
     return str(normalizer)
+
+
+def check_method(method: Any, normalizer: str) -> str:
+    """``method`` in :data:`METHODS`; block Krylov needs an orthonormalizing ``normalizer``."""
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+    if method == "block_krylov" and normalizer == "none":
+        raise ValueError(
+            "`normalizer` must be 'qr' or 'cholqr2' with method='block_krylov' (its basis "
+            "blocks are orthogonalized against each other), got 'none'"
+        )
+    return str(method)
 
 
 def check_square(shape: tuple[int, int], name: str = "A") -> int:
