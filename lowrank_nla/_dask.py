@@ -25,6 +25,7 @@ import numpy as np
 from ._backend import all_finite, normal_sampler, sign_fix
 from ._sketch import _normalize_between, warn_if_unresolved
 from ._validation import (
+    check_block_size,
     check_int,
     check_method,
     check_normalizer,
@@ -239,6 +240,7 @@ def dask_svd(
     normalizer: Any,
     rng: Any,
     method: Any,
+    block_size: Any = None,
 ) -> Any:
     """:func:`~lowrank_nla.randomized_svd` of a dask ``A`` in ``q + 1`` passes.
 
@@ -257,6 +259,7 @@ def dask_svd(
     rank = check_rank(rank, A.shape)
     oversample = check_int(oversample, "oversample", minimum=0)
     power_iters, normalizer = _check_common(power_iters, normalizer, method)
+    check_block_size(block_size, "subspace", rank, power_iters, A.shape)  # None only
     if axis == 1:
         T = _dask_svd_rows(dask, da, A.T, rank, oversample, power_iters, normalizer, rng)
         # A = (A^T)^T = V S U^T; keep the sign convention on the left factor
@@ -301,9 +304,10 @@ def _dask_svd_rows(
         _check_sum(B, A.dtype, "Q^T A")
     U_B, S, Vh = np.linalg.svd(B, full_matrices=False)
     S = S[:rank]
+    # the singular values of Y = A V (not S, whose dropped directions are exact zeros)
     warn_if_unresolved(
         _np_namespace(),
-        S,
+        sigma,
         rank,
         2,
         A.dtype,

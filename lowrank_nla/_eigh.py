@@ -38,6 +38,7 @@ from ._sketch import (
     warn_if_unresolved,
 )
 from ._validation import (
+    check_block_size,
     check_bool,
     check_int,
     check_method,
@@ -131,6 +132,7 @@ def randomized_eigh(
     rng: Any = None,
     check_symmetric: bool = True,
     method: str = "subspace",
+    block_size: int | None = None,
 ) -> EighResult:
     """Dominant eigenpairs of a symmetric matrix by randomized subspace iteration.
 
@@ -160,6 +162,9 @@ def randomized_eigh(
         at ``n``) with the same ``q + 2`` products; expected range error bounded by
         :func:`lowrank_nla.krylov_error_bound` with ``symmetric=True``. Needs
         ``normalizer`` "qr" or "cholqr2".
+    block_size : int, optional
+        Block Krylov only: columns of the Gaussian block (default ``rank + oversample``);
+        as in :func:`randomized_svd`, the basis ``block_size (q + 1)`` must hold ``rank``.
 
     Returns
     -------
@@ -207,9 +212,15 @@ def randomized_eigh(
         A, rank, oversample, power_iters, rng, check_symmetric
     )
     normalizer = check_normalizer(normalizer)
-    if check_method(method, normalizer) == "block_krylov":
+    method = check_method(method, normalizer)
+    block_size = check_block_size(block_size, method, rank, power_iters, op.shape)
+    if method == "block_krylov":
         Q, AQ = symmetric_krylov(
-            op, size, power_iters=power_iters, normalizer=normalizer, draw=draw
+            op,
+            size if block_size is None else block_size,
+            power_iters=power_iters,
+            normalizer=normalizer,
+            draw=draw,
         )
         return _rayleigh_ritz(op, Q, rank, AQ)
     Q = symmetric_range(

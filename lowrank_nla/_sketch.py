@@ -54,7 +54,8 @@ def qr_factor(xp: Any, Y: Array, normalizer: str, subject: str = "`A`") -> tuple
     pass leaves ``max|Q_1^T Q_1 - I| > 1/2`` (``Y`` numerically rank deficient or too
     ill-conditioned), it falls back to Householder QR, so the result is always orthonormal.
     Where ``max|Y|`` is so large or small that the Gram matrix would overflow or underflow,
-    it is formed from ``Y / c`` with ``c`` the power of two nearest ``max|Y|``
+    it (and Householder QR, whose reflectors overflow near the dtype's limit) works on
+    ``Y / c`` with ``c`` the power of two nearest ``max|Y|``
     (:func:`~lowrank_nla._backend.power_of_two_scale`), which is exact, and ``R`` is scaled
     back; otherwise nothing is scaled.
 
@@ -62,9 +63,9 @@ def qr_factor(xp: Any, Y: Array, normalizer: str, subject: str = "`A`") -> tuple
     non-finite block; ``subject`` names the argument in the error.
     """
     check_factor(xp, Y, subject, "block to orthonormalize")
+    c = power_of_two_scale(xp, Y, gram_rows=Y.shape[0]) if Y.shape[1] > 0 else 1.0
+    Ys = Y if c == 1.0 else Y / c
     if normalizer == "cholqr2" and Y.shape[1] > 0:
-        c = power_of_two_scale(xp, Y, gram_rows=Y.shape[0])
-        Ys = Y if c == 1.0 else Y / c
         L = cholesky_lower(xp, Ys.T @ Ys)  # None also for a non-finite Gram matrix
         if L is not None:
             Q1 = solve_triangular(xp, L, Ys.T, lower=True).T
@@ -78,8 +79,9 @@ def qr_factor(xp: Any, Y: Array, normalizer: str, subject: str = "`A`") -> tuple
                     R = L1.T @ L.T
                     Q = solve_triangular(xp, L1, Q1.T, lower=True).T
                     return Q, (R if c == 1.0 else R * c)
-    res = xp.linalg.qr(Y)
-    return res.Q, res.R
+    # Householder QR overflows too near the dtype's limit (x_1 - alpha in the reflector)
+    res = xp.linalg.qr(Ys)
+    return res.Q, (res.R if c == 1.0 else res.R * c)
 
 
 def orthonormalize(xp: Any, Y: Array, normalizer: str, subject: str = "`A`") -> Array:
@@ -194,17 +196,28 @@ def general_range(
     return qr_factor(xp, Y, normalizer, subject)
 
 
-def _extend_basis(xp: Any, Q: Array | None, Y: Array, normalizer: str, subject: str) -> Array:
+def _extend_basis(
+    xp: Any, Q: Array | None, Y: Array, normalizer: str, subject: str, draw: Sampler
+) -> Array:
     """Orthonormal basis of the part of ``range(Y)`` orthogonal to the orthonormal ``Q``.
 
     Block Gram-Schmidt with "twice is enough" in both steps: ``Y`` is projected out of
     ``range(Q)`` twice, orthonormalized, and the result projected and orthonormalized once
-    more, so that a block that is (numerically) inside ``range(Q)`` (a Krylov space that
-    has saturated on exactly low-rank input) still yields columns orthogonal to ``Q``.
+    more. A column whose projected part is at rounding level (``|R_jj| <= 10 m eps`` times
+    the largest column norm of ``Y``: a Krylov space that has saturated on exactly
+    low-rank input) carries no new direction; it is replaced by a Gaussian column, so that
+    the basis stays orthonormal instead of repeating a direction of ``Q``.
     """
     if Q is None:
         return orthonormalize(xp, Y, normalizer, subject)
-    Q1 = orthonormalize(xp, _project_out(xp, Q, Y), normalizer, subject)
+    Yp = _project_out(xp, Q, Y)
+    Q1, R = qr_factor(xp, Yp, normalizer, subject)
+    ref = float(xp.max(safe_norm(xp, Y, axis=0)))
+    tol = 10.0 * Y.shape[0] * eps(xp, Y.dtype) * ref
+    bad = xp.abs(xp.linalg.diagonal(R)) <= tol
+    if bool(xp.any(bad)):
+        fill = _project_out(xp, Q, draw(tuple(Y.shape)))
+        Q1 = orthonormalize(xp, xp.where(bad[None, :], fill, Q1), normalizer, subject)
     return orthonormalize(xp, _project_out(xp, Q, Q1), normalizer, subject)
 
 
@@ -235,14 +248,14 @@ def krylov_range(
     cap = min(op.shape)
     if power_iters > 0 or with_transpose:
         op.rmatmat_or_raise(name)
-    blocks: list[Array] = []
     transposed: list[Array] = []
     Q: Array | None = None
     total = 0
     Y = op.checked_matmat(draw((op.shape[1], size)), name)
     for i in range(power_iters + 1):
-        Qi = _extend_basis(xp, Q, Y, normalizer, subject)[:, : cap - total]
-        blocks.append(Qi)
+        Qi = _extend_basis(xp, Q, Y, normalizer, subject, draw)
+        if Qi.shape[1] > cap - total:  # the last block is cut at min(m, n) columns
+            Qi = Qi[:, : cap - total]
         total += Qi.shape[1]
         Q = Qi if Q is None else xp.concat([Q, Qi], axis=1)
         last = i == power_iters or total >= cap
@@ -274,7 +287,9 @@ def symmetric_krylov(
     total = 0
     Y = op.checked_matmat(draw((cap, size)))
     for _ in range(power_iters + 1):
-        Qi = _extend_basis(xp, Q, Y, normalizer, "`A`")[:, : cap - total]
+        Qi = _extend_basis(xp, Q, Y, normalizer, "`A`", draw)
+        if Qi.shape[1] > cap - total:
+            Qi = Qi[:, : cap - total]
         total += Qi.shape[1]
         Q = Qi if Q is None else xp.concat([Q, Qi], axis=1)
         Y = op.checked_matmat(Qi)

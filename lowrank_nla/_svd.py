@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 from ._backend import as_operator, fp_guarded, is_dask_array, normal_sampler, sign_fix
 from ._sketch import general_range, krylov_range, thin_svd, warn_if_unresolved
 from ._validation import (
+    check_block_size,
     check_int,
     check_method,
     check_normalizer,
@@ -45,6 +46,7 @@ def randomized_svd(
     normalizer: str = "qr",
     rng: Any = None,
     method: str = "subspace",
+    block_size: int | None = None,
 ) -> SVDResult:
     """Rank-``rank`` truncated SVD of ``A`` by randomized subspace iteration.
 
@@ -73,6 +75,12 @@ def randomized_svd(
         ``2q + 2`` products (the ``A^T`` products of the recurrence are reused for
         ``Q^T A``) plus larger orthonormalizations; at equal error it needs fewer
         iterations on slowly decaying spectra. Needs ``normalizer`` "qr" or "cholqr2".
+    block_size : int, optional
+        Block Krylov only: columns of the Gaussian block (default ``rank + oversample``).
+        A block smaller than ``rank`` is allowed as long as the basis
+        ``block_size (q + 1)`` holds ``rank`` columns; small blocks with more iterations
+        are often the cheapest at a given error (Tropp & Webber 2023, section 11).
+        :func:`lowrank_nla.krylov_error_bound` applies for ``block_size >= rank + 2``.
 
     Returns
     -------
@@ -157,6 +165,7 @@ def randomized_svd(
             normalizer=normalizer,
             rng=rng,
             method=method,
+            block_size=block_size,
         )
     op = as_operator(A, "A", check_finite_entries=False)  # checked in the first product
     rank = check_rank(rank, op.shape)
@@ -164,9 +173,10 @@ def randomized_svd(
     power_iters = check_power_iters(power_iters)
     normalizer = check_normalizer(normalizer)
     method = check_method(method, normalizer)
+    block_size = check_block_size(block_size, method, rank, power_iters, op.shape)
     xp = op.xp
     op.rmatmat_or_raise("A")
-    size = min(rank + oversample, min(op.shape))
+    size = min(rank + oversample, min(op.shape)) if block_size is None else block_size
     draw = normal_sampler(xp, rng, dtype=op.dtype, device=op.device)
     if method == "block_krylov":
         Q, AtQ = krylov_range(

@@ -97,6 +97,30 @@ def check_method(method: Any, normalizer: str) -> str:
     return str(method)
 
 
+def check_block_size(
+    block_size: Any, method: str, rank: int, power_iters: int, shape: tuple[int, int]
+) -> int | None:
+    """``block_size`` of block Krylov: ``None``, or an int whose basis can hold ``rank``.
+
+    The basis has ``min(block_size * (power_iters + 1), min(shape))`` columns, which must be
+    at least ``rank``.
+    """
+    if block_size is None:
+        return None
+    if method != "block_krylov":
+        raise ValueError(
+            f"`block_size` applies to method='block_krylov' only, got method={method!r}"
+        )
+    block_size = check_rank(block_size, shape, "block_size")
+    basis = min(block_size * (power_iters + 1), min(shape))
+    if basis < rank:
+        raise ValueError(
+            f"`block_size` * (power_iters + 1) = {block_size * (power_iters + 1)} must be "
+            f">= rank = {rank} (the Krylov basis must hold the rank-{rank} approximation)"
+        )
+    return block_size
+
+
 def check_square(shape: tuple[int, int], name: str = "A") -> int:
     if shape[0] != shape[1]:
         raise ValueError(f"`{name}` must be square for a symmetric routine, got shape {shape}")
