@@ -23,8 +23,8 @@ Method (side by side in one process, accuracy before time):
 * Ours: ``randomized_eigh``, ``srevd`` and ``nystrom`` (PSD) and ``randomized_svd`` (general)
   over oversampling p and power iterations q, and the block Krylov option
   (``method="block_krylov"``) of ``randomized_svd`` (general) and ``randomized_eigh`` (PSD)
-  over block sizes (k/2, 3k/4, k + 10) and iterations q, searched on NumPy (q grows per (routine, p)
-  until every peer's error is reached). For each peer, per routine and p the smallest
+  over block sizes (k/2, 3k/4, k + 10) and iterations q, searched on NumPy (q grows per
+  (routine, p) until every peer's error is reached). For each peer, per routine and p the smallest
   sufficient q is rebuilt on the peer's library with each normalizer and run once; per
   routine the fastest whose re-measured error still reaches the peer's is timed
   (:func:`candidates_for`).

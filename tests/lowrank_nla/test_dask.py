@@ -61,7 +61,8 @@ def test_randomized_svd_makes_q_plus_one_passes_and_matches_in_memory(tall, powe
     U, S, Vh = ln.randomized_svd(counted.array, 10, power_iters=power_iters, rng=0)
     assert counted.passes == power_iters + 1
     assert isinstance(U, da.Array)
-    assert isinstance(S, np.ndarray) and isinstance(Vh, np.ndarray)
+    assert isinstance(S, np.ndarray)
+    assert isinstance(Vh, np.ndarray)
     assert U.chunks[0] == counted.base.chunks[0]
     u = U.compute()
     assert counted.passes == power_iters + 1  # U lives on the persisted basis, not on A
@@ -79,7 +80,8 @@ def test_randomized_svd_makes_q_plus_one_passes_and_matches_in_memory(tall, powe
 def test_range_finder_makes_q_plus_one_passes(tall, power_iters):
     counted = PassCounter(tall, (150, 60))
     Q = ln.randomized_range_finder(counted.array, 12, power_iters=power_iters, rng=1)
-    assert isinstance(Q, da.Array) and Q.shape == (600, 12)
+    assert isinstance(Q, da.Array)
+    assert Q.shape == (600, 12)
     q = Q.compute()
     assert counted.passes == power_iters + 1
     assert_orthonormal(q)
@@ -91,7 +93,8 @@ def test_column_chunked_matrix_gives_a_dask_right_factor(tall):
     counted = PassCounter(tall.T.copy(), (60, 100))
     U, S, Vh = ln.randomized_svd(counted.array, 10, power_iters=1, rng=0)
     assert counted.passes == 2
-    assert isinstance(U, np.ndarray) and isinstance(Vh, da.Array)
+    assert isinstance(U, np.ndarray)
+    assert isinstance(Vh, da.Array)
     vh = Vh.compute()
     assert_orthonormal(U)
     assert_orthonormal(vh.T)
@@ -107,7 +110,9 @@ def test_dtype_is_kept_and_exact_low_rank_input_is_recovered(dtype):
     L = (gen.standard_normal((300, 5)) @ gen.standard_normal((5, 40))).astype(dtype)
     A = da.from_array(L, chunks=(64, 40))
     U, S, Vh = ln.randomized_svd(A, 8, oversample=4, power_iters=1, rng=0)
-    assert U.dtype == dtype and S.dtype == dtype and Vh.dtype == dtype
+    assert U.dtype == dtype
+    assert S.dtype == dtype
+    assert Vh.dtype == dtype
     u = U.compute()
     assert_orthonormal(u)
     L64 = L.astype(np.float64)
@@ -120,7 +125,7 @@ def test_dtype_is_kept_and_exact_low_rank_input_is_recovered(dtype):
 def test_integer_matrix_is_promoted_to_float64():
     gen = np.random.default_rng(1)
     A = da.from_array(gen.integers(-5, 5, (80, 12)), chunks=(20, 12))
-    U, S, Vh = ln.randomized_svd(A, 12, oversample=0, power_iters=0, rng=0)
+    U, S, _Vh = ln.randomized_svd(A, 12, oversample=0, power_iters=0, rng=0)
     assert U.dtype == np.float64
     ref = np.linalg.svd(A.compute().astype(np.float64), compute_uv=False)
     np.testing.assert_allclose(S, ref, rtol=1e-10)
@@ -137,7 +142,8 @@ def test_symmetric_routines_make_one_pass_per_product(name, passes):
     # randomized_eigh/srevd: q + 1 sketch products and the Rayleigh-Ritz one; nystrom:
     # q + 1 products; each + 1 for the two-column symmetry probe
     assert counted.passes == passes
-    assert isinstance(V, np.ndarray) and V.dtype == np.float64
+    assert isinstance(V, np.ndarray)
+    assert V.dtype == np.float64
     ref = getattr(ln, name)(P, 8, power_iters=1, rng=0)
     np.testing.assert_allclose(w, ref.eigenvalues, rtol=1e-10, atol=1e-12)
 

@@ -206,7 +206,8 @@ def test_block_krylov_on_every_backend(backend: Backend) -> None:
         U, S, Vh = ln.randomized_svd(
             A, 7, power_iters=1, method="block_krylov", normalizer=normalizer, rng=0
         )
-        assert type(U) is type(A) and U.dtype == backend.dtype
+        assert type(U) is type(A)
+        assert U.dtype == backend.dtype
         u, s, vh = (to_numpy(x).astype(np.float64) for x in (U, S, Vh))
         rtol = rtol_for(backend.dtype)
         assert np.linalg.norm((u * s) @ vh - A_np, 2) < rtol * np.linalg.norm(A_np, 2)
