@@ -228,7 +228,7 @@ def dask_range_finder(
     if not bool(da.isfinite(Y).all().compute()):
         _check_sum(np.array([np.nan]), A.dtype, "A V")
     Q, _ = da.linalg.tsqr(Y)
-    return Q.persist()
+    return Q.persist()  # Y is released with this frame once Q is computed
 
 
 def dask_svd(
@@ -295,6 +295,7 @@ def _dask_svd_rows(
     Y, Z = gram_pass(A, V, keep_product=True)
     Qy, R = da.linalg.tsqr(Y)
     Qy, R = dask.persist(Qy, R)
+    del Y  # the workers release A V once Q_Y is computed: one tall block at a time held
     R = np.asarray(R.compute(), dtype=np.float64)
     P, sigma, Wt = np.linalg.svd(R)
     keep = sigma > math.sqrt(float(np.finfo(A.dtype).eps)) * sigma[0]
