@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -290,16 +288,6 @@ def test_float32_beyond_the_square_root_of_eps_warns():
 def test_bad_dask_input_is_a_clear_error(make, call, error, match):
     with pytest.raises(error, match=match):
         call(make())
-
-
-def test_import_does_not_import_dask():
-    code = (
-        "import sys, lowrank_nla; "
-        "bad = [m for m in ('dask', 'distributed') if m in sys.modules]; "
-        "print(bad); sys.exit(1 if bad else 0)"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_on_a_local_cluster_with_two_worker_processes(tall):
