@@ -258,6 +258,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--widths", type=int, nargs="+", help="layer widths D (default 512 ... 8192)"
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -267,6 +270,8 @@ def main() -> None:
         widths, RANK, BATCH, repeats = [64, 128], 20, 16, 1
     else:
         widths, repeats = [512, 1024, 2048, 4096, 8192], args.repeats
+    if args.widths:
+        widths = args.widths
     torch.manual_seed(0)
     start = time.perf_counter()
     result = run(widths, repeats, device, dtype)

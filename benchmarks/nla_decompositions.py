@@ -21,8 +21,10 @@ Method (side by side in one process, accuracy before time):
   ``scipy.sparse.linalg.eigsh(k)`` and the full ``numpy.linalg.eigh`` /
   ``torch.linalg.eigh``. Each peer is compared with ours on the *same array library*.
 * Ours: ``randomized_eigh``, ``srevd`` and ``nystrom`` (PSD) and ``randomized_svd`` (general)
-  over oversampling p and power iterations q, searched on NumPy (q grows per (routine, p)
-  until every peer's error is reached). For each peer, per routine and p the smallest
+  over oversampling p and power iterations q, and the block Krylov option
+  (``method="block_krylov"``) of ``randomized_svd`` (general) and ``randomized_eigh`` (PSD)
+  over block sizes (k/2, 3k/4, k + 10) and iterations q, searched on NumPy (q grows per
+  (routine, p) until every peer's error is reached). For each peer, per routine and p the smallest
   sufficient q is rebuilt on the peer's library with each normalizer and run once; per
   routine the fastest whose re-measured error still reaches the peer's is timed
   (:func:`candidates_for`).
@@ -180,13 +182,34 @@ def _ours(
     p: int,
     q: int,
     normalizer: str,
+    krylov: bool = False,
 ) -> Method:
+    """Our ``routine`` at oversampling ``p`` (subspace) or block size ``p`` (``krylov``)."""
     A = arrays[library]
 
     def remake(**change: Any) -> Method:
         cfg = {"library": library, "p": p, "q": q, "normalizer": normalizer, **change}
-        return _ours(routine, arrays, cfg["library"], k, cfg["p"], cfg["q"], cfg["normalizer"])
+        return _ours(
+            routine, arrays, cfg["library"], k, cfg["p"], cfg["q"], cfg["normalizer"], krylov
+        )
 
+    if krylov:
+        return Method(
+            f"{routine.__name__}[block_krylov]",
+            library,
+            {"block": p, "q": q, "normalizer": normalizer},
+            lambda: routine(
+                A,
+                k,
+                power_iters=q,
+                normalizer=normalizer,
+                method="block_krylov",
+                block_size=p,
+                rng=SEED,
+            ),
+            remake=remake,
+            arrays=arrays,
+        )
     return Method(
         routine.__name__,
         library,
@@ -195,6 +218,16 @@ def _ours(
         remake=remake,
         arrays=arrays,
     )
+
+
+def _width(m: Method) -> int:
+    """The searched width of a configuration: oversampling p, or the Krylov block size."""
+    return int(m.config.get("p", m.config.get("block", 0)))
+
+
+def krylov_blocks(k: int, fractions: list[float]) -> list[int]:
+    """Block sizes ``round(f k)`` (``f = 1`` means ``k + 10``, Musco & Musco's block)."""
+    return sorted({k + 10 if f == 1.0 else max(1, round(f * k)) for f in fractions})
 
 
 def ours_grid(
@@ -208,12 +241,21 @@ def ours_grid(
     """
     routines = (ln.randomized_eigh, ln.nystrom) if psd else (ln.randomized_svd,)
     qs = grid["power_iters"] if psd else grid["power_iters_general"]
-    return [
+    ours = [
         _ours(routine, arrays, "numpy", k, p, q, "qr")
         for routine in routines
         for p in grid["oversample"]
         for q in qs
     ]
+    # block Krylov (randomized_eigh's for PSD input): block b, the basis b (q + 1) >= k
+    krylov = ln.randomized_eigh if psd else ln.randomized_svd
+    ours += [
+        _ours(krylov, arrays, "numpy", k, b, q, "qr", krylov=True)
+        for b in krylov_blocks(k, grid["krylov_block_fractions"])
+        for q in grid["power_iters_krylov"]
+        if b * (q + 1) >= k
+    ]
+    return ours
 
 
 def measure_errors(methods: list[Method], A64: np.ndarray, norm_A: float) -> None:
@@ -229,7 +271,7 @@ def measure_ours(ours: list[Method], peers: list[Method], A64: np.ndarray, norm_
     """
     done: set[tuple[str, int]] = set()
     for m in sorted(ours, key=lambda m: m.config["q"]):
-        key = (m.name, m.config["p"])
+        key = (m.name, _width(m))
         if key in done:
             continue
         m.error = spectral_error(A64, norm_A, m.run())
@@ -253,7 +295,7 @@ def candidates_for(
     """
     frontier: dict[tuple[str, int], Method] = {}
     for m in ours:
-        key = (m.name, m.config["p"])
+        key = (m.name, _width(m))
         if m.error <= peer.error and (
             key not in frontier or m.config["q"] < frontier[key].config["q"]
         ):
@@ -266,7 +308,9 @@ def candidates_for(
     options: dict[str, list[tuple[float, Method]]] = {}
     for (name, _), m in frontier.items():
         assert m.remake is not None
-        for normalizer in ("qr", "cholqr2", "none"):
+        # block Krylov orthogonalizes its blocks against each other: no 'none' normalizer
+        normalizers = ("qr", "cholqr2") if "block_krylov" in name else ("qr", "cholqr2", "none")
+        for normalizer in normalizers:
             cand = m.remake(library=peer.library, normalizer=normalizer)
             start = time.perf_counter()
             cand.run()
@@ -405,6 +449,29 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], seconds: float) ->
             f"| {_fmt(r['ours_error'], '.3e')} | {_fmt(r['ours_time'], '.3f')} "
             f"| **{_fmt(r['ratio'], '.2f')}** |"
         )
+    lines += [
+        "",
+        "Block Krylov (`method='block_krylov'`, block size `block`): its fastest configuration "
+        "that reaches the peer's error, timed in the same alternating rounds; 'chosen' says "
+        "whether it is the row's 'ours' above.",
+        "",
+        "| case | n | dtype | peer | block Krylov | error | [s] | ratio | chosen |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        kry = [c for c in r["candidates"] if "block_krylov" in c["method"]]
+        if not kry:
+            lines.append(
+                f"| {r['case']} | {r['n']} | {r['dtype']} | {r['peer']} "
+                "| none reaches the peer's error | - | - | - | no |"
+            )
+            continue
+        c = min(kry, key=lambda c: c["time"])
+        lines.append(
+            f"| {r['case']} | {r['n']} | {r['dtype']} | {r['peer']} | `{c['method']}` "
+            f"| {c['error']:.3e} | {c['time']:.3f} | {c['time'] / r['peer_time']:.2f} "
+            f"| {'yes' if c['method'] == r['ours'] else 'no'} |"
+        )
     exact = [r for r in rows if r["exact_times"] and r["peer"] == "sklearn.randomized_svd"]
     if exact:
         lines += [
@@ -432,7 +499,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         psd_sizes, dense_sizes, repeats = [256], [256], 2
-        grid = {"oversample": [10, 40], "power_iters": [0, 1, 2], "power_iters_general": [1, 3]}
+        grid = {
+            "oversample": [10, 40],
+            "power_iters": [0, 1, 2],
+            "power_iters_general": [1, 3],
+            "krylov_block_fractions": [0.5, 1.0],
+            "power_iters_krylov": [1, 2],
+        }
     else:
         if args.repeats < 5:
             parser.error("--repeats must be >= 5 for a recorded run")
@@ -441,6 +514,8 @@ def main() -> None:
             "oversample": [10, 50, 150],
             "power_iters": [0, 1, 2, 3],
             "power_iters_general": [0, 1, 2, 3, 5],
+            "krylov_block_fractions": [0.5, 0.75, 1.0],
+            "power_iters_krylov": [1, 2, 3],
         }
     torch.manual_seed(SEED)
     start = time.perf_counter()

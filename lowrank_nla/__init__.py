@@ -11,6 +11,7 @@ from ._bounds import (
     estimate_spectral_norm,
     hmt_error_bound,
     inverse_perturbation_bound,
+    krylov_error_bound,
     posterior_error_estimate,
     relative_error,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "kron_eigenbasis_inverse",
     "kron_inverse_apply",
     "kron_inverse_apply_factored",
+    "krylov_error_bound",
     "nystrom",
     "partial_eigh",
     "posterior_error_estimate",

@@ -152,6 +152,11 @@ def check_factor(xp: Namespace, M: Array, subject: str, what: str) -> None:
 # --------------------------------------------------------------------------- namespaces
 
 
+def is_dask_array(obj: Any) -> bool:
+    """Whether ``obj`` is a ``dask.array.Array`` (recognised without importing dask)."""
+    return bool(array_api_compat.is_dask_array(obj))
+
+
 def _is_array(obj: Any) -> bool:
     # Operators may define ``__array_namespace__`` too; arrays are the ones with ``ndim``.
     return bool(array_api_compat.is_array_api_obj(obj)) and hasattr(obj, "ndim")
@@ -404,9 +409,15 @@ def as_operator(
     products are then computed with blocks of the default float) and ``@``; their products
     are cast to the working dtype, checked for shape here and for NaN/Inf by the
     algorithms. A transpose (``.T``) that fails when applied raises ``TypeError``. With
-    ``symmetric=True`` the transpose of an operator is the operator itself.
+    ``symmetric=True`` the transpose of an operator is the operator itself. A dask array
+    becomes a :class:`~lowrank_nla._dask.DaskOperator` (each product one pass over its
+    blocks, results NumPy; its chunks are validated there).
     """
     check_array_kind(A, name)
+    if is_dask_array(A):
+        from ._dask import dask_operator  # dask is in sys.modules: A is a dask array
+
+        A = dask_operator(A, name)
     if _is_array(A) and not _is_sparse_tensor(A):
         xp = array_api_compat.array_namespace(A)
         if A.ndim != 2:

@@ -32,13 +32,16 @@ from ._sketch import (
     NORMALIZER_REMEDY,
     check_symmetric,
     orthonormalize,
+    symmetric_krylov,
     symmetric_range,
     thin_svd,
     warn_if_unresolved,
 )
 from ._validation import (
+    check_block_size,
     check_bool,
     check_int,
+    check_method,
     check_normalizer,
     check_power_iters,
     check_rank,
@@ -90,10 +93,10 @@ def _finish(xp: Any, w: Any, V: Any, rank: int, *, dominant: bool) -> EighResult
     return EighResult(w, V * sign_fix(xp, V))
 
 
-def _rayleigh_ritz(op: Operator, Q: Any, rank: int) -> EighResult:
+def _rayleigh_ritz(op: Operator, Q: Any, rank: int, AQ: Any = None) -> EighResult:
     """Eigenpairs of ``Q Q^T A Q Q^T``: ``eigh(Q^T A Q)`` rotated back by ``Q``."""
     xp = op.xp
-    C = Q.T @ op.checked_matmat(Q)
+    C = Q.T @ (op.checked_matmat(Q) if AQ is None else AQ)
     w, V = eigh_descending(xp, (C + C.T) / 2, name="Rayleigh-Ritz matrix")
     return _finish(xp, w, Q @ V, rank, dominant=True)
 
@@ -128,6 +131,8 @@ def randomized_eigh(
     normalizer: str = "qr",
     rng: Any = None,
     check_symmetric: bool = True,
+    method: str = "subspace",
+    block_size: int | None = None,
 ) -> EighResult:
     """Dominant eigenpairs of a symmetric matrix by randomized subspace iteration.
 
@@ -151,6 +156,15 @@ def randomized_eigh(
     check_symmetric : bool, default True
         Run a two-probe symmetry check (one extra product with two columns) and raise
         ``ValueError`` for clearly non-symmetric input.
+    method : {"subspace", "block_krylov"}, default "subspace"
+        ``"block_krylov"``: Rayleigh-Ritz on the whole Krylov space
+        ``[A Omega, A^2 Omega, ..., A^(q+1) Omega]`` (``(rank + p)(q + 1)`` columns, capped
+        at ``n``) with the same ``q + 2`` products; expected range error bounded by
+        :func:`lowrank_nla.krylov_error_bound` with ``symmetric=True``. Needs
+        ``normalizer`` "qr" or "cholqr2".
+    block_size : int, optional
+        Block Krylov only: columns of the Gaussian block (default ``rank + oversample``);
+        as in :func:`randomized_svd`, the basis ``block_size (q + 1)`` must hold ``rank``.
 
     Returns
     -------
@@ -198,6 +212,17 @@ def randomized_eigh(
         A, rank, oversample, power_iters, rng, check_symmetric
     )
     normalizer = check_normalizer(normalizer)
+    method = check_method(method, normalizer)
+    block_size = check_block_size(block_size, method, rank, power_iters, op.shape)
+    if method == "block_krylov":
+        Q, AQ = symmetric_krylov(
+            op,
+            size if block_size is None else block_size,
+            power_iters=power_iters,
+            normalizer=normalizer,
+            draw=draw,
+        )
+        return _rayleigh_ritz(op, Q, rank, AQ)
     Q = symmetric_range(
         op, size, passes=power_iters + 1, normalize_every=1, normalizer=normalizer, draw=draw
     )

@@ -21,6 +21,7 @@ from ._backend import (
     column_scale,
     eps,
     fp_guarded,
+    is_dask_array,
     normal_sampler,
     power_of_two_scale,
     safe_norm,
@@ -28,6 +29,7 @@ from ._backend import (
 )
 from ._validation import (
     check_int,
+    check_method,
     check_normalizer,
     check_power_iters,
     check_rank,
@@ -52,7 +54,8 @@ def qr_factor(xp: Any, Y: Array, normalizer: str, subject: str = "`A`") -> tuple
     pass leaves ``max|Q_1^T Q_1 - I| > 1/2`` (``Y`` numerically rank deficient or too
     ill-conditioned), it falls back to Householder QR, so the result is always orthonormal.
     Where ``max|Y|`` is so large or small that the Gram matrix would overflow or underflow,
-    it is formed from ``Y / c`` with ``c`` the power of two nearest ``max|Y|``
+    it (and Householder QR, whose reflectors overflow near the dtype's limit) works on
+    ``Y / c`` with ``c`` the power of two nearest ``max|Y|``
     (:func:`~lowrank_nla._backend.power_of_two_scale`), which is exact, and ``R`` is scaled
     back; otherwise nothing is scaled.
 
@@ -60,9 +63,9 @@ def qr_factor(xp: Any, Y: Array, normalizer: str, subject: str = "`A`") -> tuple
     non-finite block; ``subject`` names the argument in the error.
     """
     check_factor(xp, Y, subject, "block to orthonormalize")
+    c = power_of_two_scale(xp, Y, gram_rows=Y.shape[0]) if Y.shape[1] > 0 else 1.0
+    Ys = Y if c == 1.0 else Y / c
     if normalizer == "cholqr2" and Y.shape[1] > 0:
-        c = power_of_two_scale(xp, Y, gram_rows=Y.shape[0])
-        Ys = Y if c == 1.0 else Y / c
         L = cholesky_lower(xp, Ys.T @ Ys)  # None also for a non-finite Gram matrix
         if L is not None:
             Q1 = solve_triangular(xp, L, Ys.T, lower=True).T
@@ -76,8 +79,9 @@ def qr_factor(xp: Any, Y: Array, normalizer: str, subject: str = "`A`") -> tuple
                     R = L1.T @ L.T
                     Q = solve_triangular(xp, L1, Q1.T, lower=True).T
                     return Q, (R if c == 1.0 else R * c)
-    res = xp.linalg.qr(Y)
-    return res.Q, res.R
+    # Householder QR overflows too near the dtype's limit (x_1 - alpha in the reflector)
+    res = xp.linalg.qr(Ys)
+    return res.Q, (res.R if c == 1.0 else res.R * c)
 
 
 def orthonormalize(xp: Any, Y: Array, normalizer: str, subject: str = "`A`") -> Array:
@@ -192,6 +196,110 @@ def general_range(
     return qr_factor(xp, Y, normalizer, subject)
 
 
+def _extend_basis(
+    xp: Any, Q: Array | None, Y: Array, normalizer: str, subject: str, draw: Sampler
+) -> Array:
+    """Orthonormal basis of the part of ``range(Y)`` orthogonal to the orthonormal ``Q``.
+
+    Block Gram-Schmidt with "twice is enough" in both steps: ``Y`` is projected out of
+    ``range(Q)`` twice, orthonormalized, and the result projected and orthonormalized once
+    more. A column whose projected part is at rounding level (``|R_jj| <= 10 m eps`` times
+    the largest column norm of ``Y``: a Krylov space that has saturated on exactly
+    low-rank input) carries no new direction; it is replaced by a Gaussian column, so that
+    the basis stays orthonormal instead of repeating a direction of ``Q``.
+    """
+    if Q is None:
+        return orthonormalize(xp, Y, normalizer, subject)
+    Yp = _project_out(xp, Q, Y)
+    Q1, R = qr_factor(xp, Yp, normalizer, subject)
+    ref = float(xp.max(safe_norm(xp, Y, axis=0)))
+    tol = 10.0 * Y.shape[0] * eps(xp, Y.dtype) * ref
+    bad = xp.abs(xp.linalg.diagonal(R)) <= tol
+    if bool(xp.any(bad)):
+        fill = _project_out(xp, Q, draw(tuple(Y.shape)))
+        Q1 = orthonormalize(xp, xp.where(bad[None, :], fill, Q1), normalizer, subject)
+    return orthonormalize(xp, _project_out(xp, Q, Q1), normalizer, subject)
+
+
+def krylov_range(
+    op: Operator,
+    size: int,
+    *,
+    power_iters: int,
+    normalizer: str,
+    draw: Sampler,
+    with_transpose: bool,
+    name: str = "A",
+) -> tuple[Array, Array | None]:
+    """Randomized block Krylov: an orthonormal basis of ``[A W, (A A^T) A W, ...]``.
+
+    The Krylov space of degree ``q = power_iters`` with the ``size``-column block
+    ``A Omega`` (Musco & Musco 2015, Algorithm 2; Tropp & Webber 2023, section 11) has
+    ``size (q + 1)`` columns, capped at ``min(m, n)`` (the last block is cut). Each new
+    block ``A orth(A^T Q_i)`` is orthogonalized against the basis so far
+    (:func:`_extend_basis`). Returns the basis ``Q`` and, with ``with_transpose``,
+    ``A^T Q``, whose blocks are the products ``A^T Q_i`` the recurrence computes anyway
+    (only the last one is extra). Products: ``q + 1`` with ``A`` and ``q`` (``q + 1`` with
+    ``with_transpose``) with ``A^T``, each with a ``size``-column block: as many as subspace
+    iteration with the same ``q``.
+    """
+    xp = op.xp
+    subject = f"`{name}`"
+    cap = min(op.shape)
+    if power_iters > 0 or with_transpose:
+        op.rmatmat_or_raise(name)
+    transposed: list[Array] = []
+    Q: Array | None = None
+    total = 0
+    Y = op.checked_matmat(draw((op.shape[1], size)), name)
+    for i in range(power_iters + 1):
+        Qi = _extend_basis(xp, Q, Y, normalizer, subject, draw)
+        if Qi.shape[1] > cap - total:  # the last block is cut at min(m, n) columns
+            Qi = Qi[:, : cap - total]
+        total += Qi.shape[1]
+        Q = Qi if Q is None else xp.concat([Q, Qi], axis=1)
+        last = i == power_iters or total >= cap
+        if with_transpose or not last:
+            transposed.append(op.checked_rmatmat(Qi, name))
+        if last:
+            break
+        Y = op.checked_matmat(orthonormalize(xp, transposed[-1], normalizer, subject), name)
+    assert Q is not None
+    if not with_transpose:
+        return Q, None
+    W = transposed[0] if len(transposed) == 1 else xp.concat(transposed, axis=1)
+    return Q, W
+
+
+def symmetric_krylov(
+    op: Operator, size: int, *, power_iters: int, normalizer: str, draw: Sampler
+) -> tuple[Array, Array]:
+    """Block Krylov basis ``Q`` of ``[A W, ..., A^(q+1) W]`` for a symmetric ``A``, and ``A Q``.
+
+    ``q + 1`` blocks of ``size`` columns (capped at ``n``), built with ``q + 2`` products,
+    the last of which, ``A Q_q``, completes ``A Q`` for the Rayleigh-Ritz matrix: as many
+    products as :func:`symmetric_range` with ``q + 1`` passes plus the Rayleigh-Ritz one.
+    """
+    xp = op.xp
+    cap = op.shape[0]
+    Q: Array | None = None
+    AQ: list[Array] = []
+    total = 0
+    Y = op.checked_matmat(draw((cap, size)))
+    for _ in range(power_iters + 1):
+        Qi = _extend_basis(xp, Q, Y, normalizer, "`A`", draw)
+        if Qi.shape[1] > cap - total:
+            Qi = Qi[:, : cap - total]
+        total += Qi.shape[1]
+        Q = Qi if Q is None else xp.concat([Q, Qi], axis=1)
+        Y = op.checked_matmat(Qi)
+        AQ.append(Y)
+        if total >= cap:
+            break
+    assert Q is not None
+    return Q, (AQ[0] if len(AQ) == 1 else xp.concat(AQ, axis=1))
+
+
 def symmetric_range(
     op: Operator,
     size: int,
@@ -264,6 +372,7 @@ def randomized_range_finder(
     power_iters: int = 2,
     normalizer: str = "qr",
     rng: Any = None,
+    method: str = "subspace",
 ) -> Array:
     """Orthonormal basis for the dominant range of ``A`` by randomized subspace iteration.
 
@@ -288,11 +397,21 @@ def randomized_range_finder(
     rng : None, int, numpy/torch/cupy Generator, optional
         Source of the Gaussian test matrix; an int seed gives reproducible results on a
         given backend.
+    method : {"subspace", "block_krylov"}, default "subspace"
+        ``"subspace"``: the basis of the last iterate ``(A A^T)^q A Omega``.
+        ``"block_krylov"``: the basis of the whole Krylov space
+        ``[A Omega, (A A^T) A Omega, ..., (A A^T)^q A Omega]``, ``size (q + 1)`` columns
+        (capped at ``min(m, n)``) from the same number of products; it contains the
+        subspace-iteration range of the same ``Omega``, so its error is never larger, and
+        it converges much faster on slowly decaying spectra (see
+        :func:`lowrank_nla.krylov_error_bound`). Needs ``normalizer`` "qr" or "cholqr2".
 
     Returns
     -------
-    Q : array, shape (m, size)
-        Orthonormal columns, same library, device and dtype as ``A``.
+    Q : array, shape (m, size) or (m, min(size * (power_iters + 1), m, n))
+        Orthonormal columns, same library, device and dtype as ``A`` (the second shape for
+        ``method="block_krylov"``). For a dask array ``A`` (see the Notes) ``Q`` is a dask
+        array chunked along rows like ``A``.
 
     Raises
     ------
@@ -312,11 +431,17 @@ def randomized_range_finder(
     :func:`lowrank_nla.hmt_error_bound`. Every product is checked for NaN/Inf (see the
     algorithm reference, docs/algorithms.md, section 'Randomized decompositions').
 
+    A dask array ``A`` (chunked along rows only) is read in ``q + 1`` passes: each of the
+    first ``q`` passes applies ``A^T A`` to an ``n x size`` block held in memory, the last
+    computes ``A V`` (kept on the workers) and ``Q`` is its tall-skinny QR (see the user
+    guide's dask section; ``method="block_krylov"`` is not available for dask input).
+
     References
     ----------
     N. Halko, P.-G. Martinsson, J. A. Tropp, "Finding structure with randomness:
     probabilistic algorithms for constructing approximate matrix decompositions", SIAM
-    Review 53(2), 2011.
+    Review 53(2), 2011. C. Musco, C. Musco, "Randomized block Krylov methods for stronger
+    and faster approximate singular value decomposition", NeurIPS 2015.
 
     Examples
     --------
@@ -327,13 +452,30 @@ def randomized_range_finder(
     >>> bool(np.allclose(Q @ (Q.T @ A), A))
     True
     """
+    if is_dask_array(A):
+        from ._dask import dask_range_finder
+
+        return dask_range_finder(
+            A, size, power_iters=power_iters, normalizer=normalizer, rng=rng, method=method
+        )
     op = as_operator(A, "A", check_finite_entries=False)
     size = check_rank(size, op.shape, "size")
     power_iters = check_power_iters(power_iters)
     normalizer = check_normalizer(normalizer)
+    method = check_method(method, normalizer)
     xp = op.xp
     draw = normal_sampler(xp, rng, dtype=op.dtype, device=op.device)
-    Q = general_range(op, size, power_iters=power_iters, normalizer=normalizer, draw=draw)[0]
+    if method == "block_krylov":
+        Q = krylov_range(
+            op,
+            size,
+            power_iters=power_iters,
+            normalizer=normalizer,
+            draw=draw,
+            with_transpose=False,
+        )[0]
+    else:
+        Q = general_range(op, size, power_iters=power_iters, normalizer=normalizer, draw=draw)[0]
     check_factor(xp, Q, "`A`", "orthonormal basis")  # QR of a block near the dtype's limit
     return Q
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 NORMALIZERS = ("qr", "cholqr2", "none")
+METHODS = ("subspace", "block_krylov")
 
 #: Largest accepted ``power_iters``. The sketch error of subspace iteration shrinks like
 #: ``(sigma_{k+1} / sigma_k)^(2q)`` (HMT 2011, Corollary 10.10): past a hundred iterations
@@ -82,6 +83,42 @@ def check_normalizer(normalizer: Any) -> str:
     if normalizer not in NORMALIZERS:
         raise ValueError(f"`normalizer` must be one of {NORMALIZERS}, got {normalizer!r}")
     return str(normalizer)
+
+
+def check_method(method: Any, normalizer: str) -> str:
+    """``method`` in :data:`METHODS`; block Krylov needs an orthonormalizing ``normalizer``."""
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {METHODS}, got {method!r}")
+    if method == "block_krylov" and normalizer == "none":
+        raise ValueError(
+            "`normalizer` must be 'qr' or 'cholqr2' with method='block_krylov' (its basis "
+            "blocks are orthogonalized against each other), got 'none'"
+        )
+    return str(method)
+
+
+def check_block_size(
+    block_size: Any, method: str, rank: int, power_iters: int, shape: tuple[int, int]
+) -> int | None:
+    """``block_size`` of block Krylov: ``None``, or an int whose basis can hold ``rank``.
+
+    The basis has ``min(block_size * (power_iters + 1), min(shape))`` columns, which must be
+    at least ``rank``.
+    """
+    if block_size is None:
+        return None
+    if method != "block_krylov":
+        raise ValueError(
+            f"`block_size` applies to method='block_krylov' only, got method={method!r}"
+        )
+    block_size = check_rank(block_size, shape, "block_size")
+    basis = min(block_size * (power_iters + 1), min(shape))
+    if basis < rank:
+        raise ValueError(
+            f"`block_size` * (power_iters + 1) = {block_size * (power_iters + 1)} must be "
+            f">= rank = {rank} (the Krylov basis must hold the rank-{rank} approximation)"
+        )
+    return block_size
 
 
 def check_square(shape: tuple[int, int], name: str = "A") -> int:

@@ -18,4 +18,12 @@ def test_quick_benchmark_run(run_quick) -> None:
             assert r["ratio"] == pytest.approx(r["ours_time"] / r["peer_time"])
         for name, err in r["exact_errors"].items():
             assert err == pytest.approx(r["optimal_error"], rel=1e-6), name
-    assert table.count("\n| EA factor (PSD) |") == 4
+    main, krylov = table.split("Block Krylov (")
+    assert main.count("\n| EA factor (PSD) |") == 4
+    assert krylov.count("\n| EA factor (PSD) |") == 4  # block Krylov's best per row
+    for r in rows:
+        # block Krylov is in the search; what it reaches is at least as accurate as the peer
+        for c in r["candidates"]:
+            if "block_krylov" in c["method"]:
+                assert c["error"] <= r["peer_error"]
+                assert "normalizer=none" not in c["method"]

@@ -18,6 +18,7 @@ MODULES = [
     "lowrank_nla._svd",
     "lowrank_nla._eigh",
     "lowrank_nla._bounds",
+    "lowrank_nla._dask",
     "lowrank_nla._kernels",
     "lowrank_nla._lowrank",
     "lowrank_nla._brand",
@@ -27,10 +28,10 @@ MODULES = [
 ]
 
 
-def test_import_does_not_import_torch_or_cupy() -> None:
+def test_import_does_not_import_torch_cupy_or_dask() -> None:
     code = (
         "import sys, lowrank_nla; "
-        "bad = [m for m in ('torch', 'cupy') if m in sys.modules]; "
+        "bad = [m for m in ('torch', 'cupy', 'dask', 'distributed') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
