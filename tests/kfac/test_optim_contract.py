@@ -178,7 +178,8 @@ def test_equals_its_preconditioner_then_torch_sgd_with_param_groups(info: OptimI
         loss_of(reference, x, y).backward()
         precond.step(lr={p: g["lr"] for g in sgd.param_groups for p in g["params"]})
         sgd.step()
-    same = [torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters())]
+    pairs = zip(model.parameters(), reference.parameters(), strict=True)
+    same = [torch.equal(p, q) for p, q in pairs]
     # QE's inner loop moves the parameters after the preconditioned SGD step
     assert all(same) != info.refines
     assert opt.param_groups[0]["lr"] == 0.005
