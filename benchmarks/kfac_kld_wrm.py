@@ -97,7 +97,7 @@ def interleaved_timing(ds: Any, args: argparse.Namespace, steps: int) -> dict[st
     for name in METHODS:
         torch.manual_seed(0)
         model = models.build("mnist-cnn", ds.image_shape, ds.num_classes, 1.0)
-        cfg = config(name, 0, args, args.lr)
+        cfg = config(name, 0, args, learning_rate(args, name))
         runs[name] = (model, _make_optimizer(cfg.optimizer, model, cfg, "cross_entropy"))
     seconds = dict.fromkeys(METHODS, 0.0)
     for i, batch in enumerate(idx):
@@ -188,7 +188,8 @@ def markdown(payload: dict[str, Any]) -> str:
         f"# KLD-WRM against K-FAC: {meta['dataset']}, mnist-cnn, batch 512",
         "",
         f"{meta['epochs']} epochs ({meta['steps_per_epoch']} steps each), seeds "
-        f"{meta['seeds']}, lr {meta['lr']}, factor/refresh period {meta['period']} steps, "
+        f"{meta['seeds']}, learning rates {meta['lr']}, factor/refresh period "
+        f"{meta['period']} steps, "
         f"KL clip 0.1, eigenbasis damping 0.01, momentum 0. {meta['machine']}; times are the "
         "training steps' wall time, one thread, the methods alternating within each seed. "
         "Mean ± standard deviation over the seeds.",
@@ -303,15 +304,61 @@ def plot(payload: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def learning_rate(args: argparse.Namespace, name: str) -> float:
+    """``--lrs NAME=LR`` for ``name``, else ``--lr``."""
+    for spec in args.lrs:
+        key, _, value = spec.partition("=")
+        if key == name:
+            return float(value)
+    return float(args.lr)
+
+
+def lr_grid(ds: Any, args: argparse.Namespace, out: Path, stem: str) -> None:
+    """Final training loss and test accuracy per method and learning rate (first seed),
+    written after every run."""
+    rows: list[dict[str, Any]] = []
+    for lr in args.lr_grid:
+        for name in METHODS:
+            r = train(config(name, args.seeds[0], args, lr), ds, progress=False)
+            rows.append(
+                {
+                    "method": name,
+                    "lr": lr,
+                    "final_accuracy": r.test_accuracy[-1],
+                    "final_train_loss": r.train_loss[-1],
+                    "wall_time": r.wall_time,
+                }
+            )
+            print(rows[-1], flush=True)
+            lines = [
+                f"# KLD-WRM learning-rate grid: {ds.name}, mnist-cnn, {args.epochs} epochs, "
+                f"seed {args.seeds[0]}, period {args.period}",
+                "",
+                "| method | lr | final train loss | final test accuracy |",
+                "|---|---|---|---|",
+            ]
+            lines += [
+                f"| {r['method']} | {r['lr']} | {r['final_train_loss']:.4f} | "
+                f"{r['final_accuracy']:.3f} |"
+                for r in sorted(rows, key=lambda r: (list(METHODS).index(r["method"]), r["lr"]))
+            ]
+            record = {"rows": rows, "epochs": args.epochs, "period": args.period}
+            (out / f"{stem}_grid.json").write_text(json.dumps(record, indent=1))
+            (out / f"{stem}_grid.md").write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--lrs", nargs="*", default=[], metavar="NAME=LR", help="per method")
     parser.add_argument("--period", type=int, default=3, help="factor and refresh period")
     parser.add_argument("--data", default=None, help="MNIST IDX directory (default: digits)")
     parser.add_argument("--max-train", type=int, default=None)
-    parser.add_argument("--lr-grid", action="store_true", help="lr grid on the first seed")
+    parser.add_argument("--lr-grid", type=float, nargs="*", default=None, metavar="LR")
+    parser.add_argument("--part", default=None, help="run the seeds and keep only the runs")
+    parser.add_argument("--merge", nargs="*", default=None, metavar="PART")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
@@ -326,46 +373,31 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-
-    if args.lr_grid:
-        rows = []
-        for lr in (0.01, 0.03, 0.1, 0.3):
-            for name in METHODS:
-                r = train(config(name, args.seeds[0], args, lr), ds, progress=False)
-                rows.append(
-                    {
-                        "method": name,
-                        "lr": lr,
-                        "final_accuracy": r.test_accuracy[-1],
-                        "final_train_loss": r.train_loss[-1],
-                    }
-                )
-                print(rows[-1], flush=True)
-        lines = [
-            f"# KLD-WRM learning-rate grid: {ds.name}, {args.epochs} epochs, seed {args.seeds[0]}",
-            "",
-            "| method | lr | final train loss | final test accuracy |",
-            "|---|---|---|---|",
-        ]
-        lines += [
-            f"| {r['method']} | {r['lr']} | {r['final_train_loss']:.4f} | "
-            f"{r['final_accuracy']:.3f} |"
-            for r in rows
-        ]
-        (out / f"{stem}_grid.json").write_text(
-            json.dumps({"rows": rows, "epochs": args.epochs}, indent=1)
-        )
-        (out / f"{stem}_grid.md").write_text("\n".join(lines) + "\n")
-        print("\n".join(lines))
+    if args.lr_grid is not None:
+        lr_grid(ds, args, out, stem)
         return
 
     runs: dict[str, list[RunResult]] = {name: [] for name in METHODS}
-    for seed in args.seeds:
-        for name in METHODS:  # alternating within the seed
-            r = train(config(name, seed, args, args.lr), ds, progress=False)
-            runs[name].append(r)
-            print(f"seed {seed} {name}: final accuracy {r.test_accuracy[-1]:.3f}, "
-                  f"{r.wall_time:.2f} s", flush=True)  # fmt: skip
+    if args.merge is not None:
+        parts = [json.loads((out / f"{stem}_part_{p}.json").read_text()) for p in args.merge]
+        args.seeds = [seed for part in parts for seed in part["seeds"]]
+        for part in parts:
+            for name in METHODS:
+                runs[name] += [RunResult(**r) for r in part["runs"][name]]
+    else:
+        for seed in args.seeds:
+            for name in METHODS:  # alternating within the seed
+                r = train(config(name, seed, args, learning_rate(args, name)), ds, progress=False)
+                runs[name].append(r)
+                print(f"seed {seed} {name}: final accuracy {r.test_accuracy[-1]:.3f}, "
+                      f"{r.wall_time:.2f} s", flush=True)  # fmt: skip
+        if args.part is not None:
+            part = {
+                "seeds": args.seeds,
+                "runs": {name: [asdict(r) for r in rs] for name, rs in runs.items()},
+            }
+            (out / f"{stem}_part_{args.part}.json").write_text(json.dumps(part))
+            return
     timing_steps = 6 if args.quick else 30
     cpu = interleaved_timing(ds, args, timing_steps)
     checkpoints = sorted({max(1, args.epochs * k // 5) for k in range(1, 6)})
@@ -375,7 +407,7 @@ def main() -> None:
             "epochs": args.epochs,
             "steps_per_epoch": spe,
             "seeds": args.seeds,
-            "lr": args.lr,
+            "lr": {name: learning_rate(args, name) for name in METHODS},
             "period": args.period,
             "machine": f"{platform.machine()} CPU, torch {torch.__version__}",
             "timing_steps": timing_steps,

@@ -15,6 +15,8 @@ from torch.nn import functional as F
 import kfac
 from kfac.kld_wrm import WakeProblem, wake_divergence, wake_gradient
 
+from .test_engine import backward, count_conversions, model_and_batch
+
 RTOL = 1e-10  # float64 throughout: only rounding separates the paths
 
 _LOW_RANK = {"rank": 4, "adaptive_rank": False}
@@ -434,6 +436,24 @@ def test_qe_refinement_lowers_the_inner_objective() -> None:
         for params in (q_step, refined)
     ]  # fmt: skip
     assert values[1] < values[0]
+
+
+@pytest.mark.parametrize("cls", [kfac.SOKLDWRMPreconditioner, kfac.QKLDWRMPreconditioner])
+def test_a_step_that_refreshes_nothing_reads_nothing_back(
+    monkeypatch: pytest.MonkeyPatch, cls: type
+) -> None:
+    """Steps 0-4: step 4 refreshes and Q also refreshes on step 5; step 6 is quiet."""
+    model, x, y = model_and_batch()
+    precond = cls(model, factor_every=4, inverse_every=4, kl_clip=0.1, lr=0.1)
+    for _ in range(6):
+        backward(model, x, y)
+        precond.step()
+    backward(model, x, y)
+    before = [p.grad.clone() for p in model.parameters()]
+    with count_conversions(monkeypatch) as calls:
+        precond.step()
+    assert calls == []
+    assert all(not torch.equal(b, p.grad) for b, p in zip(before, model.parameters(), strict=True))
 
 
 # ---------------------------------------------------------------------------- state
