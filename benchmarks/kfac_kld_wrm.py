@@ -190,9 +190,11 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{meta['epochs']} epochs ({meta['steps_per_epoch']} steps each), seeds "
         f"{meta['seeds']}, learning rates {meta['lr']}, factor/refresh period "
         f"{meta['period']} steps, "
-        f"KL clip 0.1, eigenbasis damping 0.01, momentum 0. {meta['machine']}; times are the "
-        "training steps' wall time, one thread, the methods alternating within each seed. "
-        "Mean ± standard deviation over the seeds.",
+        f"KL clip 0.1, eigenbasis damping 0.01, momentum 0. {meta['machine']}, one thread, the "
+        "methods alternating within each seed (times: see the last table). Mean ± standard "
+        "deviation over the seeds.",
+        "",
+        f"![test accuracy against epochs and CPU time]({meta['plot']})",
         "",
         "## Accuracy against epochs",
         "",
@@ -411,6 +413,7 @@ def main() -> None:
             "period": args.period,
             "machine": f"{platform.machine()} CPU, torch {torch.__version__}",
             "timing_steps": timing_steps,
+            "plot": f"{stem}.png",
             "elapsed_s": time.time() - start,
         },
         "methods": {k: {"optimizer": v[0], **v[1]} for k, v in METHODS.items()},

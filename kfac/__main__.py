@@ -35,14 +35,16 @@ from .optimizer import KFAC
 
 #: Default learning rates (``--lr`` overrides). K-FAC's (with damping 3e-3, KL clip 1e-4,
 #: momentum 0.9) were chosen on the digits autoencoder at width 0.25; see docs/kfac.md.
+#: KLD-WRM's on mnist-cnn with the paper's KL clip 0.1 and momentum 0
+#: (benchmarks/results/kfac_kld_wrm_grid.md).
 DEFAULT_LR = {
     "sgd": 0.1,
     "adam": 1e-3,
     "kfac": 0.3,
     "mbf": 0.3,
-    "so-kld-wrm": 0.3,
-    "q-kld-wrm": 0.3,
-    "qe-kld-wrm": 0.3,
+    "so-kld-wrm": 0.1,
+    "q-kld-wrm": 0.1,
+    "qe-kld-wrm": 0.1,
 }
 
 #: The KLD-WRM optimizers by command-line name (Puiu 2022; docs/algorithms.md).
