@@ -170,7 +170,7 @@ def _make_optimizer(
             **{"block_size": MBF_DEFAULTS["block_size"], **cfg.inverse_options},
         )
     if name in KLD_WRM:
-        return KLD_WRM[name](  # type: ignore[no-any-return]
+        return KLD_WRM[name](
             model,
             lr=lr,
             momentum=cfg.momentum,

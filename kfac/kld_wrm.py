@@ -774,8 +774,8 @@ def wake_gradient(model: nn.Module, inputs: Any, problem: WakeProblem) -> list[T
     quadratic: dict[Tensor, Tensor] = {}
     for layer, A, G in problem.layers:
         D = _layer_matrix(layer, delta, A.dtype)
-        for p, part in zip(layer.params, layer.split(G @ D @ A), strict=True):
-            quadratic[p] = part
+        for param, part in zip(layer.params, layer.split(G @ D @ A), strict=True):
+            quadratic[param] = part
     out = []
     for p, g, rate in zip(problem.params, problem.grads, problem.rates, strict=True):
         total = g.clone()
