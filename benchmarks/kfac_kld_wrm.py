@@ -185,7 +185,8 @@ def markdown(payload: dict[str, Any]) -> str:
     meta, summary = payload["meta"], payload["summary"]
     names = list(METHODS)
     lines = [
-        f"# KLD-WRM against K-FAC: {meta['dataset']}, mnist-cnn, batch 512",
+        f"# KLD-WRM against K-FAC{'' if meta.get('tag') is None else ' (' + meta['tag'] + ')'}: "
+        f"{meta['dataset']}, mnist-cnn, batch 512",
         "",
         f"{meta['epochs']} epochs ({meta['steps_per_epoch']} steps each), seeds "
         f"{meta['seeds']}, learning rates {meta['lr']}, factor/refresh period "
@@ -217,7 +218,7 @@ def markdown(payload: dict[str, Any]) -> str:
         "## Epochs and seconds to a test accuracy",
         "",
         "| method | "
-        + " | ".join(f"reached {t} | epochs to {t} | seconds to {t}" for t in TARGETS)
+        + " | ".join(f"reached {t} | epochs to {t} | wall s to {t}" for t in TARGETS)
         + " |",
         "|---|" + "---|" * (3 * len(TARGETS)),
     ]
@@ -361,11 +362,12 @@ def main() -> None:
     parser.add_argument("--lr-grid", type=float, nargs="*", default=None, metavar="LR")
     parser.add_argument("--part", default=None, help="run the seeds and keep only the runs")
     parser.add_argument("--merge", nargs="*", default=None, metavar="PART")
+    parser.add_argument("--tag", default=None, help="suffix of the output files")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     torch.set_num_threads(1)
-    stem = "kfac_kld_wrm"
+    stem = "kfac_kld_wrm" if args.tag is None else f"kfac_kld_wrm_{args.tag}"
     if args.quick:
         args.epochs, args.seeds, args.max_train = 3, [0], 512
         stem += "_quick"
@@ -414,6 +416,7 @@ def main() -> None:
             "machine": f"{platform.machine()} CPU, torch {torch.__version__}",
             "timing_steps": timing_steps,
             "plot": f"{stem}.png",
+            "tag": args.tag,
             "elapsed_s": time.time() - start,
         },
         "methods": {k: {"optimizer": v[0], **v[1]} for k, v in METHODS.items()},
