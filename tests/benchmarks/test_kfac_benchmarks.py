@@ -94,4 +94,5 @@ def test_quick_kld_wrm_benchmark(run_quick) -> None:
         assert payload["runs"][name][0]["steps"] == 3
     assert summary["kfac"]["time_ratio_to_kfac"] == 1.0
     assert "## Accuracy against epochs" in table
-    assert "## Cost and accuracy against wall time" in table
+    assert "## Cost and accuracy against time" in table
+    assert set(payload["cpu_per_step"]) == set(names)
