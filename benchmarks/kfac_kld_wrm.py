@@ -51,8 +51,11 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "kfac": ("kfac", {"factor_decay": 0.95}),
     "kfac-rho0.33": ("kfac", {"factor_decay": 0.33}),
     "so-kld-wrm": ("so-kld-wrm", {"factor_decay": 0.33}),
-    "q-kld-wrm": ("q-kld-wrm", {"factor_decay": 0.5}),
-    "qe-kld-wrm": ("qe-kld-wrm", {"factor_decay": 0.5, "inverse_options": {"inner_steps": 7}}),
+    "q-kld-wrm": ("q-kld-wrm", {"factor_decay": 0.5, "rms_clip": 2.0}),
+    "qe-kld-wrm": (
+        "qe-kld-wrm",
+        {"factor_decay": 0.5, "rms_clip": 2.0, "inverse_options": {"inner_steps": 7}},
+    ),
 }
 COMMON: dict[str, Any] = {
     "model": "mnist-cnn",

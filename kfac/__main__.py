@@ -51,10 +51,16 @@ DEFAULT_LR = {
 KLD_WRM: dict[str, Any] = {"so-kld-wrm": SOKLDWRM, "q-kld-wrm": QKLDWRM, "qe-kld-wrm": QEKLDWRM}
 
 #: KLD-WRM's command-line defaults (``--damping``, ``--factor-every``, ``--inverse-every``,
-#: ``--factor-decay``): the paper's MNIST values (absolute eigenbasis damping 0.01, both
-#: periods 30, ``rho`` 0.33 for SO and 0.5 for Q and QE).
+#: ``--factor-decay``, ``--rms-clip``): the paper's MNIST values (absolute eigenbasis damping
+#: 0.01, both periods 30, ``rho`` 0.33 for SO and 0.5 for Q and QE, Q's RMS clip 2).
 KLD_WRM_DEFAULTS: dict[str, dict[str, Any]] = {
-    name: {"damping": 0.01, "factor_every": 30, "inverse_every": 30, "factor_decay": rho}
+    name: {
+        "damping": 0.01,
+        "factor_every": 30,
+        "inverse_every": 30,
+        "factor_decay": rho,
+        "rms_clip": None if name == "so-kld-wrm" else 2.0,
+    }
     for name, rho in PAPER_RHO.items()
 }
 
@@ -459,11 +465,18 @@ def _learning_rates(specs: Sequence[str], names: Sequence[str]) -> dict[str, flo
 
 
 def _periods(args: argparse.Namespace, name: str) -> dict[str, Any]:
-    """``damping``, ``factor_every``, ``inverse_every``, ``factor_decay`` and
-    ``damping_scheme``: the command line's values, else the optimizer's defaults
+    """``damping``, ``factor_every``, ``inverse_every``, ``factor_decay``,
+    ``damping_scheme`` and ``rms_clip``: the command line's values, else the optimizer's defaults
     (:data:`MBF_DEFAULTS` for ``mbf``, :data:`KLD_WRM_DEFAULTS` and the eigenbasis damping for
     KLD-WRM, :class:`RunConfig`'s else)."""
-    keys = ("damping", "factor_every", "inverse_every", "factor_decay", "damping_scheme")
+    keys = (
+        "damping",
+        "factor_every",
+        "inverse_every",
+        "factor_decay",
+        "damping_scheme",
+        "rms_clip",
+    )
     defaults = {key: getattr(RunConfig, key) for key in keys}
     if name == "mbf":
         defaults.update({k: v for k, v in MBF_DEFAULTS.items() if k in defaults})
@@ -480,7 +493,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for key in (
             "model",
             "kl_clip",
-            "rms_clip",
             "epochs",
             "batch_size",
             "width",

@@ -531,12 +531,14 @@ _PRECONDITIONER_DOC = """{title}
         Periods of the statistics and of the refreshes (the paper's ``T_s = T_f = 30``).
     wake_decay : float or callable(step), optional
         ``rho`` of the gradient correction when it differs from ``factor_decay``.
+    rms_clip : float or callable(step), {rms}
+        Per-layer clip of the direction's RMS (applied before the KL clip).
     inverse : str, default "eigh"
         {inverse}
     **kwargs
-        The other options of :class:`~kfac.KFACPreconditioner` (``kl_clip``, ``rms_clip``,
-        ``lr``, ``skip_layers``, ``fisher``, ``loss``, ``factor_dtype``, the strategy's
-        options, ...) except ``factored_apply``.
+        The other options of :class:`~kfac.KFACPreconditioner` (``kl_clip``, ``lr``,
+        ``skip_layers``, ``fisher``, ``loss``, ``factor_dtype``, ``decomposition_dtype``,
+        ``continuation``, the strategy's options, ...) except ``factored_apply``.
 """
 
 
@@ -550,8 +552,10 @@ class SOKLDWRMPreconditioner(_KLDWRMPreconditioner):
 class QKLDWRMPreconditioner(_KLDWRMPreconditioner):
     block_name: ClassVar[str] = "q-kld-wrm"
 
-    def __init__(self, model: nn.Module, *, factor_decay: Any = 0.5, **kwargs: Any) -> None:
-        super().__init__(model, factor_decay=factor_decay, **kwargs)
+    def __init__(
+        self, model: nn.Module, *, factor_decay: Any = 0.5, rms_clip: Any = 2.0, **kwargs: Any
+    ) -> None:
+        super().__init__(model, factor_decay=factor_decay, rms_clip=rms_clip, **kwargs)
 
 
 SOKLDWRMPreconditioner.__doc__ = (
@@ -560,6 +564,7 @@ SOKLDWRMPreconditioner.__doc__ = (
         what="each layer's ``.grad`` becomes the K-FAC direction of the corrected gradient "
         "``g_k - rho (lr_{k-1} / lr_k) g_{k-1}``.",
         rho=0.33,
+        rms="optional",
         inverse="Any K-FAC inverse strategy (``kfac.inverse_names()``).",
     )
     + """
@@ -583,6 +588,7 @@ QKLDWRMPreconditioner.__doc__ = (
         what="each layer's ``.grad`` becomes the direction of the recursively corrected gradient "
         "under the augmented factors ``X_EA + lr X_cur``.",
         rho=0.5,
+        rms="default 2.0 (the paper's; ``None``: off)",
         inverse='``"eigh"``, ``"rsvd"`` or ``"srevd"``: the augmented factors need the '
         "dense average of every factor, which the Brand strategies do not keep.",
     )

@@ -250,6 +250,7 @@ def test_kld_wrm_from_the_command_line(name: str, tmp_path: Path, mnist_dir: Pat
     assert config["damping"] == 0.01
     assert config["damping_scheme"] == "eigenbasis"
     assert (config["factor_every"], config["inverse_every"]) == (30, 30)
+    assert config["rms_clip"] == (None if name == "so-kld-wrm" else 2.0)
     assert name in optimizer_names()
     assert main([*args, "--factor-decay", "0.2", "--damping-scheme", "factored"]) == 0
     config = json.loads(out.read_text())["configs"][0]

@@ -158,6 +158,7 @@ def test_q_recursion_matches_a_hand_unrolled_float64_computation() -> None:
         factor_every=2,
         inverse_every=2,
         factor_dtype=torch.float64,
+        rms_clip=None,
     )
     data = batches(3, n=16, dtype=torch.float64)
     data = [(x[:, :3], y) for x, y in data]
