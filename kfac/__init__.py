@@ -4,6 +4,8 @@
   into its K-FAC direction, so any ``torch.optim`` optimizer can step next;
   ``inverse=`` names an inverse strategy from a registry (:func:`inverse_names`).
 - :class:`KFAC` is a ``torch.optim.Optimizer``: the preconditioner, then ``torch.optim.SGD``.
+- :class:`MBF`, :class:`SOKLDWRM`, :class:`QKLDWRM` and :class:`QEKLDWRM` are the other
+  methods' optimizers, from the same front.
 - :class:`Preconditioner` and :class:`PreconditionedSGD` are the same fronts for any
   curvature method: a :class:`CurvatureBlock` registered with :func:`register_block`.
 
@@ -21,6 +23,13 @@ from ._curvature import (
 )
 from ._kron import inverse_names
 from ._layers import Layer, register_layer
+from .kld_wrm import (
+    QEKLDWRM,
+    QKLDWRM,
+    SOKLDWRM,
+    QKLDWRMPreconditioner,
+    SOKLDWRMPreconditioner,
+)
 from .mbf import MBF, MBFPreconditioner
 from .optimizer import KFAC, PreconditionedSGD
 from .preconditioner import KFACPreconditioner, Preconditioner
@@ -36,6 +45,11 @@ __all__ = [
     "MBFPreconditioner",
     "PreconditionedSGD",
     "Preconditioner",
+    "QEKLDWRM",
+    "QKLDWRM",
+    "QKLDWRMPreconditioner",
+    "SOKLDWRM",
+    "SOKLDWRMPreconditioner",
     "Tick",
     "block_names",
     "inverse_names",

@@ -29,12 +29,41 @@ from torch.nn import functional as F
 from . import data as datasets
 from . import models
 from ._kron import inverse_names
+from .kld_wrm import PAPER_RHO, QEKLDWRM, QKLDWRM, SOKLDWRM
 from .mbf import MBF
 from .optimizer import KFAC
 
 #: Default learning rates (``--lr`` overrides). K-FAC's (with damping 3e-3, KL clip 1e-4,
 #: momentum 0.9) were chosen on the digits autoencoder at width 0.25; see docs/kfac.md.
-DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "adamw": 1e-3, "kfac": 0.3, "mbf": 0.3}
+#: KLD-WRM's on mnist-cnn with the paper's KL clip 0.1 and momentum 0
+#: (benchmarks/results/kfac_kld_wrm_grid.md).
+DEFAULT_LR = {
+    "sgd": 0.1,
+    "adam": 1e-3,
+    "adamw": 1e-3,
+    "kfac": 0.3,
+    "mbf": 0.3,
+    "so-kld-wrm": 0.1,
+    "q-kld-wrm": 0.1,
+    "qe-kld-wrm": 0.1,
+}
+
+#: The KLD-WRM optimizers by command-line name (Puiu 2022; docs/algorithms.md).
+KLD_WRM: dict[str, Any] = {"so-kld-wrm": SOKLDWRM, "q-kld-wrm": QKLDWRM, "qe-kld-wrm": QEKLDWRM}
+
+#: KLD-WRM's command-line defaults (``--damping``, ``--factor-every``, ``--inverse-every``,
+#: ``--factor-decay``, ``--rms-clip``): the paper's MNIST values (absolute eigenbasis damping
+#: 0.01, both periods 30, ``rho`` 0.33 for SO and 0.5 for Q and QE, Q's RMS clip 2).
+KLD_WRM_DEFAULTS: dict[str, dict[str, Any]] = {
+    name: {
+        "damping": 0.01,
+        "factor_every": 30,
+        "inverse_every": 30,
+        "factor_decay": rho,
+        "rms_clip": None if name == "so-kld-wrm" else 2.0,
+    }
+    for name, rho in PAPER_RHO.items()
+}
 
 #: MBF's command-line defaults (``--damping``, ``--factor-every``, ``--inverse-every`` and
 #: the block size, which ``--inverse-options`` overrides), chosen with lr 0.3 and KL clip 1e-4
@@ -62,16 +91,11 @@ VARIANTS = {
 def optimizer_names() -> list[str]:
     """``sgd``, ``adam``, the variants' paper names (``kfac``, ``rkfac``, ``srekfac``,
     ``bkfac``, ``brkfac``, ``bckfac``, ``brckfac``), ``kfac-<inverse>`` for every registered
-    inverse strategy, and ``mbf`` (the mini-block Fisher method)."""
+    inverse strategy, ``mbf`` (the mini-block Fisher method) and the KLD-WRM optimizers
+    (``so-kld-wrm``, ``q-kld-wrm``, ``qe-kld-wrm``)."""
     aliases = [name for name, inverse in VARIANTS.items() if inverse in inverse_names()]
-    return [
-        "sgd",
-        "adam",
-        "adamw",
-        *aliases,
-        *(f"kfac-{name}" for name in inverse_names()),
-        "mbf",
-    ]
+    kfacs = [*aliases, *(f"kfac-{name}" for name in inverse_names())]
+    return ["sgd", "adam", "adamw", *kfacs, "mbf", *KLD_WRM]
 
 
 def inverse_for(name: str) -> str:
@@ -132,7 +156,7 @@ def _make_optimizer(
 ) -> torch.optim.Optimizer:
     if name not in optimizer_names():
         raise ValueError(f"Invalid optimizer: {name!r}; valid names are {optimizer_names()}")
-    kind = name if name in ("sgd", "adam", "adamw", "mbf") else "kfac"
+    kind = name if name in ("sgd", "adam", "adamw", "mbf", *KLD_WRM) else "kfac"
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[kind]
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
@@ -153,6 +177,21 @@ def _make_optimizer(
             factor_decay=cfg.factor_decay,
             loss=loss_name,
             **{"block_size": MBF_DEFAULTS["block_size"], **cfg.inverse_options},
+        )
+    if name in KLD_WRM:
+        return KLD_WRM[name](
+            model,
+            lr=lr,
+            momentum=cfg.momentum,
+            damping=cfg.damping,
+            damping_scheme=cfg.damping_scheme,
+            kl_clip=cfg.kl_clip,
+            rms_clip=cfg.rms_clip,
+            factor_every=cfg.factor_every,
+            inverse_every=cfg.inverse_every,
+            factor_decay=cfg.factor_decay,
+            loss=loss_name,
+            **cfg.inverse_options,
         )
     inverse = inverse_for(name)
     return KFAC(
@@ -403,6 +442,20 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--kl-clip", type=_clip, default=RunConfig.kl_clip, help="KL clip; 0 or 'none': off"
         )
+        p.add_argument(
+            "--rms-clip", type=_clip, default=None, help="per-layer RMS clip; 0 or none: off"
+        )
+        p.add_argument(
+            "--factor-decay",
+            type=float,
+            default=None,
+            help="EA decay rho (default per optimizer: 0.95; KLD-WRM: the paper's rho)",
+        )
+        p.add_argument(
+            "--damping-scheme",
+            default=None,
+            help="K-FAC damping scheme (default: factored-relative; KLD-WRM: eigenbasis)",
+        )
         p.add_argument("--factor-every", type=int, default=None, help="default per optimizer")
         p.add_argument("--inverse-every", type=int, default=None, help="default per optimizer")
         p.add_argument(
@@ -410,8 +463,9 @@ def _parser() -> argparse.ArgumentParser:
             type=_json_object,
             default={},
             metavar="JSON",
-            help="options of the K-FAC inverse strategies, e.g. '{\"rank\": 100}', or of "
-            "MBF's block, e.g. '{\"block_size\": 16}'",
+            help="options of the K-FAC inverse strategies, e.g. '{\"rank\": 100}', of "
+            "MBF's block, e.g. '{\"block_size\": 16}', or of the KLD-WRM optimizers, e.g. "
+            "'{\"inner_steps\": 7}'",
         )
         p.add_argument("--seed", type=int, default=RunConfig.seed)
         p.add_argument(
@@ -451,13 +505,24 @@ def _learning_rates(specs: Sequence[str], names: Sequence[str]) -> dict[str, flo
 
 
 def _periods(args: argparse.Namespace, name: str) -> dict[str, Any]:
-    """``damping``, ``factor_every`` and ``inverse_every``: the command line's values, else
-    the optimizer's defaults (:data:`MBF_DEFAULTS` for ``mbf``, :class:`RunConfig`'s else)."""
-    defaults = {
-        key: MBF_DEFAULTS[key] if name == "mbf" else getattr(RunConfig, key)
-        for key in ("damping", "factor_every", "inverse_every")
-    }
-    given = {key: getattr(args, key) for key in defaults}
+    """``damping``, ``factor_every``, ``inverse_every``, ``factor_decay``,
+    ``damping_scheme`` and ``rms_clip``: the command line's values, else the optimizer's defaults
+    (:data:`MBF_DEFAULTS` for ``mbf``, :data:`KLD_WRM_DEFAULTS` and the eigenbasis damping for
+    KLD-WRM, :class:`RunConfig`'s else)."""
+    keys = (
+        "damping",
+        "factor_every",
+        "inverse_every",
+        "factor_decay",
+        "damping_scheme",
+        "rms_clip",
+    )
+    defaults = {key: getattr(RunConfig, key) for key in keys}
+    if name == "mbf":
+        defaults.update({k: v for k, v in MBF_DEFAULTS.items() if k in defaults})
+    if name in KLD_WRM:
+        defaults.update(KLD_WRM_DEFAULTS[name], damping_scheme="eigenbasis")
+    given = {key: getattr(args, key, None) for key in defaults}
     return {key: defaults[key] if given[key] is None else given[key] for key in defaults}
 
 

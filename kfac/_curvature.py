@@ -18,6 +18,9 @@ on explicit state values:
                    process would broadcast after a refresh
 ``state_dict``     plain tensors and numbers for ``torch.save``; ``load_state`` inverts it
 ``diagnostics``    rows of numbers for people (ranks, memory, ...)
+``correct``        optional: the gradient the direction preconditions (a method that
+                   transforms the gradient, e.g. with the previous steps' gradients)
+``commit``         optional: record the step's final direction in the state
 =================  =====================================================================
 
 States are immutable values (frozen dataclasses or NamedTuples): a block returns a new
@@ -239,6 +242,20 @@ class CurvatureBlock(Protocol[S]):
     def diagnostics(self, layer: Any, state: S) -> list[dict[str, Any]]:
         """Rows of numbers describing the state (default: none)."""
         return []
+
+    def correct(
+        self, layer: Any, state: S, grad: Tensor, tick: Tick, lr: float | None
+    ) -> tuple[S, Tensor]:
+        """Before the refresh: the gradient matrix the block preconditions (and clips
+        against) on this step, given the layer's learning rate ``lr`` (``None`` when the
+        preconditioner has none), and the new state (default: ``grad`` unchanged). A layer
+        whose direction is not finite is written its recorded gradient, never this one."""
+        return state, grad
+
+    def commit(self, layer: Any, state: S, grad: Tensor, direction: Tensor, tick: Tick) -> S:
+        """After the write: fold the step's recorded gradient and final (clipped) direction
+        into the state, for methods whose next step depends on them (default: unchanged)."""
+        return state
 
     def block_state_dict(self) -> dict[str, Any]:
         """Block-level state, e.g. random generators (default: none)."""

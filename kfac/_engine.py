@@ -6,12 +6,14 @@ phase         what happens
 capture       the gradient matrix of every layer with a gradient; the hooks' records
 reduce        statistics across processes (a no-op in one process)
 update        on factor steps: ``block.update(state, batch, tick)`` per layer
+(correct)     a block's optional ``correct`` hook: the gradient it preconditions
 refresh       every step: ``block.refresh(state, tick)`` (the block decides what to do)
 exchange      owners would broadcast ``block.exchange(state)`` (a no-op in one process)
 direction     ``block.direction(state, grad, batch, tick)`` per ready layer
 clip          per-layer RMS clip, then the global KL clip (device scalars)
 write         one fused finiteness check, then ``.grad``; a non-finite direction is never
               written (the layer keeps its gradient)
+(commit)      a block's optional ``commit`` hook: the final directions into its state
 ============  =========================================================================
 
 One :class:`Clock` turns the scheduled hyperparameters into a :class:`~kfac._curvature.Tick`
@@ -220,6 +222,8 @@ class Engine:
             if tick.factor:
                 with self.phase("update"):
                     reported = self._update(grads, batches, tick)
+            with self.phase("direction"):
+                targets = self._correct(grads, tick, lr)
             with self.phase("refresh"):
                 for name, layer in self.layers.items():
                     self.states[name] = self.block.refresh(layer, self.states[name], tick)
@@ -230,13 +234,14 @@ class Engine:
                     name: self.block.direction(
                         self.layers[name], self.states[name], V, batches.get(name), tick
                     )
-                    for name, V in grads.items()
+                    for name, V in targets.items()
                     if self.block.ready(self.states[name])
                 }
             with self.phase("clip"):
-                directions = self._clip(directions, grads, tick, lr)
+                directions = self._clip(directions, targets, tick, lr)
             with self.phase("write"):
                 self._write(directions, grads, tick, reported)
+            self._commit(directions, grads, tick)
             if synchronising:
                 self.report()
         finally:
@@ -281,6 +286,31 @@ class Engine:
                 layer = self.layers[name]
                 self.states[name] = self.block.update(layer, self.states[name], batch, tick)
         return set(bad_grads)
+
+    def _correct(self, grads: Mapping[str, Tensor], tick: Tick, lr: Any) -> Mapping[str, Tensor]:
+        """The gradients the block preconditions (its optional ``correct`` hook)."""
+        correct = getattr(self.block, "correct", None)
+        if correct is None or type(self.block).correct is CurvatureBlock.correct:
+            return grads
+        targets = {}
+        for name, V in grads.items():
+            layer = self.layers[name]
+            rate = None
+            if lr is not None or self.lr is not None:
+                rate = self._lr_for(lr, layer.params[0])
+            self.states[name], targets[name] = correct(layer, self.states[name], V, tick, rate)
+        return targets
+
+    def _commit(
+        self, directions: Mapping[str, Tensor], grads: Mapping[str, Tensor], tick: Tick
+    ) -> None:
+        """The block's optional ``commit`` hook, with each layer's final direction."""
+        commit = getattr(self.block, "commit", None)
+        if commit is None or type(self.block).commit is CurvatureBlock.commit:
+            return
+        for name, D in directions.items():
+            layer = self.layers[name]
+            self.states[name] = commit(layer, self.states[name], grads[name], D, tick)
 
     def _lr_for(self, lr: Any, weight: Tensor) -> float:
         if isinstance(lr, Mapping):

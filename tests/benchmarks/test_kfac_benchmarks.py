@@ -80,3 +80,19 @@ def test_quick_mbf_interleaved_timing(tmp_path) -> None:
     assert {"adam", "mbf", "kfac"} <= set(times["cnn"])
     assert all(t > 0 for t in times["cnn"].values())
     assert "| cnn |" in (tmp_path / "kfac_mbf_timing_quick.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_kld_wrm_benchmark(run_quick) -> None:
+    payload, table = run_quick("kfac_kld_wrm")
+    summary = payload["summary"]
+    names = ["kfac", "kfac-rho0.33", "so-kld-wrm", "q-kld-wrm", "qe-kld-wrm"]
+    assert list(payload["curves"]) == names
+    for name in names:
+        assert summary[name]["time_per_epoch"] > 0, name
+        assert len(payload["runs"][name]) == 1
+        assert payload["runs"][name][0]["steps"] == 3
+    assert summary["kfac"]["time_ratio_to_kfac"] == 1.0
+    assert "## Accuracy against epochs" in table
+    assert "## Cost and accuracy against time" in table
+    assert set(payload["cpu_per_step"]) == set(names)

@@ -253,3 +253,41 @@ def test_cli_kl_clip_zero_is_off_and_help_shows_defaults(capsys) -> None:
     assert "(default: 0.0001)" in capsys.readouterr().out
     args = ["train", "--model", "mlp", "--width", "0.25", "--epochs", "1", "--max-train", "64"]
     assert main([*args, "--kl-clip", "0", "--quiet"]) == 0
+
+
+def test_mnist_cnn_is_the_kld_wrm_papers_network() -> None:
+    model = models.build("mnist-cnn", (1, 28, 28), 10, 1.0)
+    assert sum(p.numel() for p in model.parameters()) == 4712  # as the paper's logs report
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(112, 30), (30, 10)]
+    assert any(isinstance(m, torch.nn.Dropout) for m in model)
+    assert models.build("mnist-cnn", (3, 32, 32), 10, 1.0)(torch.randn(2, 3, 32, 32)).shape == (
+        2,
+        10,
+    )
+    with pytest.raises(ValueError, match=r"Invalid image_shape: \(1, 12, 12\)"):
+        models.mnist_cnn((1, 12, 12))
+
+
+@pytest.mark.parametrize("name", ["so-kld-wrm", "q-kld-wrm", "qe-kld-wrm"])
+def test_kld_wrm_from_the_command_line(name: str, tmp_path: Path, mnist_dir: Path) -> None:
+    """The paper's defaults reach the optimizer (rho per method, eigenbasis damping 0.01,
+    periods 30); the QE options pass through ``--inverse-options``; real MNIST files load."""
+    out = tmp_path / "run.json"
+    args = ["train", "--optimizer", name, "--model", "mnist-cnn", "--epochs", "2",
+            "--batch-size", "8", "--data", str(mnist_dir), "--quiet",
+            "--json", str(out)]  # fmt: skip
+    if name == "qe-kld-wrm":
+        args += ["--inverse-options", '{"inner_steps": 2, "snapshots": 2}']
+    assert main(args) == 0
+    config = json.loads(out.read_text())["configs"][0]
+    rho = {"so-kld-wrm": 0.33, "q-kld-wrm": 0.5, "qe-kld-wrm": 0.5}[name]
+    assert config["factor_decay"] == rho
+    assert config["damping"] == 0.01
+    assert config["damping_scheme"] == "eigenbasis"
+    assert (config["factor_every"], config["inverse_every"]) == (30, 30)
+    assert config["rms_clip"] == (None if name == "so-kld-wrm" else 2.0)
+    assert name in optimizer_names()
+    assert main([*args, "--factor-decay", "0.2", "--damping-scheme", "factored"]) == 0
+    config = json.loads(out.read_text())["configs"][0]
+    assert (config["factor_decay"], config["damping_scheme"]) == (0.2, "factored")

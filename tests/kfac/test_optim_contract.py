@@ -33,11 +33,15 @@ class OptimInfo:
     cls: type[kfac.PreconditionedSGD]
     options: dict[str, Any] = field(default_factory=dict)
     setup: Callable[[], Any] = lambda: None
+    #: Options of the optimizer itself (not of its preconditioner).
+    extra: dict[str, Any] = field(default_factory=dict)
+    #: The optimizer moves the parameters after the SGD update (QE's inner loop).
+    refines: bool = False
 
     def make(self, model: nn.Module, params: Any = None, **sgd: Any) -> kfac.PreconditionedSGD:
         self.setup()
         sgd = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3, **sgd}
-        return self.cls(model, params=params, **sgd, **self.options)
+        return self.cls(model, params=params, **sgd, **self.options, **self.extra)
 
 
 _PERIODS = {"factor_every": 1, "inverse_every": 2}
@@ -72,7 +76,36 @@ OPTIM_DB = [
     OptimInfo(
         "MBF-neuron-smw-relative", kfac.MBF, {"block_size": None, "damping_mode": "relative"}
     ),
+    OptimInfo("SOKLDWRM-eigh", kfac.SOKLDWRM, {"kl_clip": 0.1, **_PERIODS}),
+    OptimInfo(
+        "SOKLDWRM-rsvd-factored",
+        kfac.SOKLDWRM,
+        {"inverse": "rsvd", "damping_scheme": "factored-relative", **_PERIODS, **_LOW_RANK},
+    ),
+    OptimInfo(
+        "SOKLDWRM-brand",
+        kfac.SOKLDWRM,
+        {"inverse": "brand", **_PERIODS, **_LOW_RANK, "rank_cap": 5, "brand_every": 1},
+    ),
+    OptimInfo("QKLDWRM-eigh", kfac.QKLDWRM, {"kl_clip": 0.1, "rms_clip": 2.0, **_PERIODS}),
+    OptimInfo(
+        "QKLDWRM-srevd-period3",
+        kfac.QKLDWRM,
+        {"inverse": "srevd", "factor_every": 2, "inverse_every": 3, **_LOW_RANK},
+    ),
+    OptimInfo(
+        "QEKLDWRM",
+        kfac.QEKLDWRM,
+        {"kl_clip": 0.1, **_PERIODS},
+        extra={"inner_steps": 2, "snapshots": 2},
+        refines=True,
+    ),
+    OptimInfo("QEKLDWRM-no-inner", kfac.QEKLDWRM, _PERIODS, extra={"inner_steps": 0}),
     OptimInfo("PreconditionedSGD-mbf", kfac.PreconditionedSGD, {"block": "mbf", **_PERIODS}),
+    *(
+        OptimInfo(f"PreconditionedSGD-{name}", kfac.PreconditionedSGD, {"block": name, **_PERIODS})
+        for name in ("so-kld-wrm", "q-kld-wrm")
+    ),
     OptimInfo("PreconditionedSGD-kron", kfac.PreconditionedSGD, {"block": "kron", **_PERIODS}),
     OptimInfo(
         "PreconditionedSGD-diagonal-fisher",
@@ -143,10 +176,12 @@ def test_equals_its_preconditioner_then_torch_sgd_with_param_groups(info: OptimI
     for x, y in data:
         sgd.zero_grad()
         loss_of(reference, x, y).backward()
-        precond.step()
+        precond.step(lr={p: g["lr"] for g in sgd.param_groups for p in g["params"]})
         sgd.step()
-    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
-        assert torch.equal(p, q)
+    pairs = zip(model.parameters(), reference.parameters(), strict=True)
+    same = [torch.equal(p, q) for p, q in pairs]
+    # QE's inner loop moves the parameters after the preconditioned SGD step
+    assert all(same) != info.refines
     assert opt.param_groups[0]["lr"] == 0.005
     assert opt.param_groups[1]["lr"] == 0.05
 

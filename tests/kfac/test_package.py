@@ -39,7 +39,9 @@ def test_classes_are_documented_with_numpydoc(name: str) -> None:
         assert f"\n{section}\n" in doc, f"{name}: numpydoc section {section} missing"
 
 
-@pytest.mark.parametrize("module", ["kfac.preconditioner", "kfac.optimizer", "kfac.mbf"])
+@pytest.mark.parametrize(
+    "module", ["kfac.preconditioner", "kfac.optimizer", "kfac.mbf", "kfac.kld_wrm"]
+)
 def test_doctests(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
