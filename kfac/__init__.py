@@ -21,6 +21,7 @@ from ._curvature import (
 )
 from ._kron import inverse_names
 from ._layers import Layer, register_layer
+from .fngd import FNGD, FNGDPreconditioner
 from .mbf import MBF, MBFPreconditioner
 from .optimizer import KFAC, PreconditionedSGD
 from .preconditioner import KFACPreconditioner, Preconditioner
@@ -28,6 +29,8 @@ from .preconditioner import KFACPreconditioner, Preconditioner
 __all__ = [
     "CaptureSpec",
     "CurvatureBlock",
+    "FNGD",
+    "FNGDPreconditioner",
     "KFAC",
     "KFACPreconditioner",
     "Layer",

@@ -72,6 +72,22 @@ OPTIM_DB = [
     OptimInfo(
         "MBF-neuron-smw-relative", kfac.MBF, {"block_size": None, "damping_mode": "relative"}
     ),
+    OptimInfo("FNGD-slot", kfac.FNGD, {"store": "slot", "steps_per_epoch": 2}),
+    OptimInfo(
+        "FNGD-shared-absolute-refresh",
+        kfac.FNGD,
+        {
+            "store": "slot",
+            "steps_per_epoch": 2,
+            "refresh_epochs": 2,
+            "coefficients": "shared",
+            "damping_mode": "absolute",
+        },
+    ),
+    OptimInfo("FNGD-recompute-clipped", kfac.FNGD, {"store": "none", "rms_clip": 0.5}),
+    OptimInfo(
+        "PreconditionedSGD-fngd", kfac.PreconditionedSGD, {"block": "fngd", "store": "none"}
+    ),
     OptimInfo("PreconditionedSGD-mbf", kfac.PreconditionedSGD, {"block": "mbf", **_PERIODS}),
     OptimInfo("PreconditionedSGD-kron", kfac.PreconditionedSGD, {"block": "kron", **_PERIODS}),
     OptimInfo(
