@@ -25,6 +25,7 @@ from .fngd import FNGD, FNGDPreconditioner
 from .mbf import MBF, MBFPreconditioner
 from .optimizer import KFAC, PreconditionedSGD
 from .preconditioner import KFACPreconditioner, Preconditioner
+from .seng import SENG, SENGPreconditioner
 
 __all__ = [
     "CaptureSpec",
@@ -39,6 +40,8 @@ __all__ = [
     "MBFPreconditioner",
     "PreconditionedSGD",
     "Preconditioner",
+    "SENG",
+    "SENGPreconditioner",
     "Tick",
     "block_names",
     "inverse_names",

@@ -88,6 +88,13 @@ OPTIM_DB = [
     OptimInfo(
         "PreconditionedSGD-fngd", kfac.PreconditionedSGD, {"block": "fngd", "store": "none"}
     ),
+    OptimInfo("SENG-sketched", kfac.SENG, {"update_freq": 2, "col_sample_size": 4}),
+    OptimInfo(
+        "SENG-reference",
+        kfac.SENG,
+        {"update_freq": 3, "col_sample_size": 3, "scaling": "reference", "damping": 0.5},
+    ),
+    OptimInfo("PreconditionedSGD-seng", kfac.PreconditionedSGD, {"block": "seng"}),
     OptimInfo("PreconditionedSGD-mbf", kfac.PreconditionedSGD, {"block": "mbf", **_PERIODS}),
     OptimInfo("PreconditionedSGD-kron", kfac.PreconditionedSGD, {"block": "kron", **_PERIODS}),
     OptimInfo(
