@@ -29,12 +29,14 @@ from torch.nn import functional as F
 from . import data as datasets
 from . import models
 from ._kron import inverse_names
+from .fngd import FNGD
 from .mbf import MBF
 from .optimizer import KFAC
+from .seng import SENG
 
 #: Default learning rates (``--lr`` overrides). K-FAC's (with damping 3e-3, KL clip 1e-4,
 #: momentum 0.9) were chosen on the digits autoencoder at width 0.25; see docs/kfac.md.
-DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "kfac": 0.3, "mbf": 0.3}
+DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "kfac": 0.3, "mbf": 0.3, "fngd": 0.3, "seng": 0.3}
 
 #: MBF's command-line defaults (``--damping``, ``--factor-every``, ``--inverse-every`` and
 #: the block size, which ``--inverse-options`` overrides), chosen with lr 0.3 and KL clip 1e-4
@@ -46,6 +48,11 @@ MBF_DEFAULTS: dict[str, Any] = {
     "block_size": 8,
 }
 
+#: FNGD's and SENG's command-line defaults (``--damping``; SENG's ``--inverse-every`` is its
+#: ``update_freq``), chosen on the digits CNN (benchmarks/kfac_fngd.py, docs/kfac.md).
+FNGD_DEFAULTS: dict[str, Any] = {"damping": 0.1, "factor_every": 1, "inverse_every": 1}
+SENG_DEFAULTS: dict[str, Any] = {"damping": 0.1, "factor_every": 10, "inverse_every": 10}
+METHOD_DEFAULTS = {"mbf": MBF_DEFAULTS, "fngd": FNGD_DEFAULTS, "seng": SENG_DEFAULTS}
 
 #: The papers' names of the K-FAC variants and their ``inverse=`` strategies.
 VARIANTS = {
@@ -62,9 +69,10 @@ VARIANTS = {
 def optimizer_names() -> list[str]:
     """``sgd``, ``adam``, the variants' paper names (``kfac``, ``rkfac``, ``srekfac``,
     ``bkfac``, ``brkfac``, ``bckfac``, ``brckfac``), ``kfac-<inverse>`` for every registered
-    inverse strategy, and ``mbf`` (the mini-block Fisher method)."""
+    inverse strategy, ``mbf`` (the mini-block Fisher method), ``fngd`` and ``seng``."""
     aliases = [name for name, inverse in VARIANTS.items() if inverse in inverse_names()]
-    return ["sgd", "adam", *aliases, *(f"kfac-{name}" for name in inverse_names()), "mbf"]
+    kfacs = [*aliases, *(f"kfac-{name}" for name in inverse_names())]
+    return ["sgd", "adam", *kfacs, "mbf", "fngd", "seng"]
 
 
 def inverse_for(name: str) -> str:
@@ -99,6 +107,7 @@ class RunConfig:
     max_train: int | None = None
     inverse_options: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
+    shuffle: bool = True
 
 
 @dataclass
@@ -125,7 +134,7 @@ def _make_optimizer(
 ) -> torch.optim.Optimizer:
     if name not in optimizer_names():
         raise ValueError(f"Invalid optimizer: {name!r}; valid names are {optimizer_names()}")
-    kind = name if name in ("sgd", "adam", "mbf") else "kfac"
+    kind = name if name in ("sgd", "adam", "mbf", "fngd", "seng") else "kfac"
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[kind]
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
@@ -144,6 +153,27 @@ def _make_optimizer(
             factor_decay=cfg.factor_decay,
             loss=loss_name,
             **{"block_size": MBF_DEFAULTS["block_size"], **cfg.inverse_options},
+        )
+    if name == "fngd":
+        return FNGD(
+            model,
+            lr=lr,
+            momentum=cfg.momentum,
+            damping=cfg.damping,
+            kl_clip=cfg.kl_clip,
+            rms_clip=cfg.rms_clip,
+            **cfg.inverse_options,
+        )
+    if name == "seng":
+        return SENG(
+            model,
+            lr=lr,
+            momentum=cfg.momentum,
+            damping=cfg.damping,
+            kl_clip=cfg.kl_clip,
+            rms_clip=cfg.rms_clip,
+            update_freq=cfg.inverse_every,
+            **cfg.inverse_options,
         )
     inverse = inverse_for(name)
     return KFAC(
@@ -167,6 +197,21 @@ def _loss_fn(loss_name: str) -> Any:
     if loss_name == "mse":
         return lambda out, x, y: F.mse_loss(out, x.flatten(1))
     return lambda out, x, y: F.cross_entropy(out, y)
+
+
+def _per_sample_loss_fn(loss_name: str) -> Any:
+    """The per-sample losses whose batch mean is :func:`_loss_fn`'s loss."""
+    if loss_name == "mse":
+        return lambda out, x, y: F.mse_loss(out, x.flatten(1), reduction="none").mean(dim=1)
+    return lambda out, x, y: F.cross_entropy(out, y, reduction="none")
+
+
+def _fngd_weights(opt: torch.optim.Optimizer, idx: torch.Tensor) -> torch.Tensor | None:
+    """FNGD with shared coefficients: the loss weights of a step that reuses stored
+    coefficients (the weighted-loss path, about one SGD step); ``None`` otherwise."""
+    if isinstance(opt, FNGD) and opt.preconditioner.fngd.coefficients == "shared":
+        return opt.preconditioner.loss_weights(idx)
+    return None
 
 
 @torch.no_grad()
@@ -205,11 +250,14 @@ def train(
     dataset: datasets.Dataset | None = None,
     progress: bool = True,
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> RunResult:
     """Train ``cfg.model`` with ``cfg.optimizer``; evaluate ``evals_per_epoch`` times an epoch.
 
     ``make_optimizer(model)``, when given, builds the optimizer instead of ``cfg.optimizer``
-    (an optimizer from another package; ``cfg.optimizer`` then only names the run)."""
+    (an optimizer from another package; ``cfg.optimizer`` then only names the run).
+    ``timer`` measures the training steps (``time.process_time`` for the process's CPU time
+    on a loaded machine)."""
     ds = dataset if dataset is not None else datasets.load(cfg.data)
     if cfg.max_train is not None:
         ds = ds._replace(x_train=ds.x_train[: cfg.max_train], y_train=ds.y_train[: cfg.max_train])
@@ -219,6 +267,7 @@ def train(
     assert kind is not None
     assert loss_name is not None
     loss = _loss_fn(loss_name)
+    per_sample_loss = _per_sample_loss_fn(loss_name)
     if make_optimizer is not None:
         opt = make_optimizer(model)
     else:
@@ -247,20 +296,29 @@ def train(
         bar = tqdm(total=total_steps, desc=cfg.optimizer, leave=False, file=sys.stderr)
     elapsed, step = 0.0, 0
     for _ in range(cfg.epochs):
-        perm = torch.randperm(n, generator=batches)
+        perm = torch.randperm(n, generator=batches) if cfg.shuffle else torch.arange(n)
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             x, y = ds.x_train[idx].to(cfg.device), ds.y_train[idx].to(cfg.device)
             if cfg.device.startswith("cuda"):
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = timer()
             opt.zero_grad()
-            batch_loss = loss(model(x), x, y)
-            batch_loss.backward()
-            opt.step()
+            weights = _fngd_weights(opt, idx)
+            if weights is None:
+                batch_loss = loss(model(x), x, y)
+                batch_loss.backward()
+            else:  # the gradient of the weighted loss is FNGD's direction
+                losses = per_sample_loss(model(x), x, y)
+                (weights * losses).sum().backward()
+                batch_loss = losses.detach().mean()
+            if isinstance(opt, FNGD):  # its coefficients are stored by dataset index
+                opt.step(indices=idx)
+            else:
+                opt.step()
             if cfg.device.startswith("cuda"):
                 torch.cuda.synchronize()
-            elapsed += time.perf_counter() - start
+            elapsed += timer() - start
             step += 1
             if not math.isfinite(batch_loss.item()):
                 raise FloatingPointError(
@@ -365,7 +423,8 @@ def _parser() -> argparse.ArgumentParser:
             default={},
             metavar="JSON",
             help="options of the K-FAC inverse strategies, e.g. '{\"rank\": 100}', or of "
-            "MBF's block, e.g. '{\"block_size\": 16}'",
+            "the MBF, FNGD and SENG blocks, e.g. '{\"block_size\": 16}', "
+            '\'{"coefficients": "shared"}\', \'{"scaling": "reference"}\'',
         )
         p.add_argument("--seed", type=int, default=RunConfig.seed)
         p.add_argument(
@@ -406,9 +465,11 @@ def _learning_rates(specs: Sequence[str], names: Sequence[str]) -> dict[str, flo
 
 def _periods(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """``damping``, ``factor_every`` and ``inverse_every``: the command line's values, else
-    the optimizer's defaults (:data:`MBF_DEFAULTS` for ``mbf``, :class:`RunConfig`'s else)."""
+    the optimizer's defaults (:data:`METHOD_DEFAULTS` for ``mbf``, ``fngd`` and ``seng``,
+    :class:`RunConfig`'s else)."""
+    method = METHOD_DEFAULTS.get(name)
     defaults = {
-        key: MBF_DEFAULTS[key] if name == "mbf" else getattr(RunConfig, key)
+        key: method[key] if method is not None else getattr(RunConfig, key)
         for key in ("damping", "factor_every", "inverse_every")
     }
     given = {key: getattr(args, key) for key in defaults}

@@ -51,9 +51,10 @@ GRAM_METHODS = ("auto", "positions", "explicit")
 _CHUNK_ELEMENTS = 1 << 24
 
 
-def per_sample_rows(batch: LayerBatch) -> tuple[Tensor, Tensor]:
+def per_sample_rows(batch: LayerBatch, scaled: bool = True) -> tuple[Tensor, Tensor]:
     """``a`` ``(n, tau, d_A)`` and ``g`` ``(n, tau, d_G)`` scaled by ``n`` (per-sample loss
-    gradients), so that ``G_i = sum_t g_{i,t} a_{i,t}^T``."""
+    gradients), so that ``G_i = sum_t g_{i,t} a_{i,t}^T`` (``scaled=False``: ``g`` as
+    recorded, one pass over the rows less; then ``G_i = n sum_t g_{i,t} a_{i,t}^T``)."""
     if batch.a_rows is None or batch.g_rows is None:
         raise RuntimeError("per-sample algebra needs the layer's rows (CaptureSpec(rows=True))")
     n = batch.n
@@ -62,8 +63,8 @@ def per_sample_rows(batch: LayerBatch) -> tuple[Tensor, Tensor]:
             f"{batch.positions} recorded rows are not a multiple of the {n} samples"
         )
     a = batch.a_rows.reshape(n, -1, batch.a_rows.shape[-1])
-    g = batch.g_rows.reshape(n, -1, batch.g_rows.shape[-1]) * n
-    return a, g
+    g = batch.g_rows.reshape(n, -1, batch.g_rows.shape[-1])
+    return a, (g * n if scaled else g)
 
 
 def gram_method(n: int, tau: int, d_A: int, d_G: int, method: str = "auto") -> str:

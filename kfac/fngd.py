@@ -77,7 +77,7 @@ class CoefficientStore:
         self.filled = torch.zeros(0, dtype=torch.bool)
         self.slots: dict[int, Tensor] = {}
 
-    def lookup(self, key: Any, n: int) -> Tensor | None:
+    def lookup(self, key: Any) -> Tensor | None:
         """The stored coefficients of ``key`` (indices or a slot), ``None`` if any is missing."""
         if self.kind == "index":
             idx: Tensor = key
@@ -86,8 +86,7 @@ class CoefficientStore:
             if not bool(self.filled[idx].all()):
                 return None
             return self.table[idx.to(self.table.device)]
-        alpha = self.slots.get(int(key))
-        return alpha if alpha is not None and alpha.shape[0] == n else None
+        return self.slots.get(int(key))
 
     def put(self, key: Any, alpha: Tensor) -> None:
         """Store ``alpha`` under ``key`` (overwriting)."""
@@ -125,6 +124,10 @@ class CoefficientStore:
         store.filled = saved["filled"].to("cpu", torch.bool)
         store.slots = {int(k): v.to(device) for k, v in saved.get("slots", {}).items()}
         return store
+
+
+def _positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
 
 
 class FNGDState(NamedTuple):
@@ -174,6 +177,7 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
         steps_per_epoch: int | None = None,
         refresh_epochs: int | None = None,
         gram: str = "auto",
+        compute_epochs: int = 1,
     ) -> None:
         if coefficients not in COEFFICIENTS:
             raise ValueError(
@@ -191,8 +195,16 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise ValueError(f"Invalid {key}: {value!r} (must be an int >= 1 or None)")
-        if steps_per_epoch is None and (store == "slot" or refresh_epochs is not None):
-            what = "store='slot'" if store == "slot" else "refresh_epochs"
+        if not _positive_int(compute_epochs):
+            raise ValueError(f"Invalid compute_epochs: {compute_epochs!r} (must be an int >= 1)")
+        if steps_per_epoch is None and (
+            store == "slot" or refresh_epochs is not None or compute_epochs > 1
+        ):
+            what = (
+                "store='slot'"
+                if store == "slot"
+                else ("refresh_epochs" if refresh_epochs is not None else "compute_epochs > 1")
+            )
             raise ValueError(f"Invalid steps_per_epoch: None ({what} needs the epoch length)")
         self.dtype = dtype
         self.coefficients = coefficients
@@ -200,11 +212,15 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
         self.store = store
         self.steps_per_epoch = steps_per_epoch
         self.refresh_epochs = refresh_epochs
+        self.compute_epochs = compute_epochs
         self.gram = ps.check_method(gram)
         self.stores: dict[str, CoefficientStore] = {}
         self.indices: Tensor | None = None
-        # within one step, shared set: (step, compute?, summed Gram, looked-up alpha, alpha)
-        self._shared: dict[str, Any] = {"step": -1}
+        self._names: list[str] = []  # the coefficient sets (layer names, or SHARED)
+        self._plan: dict[str, Any] = {"step": -1}  # this step's decision and shared values
+        #: the coming step's loss is weighted by the stored shared coefficients
+        #: (:meth:`FNGDPreconditioner.loss_weights`)
+        self.weighted = False
 
     # ------------------------------------------------------------------ keys
     def set_indices(self, indices: Any) -> None:
@@ -239,18 +255,46 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
             return tick.step % self.steps_per_epoch
         return None
 
-    def _refresh_epoch(self, tick: Tick) -> bool:
-        if self.refresh_epochs is None:
+    def _refresh_epoch(self, step: int) -> bool:
+        """Whether ``step`` lies in an epoch that recomputes every coefficient: one of the
+        first ``compute_epochs``, or a multiple of ``refresh_epochs``."""
+        if self.steps_per_epoch is None:
             return False
-        assert self.steps_per_epoch is not None
-        return (tick.step // self.steps_per_epoch) % self.refresh_epochs == 0
+        epoch = step // self.steps_per_epoch
+        if epoch < self.compute_epochs:
+            return True
+        return self.refresh_epochs is not None and epoch % self.refresh_epochs == 0
 
-    def _stored(self, name: str, key: Any, n: int, tick: Tick) -> Tensor | None:
-        """The coefficients to reuse for this step, or ``None`` when they must be computed."""
-        if self.store == "none" or self._refresh_epoch(tick):
-            return None
-        store = self.stores.get(name)
-        return None if store is None else store.lookup(key, n)
+    def compute_step(self, step: int) -> bool:
+        """Whether step ``step`` computes coefficients (Grams and solves) rather than reusing
+        stored ones: always without a store and on refresh epochs, else when any coefficient
+        set lacks one of the step's keys. Before the step's indices are known (arming the
+        capture at the end of the previous step) the answer is ``True``; the clock asks
+        again when the step runs. The preconditioner makes this its statistics schedule, so
+        a reusing step runs no update phase and reads nothing back from the device."""
+        plan = self._plan
+        if plan["step"] == step and plan["indices"] is self.indices:
+            return bool(plan["compute"])
+        if self.store == "index" and self.indices is None:
+            return True
+        stored: dict[str, Tensor] = {}
+        if self.store == "none" or self._refresh_epoch(step) or not self._names:
+            compute = True
+        else:
+            key = self.indices if self.store == "index" else step % (self.steps_per_epoch or 1)
+            for name in self._names:
+                store = self.stores.get(name)
+                alpha = None if store is None else store.lookup(key)
+                if alpha is None:
+                    stored = {}
+                    break
+                stored[name] = alpha
+            compute = not stored
+        self._plan = {
+            "step": step, "indices": self.indices, "compute": compute, "stored": stored,
+            "K": None, "alpha": None,
+        }  # fmt: skip
+        return compute
 
     def _put(self, name: str, key: Any, alpha: Tensor) -> None:
         if self.store != "none":
@@ -270,64 +314,74 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
 
     # ------------------------------------------------------------------ protocol
     def capture(self, layer: Layer, state: FNGDState, factor_step: bool) -> CaptureSpec | None:
-        return CaptureSpec(rows=True)
+        # a weighted-loss step records nothing: its gradient already is G alpha
+        return None if self.weighted else CaptureSpec(rows=True)
 
     def init(self, layer: Layer) -> FNGDState:
+        name = SHARED if self.coefficients == "shared" else layer.name
+        if name not in self._names:
+            self._names.append(name)
         return FNGDState()
 
     def ready(self, state: FNGDState) -> bool:
         return state.alpha is not None
 
     def update(self, layer: Layer, state: FNGDState, batch: LayerBatch, tick: Tick) -> FNGDState:
+        """A computing step: the layer's Gram, then (per layer) its coefficients, stored."""
         n = batch.n
         key = self._key(tick, n)
+        self.compute_step(tick.step)
         a, g = ps.per_sample_rows(batch)
         method = ps.gram_method(n, a.shape[1], a.shape[2], g.shape[2], self.gram)
+        K = ps.gram(a, g, method)
         if self.coefficients == "shared":
-            shared = self._shared
-            if shared["step"] != tick.step:
-                stored = self._stored(SHARED, key, n, tick)
-                self._shared = shared = {
-                    "step": tick.step, "key": key, "K": None, "stored": stored, "alpha": None
-                }  # fmt: skip
-            if shared["stored"] is None:
-                K = ps.gram(a, g, method)
-                shared["K"] = K if shared["K"] is None else shared["K"] + K
+            plan = self._plan
+            plan["K"] = K if plan["K"] is None else plan["K"] + K
+            plan["key"] = key
             return state._replace(step=tick.step, gram=method)
-        stored = self._stored(layer.name, key, n, tick)
-        if stored is not None:
-            return state._replace(alpha=stored, step=tick.step, reused=state.reused + 1)
-        alpha = self._solve(ps.gram(a, g, method), tick.damping)
+        alpha = self._solve(K, tick.damping)
         self._put(layer.name, key, alpha)
         return state._replace(
             alpha=alpha, step=tick.step, computed=state.computed + 1, gram=method
         )
 
     def refresh(self, layer: Layer, state: FNGDState, tick: Tick) -> FNGDState:
+        """Every step: a reusing step looks the stored coefficients up; a computing step
+        solves the shared system once (first layer) and hands it to every layer."""
+        if not tick.factor:
+            name = SHARED if self.coefficients == "shared" else layer.name
+            self.compute_step(tick.step)
+            stored = self._plan["stored"].get(name)
+            if stored is None:  # no stored coefficients (a layer without statistics)
+                return state._replace(alpha=None, step=-1)
+            return state._replace(alpha=stored, step=tick.step, reused=state.reused + 1)
         if state.step != tick.step:  # not updated this step (no record, non-finite)
             return state._replace(alpha=None) if state.alpha is not None else state
         if self.coefficients == "per-layer":
             return state
-        shared = self._shared
-        if shared["alpha"] is None:
-            if shared["stored"] is not None:
-                shared["alpha"], shared["computed"] = shared["stored"], False
-            else:
-                shared["alpha"] = self._solve(shared["K"], tick.damping)
-                shared["computed"] = True
-                shared["K"] = None
-                self._put(SHARED, shared["key"], shared["alpha"])
-        if shared["computed"]:
-            return state._replace(alpha=shared["alpha"], computed=state.computed + 1)
-        return state._replace(alpha=shared["alpha"], reused=state.reused + 1)
+        plan = self._plan
+        alpha: Tensor | None = plan["alpha"]
+        if alpha is None:
+            alpha = self._solve(plan["K"], tick.damping)
+            plan["alpha"], plan["K"] = alpha, None
+            self._put(SHARED, plan["key"], alpha)
+        return state._replace(alpha=alpha, computed=state.computed + 1)
 
     def direction(
         self, layer: Layer, state: FNGDState, grad: Tensor, batch: LayerBatch | None, tick: Tick
     ) -> Tensor:
-        assert batch is not None
         assert state.alpha is not None
-        a, g = ps.per_sample_rows(batch)
-        return ps.weighted_sum(a, g, state.alpha).to(grad.dtype)
+        if batch is None:  # a weighted-loss step: .grad is sum_i alpha_i grad l_i already
+            assert self.weighted
+            return grad
+        if state.alpha.shape[0] != batch.n:
+            raise ValueError(
+                f"FNGD: the coefficients stored for step {tick.step}'s slot weight "
+                f"{state.alpha.shape[0]} samples, the batch has {batch.n} (is `steps_per_epoch` "
+                "the number of batches per epoch?)"
+            )
+        a, g = ps.per_sample_rows(batch, scaled=False)  # n folded into the weights
+        return ps.weighted_sum(a, g, state.alpha * batch.n).to(grad.dtype)
 
     def state_dict(self, state: FNGDState) -> dict[str, Any]:
         return dict(state._asdict())
@@ -373,7 +427,7 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
             name: CoefficientStore.from_state_dict(saved, device)
             for name, saved in state["stores"].items()
         }
-        self._shared = {"step": -1}
+        self._plan = {"step": -1}
 
     def diagnostics(self, layer: Layer, state: FNGDState) -> list[dict[str, Any]]:
         name = SHARED if self.coefficients == "shared" else layer.name
@@ -402,6 +456,7 @@ def fngd_block(
     steps_per_epoch: int | None = None,
     refresh_epochs: int | None = None,
     gram: str = "auto",
+    compute_epochs: int = 1,
 ) -> FNGDBlock:
     """The registry's factory for ``"fngd"`` (``seed`` unused: the method is deterministic;
     ``fisher`` must be ``"empirical"``: the coefficients weight the true-label gradients)."""
@@ -418,6 +473,7 @@ def fngd_block(
         steps_per_epoch=steps_per_epoch,
         refresh_epochs=refresh_epochs,
         gram=gram,
+        compute_epochs=compute_epochs,
     )
 
 
@@ -484,6 +540,7 @@ class FNGDPreconditioner(Preconditioner):
         steps_per_epoch: int | None = None,
         refresh_epochs: int | None = None,
         gram: str = "auto",
+        compute_epochs: int = 1,
         **kwargs: Any,
     ) -> None:
         for key in ("factor_every", "inverse_every", "factor_decay", "fisher"):
@@ -496,8 +553,8 @@ class FNGDPreconditioner(Preconditioner):
             model,
             "fngd",
             damping=damping,
-            factor_every=1,
-            inverse_every=1,
+            factor_every=self._period,
+            inverse_every=self._period,
             factor_decay=0.0,
             coefficients=coefficients,
             damping_mode=damping_mode,
@@ -505,8 +562,16 @@ class FNGDPreconditioner(Preconditioner):
             steps_per_epoch=steps_per_epoch,
             refresh_epochs=refresh_epochs,
             gram=gram,
+            compute_epochs=compute_epochs,
             **kwargs,
         )
+
+    def _period(self, step: int) -> int:
+        """The statistics (and refresh) schedule: 1 on computing steps; on reusing steps a
+        period that does not divide ``step``, so the engine runs no update phase."""
+        if not hasattr(self, "engine"):  # the clock is validated before the block exists
+            return 1
+        return 1 if self.fngd.compute_step(step) else step + 2
 
     @property
     def fngd(self) -> FNGDBlock:
@@ -543,12 +608,61 @@ class FNGDPreconditioner(Preconditioner):
         try:
             super().step(lr)
         finally:
-            self.fngd.indices = None
+            self._forget()
+
+    def _forget(self) -> None:
+        """End of a step: forget its indices and weighting, and re-arm the capture."""
+        block = self.fngd
+        block.indices = None
+        if block.weighted:
+            block.weighted = False
+            self.engine.arm()
 
     def skip(self) -> None:
-        """Discard the coming step's records and indices."""
+        """Discard the coming step's records, indices and weighting."""
         super().skip()
-        self.fngd.indices = None
+        self._forget()
+
+    def loss_weights(self, indices: Any = None) -> Tensor | None:
+        """The per-sample loss weights of the coming step, for the weighted-loss path.
+
+        On a step that reuses stored shared coefficients, returns them (``alpha``, one per
+        sample): the caller then back-propagates ``(alpha * per_sample_losses).sum()``, whose
+        gradient *is* FNGD's direction ``G alpha`` for every layer, and the hooks record
+        nothing (the step costs what an SGD step costs). On a step that computes
+        coefficients, returns ``None``: back-propagate the usual batch-mean loss. Call it
+        before the forward pass.
+
+        Parameters
+        ----------
+        indices : 1-D integer tensor, optional
+            The batch's dataset indices (``store="index"``), as for :meth:`step`.
+
+        Raises
+        ------
+        ValueError
+            ``coefficients="per-layer"`` (one weight per sample must serve every layer).
+
+        Notes
+        -----
+        Every parameter's gradient is then the weighted one, the parameters outside the
+        preconditioned layers (biases of normalisation layers, ...) included, whereas the
+        default path leaves those with the batch-mean gradient.
+        """
+        block = self.fngd
+        if block.coefficients != "shared":
+            raise ValueError(
+                "Invalid coefficients: 'per-layer'; loss weights need coefficients='shared' "
+                "(one weight per sample for every layer)"
+            )
+        if indices is not None:
+            self.set_indices(indices)
+        if block.compute_step(self.steps):
+            return None
+        block.weighted = True
+        self.engine.arm()  # record nothing on this step
+        alpha: Tensor = block._plan["stored"][SHARED]
+        return alpha
 
     def state(self, name: str) -> FNGDState:
         """The :class:`FNGDState` of layer ``name``."""
@@ -609,7 +723,7 @@ class FNGD(PreconditionedSGD):
     preconditioner_class: ClassVar[type[Preconditioner]] = FNGDPreconditioner
     preconditioner: FNGDPreconditioner
 
-    def step(self, closure: Any = None, *, indices: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Any = None, *, indices: Any = None) -> Any:
         """Precondition and update (see :class:`~kfac.PreconditionedSGD`); ``indices`` are the
         dataset indices of the batch (``store="index"``)."""
         if indices is not None:

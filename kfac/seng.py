@@ -1,5 +1,5 @@
-"""SENG: sketchy empirical natural gradient (Yang, Chen, Li, Wen and Zhang; J. Sci. Comput. 92,
-2022; arXiv 2006.05924).
+"""SENG: sketch-based empirical natural gradient (Yang, Xu, Wen, Chen and Xu; J. Sci. Comput.
+92, 2022; arXiv 2006.05924).
 
 Per layer, the rows of ``U`` (``n x P``) are the per-sample gradients scaled by
 ``1 / sqrt(n)``, so that ``U^T U`` is the batch's empirical Fisher, and the direction is the
@@ -249,7 +249,7 @@ class SENGBlock(CurvatureBlock[SENGState]):
         missing = set(SENGState._fields) - set(saved)
         if missing:
             raise ValueError(f"SENG state of layer {layer.describe()} lacks {sorted(missing)}")
-        values = {
+        values: dict[str, Any] = {
             key: value.to(device) if isinstance(value, Tensor) else value
             for key, value in saved.items()
             if key in SENGState._fields

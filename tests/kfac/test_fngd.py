@@ -196,9 +196,9 @@ def test_the_applied_direction_is_exactly_the_weighted_sum_of_the_rows() -> None
         batch = {name: precond.recorded(name) for name in precond.layer_names}
         precond.step()
         for name in precond.layer_names:
-            a, g = ps.per_sample_rows(batch[name])
+            a, g = ps.per_sample_rows(batch[name], scaled=False)
             alpha = precond.coefficients(name).slots[0]
-            expected = ps.weighted_sum(a, g, alpha).to(torch.float32)
+            expected = ps.weighted_sum(a, g, alpha * batch[name].n).to(torch.float32)
             assert torch.equal(precond.layer(name).grad_matrix(torch.float32), expected)
         assert [r["reused"] for r in precond.diagnostics()] == [step, step]
 
@@ -312,3 +312,38 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match=r"saved with coefficients='shared'"):
         precond.load_state_dict(other.state_dict())
     assert isinstance(precond.block, FNGDBlock)
+
+
+def test_weighted_loss_path_equals_the_outer_product_path() -> None:
+    """Epoch 2 with ``loss_weights``: the weighted loss's gradient is the same direction as
+    the default path's weighted outer products, and the hooks record nothing."""
+    model, x, y, _ = make_case("conv", n=12)
+    twin = copy.deepcopy(model)
+    options = {"damping": 0.2, "coefficients": "shared", "factor_dtype": torch.float64}
+    plain = kfac.FNGD(model, lr=0.05, momentum=0.9, **options)
+    weighted = kfac.FNGD(twin, lr=0.05, momentum=0.9, **options)
+    batches = torch.arange(12).split(4)
+    for epoch in range(2):
+        for idx in batches[::-1] if epoch else batches:
+            plain.zero_grad()
+            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+            plain.step(indices=idx)
+            weighted.zero_grad()
+            w = weighted.preconditioner.loss_weights(idx)
+            assert (w is None) == (epoch == 0)
+            assert bool(weighted.preconditioner.capture_plan()) == (epoch == 0)
+            losses = nn.functional.cross_entropy(twin(x[idx]), y[idx], reduction="none")
+            (losses.mean() if w is None else (w * losses).sum()).backward()
+            weighted.step(indices=idx)
+            assert weighted.preconditioner.capture_plan()  # re-armed for the next step
+            for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+                torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    rows = weighted.preconditioner.diagnostics()
+    assert [(r["computed"], r["reused"]) for r in rows] == [(3, 3), (3, 3)]
+
+
+def test_loss_weights_need_shared_coefficients() -> None:
+    model, *_ = make_case("linear")
+    precond = kfac.FNGDPreconditioner(model)
+    with pytest.raises(ValueError, match=r"Invalid coefficients: 'per-layer'; loss weights"):
+        precond.loss_weights(torch.arange(4))

@@ -32,14 +32,16 @@ def test_public_surface_is_explicit_and_sorted() -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["KFAC", "KFACPreconditioner"])
+@pytest.mark.parametrize("name", ["KFAC", "KFACPreconditioner", "FNGD", "SENGPreconditioner"])
 def test_classes_are_documented_with_numpydoc(name: str) -> None:
     doc = inspect.getdoc(getattr(kfac, name))
     for section in ("Parameters", "Notes", "Examples"):
         assert f"\n{section}\n" in doc, f"{name}: numpydoc section {section} missing"
 
 
-@pytest.mark.parametrize("module", ["kfac.preconditioner", "kfac.optimizer", "kfac.mbf"])
+@pytest.mark.parametrize(
+    "module", ["kfac.preconditioner", "kfac.optimizer", "kfac.mbf", "kfac.fngd", "kfac.seng"]
+)
 def test_doctests(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
     assert result.failed == 0
