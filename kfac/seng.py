@@ -357,6 +357,14 @@ class SENGPreconditioner(Preconditioner):
         ``lr``, ``skip_layers``, ``factor_dtype``, ``grad_scaler``, ``seed``,
         ``time_phases``).
 
+    Notes
+    -----
+    The per-sample gradients come from the layer's rows as ``n`` times the output gradients
+    of the *batch-mean* loss: the loss must be a mean over the batch's samples. Rows are
+    recorded on refresh steps only; the steps in between reuse the stale ``U`` and inverse
+    and read nothing back from the device. Parameters outside the ``nn.Linear`` and
+    ``nn.Conv2d`` layers (normalisation layers, ...) keep their gradient.
+
     Examples
     --------
     >>> import torch
@@ -432,6 +440,11 @@ class SENG(PreconditionedSGD):
     **kwargs
         Passed to :class:`SENGPreconditioner` (``damping``, ``update_freq``,
         ``col_sample_size``, ``scaling``, ``explicit_max``, ``svd_rank``, ``kl_clip``, ...).
+
+    Notes
+    -----
+    ``state_dict()`` holds the stale ``U`` (or its factors), the prepared inverses and the
+    coordinate sampler's generator, so a saved run continues identically.
 
     Examples
     --------
