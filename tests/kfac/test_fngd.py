@@ -224,6 +224,17 @@ def test_refresh_epochs_recompute_and_slot_keys() -> None:
     assert not torch.equal(precond.coefficients("0").slots[1], torch.zeros(4))
 
 
+def test_compute_epochs_recompute_the_first_epochs() -> None:
+    model, x, y, _ = make_case("linear", n=8)
+    precond = kfac.FNGDPreconditioner(model, steps_per_epoch=2, compute_epochs=2)
+    for step in range(6):
+        model.zero_grad()
+        idx = torch.arange(4) + 4 * (step % 2)
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        precond.step(indices=idx)
+    assert (precond.state("0").computed, precond.state("0").reused) == (4, 2)
+
+
 def test_index_keys_follow_the_samples_across_batches() -> None:
     """A batch whose samples all have stored coefficients reuses them, whatever the batch;
     a batch with one unseen sample is recomputed."""
@@ -287,6 +298,8 @@ def test_errors() -> None:
         ({"refresh_epochs": 2}, r"Invalid steps_per_epoch: None \(refresh_epochs needs"),
         ({"steps_per_epoch": 0}, r"Invalid steps_per_epoch: 0 \(must be an int >= 1"),
         ({"refresh_epochs": 1.5, "steps_per_epoch": 2}, r"Invalid refresh_epochs: 1.5"),
+        ({"compute_epochs": 0}, r"Invalid compute_epochs: 0 \(must be an int >= 1\)"),
+        ({"compute_epochs": 2}, r"Invalid steps_per_epoch: None \(compute_epochs > 1 needs"),
         ({"gram": "dense"}, r"Invalid gram: 'dense'; valid names"),
         ({"factor_every": 2}, r"Invalid option 'factor_every': FNGD computes"),
     ):
@@ -347,3 +360,24 @@ def test_loss_weights_need_shared_coefficients() -> None:
     precond = kfac.FNGDPreconditioner(model)
     with pytest.raises(ValueError, match=r"Invalid coefficients: 'per-layer'; loss weights"):
         precond.loss_weights(torch.arange(4))
+
+
+def test_a_reusing_step_reads_nothing_back(monkeypatch) -> None:
+    """Slot keys: a step that reuses stored coefficients runs no update phase and converts no
+    tensor to a Python value (index keys read only the host-side index tensor)."""
+    from .test_engine import count_conversions, model_and_batch
+
+    model, x, y = model_and_batch()
+    precond = kfac.FNGDPreconditioner(model, store="slot", steps_per_epoch=2)
+    for step in range(4):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if step == 3:
+            before = [p.grad.clone() for p in model.parameters()]
+            with count_conversions(monkeypatch) as calls:
+                precond.step()
+        else:
+            precond.step()
+    assert calls == []
+    assert all(not torch.equal(b, p.grad) for b, p in zip(before, model.parameters(), strict=True))
+    assert [row["reused"] for row in precond.diagnostics()] == [2, 2, 2]

@@ -163,3 +163,21 @@ def test_errors() -> None:
     other = kfac.SENGPreconditioner(make_case("linear")[0], scaling="reference")
     with pytest.raises(ValueError, match=r"saved with scaling='reference'"):
         precond.load_state_dict(other.state_dict())
+
+
+def test_a_stale_step_reads_nothing_back(monkeypatch) -> None:
+    from .test_engine import count_conversions, model_and_batch
+
+    model, x, y = model_and_batch()
+    precond = kfac.SENGPreconditioner(model, update_freq=3, col_sample_size=4)
+    for step in range(3):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        if step == 2:
+            before = [p.grad.clone() for p in model.parameters()]
+            with count_conversions(monkeypatch) as calls:
+                precond.step()
+        else:
+            precond.step()
+    assert calls == []
+    assert all(not torch.equal(b, p.grad) for b, p in zip(before, model.parameters(), strict=True))
