@@ -63,8 +63,16 @@ CONFIGS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "fngd": ("fngd", FNGD),
     "fngd-shared": ("fngd", {**FNGD, "inverse_options": {"coefficients": "shared"}}),
     "fngd-recompute": ("fngd", {"lr": 0.3, "damping": 3e-3, "inverse_options": {"store": "none"}}),
+    "fngd-3-epochs": (
+        "fngd",
+        {
+            "lr": 0.3,
+            "damping": 3e-3,
+            "inverse_options": {"compute_epochs": 3, "steps_per_epoch": 12},
+        },
+    ),
     "seng": ("seng", SENG),
-    "seng-reference": ("seng", {**SENG, "inverse_options": {"scaling": "reference"}}),
+    "seng-unbiased": ("seng", {**SENG, "inverse_options": {"scaling": "unbiased"}}),
 }
 #: lr from {1e-3, 3e-3, 1e-2, 3e-2} on the CNN, seed 0: 1e-3 did not learn in 6 epochs, 3e-3
 #: and 3e-2 diverged, 1e-2 was best (docs/kfac.md).

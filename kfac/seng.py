@@ -31,7 +31,9 @@ terms of Hadamard products of two small Grams, and ``U g`` uses the full factors
 the factored form), ``scaling="unbiased"`` multiplies each sampled copy by ``sqrt(r)``, so the
 sketched Gram is unbiased; ``scaling="reference"`` multiplies each copy by ``r``, as the
 authors' code does, so the sketched Gram is ``r U U^T`` in expectation (an effective damping
-of ``lambda / r`` on that layer). ``U g`` is unbiased under both.
+of ``lambda / r`` on that layer). ``U g`` is unbiased under both. The default is
+``"reference"``: it trained the digits CNN better over three seeds and tied on the
+autoencoder (docs/kfac.md).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ __all__ = [
     "seng_block",
 ]
 
-SCALINGS = ("unbiased", "reference")
+SCALINGS = ("reference", "unbiased")
 KINDS = ("factored", "explicit", "implicit")
 
 
@@ -95,7 +97,7 @@ class SENGBlock(CurvatureBlock[SENGState]):
         Seed of the coordinate sampler.
     col_sample_size : int or None, default 256
         ``s`` (``None``: no sketching).
-    scaling : {"unbiased", "reference"}, default "unbiased"
+    scaling : {"reference", "unbiased"}, default "reference"
     explicit_max : int, default 1_000_000
         Largest ``P`` of a convolution whose per-sample gradients are formed.
     svd_rank : int, default 16
@@ -110,7 +112,7 @@ class SENGBlock(CurvatureBlock[SENGState]):
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
         col_sample_size: int | None = 256,
-        scaling: str = "unbiased",
+        scaling: str = "reference",
         explicit_max: int = 1_000_000,
         svd_rank: int = 16,
     ) -> None:
@@ -309,7 +311,7 @@ def seng_block(
     seed: int,
     fisher: str,
     col_sample_size: int | None = 256,
-    scaling: str = "unbiased",
+    scaling: str = "reference",
     explicit_max: int = 1_000_000,
     svd_rank: int = 16,
 ) -> SENGBlock:
@@ -349,7 +351,7 @@ class SENGPreconditioner(Preconditioner):
     update_freq : int or callable(step), default 200
         Steps between refreshes of ``U`` and the inverse (the authors' CIFAR-10 value).
     col_sample_size : int or None, default 256
-    scaling : {"unbiased", "reference"}, default "unbiased"
+    scaling : {"reference", "unbiased"}, default "reference"
     explicit_max : int, default 1_000_000
     svd_rank : int, default 16
     **kwargs
@@ -386,7 +388,7 @@ class SENGPreconditioner(Preconditioner):
         damping: Any = 1.0,
         update_freq: Any = 200,
         col_sample_size: int | None = 256,
-        scaling: str = "unbiased",
+        scaling: str = "reference",
         explicit_max: int = 1_000_000,
         svd_rank: int = 16,
         **kwargs: Any,

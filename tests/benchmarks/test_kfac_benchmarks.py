@@ -89,7 +89,7 @@ def test_quick_fngd_benchmark(run_quick) -> None:
     assert set(summary) == {"cnn", "autoencoder"}
     for task, rows in summary.items():
         expected = {"sgd", "adam", "kfac", "bkfac-batch-clock", "fngd", "fngd-shared",
-                    "fngd-recompute", "seng", "seng-reference"}  # fmt: skip
+                    "fngd-recompute", "fngd-3-epochs", "seng", "seng-unbiased"}  # fmt: skip
         assert expected <= set(rows) <= expected | {"shampoo"}
         for name, row in rows.items():
             assert row["time_per_step"] > 0, (task, name)

@@ -90,9 +90,9 @@ OPTIM_DB = [
     ),
     OptimInfo("SENG-sketched", kfac.SENG, {"update_freq": 2, "col_sample_size": 4}),
     OptimInfo(
-        "SENG-reference",
+        "SENG-unbiased",
         kfac.SENG,
-        {"update_freq": 3, "col_sample_size": 3, "scaling": "reference", "damping": 0.5},
+        {"update_freq": 3, "col_sample_size": 3, "scaling": "unbiased", "damping": 0.5},
     ),
     OptimInfo("PreconditionedSGD-seng", kfac.PreconditionedSGD, {"block": "seng"}),
     OptimInfo("PreconditionedSGD-mbf", kfac.PreconditionedSGD, {"block": "mbf", **_PERIODS}),
