@@ -23,9 +23,15 @@ Options (:class:`FNGDBlock`):
   batch's ``indices`` to ``step``), ``"slot"`` (keyed by the step's slot within the epoch,
   ``step % steps_per_epoch``), or ``"none"`` (recompute every step: the exact per-batch SMW
   natural gradient).
-- ``refresh_epochs``: recompute (and overwrite) the stored coefficients every ``E`` epochs
-  (epochs of ``steps_per_epoch`` steps); otherwise they are computed once, the first time a
-  key is seen.
+- ``compute_epochs`` and ``refresh_epochs``: compute (and overwrite) the stored
+  coefficients during the first ``compute_epochs`` epochs (default 1) and every
+  ``refresh_epochs`` epochs (epochs of ``steps_per_epoch`` steps); otherwise they are
+  computed once, the first time a key is seen.
+
+The weighted step: by default one weighted outer product per layer from the recorded rows;
+with shared coefficients, :meth:`FNGDPreconditioner.loss_weights` gives the stored
+coefficients before the forward pass so the training loop can back-propagate the weighted
+loss instead (its gradient is the direction; nothing is recorded).
 """
 
 from __future__ import annotations
@@ -157,6 +163,9 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
         Recompute the coefficients on every ``refresh_epochs``-th epoch (0, E, 2E, ...).
     gram : {"auto", "positions", "explicit"}, default "auto"
         How the Grams are formed (``kfac._persample``'s cost rule).
+    compute_epochs : int, default 1
+        Epochs, from the first, in which every step computes its coefficients (more than 1
+        needs ``steps_per_epoch``).
 
     Notes
     -----
@@ -504,6 +513,8 @@ class FNGDPreconditioner(Preconditioner):
     refresh_epochs : int, optional
         Recompute the coefficients every ``refresh_epochs`` epochs.
     gram : {"auto", "positions", "explicit"}, default "auto"
+    compute_epochs : int, default 1
+        Recompute during the first ``compute_epochs`` epochs (the paper: 1).
     **kwargs
         The other options of :class:`~kfac.Preconditioner` (``kl_clip``, ``rms_clip``,
         ``lr``, ``skip_layers``, ``factor_dtype``, ``grad_scaler``, ``time_phases``).
