@@ -36,7 +36,15 @@ from .seng import SENG
 
 #: Default learning rates (``--lr`` overrides). K-FAC's (with damping 3e-3, KL clip 1e-4,
 #: momentum 0.9) were chosen on the digits autoencoder at width 0.25; see docs/kfac.md.
-DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3, "kfac": 0.3, "mbf": 0.3, "fngd": 0.3, "seng": 0.3}
+DEFAULT_LR = {
+    "sgd": 0.1,
+    "adam": 1e-3,
+    "adamw": 1e-3,
+    "kfac": 0.3,
+    "mbf": 0.3,
+    "fngd": 0.3,
+    "seng": 0.3,
+}
 
 #: MBF's command-line defaults (``--damping``, ``--factor-every``, ``--inverse-every`` and
 #: the block size, which ``--inverse-options`` overrides), chosen with lr 0.3 and KL clip 1e-4
@@ -71,8 +79,16 @@ def optimizer_names() -> list[str]:
     ``bkfac``, ``brkfac``, ``bckfac``, ``brckfac``), ``kfac-<inverse>`` for every registered
     inverse strategy, ``mbf`` (the mini-block Fisher method), ``fngd`` and ``seng``."""
     aliases = [name for name, inverse in VARIANTS.items() if inverse in inverse_names()]
-    kfacs = [*aliases, *(f"kfac-{name}" for name in inverse_names())]
-    return ["sgd", "adam", *kfacs, "mbf", "fngd", "seng"]
+    return [
+        "sgd",
+        "adam",
+        "adamw",
+        *aliases,
+        *(f"kfac-{name}" for name in inverse_names()),
+        "mbf",
+        "fngd",
+        "seng",
+    ]
 
 
 def inverse_for(name: str) -> str:
@@ -134,12 +150,14 @@ def _make_optimizer(
 ) -> torch.optim.Optimizer:
     if name not in optimizer_names():
         raise ValueError(f"Invalid optimizer: {name!r}; valid names are {optimizer_names()}")
-    kind = name if name in ("sgd", "adam", "mbf", "fngd", "seng") else "kfac"
+    kind = name if name in ("sgd", "adam", "adamw", "mbf", "fngd", "seng") else "kfac"
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[kind]
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr)
     if name == "mbf":
         return MBF(
             model,
@@ -245,6 +263,28 @@ def _reached(cfg: RunConfig, loss: float, accuracy: float | None) -> bool:
     )
 
 
+class ConfigError(ValueError):
+    """A run configuration the optimizer rejects (the command line reports it as a usage
+    error)."""
+
+
+def _build(
+    cfg: RunConfig,
+    ds: datasets.Dataset,
+    make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The seeded model and its optimizer; :class:`ConfigError` for rejected options."""
+    _, loss_name = models.MODELS[cfg.model]
+    torch.manual_seed(cfg.seed)
+    model = models.build(cfg.model, ds.image_shape, ds.num_classes, cfg.width).to(cfg.device)
+    if make_optimizer is not None:
+        return model, make_optimizer(model)
+    try:
+        return model, _make_optimizer(cfg.optimizer, model, cfg, loss_name)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"--optimizer {cfg.optimizer}: {exc}") from exc
+
+
 def train(
     cfg: RunConfig,
     dataset: datasets.Dataset | None = None,
@@ -262,16 +302,11 @@ def train(
     if cfg.max_train is not None:
         ds = ds._replace(x_train=ds.x_train[: cfg.max_train], y_train=ds.y_train[: cfg.max_train])
     kind, loss_name = models.MODELS.get(cfg.model, (None, None))
-    torch.manual_seed(cfg.seed)
-    model = models.build(cfg.model, ds.image_shape, ds.num_classes, cfg.width).to(cfg.device)
+    model, opt = _build(cfg, ds, make_optimizer)
     assert kind is not None
     assert loss_name is not None
     loss = _loss_fn(loss_name)
     per_sample_loss = _per_sample_loss_fn(loss_name)
-    if make_optimizer is not None:
-        opt = make_optimizer(model)
-    else:
-        opt = _make_optimizer(cfg.optimizer, model, cfg, loss_name)
     n = ds.x_train.shape[0]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -380,11 +415,29 @@ def plot(results: Sequence[RunResult], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def _clip(text: str) -> float | None:
+    """A clip threshold: a number >= 0, where 0 (or 'none') switches the clip off."""
+    if text.lower() in ("none", "off"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number >= 0 or 'none', got {text!r}"
+        ) from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0 (0 is off), got {text!r}")
+    return value or None
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kfac", description=__doc__.split("\n")[0])
+    formatter = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="python -m kfac", description=__doc__.split("\n")[0], formatter_class=formatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for command in ("train", "compare"):
-        p = sub.add_parser(command, help=f"{command} on one task")
+        p = sub.add_parser(command, help=f"{command} on one task", formatter_class=formatter)
         if command == "train":
             p.add_argument("--optimizer", default="kfac", choices=optimizer_names())
             p.add_argument(
@@ -414,7 +467,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--damping", type=float, default=None, help="default per optimizer (K-FAC: 3e-3)"
         )
-        p.add_argument("--kl-clip", type=float, default=RunConfig.kl_clip)
+        p.add_argument(
+            "--kl-clip", type=_clip, default=RunConfig.kl_clip, help="KL clip; 0 or 'none': off"
+        )
         p.add_argument("--factor-every", type=int, default=None, help="default per optimizer")
         p.add_argument("--inverse-every", type=int, default=None, help="default per optimizer")
         p.add_argument(
@@ -477,7 +532,10 @@ def _periods(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
     common = {
         key: getattr(args, key)
         for key in (
@@ -510,6 +568,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in args.optimizers
         ]
     dataset = datasets.load(args.data)
+    for cfg in configs:  # every configuration is checked before any training starts
+        try:
+            _build(cfg, dataset)
+        except ConfigError as exc:
+            parser.error(str(exc))
     results = [train(cfg, dataset, progress=not args.quiet) for cfg in configs]
     title = f"{args.model} (width {args.width:g}) on {dataset.name}"
     print(f"\n{title}, {args.epochs} epochs, batch {args.batch_size}, seed {args.seed}\n")

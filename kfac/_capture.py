@@ -1,11 +1,26 @@
 """Hooks that record layer inputs and output gradients as each block's capture spec asks.
 
 The engine arms the capture before each step with one :class:`~kfac._curvature.CaptureSpec`
-per layer (or none): what the forward of that step must record. Inputs are reduced to the
+per layer (or none): what the forwards of that step must record. Inputs are reduced to the
 sum of outer products ``sum a a^T`` inside the forward hook (no activation is kept alive
 until ``step()``) unless the spec asks for the rows (``O(n D)``, for online updates and for
 directions computed from the rows). A layer with no spec records nothing, and nothing is
-recorded under ``torch.no_grad()``.
+recorded under ``torch.no_grad()`` or in eval mode (``module.training`` false).
+
+Accumulation. Everything recorded between two ``step()`` calls counts (docs/kfac.md,
+*Training loops*):
+
+* **micro-batches**: a forward of a layer after its output gradients arrived starts a new
+  micro-batch; the samples ``n`` of the micro-batches add up. With the loss of each of ``k``
+  micro-batches divided by ``k`` (the usual ``loss / k``), the statistics equal those of one
+  backward over the concatenated batch;
+* **several calls inside one forward/backward** (two views, a siamese pair, a module applied
+  twice) share the weight: like positions of a sequence (the *expand* setting of Eschenhagen
+  et al., 2023), each call adds rows for the same ``n`` samples, so ``tau`` counts rows per
+  sample over all calls.
+
+A forward recorded with no backward before ``step()`` is an error naming the layer (an
+evaluation forward in training mode with gradients enabled, most often).
 
 Output gradients are captured with a *tensor* hook registered on the layer's output in the
 forward hook: unlike ``register_full_backward_hook`` it keeps working when an in-place
@@ -30,6 +45,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
+from ._attention import restore
 from ._curvature import CaptureSpec, LayerBatch
 
 __all__ = ["LOSSES", "Capture", "sampled_loss"]
@@ -77,17 +93,35 @@ def _exact(t: Any) -> bool:
 
 @dataclass
 class Record:
-    """What one layer saw on the current factor-update step (sums in the statistics dtype)."""
+    """What one layer saw since the last step (sums in the statistics dtype).
+
+    Calls are numbered in forward order. A call made during a backward pass (an activation
+    checkpoint's recomputation) is *pending* until its output gradient arrives: a
+    non-reentrant checkpoint's recomputation never gets one and is dropped, a reentrant
+    one's does and counts. ``outside`` holds the calls made outside a backward, each of
+    which must get a gradient before ``step()``."""
 
     a_sum: Tensor | None = None
-    a_blocks: list[Tensor] = field(default_factory=list)
-    g_blocks: list[Tensor] = field(default_factory=list)
+    a_blocks: dict[int, Tensor] = field(default_factory=dict)
+    g_blocks: dict[int, Tensor] = field(default_factory=dict)
+    pending: dict[int, tuple[Tensor, int, int, bool]] = field(default_factory=dict)
     a_rows: int = 0
-    n: int | None = None
+    n: int = 0
+    call_n: int | None = None
+    calls: int = 0
+    outside: set[int] = field(default_factory=set)
+    grads: set[int] = field(default_factory=set)
+    fresh_grad: bool = False
     g_sum: Tensor | None = None
     g_rows: int = 0
     half: bool = False
     handles: list[Any] = field(default_factory=list)
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass now (a checkpoint recomputation)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 class Capture:
@@ -96,7 +130,7 @@ class Capture:
     Parameters
     ----------
     model : nn.Module
-        The model; a forward pre-hook on it starts a new record for every training forward.
+        The model (a forward hook on it runs the Monte-Carlo pass of ``fisher="mc"``).
     layers : mapping of name to layer helper
         The registered layers (``kfac._layers``).
     dtype : torch.dtype
@@ -138,7 +172,7 @@ class Capture:
         self.plan: dict[str, CaptureSpec] = {}
         self._statistics = False
         self._mc_pass = False
-        self._handles: list[RemovableHandle] = [model.register_forward_pre_hook(self._on_start)]
+        self._handles: list[RemovableHandle] = []
         for name, layer in self.layers.items():
             self._handles.append(layer.module.register_forward_hook(self._forward_hook(name)))
         if fisher == "mc":
@@ -151,10 +185,14 @@ class Capture:
         self._statistics = statistics
 
     def remove(self) -> None:
-        """Remove every hook."""
+        """Remove every hook (and give attention modules back their own forward)."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for layer in self.layers.values():
+            owner = getattr(layer, "owner_module", None)
+            if owner is not None:
+                restore(owner)
         self.reset()
 
     def reset(self) -> None:
@@ -164,15 +202,9 @@ class Capture:
                 handle.remove()
         self.records = {name: Record() for name in self.layers}
 
-    def _recording(self, name: str | None = None) -> bool:
-        """Whether to record now (``name=None``: whether any layer records)."""
-        if not torch.is_grad_enabled():
-            return False
-        return bool(self.plan) if name is None else name in self.plan
-
-    def _on_start(self, module: nn.Module, args: Any) -> None:
-        if self._recording():
-            self.reset()
+    def _recording(self, name: str) -> bool:
+        layer = self.layers[name]
+        return torch.is_grad_enabled() and layer.module.training and name in self.plan
 
     def _forward_hook(self, name: str) -> Callable[..., None]:
         layer = self.layers[name]
@@ -180,56 +212,86 @@ class Capture:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             if not self._recording(name) or not isinstance(output, Tensor):
                 return
-            if not output.requires_grad:
+            if not output.requires_grad or not layer.trainable():
                 return
             record = self.records[name]
             keep = self.plan[name].rows
-            record.half |= not (_exact(args[0]) and _exact(output))
+            half = not (_exact(args[0]) and _exact(output))
             with torch.no_grad(), _full_precision(output):
                 rows, n = layer.input_rows(args[0].detach())
                 rows = rows.to(self.dtype).clone() if keep else rows.to(self.dtype)
-                outer = None if keep else rows.T @ rows
-            if record.n is not None and record.n != n:
-                raise RuntimeError(
-                    f"layer {layer.describe()} was called with {n} samples after {record.n} in "
-                    "one step; K-FAC needs the same batch size for every call of a layer"
-                )
-            if outer is None:
-                record.a_blocks.append(rows)
+                value = rows if keep else rows.T @ rows
+            call = record.calls
+            record.calls += 1
+            count = rows.shape[0]
+            if _in_backward():
+                record.pending[call] = (value, count, n, half)
             else:
-                record.a_sum = outer if record.a_sum is None else record.a_sum + outer
-            record.a_rows += rows.shape[0]
-            record.n = n
-            record.handles.append(output.register_hook(self._grad_hook(name)))
+                record.outside.add(call)
+                self._commit(name, call, value, count, n, half)
+            record.handles.append(output.register_hook(self._grad_hook(name, call, n)))
 
         return hook
 
-    def _grad_hook(self, name: str) -> Callable[[Tensor], None]:
+    def _commit(self, name: str, call: int, value: Tensor, count: int, n: int, half: bool) -> None:
+        """Count one call's inputs (``count`` rows of ``n`` samples, or their outer product)
+        in the step's statistics."""
+        record = self.records[name]
+        if record.call_n is None or record.fresh_grad:
+            # the first call, or a forward after this layer's gradients arrived: a new
+            # micro-batch, whose samples add to the step's
+            record.n += n
+            record.call_n = n
+            record.fresh_grad = False
+        elif record.call_n != n:
+            raise RuntimeError(
+                f"layer {self.layers[name].describe()} was called with {n} samples after "
+                f"{record.call_n} in one forward/backward; calls that share a backward share "
+                "the weight over the same samples (views, positions), so they must have the "
+                "same batch size"
+            )
+        record.half |= half
+        record.a_rows += count
+        if self.plan[name].rows:
+            record.a_blocks[call] = value
+        else:
+            record.a_sum = value if record.a_sum is None else record.a_sum + value
+
+    def _grad_hook(self, name: str, call: int, n: int) -> Callable[[Tensor], None]:
         layer = self.layers[name]
 
         def hook(grad: Tensor) -> None:
             if (self.fisher == "mc") != self._mc_pass or name not in self.plan:
                 return
+            record = self.records[name]
+            if call in record.pending:
+                self._commit(name, call, *record.pending.pop(call))
             keep = self.plan[name].rows
             with torch.no_grad(), _full_precision(grad):
                 rows = layer.output_rows(grad.detach()).to(self.dtype)
                 scale = self.grad_scale()
+                if self._mc_pass:
+                    # the sampled loss is a mean over this micro-batch's n samples: keep
+                    # per-sample gradients, divided by the step's samples in batch()
+                    scale /= n
                 if scale != 1.0:
                     rows = rows / scale
                 outer = None if keep else rows.T @ rows
-                if keep:
-                    rows = rows.clone()
-            record = self.records[name]
             if outer is None:
-                record.g_blocks.append(rows)
+                earlier = record.g_blocks.get(call)
+                # two backwards through one call (retain_graph) sum into one gradient
+                record.g_blocks[call] = rows.clone() if earlier is None else earlier + rows
             else:
                 record.g_sum = outer if record.g_sum is None else record.g_sum + outer
-            record.g_rows += rows.shape[0]
+            if call not in record.grads:
+                record.g_rows += rows.shape[0]
+            record.grads.add(call)
+            record.fresh_grad = True
 
         return hook
 
     def _on_model_output(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not (torch.is_grad_enabled() and self._statistics and self.plan):
+        if not (torch.is_grad_enabled() and module.training and self._statistics and self.plan):
             return
         if not isinstance(output, Tensor):
             raise TypeError(
@@ -240,9 +302,7 @@ class Capture:
             return
         assert self.loss is not None
         assert self.generator is not None
-        weights = [
-            layer.params[0] for layer in self.layers.values() if layer.params[0].requires_grad
-        ]
+        weights = [layer.params[0] for layer in self.layers.values() if layer.trainable()]
         loss = sampled_loss(output, self.loss, self.generator) * self.grad_scale()
         self._mc_pass = True
         try:
@@ -251,28 +311,38 @@ class Capture:
             self._mc_pass = False
 
     def batch(self, name: str) -> LayerBatch | None:
-        """What layer ``name`` recorded on this step, or ``None`` when it recorded nothing
-        (not in the plan, or no forward with gradients through it); raises when only one of
-        its two hooks fired."""
+        """What layer ``name`` recorded since the last step, or ``None`` when it recorded
+        nothing (not in the plan, or no training forward with gradients through it); raises
+        when a forward recorded outside a backward got no output gradient."""
         record = self.records[name]
         layer = self.layers[name]
-        has_a = record.a_sum is not None or bool(record.a_blocks)
-        has_g = record.g_sum is not None or bool(record.g_blocks)
-        if not has_a and not has_g:
-            return None
-        if not has_a or not has_g or record.n is None:
-            missing = "forward" if not has_a else "output-gradient"
+        missing = record.outside - record.grads
+        if missing:
             raise RuntimeError(
-                f"the {missing} hook of layer {layer.describe()} never fired on this "
-                "step while the other did; was its output detached or the layer called "
-                "outside the model's forward?"
+                f"layer {layer.describe()} recorded {len(record.outside)} forward call(s) in "
+                f"training mode with gradients enabled since the last step, and {len(missing)} "
+                "of them got no output gradient before step(): was a forward run after the "
+                "last backward() (run evaluation forwards under torch.no_grad() or "
+                "model.eval()), was the output detached or unused by the loss, or was the "
+                "layer called outside the model's forward?"
             )
+        if not record.grads:
+            return None
+        calls = sorted(record.grads)
+        g_sum, g_rows = record.g_sum, None
+        if record.g_blocks:
+            g_rows = torch.cat([record.g_blocks[call] for call in calls])
+        if self.fisher == "mc":
+            g_sum = None if g_sum is None else g_sum / record.n**2
+            g_rows = None if g_rows is None else g_rows / record.n
         return LayerBatch(
             n=record.n,
             positions=record.a_rows,
             a_sum=record.a_sum,
-            g_sum=record.g_sum,
-            a_rows=torch.cat(record.a_blocks) if record.a_blocks else None,
-            g_rows=torch.cat(record.g_blocks) if record.g_blocks else None,
+            g_sum=g_sum,
+            a_rows=torch.cat([record.a_blocks[call] for call in calls])
+            if record.a_blocks
+            else None,
+            g_rows=g_rows,
             exact=not record.half,
         )

@@ -8,6 +8,7 @@ on explicit state values:
 =================  =====================================================================
 ``capture``        what the hooks must record for a layer on a step (:class:`CaptureSpec`:
                    sums of outer products or per-sample rows), or nothing
+``check_layers``   a look at the registered layers at construction (errors, warnings)
 ``init``           the initial state value of a layer
 ``update``         ``update(state, batch, tick) -> state``: fold one step's statistics in
 ``refresh``        ``refresh(state, tick) -> state``: rebuild what the direction applies
@@ -218,6 +219,11 @@ class CurvatureBlock(Protocol[S]):
     def load_state(self, layer: Any, saved: Mapping[str, Any], device: torch.device) -> S:
         """Inverse of :meth:`state_dict`; raises ``ValueError`` for a state of other shapes."""
         ...
+
+    def check_layers(self, layers: Mapping[str, Any]) -> None:
+        """Inspect the registered layers once, at construction: raise ``ValueError`` for a
+        configuration the method cannot handle, warn for a costly or ineffective one
+        (default: accept)."""
 
     def refresh(self, layer: Any, state: S, tick: Tick) -> S:
         """Rebuild the applied representation where ``tick`` asks for it (every step;

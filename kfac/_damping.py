@@ -22,7 +22,11 @@ factor (see :class:`kfac._kron.FactorState`):
 
 Every scheme adds ``s_X I`` to each factor and, with ``continuation``, models the discarded
 spectrum of a truncated representation as flat at its smallest kept eigenvalue (no effect on
-a full eigendecomposition). The scalars a scheme needs (``max(d)``, ``tr``, ``min(d)``) are
+a full eigendecomposition). A factor with no curvature at all (every eigenvalue zero: a layer
+whose inputs or output gradients vanish, a "dead" ReLU layer) is taken as the identity
+(``s_X = 1``, scale 1) by every scheme: relative damping would be zero there and ``rho^m``
+alone would underflow, so its inverse would overflow and ``0 * inf`` turn the direction into
+NaN. The scalars a scheme needs (``max(d)``, ``tr``, ``min(d)``) are
 read once, when a representation is published (:meth:`Applied.of`), so preparing an inverse
 for a new damping value reads nothing back from the device.
 """
@@ -31,7 +35,7 @@ from __future__ import annotations
 
 import abc
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Protocol
 
 from torch import Tensor
@@ -91,6 +95,13 @@ class Applied:
         if not continuation or rep.rank == 0 or rep.rank >= rep.dim:
             return 0.0
         return self.bottom
+
+
+def _live(x: Applied) -> Applied:
+    """``x``, or the identity (weight 1, unit scale) for a factor with no curvature."""
+    if x.top > 0.0:
+        return x
+    return replace(x, identity=1.0, top=1.0, mean=1.0, bottom=0.0)
 
 
 class Prepared(Protocol):
@@ -165,6 +176,7 @@ class Factored(DampingScheme):
     def prepare(
         self, G: Applied, A: Applied, damping: float, *, continuation: bool, validate: bool
     ) -> Prepared:
+        G, A = _live(G), _live(A)
         lam_g, lam_a = self.dampings(G, A, damping)
         return FactoredInverse(
             ln.damped_inverse(
@@ -200,9 +212,8 @@ class Eigenbasis(DampingScheme):
     def prepare(
         self, G: Applied, A: Applied, damping: float, *, continuation: bool, validate: bool
     ) -> Prepared:
+        G, A = _live(G), _live(A)
         lam = damping * G.top * A.top if self.relative else damping
-        if lam == 0.0:
-            raise ValueError("relative eigenbasis damping is zero: both factors must be nonzero")
         return _EigenbasisInverse(
             ln.kron_eigenbasis_inverse(
                 G.rep,

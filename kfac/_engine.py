@@ -132,6 +132,7 @@ class Engine:
         self.time_phases = time_phases
         self.timings = dict.fromkeys(PHASES, 0.0)
         self.steps = 0
+        block.check_layers(self.layers)
         self.states: dict[str, Any] = {name: block.init(layer) for name, layer in layers.items()}
         self._pending: list[tuple[int, list[str], Tensor, set[str]]] = []
         self.arm()
@@ -293,15 +294,16 @@ class Engine:
     def _clip(
         self, directions: dict[str, Tensor], grads: Mapping[str, Tensor], tick: Tick, lr: Any
     ) -> dict[str, Tensor]:
-        if self.rms_clip is not None:
-            kappa = self.rms_clip(tick.step)
-            directions = {name: rms_clip(D, kappa) for name, D in directions.items()}
-        if self.kl_clip is not None and directions:
+        rms = 0.0 if self.rms_clip is None else self.rms_clip(tick.step)
+        if rms > 0:  # a clip of 0 (or None) is off
+            directions = {name: rms_clip(D, rms) for name, D in directions.items()}
+        kappa = 0.0 if self.kl_clip is None else self.kl_clip(tick.step)
+        if kappa > 0 and directions:  # a clip of 0 (or None) is off
             terms = [
                 (D, grads[name], self._lr_for(lr, self.layers[name].params[0]))
                 for name, D in directions.items()
             ]
-            nu = kl_clip_scale(terms, self.kl_clip(tick.step))
+            nu = kl_clip_scale(terms, kappa)
             directions = {
                 name: D * nu.to(device=D.device, dtype=D.dtype) for name, D in directions.items()
             }

@@ -39,7 +39,7 @@ import lowrank_nla as ln
 from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick, register_block
 from ._damping import Applied, DampingScheme, Prepared, make_damping
 from ._layers import LinearLayer
-from ._schedule import check_bool, check_fraction, check_int_at_least
+from ._schedule import check_bool, check_fraction, check_int_at_least, find_stacklevel
 
 __all__ = [
     "RSVD",
@@ -58,14 +58,21 @@ __all__ = [
     "make_strategy",
 ]
 
-# Eigenvalues at or below this are rounding noise of a PSD matrix.
-EIGENVALUE_FLOOR = 1e-10
 _STAT_DTYPES = (torch.float32, torch.float64)
+#: Width above which a dense eigendecomposition draws a warning at construction.
+DENSE_WARN_DIM = 4096
+#: Initialisations of the factors' exponential averages (:class:`KronBlock`).
+FACTOR_INITS = ("identity", "zero")
 
 
 def clip_spectrum(d: Tensor) -> Tensor:
-    """Zero the eigenvalues ``<= EIGENVALUE_FLOOR`` (negative rounding noise included)."""
-    return torch.where(d > EIGENVALUE_FLOOR, d, torch.zeros_like(d))
+    """Zero the eigenvalues at or below ``D eps max(d)`` (``eps`` of ``d``'s dtype): the
+    rounding level of a ``D x D`` decomposition, relative to the factor's own scale, so a
+    factor of any magnitude keeps its spectrum (negative rounding noise included)."""
+    if d.numel() == 0:
+        return d
+    floor = d.max().clamp(min=0) * (d.numel() * torch.finfo(d.dtype).eps)
+    return torch.where(d > floor, d, torch.zeros_like(d))
 
 
 class Generators:
@@ -85,11 +92,44 @@ class Generators:
     def state_dict(self) -> dict[str, Tensor]:
         return {key: g.get_state() for key, g in self._by_device.items()}
 
-    def load_state_dict(self, state: Mapping[str, Tensor]) -> None:
+    def loaded(self, state: Any) -> dict[str, torch.Generator]:
+        """The generators of a saved :meth:`state_dict`, validated (``ValueError``). A state
+        saved for a device absent here (a CUDA run loaded on a CPU-only machine) gives a
+        generator on ``"cpu"`` seeded with ``seed`` and the CRC-32 of the saved state:
+        deterministic, though not the saved stream (CPU and CUDA streams differ anyway)."""
+        if not isinstance(state, Mapping):
+            raise ValueError("state_dict entry 'generators' must be a mapping")
+        out: dict[str, torch.Generator] = {}
         for key, value in state.items():
-            generator = torch.Generator(device=torch.device(key))
-            generator.set_state(value)
-            self._by_device[key] = generator
+            if not isinstance(value, Tensor) or value.dtype != torch.uint8 or value.ndim != 1:
+                raise ValueError(f"state_dict generator state {key!r} must be a 1-d uint8 tensor")
+            try:
+                device = torch.device(key)
+            except RuntimeError as exc:
+                raise ValueError(f"state_dict generator device {key!r} is invalid") from exc
+            if device.type != "cpu" and not _available(device):
+                generator = torch.Generator(device="cpu")
+                generator.manual_seed(self.seed ^ zlib.crc32(value.numpy().tobytes()))
+                out.setdefault("cpu", generator)
+                continue
+            generator = torch.Generator(device=device)
+            try:
+                generator.set_state(value)
+            except RuntimeError as exc:
+                raise ValueError(f"state_dict generator state {key!r} is invalid: {exc}") from exc
+            out[key] = generator
+        return out
+
+    def install(self, generators: Mapping[str, torch.Generator]) -> None:
+        self._by_device.update(generators)
+
+
+def _available(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    return True
 
 
 # ---------------------------------------------------------------------------- decomposers
@@ -248,11 +288,14 @@ def _rep_state(rep: ln.LowRankPSD | None) -> list[Tensor] | None:
     return None if rep is None else [rep.U.clone(), rep.d.clone()]
 
 
-def _load_rep(value: Any, device: torch.device) -> ln.LowRankPSD | None:
+def _load_rep(value: Any, device: torch.device, where: str) -> ln.LowRankPSD | None:
     if value is None:
         return None
     U, d = (t.detach().clone().to(device) for t in value)
-    return ln.LowRankPSD(U, d)
+    try:  # validated: finite, d >= 0 descending, U orthonormal
+        return ln.LowRankPSD(U, d)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"state_dict representation {where}: {exc}") from exc
 
 
 def _factor_state_dict(f: FactorState) -> dict[str, Any]:
@@ -272,29 +315,69 @@ def _factor_state_dict(f: FactorState) -> dict[str, Any]:
     }
 
 
-def _check_factor_state(dim: int, saved: Mapping[str, Any], where: str) -> None:
+_FACTOR_KEYS = (
+    "matrix", "online", "rep", "updates", "identity", "rep_identity", "brand", "rank", "drift",
+    "batches",
+)  # fmt: skip
+
+
+def _check_factor_state(dim: int, saved: Any, where: str) -> None:
+    """Keys, types, shapes and values of a saved factor (``ValueError`` naming the entry)."""
+    if not isinstance(saved, Mapping):
+        raise ValueError(f"state_dict factor {where} must be a mapping")
+    missing = sorted(set(_FACTOR_KEYS) - set(saved))
+    if missing:
+        raise ValueError(f"state_dict factor {where} is missing the entries {missing}")
     matrix = saved["matrix"]
-    if matrix is not None and tuple(matrix.shape) != (dim, dim):
-        raise ValueError(
-            f"state_dict factor {where} has shape {tuple(matrix.shape)}, expected ({dim}, {dim})"
-        )
+    if matrix is not None:
+        if not isinstance(matrix, Tensor) or tuple(matrix.shape) != (dim, dim):
+            shape = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
+            raise ValueError(
+                f"state_dict factor {where} has shape {shape}, expected ({dim}, {dim})"
+            )
+        if not bool(torch.isfinite(matrix).all()):
+            raise ValueError(f"state_dict factor {where} has non-finite entries")
     for key in ("online", "rep"):
         value = saved[key]
-        if value is not None and value[0].shape[0] != dim:
+        if value is None:
+            continue
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) != 2
+            or not all(isinstance(t, Tensor) for t in value)
+        ):
+            raise ValueError(f"state_dict {key} representation of factor {where} must be (U, d)")
+        if value[0].ndim != 2 or value[0].shape[0] != dim:
             raise ValueError(
                 f"state_dict {key} representation of factor {where} has dimension "
-                f"{value[0].shape[0]}, expected {dim}"
+                f"{tuple(value[0].shape)}, expected ({dim}, k)"
+            )
+    for key in ("updates", "batches"):
+        count = saved[key]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(
+                f"state_dict factor {where}: {key!r} must be an int >= 0, got {count!r}"
+            )
+    for key in ("identity", "rep_identity"):
+        weight = saved[key]
+        if weight is None and key == "rep_identity":
+            continue
+        if not isinstance(weight, (int, float)) or not 0.0 <= float(weight) <= 1.0:
+            raise ValueError(
+                f"state_dict factor {where}: {key!r} must be in [0, 1], got {weight!r}"
             )
 
 
-def _load_factor_state(dim: int, saved: Mapping[str, Any], device: torch.device) -> FactorState:
+def _load_factor_state(
+    dim: int, saved: Mapping[str, Any], device: torch.device, where: str
+) -> FactorState:
     matrix = saved["matrix"]
-    rep = _load_rep(saved["rep"], device)
+    rep = _load_rep(saved["rep"], device, f"of factor {where}")
     rank = saved["rank"]
     return FactorState(
         dim=dim,
         matrix=None if matrix is None else matrix.detach().clone().to(device),
-        online=_load_rep(saved["online"], device),
+        online=_load_rep(saved["online"], device, f"(online) of factor {where}"),
         updates=int(saved["updates"]),
         identity=float(saved["identity"]),
         applied=None if rep is None else Applied.of(rep, float(saved["rep_identity"])),
@@ -337,17 +420,28 @@ class FactorRule(abc.ABC):
 
 @dataclass(frozen=True)
 class RuleContext:
-    """What rules share: decomposition and application dtypes, the random generators."""
+    """What rules share: decomposition and application dtypes, the random generators, and
+    the initialisation convention of the exponential averages (``"identity"`` or ``"zero"``,
+    see :class:`KronBlock`)."""
 
     decomposition_dtype: torch.dtype
     dtype: torch.dtype
     generators: Generators
+    init: str = "identity"
 
 
-def _published(f: FactorState, rep: ln.LowRankPSD, dtype: torch.dtype) -> FactorState:
-    # a cast of a representation validated when it was made
-    rep = ln.LowRankPSD(rep.U.to(dtype), rep.d.to(dtype), check=False)
-    return replace(f, applied=Applied.of(rep, f.identity))
+def _published(f: FactorState, rep: ln.LowRankPSD, ctx: RuleContext) -> FactorState:
+    """Publish ``rep`` for the direction. With the identity initialisation the identity weight
+    ``rho^m`` travels with it; with the bias-corrected zero initialisation the EA is divided
+    by its total weight ``1 - rho^m`` and no identity is added."""
+    d = rep.d.to(ctx.dtype)
+    identity = f.identity
+    if ctx.init == "zero":
+        d = d / (1.0 - identity)
+        identity = 0.0
+    # a cast (and rescaling) of a representation validated when it was made
+    rep = ln.LowRankPSD(rep.U.to(ctx.dtype), d, check=False)
+    return replace(f, applied=Applied.of(rep, identity))
 
 
 @dataclass(frozen=True)
@@ -389,7 +483,7 @@ class DenseRule(FactorRule):
         rep, f = self.low_rank(f, ctx)
         if self.ranks is not None and self.ranks.adaptive and f.rank is not None and rep.rank:
             f = replace(f, rank=self.ranks.rsvd(f.dim).update(f.rank, ln.truncation_ratio(rep.d)))
-        return _published(f, rep, ctx.dtype)
+        return _published(f, rep, ctx)
 
 
 @dataclass(frozen=True)
@@ -514,7 +608,7 @@ class BrandRule(FactorRule):
         # representation applied changes only on refresh steps.
         fresh = tick.inverse or f.applied is None
         if fresh and f.online is not None and f.online.rank > 0:
-            return _published(f, f.online, ctx.dtype)
+            return _published(f, f.online, ctx)
         return f
 
 
@@ -660,6 +754,14 @@ def make_strategy(name: Any, options: Mapping[str, Any] | None = None) -> KronSt
         raise ValueError(f"Invalid inverse: {name!r}; valid names are {list(inverse_names())}")
     entry = _STRATEGIES[name]
     options = dict(options or {})
+    known = {option for other in _STRATEGIES.values() for option in other.options}
+    foreign = sorted(set(options) - known - {"seed"})
+    if foreign:
+        raise TypeError(
+            f"unexpected keyword argument(s) {foreign}: neither an option of the optimizer or "
+            "preconditioner nor of any inverse strategy (options of the strategies: "
+            f"{sorted(known | {'seed'})})"
+        )
     unknown = sorted(set(options) - set(entry.options))
     if unknown:
         raise ValueError(
@@ -704,6 +806,12 @@ class KronBlock(CurvatureBlock[KronState]):
         Application (factor) dtype and decomposition dtype.
     seed : int
         Seed of the rows' probes (the strategy carries the seed of its sketches).
+    factor_init : {"identity", "zero"}
+        Initialisation of the factors' exponential averages. ``"identity"`` (the K-FAC
+        papers'): ``X_0 = I``, carried as the weight ``rho^m`` added to the damping, so the
+        direction depends on the scale of the loss. ``"zero"``: ``X_0 = 0`` with the average
+        divided by its total weight ``1 - rho^m`` (the bias correction of Adam and kfac-jax);
+        with relative damping, multiplying the loss by ``c`` divides the direction by ``c``.
     """
 
     name: ClassVar[str] = "kron"
@@ -718,14 +826,22 @@ class KronBlock(CurvatureBlock[KronState]):
         dtype: torch.dtype = torch.float32,
         decomposition_dtype: torch.dtype | None = None,
         seed: int = 0,
+        factor_init: str = "identity",
     ) -> None:
+        if factor_init not in FACTOR_INITS:
+            raise ValueError(
+                f"Invalid factor_init: {factor_init!r}; valid names are {list(FACTOR_INITS)}"
+            )
+        self.factor_init = factor_init
         self.strategy = strategy
         self.damping_scheme = damping
         self.continuation = continuation
         self.factored_apply = factored_apply and damping.factored
         self.dtype = dtype
         self.seed = seed
-        self.ctx = RuleContext(decomposition_dtype or dtype, dtype, Generators(strategy.seed))
+        self.ctx = RuleContext(
+            decomposition_dtype or dtype, dtype, Generators(strategy.seed), factor_init
+        )
         #: How each layer's last direction was computed ("factored" or "dense").
         self.applied: dict[str, str] = {}
         self._mismatch_warned: set[str] = set()
@@ -752,6 +868,48 @@ class KronBlock(CurvatureBlock[KronState]):
         if factor_step:
             return CaptureSpec(rows=rows)
         return CaptureSpec(rows=True) if self.rows_applied(layer, state) else None
+
+    def check_layers(self, layers: Mapping[str, Any]) -> None:
+        """Warn when the strategy cannot do what its name says on these layers: a Brand
+        strategy whose ``rank_cap`` leaves no factor to track (every factor would take the
+        fallback), or a dense eigendecomposition of a factor wider than
+        :data:`DENSE_WARN_DIM` (``O(D^3)`` per refresh, ``D^2`` memory)."""
+        rule = self.rule
+        if isinstance(rule, BrandRule):
+            trackable = [
+                (name, side)
+                for name, layer in layers.items()
+                if rule.wants_rows(layer)
+                for side, dim in (("A", layer.dim_A), ("G", layer.dim_G))
+                if rule.cap + 1 < dim
+            ]
+            if not trackable:
+                warnings.warn(
+                    f"inverse={self.strategy.name!r} tracks no factor here: a Brand-tracked "
+                    f"factor needs a Linear layer with rank_cap + batch rows < its dimension, "
+                    f"and rank_cap={rule.cap} leaves none (widest factor: "
+                    f"{max(max(layer.dim_A, layer.dim_G) for layer in layers.values())}); "
+                    "every factor runs the fallback randomized decomposition. Lower rank_cap, "
+                    "or use inverse='rsvd' to say so",
+                    UserWarning,
+                    stacklevel=find_stacklevel(),
+                )
+        if isinstance(rule, DenseRule) and rule.decomposer.full:
+            wide = [
+                f"'{name}' {side} ({dim})"
+                for name, layer in layers.items()
+                for side, dim in (("A", layer.dim_A), ("G", layer.dim_G))
+                if dim > DENSE_WARN_DIM
+            ]
+            if wide:
+                warnings.warn(
+                    f"inverse={self.strategy.name!r} decomposes dense factors wider than "
+                    f"{DENSE_WARN_DIM}: {', '.join(wide)}; each refresh costs O(D^3) time and "
+                    "each factor D^2 memory (a 9216-wide factor: minutes per refresh on a CPU). "
+                    "A low-rank strategy (inverse='rsvd', 'brand') is linear or quadratic in D",
+                    UserWarning,
+                    stacklevel=find_stacklevel(),
+                )
 
     def init(self, layer: Any) -> KronState:
         probe = None
@@ -811,6 +969,8 @@ class KronBlock(CurvatureBlock[KronState]):
         ``N``-term sums); ``None`` (with one warning per layer) when they do not."""
         if not self.rows_applied(layer, state) or batch is None or not batch.exact:
             return None
+        if not all(p.requires_grad for p in layer.params):
+            return None  # a bias frozen after registration: its column of V is zero
         g_rows, a_rows = batch.g_rows, batch.a_rows
         if g_rows is None or a_rows is None or g_rows.shape[0] != a_rows.shape[0]:
             return None
@@ -853,23 +1013,33 @@ class KronBlock(CurvatureBlock[KronState]):
         fresh = self.init(layer)
         return replace(
             fresh,
-            A=_load_factor_state(layer.dim_A, saved["A"], device),
-            G=_load_factor_state(layer.dim_G, saved["G"], device),
+            A=_load_factor_state(layer.dim_A, saved["A"], device, f"A {where}"),
+            G=_load_factor_state(layer.dim_G, saved["G"], device, f"G {where}"),
         )
 
     def block_state_dict(self) -> dict[str, Any]:
-        return {"strategy": self.strategy.name, "generators": self.ctx.generators.state_dict()}
+        return {
+            "strategy": self.strategy.name,
+            "factor_init": self.factor_init,
+            "generators": self.ctx.generators.state_dict(),
+        }
 
     def check_block_state_dict(self, saved: Mapping[str, Any]) -> None:
+        self.ctx.generators.loaded(saved.get("generators", {}))
         if saved.get("strategy") != self.strategy.name:
             raise ValueError(
                 f"state_dict was saved with inverse={saved.get('strategy')!r}, this "
                 f"preconditioner uses {self.strategy.name!r}"
             )
+        if saved.get("factor_init", "identity") != self.factor_init:
+            raise ValueError(
+                f"state_dict was saved with factor_init={saved.get('factor_init')!r}, this "
+                f"preconditioner uses {self.factor_init!r}"
+            )
 
     def load_block_state_dict(self, saved: Mapping[str, Any]) -> None:
         self.check_block_state_dict(saved)
-        self.ctx.generators.load_state_dict(saved.get("generators", {}))
+        self.ctx.generators.install(self.ctx.generators.loaded(saved.get("generators", {})))
 
     def diagnostics(self, layer: Any, state: KronState) -> list[dict[str, Any]]:
         rows = []
@@ -907,6 +1077,7 @@ def kron_block(
     continuation: bool = True,
     factored_apply: bool = True,
     decomposition_dtype: torch.dtype | None = None,
+    factor_init: str = "identity",
     **inverse_options: Any,
 ) -> KronBlock:
     """The K-FAC family's block (registered as ``"kron"``): ``inverse`` names the strategy
@@ -922,6 +1093,7 @@ def kron_block(
         dtype=dtype,
         decomposition_dtype=decomposition_dtype,
         seed=seed,
+        factor_init=factor_init,
     )
 
 

@@ -32,8 +32,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.nn.utils import parametrize
 
 __all__ = [
+    "Conv1dLayer",
     "Conv2dLayer",
     "Layer",
     "LinearLayer",
@@ -89,7 +91,10 @@ class Layer(abc.ABC):
     def __init__(self, name: str, module: nn.Module) -> None:
         self.name = name
         self.module = module
-        self.has_bias = getattr(module, "bias", None) is not None
+        bias = getattr(module, "bias", None)
+        # a bias frozen when the layer is registered is not part of the layer: its K-FAC is
+        # exactly the bias-free layer's (no column of ones in the input factor)
+        self.has_bias = bias is not None and bias.requires_grad
 
     @property
     def dim_A(self) -> int:
@@ -103,9 +108,18 @@ class Layer(abc.ABC):
 
     @property
     def params(self) -> list[nn.Parameter]:
+        """The preconditioned parameters: the weight, then the bias unless it was frozen at
+        registration."""
         weight: nn.Parameter = self.module.weight  # type: ignore[assignment]
-        bias: nn.Parameter | None = self.module.bias  # type: ignore[assignment]
-        return [weight] if bias is None else [weight, bias]
+        if not self.has_bias:
+            return [weight]
+        bias: nn.Parameter = self.module.bias  # type: ignore[assignment]
+        return [weight, bias]
+
+    def trainable(self) -> bool:
+        """Whether the weight trains now (a layer whose weight was frozen after registration
+        is left alone: no statistics, no direction, no ``.grad`` written)."""
+        return bool(self.params[0].requires_grad)
 
     def describe(self) -> str:
         return f"'{self.name}' ({type(self.module).__name__})"
@@ -117,16 +131,23 @@ class Layer(abc.ABC):
         return torch.cat([rows, ones], dim=1)
 
     def has_grad(self) -> bool:
-        return any(p.grad is not None for p in self.params)
+        """Whether the layer has a gradient to precondition: a trainable weight with a
+        ``.grad``, or a trainable bias with one."""
+        return self.trainable() and any(
+            p.grad is not None and p.requires_grad for p in self.params
+        )
 
     def grad_matrix(self, dtype: torch.dtype) -> Tensor:
-        """The ``d_G x d_A`` gradient matrix (bias last), in ``dtype``; missing grads are 0."""
+        """The ``d_G x d_A`` gradient matrix (bias last), in ``dtype``. A missing gradient,
+        and the gradient of a bias frozen after registration, count as zero: the bias
+        coordinate stays in the factors, it contributes nothing and receives nothing."""
         weight = self.params[0]
         w = weight.grad if weight.grad is not None else torch.zeros_like(weight)
         mat = w.reshape(self.dim_out, self.dim_in).to(dtype)
         if self.has_bias:
             bias = self.params[1]
-            b = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+            live = bias.grad is not None and bias.requires_grad
+            b = bias.grad if live else torch.zeros_like(bias)
             mat = torch.cat([mat, b.reshape(-1, 1).to(dtype)], dim=1)
         return mat
 
@@ -139,8 +160,11 @@ class Layer(abc.ABC):
         return parts
 
     def write_grad(self, matrix: Tensor) -> None:
-        """Replace the parameters' ``.grad`` by the blocks of ``matrix`` (cast to their dtype)."""
+        """Replace the trainable parameters' ``.grad`` by the blocks of ``matrix`` (cast to
+        their dtype); a frozen parameter is never given a gradient."""
         for p, part in zip(self.params, self.split(matrix), strict=True):
+            if not p.requires_grad:
+                continue
             if p.grad is None:
                 p.grad = part.to(p.dtype).clone()
             else:
@@ -233,9 +257,62 @@ class Conv2dLayer(Layer):
         return g.permute(0, 2, 3, 1).reshape(-1, self.dim_out)
 
 
-def discover(model: nn.Module, skip_layers: Any) -> dict[str, Layer]:
-    """The registered layers of ``model`` with a trainable weight, in model order, minus
-    ``skip_layers`` (``fnmatch`` patterns on qualified names, or module types)."""
+#: Layer types with a weight K-FAC would act on but no helper here: rejected at registration
+#: (a silent omission would leave the user believing they are preconditioned).
+_REJECTED: tuple[type[nn.Module], ...] = (
+    nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+    nn.Bilinear,
+)
+
+
+@register_layer(nn.Conv1d)
+class Conv1dLayer(Conv2dLayer):
+    """``nn.Conv1d`` with ``groups == 1`` and zero padding: a Conv2d of height 1 (weight
+    ``(c_out, c_in, k)`` flattened to ``c_out x c_in k``)."""
+
+    def __init__(self, name: str, module: nn.Conv1d) -> None:
+        Layer.__init__(self, name, module)
+        if module.groups != 1 or module.padding_mode != "zeros":
+            raise ValueError(
+                f"Unsupported layer '{name}': Conv1d with groups={module.groups}, "
+                f"padding_mode={module.padding_mode!r}; K-FAC supports groups=1 and zero "
+                "padding (skip it with `skip_layers`)"
+            )
+        self.kernel_size = (1, int(module.kernel_size[0]))
+        self.stride = (1, int(module.stride[0]))
+        self.dilation = (1, int(module.dilation[0]))
+        if isinstance(module.padding, str):
+            total = (
+                0 if module.padding == "valid" else self.dilation[1] * (self.kernel_size[1] - 1)
+            )
+            if total % 2:
+                raise ValueError(
+                    f"Unsupported layer '{name}': Conv1d padding='same' with an asymmetric "
+                    f"total padding {total}; use an odd kernel size or explicit padding"
+                )
+            self.padding = (0, total // 2)
+        else:
+            self.padding = (0, int(module.padding[0]))
+        self.dim_in = module.in_channels * self.kernel_size[1]
+        self.dim_out = module.out_channels
+
+    def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
+        """Augmented input patches ``(n l_out, c_in k [+1])`` and ``n``."""
+        if x.ndim == 2:
+            x = x.unsqueeze(0)
+        return super().input_rows(x.unsqueeze(2))
+
+    def output_rows(self, g: Tensor) -> Tensor:
+        """Output-gradient rows ``(n l_out, c_out)``."""
+        if g.ndim == 2:
+            g = g.unsqueeze(0)
+        return super().output_rows(g.unsqueeze(2))
+
+
+def _parse_skip(model: nn.Module, skip_layers: Any) -> tuple[list[str], list[type]]:
     if isinstance(skip_layers, (str, type)):
         skip_layers = [skip_layers]
     patterns: list[str] = []
@@ -254,13 +331,108 @@ def discover(model: nn.Module, skip_layers: Any) -> dict[str, Layer]:
     for pattern in patterns:
         if not fnmatch.filter(names, pattern):
             raise ValueError(f"Invalid skip_layers entry: pattern {pattern!r} matches no module")
+    return patterns, types
+
+
+def _check_registrable(name: str, module: nn.Module) -> None:
+    """Reject, with what to do, a layer whose weight K-FAC cannot describe."""
+    skip = f"exclude it with skip_layers=['{name}']"
+    if parametrize.is_parametrized(module):
+        raise ValueError(
+            f"Unsupported layer '{name}' ({type(module).__name__}): its weight is computed by "
+            "a parametrization (torch.nn.utils.parametrize, parametrizations.weight_norm or "
+            "spectral_norm); the K-FAC factors describe the computed weight, not the "
+            f"parameters that train; {skip}"
+        )
+    for attr in ("weight", "bias"):
+        value = getattr(module, attr, None)
+        if isinstance(value, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"Unsupported layer '{name}' ({type(module).__name__}): its {attr} is not "
+                "initialized yet (a lazy module); run one forward pass before building the "
+                f"optimizer, or {skip}"
+            )
+        if value is not None and not isinstance(value, nn.Parameter):
+            raise ValueError(
+                f"Unsupported layer '{name}' ({type(module).__name__}): its {attr} is a "
+                "computed tensor, not a Parameter (torch.nn.utils.weight_norm or "
+                f"spectral_norm?); {skip}"
+            )
+
+
+def _check_shared(
+    model: nn.Module, layers: dict[str, Layer], skipped: Callable[[str, nn.Module], bool]
+) -> None:
+    """Reject a registered layer's parameter that another module also holds (tied or shared
+    weights), unless ``skip_layers`` excludes that other module: the gradient sums the
+    contributions of every use, one layer's factors describe one use only, and two
+    directions would be written to one ``.grad``."""
+    holders: dict[int, list[str]] = {}
+    # one name per module object: a module applied several times is one layer (its calls
+    # are weight sharing inside the forward, which the statistics handle)
+    for mod_name, module in model.named_modules():
+        if skipped(mod_name, module):
+            continue
+        for param in module.parameters(recurse=False):
+            holders.setdefault(id(param), []).append(mod_name)
+    for name, layer in layers.items():
+        owner = getattr(layer, "owner", name)
+        for param in layer.params:
+            others = [m for m in holders.get(id(param), []) if m != owner]
+            if others:
+                users = ", ".join(f"'{m}'" for m in [name, *others])
+                raise ValueError(
+                    f"Unsupported shared parameter: a parameter of layer '{name}' is also held "
+                    f"by {', '.join(repr(m) for m in others)} (tied or shared weights, used by "
+                    f"{users}); K-FAC's factors describe one use of a weight: precondition at "
+                    "most one holder and name the others in `skip_layers` (their uses then "
+                    "count only through the gradient), or untie the weights"
+                )
+
+
+def discover(model: nn.Module, skip_layers: Any) -> dict[str, Layer]:
+    """The registered layers of ``model`` with a trainable weight, in model order, minus
+    ``skip_layers`` (``fnmatch`` patterns on qualified names, or module types).
+
+    Raises ``ValueError`` for a layer K-FAC cannot describe unless it is skipped: a
+    parametrized or computed weight (``weight_norm``, ``spectral_norm``, ``parametrize``), an
+    uninitialized lazy layer, a parameter shared with another module, or a layer type with a
+    weight but no helper (transposed and 3-d convolutions, ``nn.Bilinear``)."""
+    patterns, types = _parse_skip(model, skip_layers)
+
+    def skipped(name: str, module: nn.Module) -> bool:
+        return isinstance(module, tuple(types)) or any(
+            fnmatch.fnmatchcase(name, pattern) for pattern in patterns
+        )
+
+    from ._attention import attention_layers
+
     layers: dict[str, Layer] = {}
+    inside_skipped: list[str] = []
     for name, module in model.named_modules():
-        if not supported(module) or isinstance(module, tuple(types)):
+        if skipped(name, module) or any(name.startswith(f"{s}.") for s in inside_skipped):
+            if isinstance(module, nn.MultiheadAttention):
+                inside_skipped.append(name)  # its out_proj is skipped with it
             continue
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+        if isinstance(module, nn.MultiheadAttention):
+            if module.in_proj_weight is not None and not module.in_proj_weight.requires_grad:
+                continue
+            layers.update(attention_layers(name, module))
             continue
+        if isinstance(module, _REJECTED):
+            if any(p.requires_grad for p in module.parameters(recurse=False)):
+                raise ValueError(
+                    f"Unsupported layer '{name}' ({type(module).__name__}): no K-FAC layer "
+                    f"helper for this type; exclude it with skip_layers=['{name}'] or "
+                    f"skip_layers=[nn.{type(module).__name__}] (its parameters then take the "
+                    "base optimizer's plain update)"
+                )
+            continue
+        if not supported(module):
+            continue
+        _check_registrable(name, module)
         if not module.weight.requires_grad:
             continue
         layers[name] = make_layer(name, module)
+    _check_shared(model, layers, skipped)
     return layers

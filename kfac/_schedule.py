@@ -113,3 +113,20 @@ def optional_schedule(
 ) -> Schedule[float] | None:
     """``None`` or a :class:`Schedule` of ``value``."""
     return None if value is None else Schedule(value, name, check)
+
+
+def find_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning point at the first frame outside ``kfac``
+    (the user's line that built or stepped the optimizer)."""
+    import inspect
+    import os
+
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame = inspect.currentframe()
+    level = 0
+    while (
+        frame is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == package
+    ):
+        frame = frame.f_back
+        level += 1
+    return level

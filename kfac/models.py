@@ -6,6 +6,10 @@
 - :func:`mlp`: a two-hidden-layer ReLU classifier.
 - :func:`cnn`: a small convolutional classifier with one BatchNorm (which K-FAC leaves
   unpreconditioned).
+- :func:`transformer`: a small Transformer encoder classifying an image read as a sequence
+  of its pixel rows (28 tokens of 28 features for the digits): a linear token embedding, a
+  learned position embedding, pre-norm ``nn.TransformerEncoderLayer`` blocks (batch first)
+  and a linear head on the mean token.
 
 ``width`` multiplies every hidden width (not the 30-unit code or the classes) so wide-layer
 behaviour can be studied.
@@ -16,9 +20,10 @@ from __future__ import annotations
 import itertools
 import math
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-__all__ = ["MODELS", "autoencoder", "build", "cnn", "mlp"]
+__all__ = ["MODELS", "RowTransformer", "autoencoder", "build", "cnn", "mlp", "transformer"]
 
 
 def _scaled(width: float, size: int) -> int:
@@ -74,11 +79,44 @@ def cnn(in_channels: int = 1, num_classes: int = 10, width: float = 1.0) -> nn.S
     )
 
 
+class RowTransformer(nn.Module):
+    """Transformer encoder over the rows of an image (see :func:`transformer`)."""
+
+    def __init__(
+        self, rows: int, features: int, num_classes: int, d_model: int, layers: int, heads: int
+    ) -> None:
+        super().__init__()
+        self.embed = nn.Linear(features, d_model)
+        self.position = nn.Parameter(torch.zeros(rows, d_model))
+        nn.init.normal_(self.position, std=0.02)
+        block = nn.TransformerEncoderLayer(
+            d_model, heads, 2 * d_model, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = x.flatten(1, -2) if x.ndim > 3 else x  # (n, C*H, W): one token per row
+        h = self.encoder(self.embed(tokens) + self.position)
+        return self.head(self.norm(h).mean(dim=1))
+
+
+def transformer(
+    image_shape: tuple[int, int, int] = (1, 28, 28), num_classes: int = 10, width: float = 1.0
+) -> RowTransformer:
+    """Two pre-norm encoder blocks of width ``64 width`` with 4 heads over the ``C H`` pixel
+    rows of ``W`` features of each image."""
+    c, h, w = image_shape
+    return RowTransformer(c * h, w, num_classes, 4 * _scaled(width, 16), 2, 4)
+
+
 #: Model name -> (task kind, loss name).
 MODELS = {
     "autoencoder": ("reconstruction", "mse"),
     "mlp": ("classification", "cross_entropy"),
     "cnn": ("classification", "cross_entropy"),
+    "transformer": ("classification", "cross_entropy"),
 }
 
 
@@ -93,4 +131,6 @@ def build(
         return mlp(c * h * w, num_classes, width)
     if name == "cnn":
         return cnn(c, num_classes, width)
+    if name == "transformer":
+        return transformer(image_shape, num_classes, width)
     raise ValueError(f"Invalid model: {name!r}; valid names are {list(MODELS)}")

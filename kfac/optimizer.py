@@ -8,7 +8,7 @@ A method's optimizer is a preset of it (:class:`KFAC` sets the K-FAC preconditio
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -78,6 +78,13 @@ class PreconditionedSGD(torch.optim.SGD):
         params: Iterable[Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} takes the model (an nn.Module), not its parameters: "
+                f"got {type(model).__name__}. The preconditioner hooks the model's layers; "
+                f"write {type(self).__name__}(model, lr=...) and pass parameter groups, if "
+                "any, as params=..."
+            )
         lr = check_nonnegative(lr, "learning rate")
         momentum = check_nonnegative(momentum, "momentum")
         weight_decay = check_nonnegative(weight_decay, "weight_decay")
@@ -137,15 +144,52 @@ class PreconditionedSGD(torch.optim.SGD):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Inverse of :meth:`state_dict`; raises ``ValueError`` without the ``"kfac"`` entry
-        or for a state of another model or method (before anything changes)."""
+        """Inverse of :meth:`state_dict`. Everything is validated before anything changes:
+        a checkpoint of another model or method, or a corrupted one (missing or mistyped
+        entries, wrong shapes, non-finite values, negative eigenvalues, invalid generator
+        states, momentum buffers of the wrong shape) raises ``ValueError`` and leaves the
+        optimizer as it was."""
         state_dict = dict(state_dict)
         if "kfac" not in state_dict:
             raise ValueError("state_dict has no 'kfac' entry: it was not saved by this optimizer")
         kfac_state = state_dict.pop("kfac")
-        self.preconditioner.check_state_dict(kfac_state)
+        install = self.preconditioner._prepare_load(kfac_state)
+        self._check_torch_state(state_dict)
         super().load_state_dict(state_dict)
-        self.preconditioner.load_state_dict(kfac_state)
+        install()
+
+    def _check_torch_state(self, state_dict: Mapping[str, Any]) -> None:
+        """What ``torch.optim`` does not check before loading: the groups' sizes, and each
+        momentum buffer's shape and finiteness (a wrong one would load and fail, or poison
+        the parameters, steps later)."""
+        groups, state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or not isinstance(state, Mapping):
+            raise ValueError("state_dict must hold 'param_groups' (a list) and 'state'")
+        if len(groups) != len(self.param_groups) or any(
+            not isinstance(g, Mapping) or len(g.get("params", ())) != len(own["params"])
+            for g, own in zip(groups, self.param_groups, strict=False)
+        ):
+            raise ValueError("state_dict param_groups do not match this optimizer's groups")
+        params = {
+            saved_id: p
+            for g, own in zip(groups, self.param_groups, strict=True)
+            for saved_id, p in zip(g["params"], own["params"], strict=True)
+        }
+        for key, entry in state.items():
+            if key not in params or not isinstance(entry, Mapping):
+                raise ValueError(f"state_dict state entry {key!r} matches no parameter")
+            buffer = entry.get("momentum_buffer")
+            if buffer is None:
+                continue
+            p = params[key]
+            if not isinstance(buffer, torch.Tensor) or buffer.shape != p.shape:
+                shape = tuple(buffer.shape) if isinstance(buffer, torch.Tensor) else buffer
+                raise ValueError(
+                    f"state_dict momentum buffer of parameter {key} has shape {shape}, "
+                    f"expected {tuple(p.shape)}"
+                )
+            if not bool(torch.isfinite(buffer).all()):
+                raise ValueError(f"state_dict momentum buffer of parameter {key} is not finite")
 
 
 class KFAC(PreconditionedSGD):

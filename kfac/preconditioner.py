@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import zlib
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -62,8 +63,9 @@ class Preconditioner:
         captured only on factor-update steps (and on the steps the block asks for rows).
     kl_clip : float or callable(step), optional
         Global KL clip ``nu = min(1, sqrt(kl_clip / |sum lr^2 <V, grad>|))``; needs ``lr``.
+        ``None`` or ``0`` (also as a schedule's value) switches it off.
     rms_clip : float or callable(step), optional
-        Per-layer clip of the direction's RMS to ``rms_clip``.
+        Per-layer clip of the direction's RMS to ``rms_clip``; ``None`` or ``0`` is off.
     lr : float or callable(step), optional
         Learning rate used by ``kl_clip`` when :meth:`step` is not given one.
     skip_layers : iterable of str or nn.Module subclasses, default ()
@@ -158,8 +160,8 @@ class Preconditioner:
         layers = discover(model, skip_layers)
         if not layers:
             raise ValueError(
-                "Invalid model: no nn.Linear or nn.Conv2d layer with a trainable weight to "
-                "precondition (after skip_layers)"
+                "Invalid model: no nn.Linear, nn.Conv1d or nn.Conv2d layer with a trainable "
+                "weight to precondition (after skip_layers)"
             )
         device = next(iter(layers.values())).params[0].device
         self.generator: torch.Generator | None = None
@@ -182,8 +184,8 @@ class Preconditioner:
             clock=clock,
             capture=capture,
             dtype=factor_dtype,
-            kl_clip=optional_schedule(kl_clip, "kl_clip"),
-            rms_clip=optional_schedule(rms_clip, "rms_clip"),
+            kl_clip=optional_schedule(kl_clip, "kl_clip", check_nonnegative),
+            rms_clip=optional_schedule(rms_clip, "rms_clip", check_nonnegative),
             lr=optional_schedule(lr, "lr", check_nonnegative),
             grad_scaler=grad_scaler,
             time_phases=time_phases,
@@ -297,40 +299,87 @@ class Preconditioner:
             "generator": None if self.generator is None else self.generator.get_state(),
         }
 
-    def _loaded_states(self, state_dict: Mapping[str, Any]) -> dict[str, Any]:
-        if state_dict.get("block_name") != self.block.name:
+    def _prepare_load(self, state_dict: Any) -> Callable[[], None]:
+        """Validate ``state_dict`` completely and return the function that installs it
+        (which cannot fail): nothing changes unless everything is valid."""
+        if not isinstance(state_dict, Mapping):
+            raise ValueError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
+        missing = sorted({"steps", "block_name", "block", "layers"} - set(state_dict))
+        if missing:
+            raise ValueError(f"state_dict is missing the entries {missing}")
+        if state_dict["block_name"] != self.block.name:
             raise ValueError(
-                f"state_dict was saved with block {state_dict.get('block_name')!r}, this "
+                f"state_dict was saved with block {state_dict['block_name']!r}, this "
                 f"preconditioner uses {self.block.name!r}"
             )
-        self.block.check_block_state_dict(state_dict["block"])
+        steps = state_dict["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"state_dict entry 'steps' must be an int >= 0, got {steps!r}")
         saved = state_dict["layers"]
-        if set(saved) != set(self.engine.layers):
+        if not isinstance(saved, Mapping) or set(saved) != set(self.engine.layers):
+            names = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
             raise ValueError(
-                f"state_dict layers {sorted(saved)} do not match the model's {self.layer_names}"
+                f"state_dict layers {names} do not match the model's {self.layer_names}"
             )
-        return {
-            name: self.block.load_state(layer, saved[name], layer.params[0].device)
-            for name, layer in self.engine.layers.items()
-        }
+        block_state = state_dict["block"]
+        if not isinstance(block_state, Mapping):
+            raise ValueError("state_dict entry 'block' must be a mapping")
+        self.block.check_block_state_dict(block_state)
+        states = {}
+        for name, layer in self.engine.layers.items():
+            try:
+                states[name] = self.block.load_state(layer, saved[name], layer.params[0].device)
+            except (KeyError, TypeError, AttributeError, IndexError, RuntimeError) as exc:
+                raise ValueError(
+                    f"state_dict entry of layer {layer.describe()} is malformed: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+        generator = self._loaded_generator(state_dict.get("generator"))
+
+        def install() -> None:
+            engine = self.engine
+            engine.states = states
+            self.block.load_block_state_dict(block_state)
+            engine.steps = steps
+            engine.capture.reset()
+            engine.arm()
+            if generator is not None and self.generator is not None:
+                self.generator.set_state(generator.get_state())  # the capture's sampler
+
+        return install
+
+    def _loaded_generator(self, saved: Any) -> torch.Generator | None:
+        """The Monte-Carlo sampler to install (``None``: keep the current one). A state saved
+        on another kind of device (a CUDA run loaded on a CPU) cannot be restored: the
+        sampler is re-seeded with ``seed`` and the CRC-32 of the saved state (deterministic,
+        a different stream from the saved run's)."""
+        current = self.generator
+        if current is None or saved is None:
+            return None
+        if not isinstance(saved, Tensor) or saved.dtype != torch.uint8 or saved.ndim != 1:
+            raise ValueError("state_dict entry 'generator' must be a 1-d uint8 tensor")
+        fresh = torch.Generator(device=current.device)
+        if saved.numel() == current.get_state().numel():
+            try:
+                fresh.set_state(saved.cpu())
+            except RuntimeError as exc:
+                raise ValueError(f"state_dict entry 'generator' is invalid: {exc}") from exc
+            return fresh
+        fresh.manual_seed(self.seed ^ zlib.crc32(saved.cpu().numpy().tobytes()))
+        return fresh
 
     def check_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Raise ``ValueError`` unless ``state_dict`` fits this model and block."""
-        self._loaded_states(state_dict)
+        """Raise ``ValueError`` unless ``state_dict`` fits this model and block (keys, types,
+        shapes, finite values, eigenvalue signs, generator states)."""
+        self._prepare_load(state_dict)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (validated before anything changes). Tensors move to
-        each layer's device, so a state saved on another device loads as long as the layers
-        and shapes match."""
-        states = self._loaded_states(state_dict)
-        engine = self.engine
-        engine.states = states
-        self.block.load_block_state_dict(state_dict["block"])
-        engine.steps = int(state_dict["steps"])
-        engine.arm()
-        gen_state = state_dict.get("generator")
-        if self.generator is not None and gen_state is not None:
-            self.generator.set_state(gen_state)
+        """Restore :meth:`state_dict`, validated completely before anything changes (a
+        corrupted checkpoint raises ``ValueError`` and leaves the preconditioner as it
+        was). Tensors move to each layer's device, so a state saved on another device
+        loads; random generators saved on a device type absent here are re-seeded
+        deterministically (:meth:`_loaded_generator`, ``kfac._kron.Generators``)."""
+        self._prepare_load(state_dict)()
 
 
 class KFACPreconditioner(Preconditioner):
@@ -375,9 +424,15 @@ class KFACPreconditioner(Preconditioner):
         factored damping schemes and the empirical Fisher, for float32/float64 layers whose
         parameters all train; on every step a random probe checks that the rows reproduce
         ``.grad`` (one host read per such layer), and a layer that fails (a penalty added to
-        the loss, gradient accumulation, a gradient changed before :meth:`step`) is
-        preconditioned from ``.grad`` with a warning. ``diagnostics()`` reports which
-        application each layer used.
+        the loss, a gradient changed before :meth:`step`) is preconditioned from ``.grad``
+        with a warning. ``diagnostics()`` reports which application each layer used.
+    factor_init : {"identity", "zero"}, default "identity"
+        Initialisation of the factors' exponential averages: ``"identity"`` (the K-FAC
+        papers' ``X_0 = I``, carried as the weight ``rho^m`` added to the damping; the
+        direction then depends on the scale of the loss) or ``"zero"`` (the average divided
+        by its total weight ``1 - rho^m``, as Adam and kfac-jax do; with a relative damping
+        scheme the direction scales exactly as ``1 / c`` when the loss is multiplied by
+        ``c``).
     **inverse_options
         Options of the inverse strategy (the low-rank strategies take ``rank``,
         ``oversample``, ``power_iters``, ...).
@@ -435,6 +490,7 @@ class KFACPreconditioner(Preconditioner):
         decomposition_dtype: torch.dtype | None = None,
         grad_scaler: Any = None,
         factored_apply: bool = True,
+        factor_init: str = "identity",
         seed: int = 0,
         time_phases: bool = False,
         **inverse_options: Any,
@@ -462,6 +518,7 @@ class KFACPreconditioner(Preconditioner):
             continuation=continuation,
             factored_apply=factored_apply,
             decomposition_dtype=decomposition_dtype,
+            factor_init=factor_init,
             **inverse_options,
         )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import pickle
+import re
 import struct
 import subprocess
 import sys
@@ -118,7 +119,7 @@ def test_models_and_width() -> None:
 
 def test_optimizer_names_follow_the_registry() -> None:
     names = optimizer_names()
-    assert names[:3] == ["sgd", "adam", "kfac"]
+    assert names[:4] == ["sgd", "adam", "adamw", "kfac"]
     for alias in ("rkfac", "srekfac", "bkfac", "brkfac", "bckfac", "brckfac"):
         assert alias in names
     for inverse in kfac.inverse_names():
@@ -181,7 +182,7 @@ def test_inverse_options_reach_the_strategy(tmp_path: Path) -> None:
     assert main([*args, "--inverse-options", options]) == 0
     config = json.loads(out.read_text())["configs"][0]
     assert config["inverse_options"] == {"identity_clock": "batches", "rank": 50}
-    with pytest.raises(ValueError, match="Invalid identity_clock: 'hours'"):
+    with pytest.raises(SystemExit):
         main([*args, "--inverse-options", '{"identity_clock": "hours"}'])
 
 
@@ -200,7 +201,7 @@ def test_mbf_from_the_command_line_with_block_options(tmp_path: Path) -> None:
     config = json.loads(out.read_text())["configs"][0]
     assert config["optimizer"] == "mbf"
     assert config["inverse_options"] == {"block_size": 4, "damping_mode": "relative"}
-    with pytest.raises(ValueError, match="Invalid block_size: 0"):
+    with pytest.raises(SystemExit):
         main([*args, "--inverse-options", '{"block_size": 0}'])
 
 
@@ -240,3 +241,38 @@ def test_run_config_label_names_the_result() -> None:
     cfg = RunConfig(optimizer="sgd", model="mlp", width=0.25, epochs=1, max_train=128,
                     label="sgd-small")  # fmt: skip
     assert train(cfg, progress=False).optimizer == "sgd-small"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "--kl-clip", "-1"], "argument --kl-clip: must be finite and >= 0"),
+        (["train", "--device", "cuda"], "--device cuda: CUDA is not available"),
+        (
+            ["compare", "--optimizers", "kfac", "rkfac", "--inverse-options", '{"rank": 5}'],
+            r"--optimizer kfac: inverse='eigh' does not take option\(s\) \['rank'\]",
+        ),
+        (
+            ["train", "--inverse-options", '{"identity_clock": "hours"}', "--optimizer", "bkfac"],
+            "--optimizer bkfac: Invalid identity_clock: 'hours'",
+        ),
+    ],
+    ids=["kl-clip", "device", "options-of-one-optimizer", "bad-option"],
+)
+def test_cli_errors_are_usage_errors_before_any_training(args, message, capsys) -> None:
+    """Before: tracebacks (and a compare run trained the first optimizers first)."""
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(SystemExit) as exit_info:
+        main([*args, "--quiet", "--epochs", "1", "--max-train", "64"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+
+
+def test_cli_kl_clip_zero_is_off_and_help_shows_defaults(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "(default: 0.0001)" in capsys.readouterr().out
+    args = ["train", "--model", "mlp", "--width", "0.25", "--epochs", "1", "--max-train", "64"]
+    assert main([*args, "--kl-clip", "0", "--quiet"]) == 0

@@ -40,6 +40,18 @@ def recorded_rows(model: nn.Module, x, y, name: str):
     return ps.per_sample_rows(batch)
 
 
+class Attention(nn.Module):
+    """Self-attention over 3 positions (packed in_proj and out_proj), then a classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x, need_weights=False)[0].flatten(1))
+
+
 CASES = {
     "linear": (lambda: nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 4)), (6,), 4,
                {"0": "0.", "2": "2."}),
@@ -50,6 +62,8 @@ CASES = {
     "conv": (convnet, (2, 8, 8), 4, {"0": "0.", "3": "3."}),
     "conv-strided": (lambda: convnet(stride=2, padding=0), (2, 8, 8), 4, {"0": "0.", "3": "3."}),
     "conv-dilated": (lambda: convnet(padding=2, dilation=2), (2, 8, 8), 4, {"0": "0.", "3": "3."}),
+    "attention": (Attention, (3, 4), 3, {"attn.in_proj": "attn.in_proj_",
+                                         "attn.out_proj": "attn.out_proj.", "head": "head."}),
 }  # fmt: skip
 
 
@@ -61,6 +75,11 @@ def make_case(case: str, n: int = 7, seed: int = 1):
     return model, x, y, prefixes
 
 
+# torch.func has no batching rule for CPU flash attention yet: it falls back (slowly) and warns
+VMAP_ATTENTION = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+
+@VMAP_ATTENTION
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("method", ["positions", "explicit"])
 def test_gram_equals_torch_func_per_sample_gradients(case, method) -> None:
@@ -95,7 +114,8 @@ def dense_direction(G: torch.Tensor, damping: float, mode: str) -> torch.Tensor:
     return torch.linalg.solve(F + lam * torch.eye(P, dtype=G.dtype), G.mean(dim=0))
 
 
-@pytest.mark.parametrize("case", ["linear", "positions", "conv", "conv-strided"])
+@VMAP_ATTENTION
+@pytest.mark.parametrize("case", ["linear", "positions", "conv", "conv-strided", "attention"])
 @pytest.mark.parametrize("mode", ["relative", "absolute"])
 @pytest.mark.parametrize("coefficients", ["per-layer", "shared"])
 def test_direction_equals_the_dense_damped_fisher_solve(case, mode, coefficients) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -206,7 +207,7 @@ def test_preconditioner_composes_with_adam() -> None:
         ({"lr": 0.1, "factor_every": 0}, "Invalid factor_every: 0"),
         ({"lr": 0.1, "inverse_every": 1.5}, "Invalid inverse_every: 1.5"),
         ({"lr": 0.1, "kl_clip": -1.0}, "Invalid kl_clip"),
-        ({"lr": 0.1, "rms_clip": 0}, "Invalid rms_clip"),
+        ({"lr": 0.1, "rms_clip": -0.5}, "Invalid rms_clip"),
         (
             {"lr": 0.1, "inverse": "svd"},
             r"Invalid inverse: 'svd'; valid names are \['brand', 'brand-correct', 'brand-rsvd', "
@@ -220,7 +221,7 @@ def test_preconditioner_composes_with_adam() -> None:
         ({"lr": 0.1, "factor_dtype": torch.float16}, "Invalid factor_dtype"),
         ({"lr": 0.1, "skip_layers": ["nothing.*"]}, "pattern 'nothing.*' matches no module"),
         ({"lr": 0.1, "skip_layers": [3]}, "Invalid skip_layers entry: 3"),
-        ({"lr": 0.1, "skip_layers": [nn.Linear]}, "Invalid model: no nn.Linear or nn.Conv2d"),
+        ({"lr": 0.1, "skip_layers": [nn.Linear]}, "Invalid model: no nn.Linear, nn.Conv1d"),
     ],
 )
 def test_invalid_hyperparameters_raise(kwargs: dict, message: str) -> None:
@@ -251,3 +252,56 @@ def test_deepcopy_of_model_and_optimizer_state_is_independent() -> None:
     run(model, opt, batches(2, seed=5))
     assert state["kfac"]["steps"] == 2
     assert opt.preconditioner.steps == 4
+
+
+# ------------------------------------------------------------------ torch.optim habits
+
+
+def test_parameters_instead_of_the_model_is_a_type_error() -> None:
+    """Before: "'generator' object has no attribute 'parameters'"."""
+    model = mlp()
+    with pytest.raises(TypeError, match=r"KFAC takes the model \(an nn.Module\), not its param"):
+        kfac.KFAC(model.parameters(), lr=0.1)
+
+
+def test_unknown_keyword_is_a_type_error() -> None:
+    """Before: ``nesterov=`` was reported as an option of the inverse strategy."""
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['nesterov'\]"):
+        kfac.KFAC(mlp(), lr=0.1, nesterov=True)
+
+
+@pytest.mark.parametrize("clip", ["kl_clip", "rms_clip"])
+def test_a_clip_of_zero_is_off(clip: str) -> None:
+    """Before: ``kl_clip=0`` could not switch the clip off (it was rejected)."""
+    x, y = torch.randn(16, 5), torch.randint(3, (16,))
+    results = []
+    for value in (0, None, lambda step: 0.0):
+        torch.manual_seed(0)
+        model = mlp()
+        opt = kfac.KFAC(model, lr=0.1, factor_every=1, inverse_every=1, **{clip: value})
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        results.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    torch.testing.assert_close(results[2], results[1], rtol=0, atol=0)
+
+
+def test_brand_that_tracks_no_factor_warns() -> None:
+    """Before: every factor silently ran the fallback rsvd."""
+    with pytest.warns(UserWarning, match=r"inverse='brand' tracks no factor here.*rank_cap=500"):
+        kfac.KFAC(mlp(), lr=0.1, inverse="brand")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kfac.KFAC(nn.Sequential(nn.Linear(40, 30)), lr=0.1, inverse="brand", rank=8, rank_cap=10)
+
+
+def test_wide_dense_factor_warns() -> None:
+    """Before: a 9216-wide eigh factor gave no hint of its cost."""
+    model = nn.Sequential(nn.Linear(4097, 2, bias=False))
+    with pytest.warns(UserWarning, match=r"wider than 4096: '0' A \(4097\).*O\(D\^3\)"):
+        kfac.KFACPreconditioner(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kfac.KFACPreconditioner(model, inverse="rsvd", rank=10)

@@ -13,7 +13,7 @@ from torch import nn
 import kfac
 from kfac.seng import SENGBlock
 
-from .test_fngd import make_case, per_sample_layers
+from .test_fngd import VMAP_ATTENTION, make_case, per_sample_layers
 
 RTOL = 1e-8
 
@@ -36,8 +36,10 @@ def dense_direction(G: torch.Tensor, grad: torch.Tensor, damping: float) -> torc
         # the implicit form is exact when it keeps every singular triple
         ("conv", {"explicit_max": 1, "svd_rank": 3}, ["implicit", "factored"]),
         ("positions", {"explicit_max": 1, "svd_rank": 3}, ["implicit", "factored"]),
+        ("attention", {}, ["explicit", "explicit", "factored"]),
     ],
 )
+@VMAP_ATTENTION
 def test_unsketched_direction_equals_the_dense_solve(case, options, kinds) -> None:
     model, x, y, prefixes = make_case(case)
     G = per_sample_layers(copy.deepcopy(model), x, y, prefixes)
