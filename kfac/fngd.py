@@ -322,6 +322,10 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
         return alpha
 
     # ------------------------------------------------------------------ protocol
+    def check_layers(self, layers: Mapping[str, Any]) -> None:
+        """Accept every registered layer: the per-sample algebra needs only its rows."""
+        return None
+
     def capture(self, layer: Layer, state: FNGDState, factor_step: bool) -> CaptureSpec | None:
         # a weighted-loss step records nothing: its gradient already is G alpha
         return None if self.weighted else CaptureSpec(rows=True)

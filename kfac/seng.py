@@ -180,6 +180,10 @@ class SENGBlock(CurvatureBlock[SENGState]):
         return scale * K, None, 1.0
 
     # ------------------------------------------------------------------ protocol
+    def check_layers(self, layers: Mapping[str, Any]) -> None:
+        """Accept every registered layer: the per-sample algebra needs only its rows."""
+        return None
+
     def capture(self, layer: Layer, state: SENGState, factor_step: bool) -> CaptureSpec | None:
         return CaptureSpec(rows=True) if factor_step else None
 
