@@ -1,8 +1,9 @@
 """Time per epoch and time to target of every K-FAC variant against K-FAC, SGD and Adam.
 
-Two tasks on the bundled digits (28x28): the deep autoencoder with wide layers (``--width
+Three tasks on the bundled digits (28x28): the deep autoencoder with wide layers (``--width
 2``: factors of 2000-2001 for the largest layers) trained to a target training loss, and
-the CNN trained to a target test accuracy. Every optimizer starts from the same weights and
+the CNN and the row-sequence Transformer (``kfac.models.transformer``) trained to a target
+test accuracy. Every optimizer starts from the same weights and
 sees the same batches for a given seed; seeds 0, 1, 2. Times count training steps only
 (evaluations excluded). Final values are checked next to the times (a fast optimizer that
 ends worse is reported as such).
@@ -35,15 +36,21 @@ from kfac import data
 from kfac.__main__ import RunConfig, RunResult, plot, train
 
 #: Labelled configurations beyond the command line's names: (name, inverse options).
-CONFIGS = {"bkfac-batch-clock": ("bkfac", {"identity_clock": "batches"})}
+CONFIGS = {
+    "bkfac-batch-clock": ("bkfac", {"identity_clock": "batches"}),
+    # the bias-corrected zero initialisation of the factors (not in the default list)
+    "kfac-zero-init": ("kfac", {"factor_init": "zero"}),
+    "bkfac-batch-clock-zero-init": ("bkfac", {"identity_clock": "batches", "factor_init": "zero"}),
+}
 OPTIMIZERS = [
-    "sgd", "adam", "kfac", "rkfac", "srekfac", "bkfac", "brkfac", "bckfac", "brckfac",
-    *CONFIGS,
+    "sgd", "adam", "adamw", "kfac", "rkfac", "srekfac", "bkfac", "brkfac", "bckfac", "brckfac",
+    "bkfac-batch-clock",
 ]  # fmt: skip
 TASKS = {
     # name: (model, width, epochs, target loss, target accuracy)
     "autoencoder": ("autoencoder", 2.0, 10, 0.045, None),
     "cnn": ("cnn", 1.0, 6, None, 0.9),
+    "transformer": ("transformer", 1.0, 8, None, 0.7),
 }
 
 
@@ -115,7 +122,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--optimizers", nargs="+", default=OPTIMIZERS, choices=OPTIMIZERS)
+    parser.add_argument(
+        "--optimizers", nargs="+", default=OPTIMIZERS, choices=[*OPTIMIZERS, *CONFIGS]
+    )
+    parser.add_argument("--width", type=float, default=None, help="override the tasks' width")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--stem", default=DEFAULT_STEM, help="name of the result files")
     args = parser.parse_args()
@@ -125,6 +135,7 @@ def main() -> None:
         tasks = {
             "autoencoder": ("autoencoder", 0.1, 1, 0.2, None),
             "cnn": ("cnn", 0.25, 1, None, 0.0),
+            "transformer": ("transformer", 0.25, 1, None, 0.0),
         }
         seeds = [0]
     ds = data.digits28()
@@ -133,6 +144,7 @@ def main() -> None:
     histories: dict[str, Any] = {}
     for task in args.tasks:
         model, width, epochs, target_loss, target_acc = tasks[task]
+        width = width if args.width is None else args.width
         runs: dict[str, list[RunResult]] = {name: [] for name in args.optimizers}
         for seed in seeds:
             for name in args.optimizers:  # alternate optimizers within a seed
@@ -165,6 +177,7 @@ def main() -> None:
         "seeds": seeds,
         "seconds": time.perf_counter() - start,
         "tasks": {task: tasks[task] for task in args.tasks},
+        "width_override": args.width,
         "suffix": "_quick" if args.quick else "",
         "stem": args.stem,
     }

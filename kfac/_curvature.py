@@ -224,6 +224,7 @@ class CurvatureBlock(Protocol[S]):
         """Inspect the registered layers once, at construction: raise ``ValueError`` for a
         configuration the method cannot handle, warn for a costly or ineffective one
         (default: accept)."""
+        return None
 
     def refresh(self, layer: Any, state: S, tick: Tick) -> S:
         """Rebuild the applied representation where ``tick`` asks for it (every step;

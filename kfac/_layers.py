@@ -146,8 +146,9 @@ class Layer(abc.ABC):
         mat = w.reshape(self.dim_out, self.dim_in).to(dtype)
         if self.has_bias:
             bias = self.params[1]
-            live = bias.grad is not None and bias.requires_grad
-            b = bias.grad if live else torch.zeros_like(bias)
+            b = bias.grad
+            if b is None or not bias.requires_grad:
+                b = torch.zeros_like(bias)
             mat = torch.cat([mat, b.reshape(-1, 1).to(dtype)], dim=1)
         return mat
 

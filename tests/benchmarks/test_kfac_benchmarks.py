@@ -28,11 +28,11 @@ def test_quick_scaling_benchmark(run_quick) -> None:
 def test_quick_time_to_target_benchmark(run_quick, tmp_path) -> None:
     payload, table = run_quick("kfac_time_to_target")
     summary = payload["summary"]
-    assert set(summary) == {"autoencoder", "cnn"}
+    assert set(summary) == {"autoencoder", "cnn", "transformer"}
     for task, rows in summary.items():
         assert list(rows) == [
-            "sgd", "adam", "kfac", "rkfac", "srekfac", "bkfac", "brkfac", "bckfac", "brckfac",
-            "bkfac-batch-clock",
+            "sgd", "adam", "adamw", "kfac", "rkfac", "srekfac", "bkfac", "brkfac", "bckfac",
+            "brckfac", "bkfac-batch-clock",
         ]  # fmt: skip
         for name, row in rows.items():
             assert row["time_per_epoch"] > 0, (task, name)

@@ -76,7 +76,7 @@ def test_unsupported_conv_is_rejected_at_construction(conv: nn.Conv2d, message: 
     with pytest.raises(ValueError, match=message):
         kfac.KFACPreconditioner(model)
     # and skipping it is the documented way out
-    with pytest.raises(ValueError, match=r"no nn\.Linear or nn\.Conv2d"):
+    with pytest.raises(ValueError, match=r"no nn\.Linear, nn\.Conv1d or nn\.Conv2d"):
         kfac.KFACPreconditioner(model, skip_layers=["0"])
 
 

@@ -95,16 +95,16 @@ class TinyLM(nn.Module):
         return self.out(h)
 
 
-class Siamese(nn.Module):
-    """One tower applied to both inputs of a pair (two calls per step)."""
+class Tower(nn.Module):
+    """The tower of a siamese model: called once per input of a pair (two forwards of the
+    model per step)."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.tower = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 8))
-        self.head = nn.Linear(8, 2)
+        self.net = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 8))
 
-    def forward(self, a: Tensor, b: Tensor) -> Tensor:
-        return self.head((self.tower(a) - self.tower(b)).abs())
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
 
 
 def _mnist(gen: torch.Generator) -> tuple[tuple[Tensor, ...], Tensor]:
@@ -135,6 +135,11 @@ def _pairs(gen: torch.Generator) -> tuple[tuple[Tensor, ...], Tensor]:
     return (a, b), same
 
 
+def _siamese_logits(model: nn.Module, a: Tensor, b: Tensor) -> Tensor:
+    distance = (model(a) - model(b)).square().sum(dim=1)  # the model runs twice
+    return torch.stack([distance - 1.0, 1.0 - distance], dim=1)  # class 1: "same"
+
+
 def _nll(out: Tensor, y: Tensor) -> Tensor:
     return F.nll_loss(out, y)
 
@@ -148,7 +153,7 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Any, Any, float, dict[str, Any]]
     "mnist-cnn": (MnistNet, _mnist, _nll, 0.05, {}),
     "resnet": (ResNet, _cifar, _ce, 0.05, {}),
     "transformer": (TinyLM, _tokens, _ce, 0.05, {"skip_layers": ["embed"]}),
-    "siamese": (Siamese, _pairs, _ce, 0.05, {}),
+    "siamese": (Tower, _pairs, _ce, 0.05, {}),
 }
 KFAC_OPTIONS = {"factor_every": 1, "inverse_every": 5, "damping": 0.03, "kl_clip": 1e-2}
 
@@ -159,7 +164,8 @@ def _train(model: nn.Module, make_batch: Any, loss_fn: Any, step: Callable[[], N
     for _ in range(STEPS):
         inputs, y = make_batch(gen)
         model.zero_grad()
-        loss = loss_fn(model(*inputs), y)
+        out = _siamese_logits(model, *inputs) if isinstance(model, Tower) else model(*inputs)
+        loss = loss_fn(out, y)
         loss.backward()
         step()
         losses.append(float(loss.detach()))

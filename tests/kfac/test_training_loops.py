@@ -183,6 +183,26 @@ def test_two_calls_in_one_forward_count_as_positions() -> None:
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_model_called_twice_per_step_counts_both_calls() -> None:
+    """Before: each model forward started a new record, so only the second view's
+    statistics were used. Two forwards of the model before one backward are two calls of
+    every layer: positions of the same samples."""
+    siamese = Siamese().double()
+    stacked = Stacked(copy.deepcopy(siamese))
+    x1, x2 = torch.randn(10, 5, dtype=F64), torch.randn(10, 5, dtype=F64)
+    p1 = exact_preconditioner(siamese.body)
+    p2 = exact_preconditioner(stacked.body)
+    h1, h2 = siamese.body(x1), siamese.body(x2)  # two forwards of the model `siamese.body`
+    h = stacked.body(torch.stack([x1, x2], dim=1))
+    F.mse_loss(torch.cat([h1, h2], 1), torch.ones(10, 12, dtype=F64)).backward()
+    F.mse_loss(h.reshape(10, 12), torch.ones(10, 12, dtype=F64)).backward()
+    p1.step()
+    p2.step()
+    for a, b in zip(p1.factors("0"), p2.factors("0"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(siamese.body[0].weight.grad, stacked.body[0].weight.grad)
+
+
 # --------------------------------------------------------------------------- shared weights
 
 
@@ -499,3 +519,76 @@ def test_generators_saved_on_an_absent_device_are_reseeded_deterministically() -
     for a, b in zip(m1.parameters(), m2.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert all(bool(torch.isfinite(p).all()) for p in m1.parameters())
+
+
+def test_embedding_is_left_to_the_base_update() -> None:
+    """nn.Embedding is not preconditioned (docs/kfac.md): its gradient is untouched."""
+    model = nn.Sequential(nn.Embedding(10, 6), nn.Flatten(), nn.Linear(18, 3))
+    precond = kfac.KFACPreconditioner(model, factor_every=1, inverse_every=1)
+    assert precond.layer_names == ["2"]
+    tokens, y = torch.randint(10, (8, 3)), torch.randint(3, (8,))
+    F.cross_entropy(model(tokens), y).backward()
+    raw = model[0].weight.grad.clone()
+    precond.step()
+    torch.testing.assert_close(model[0].weight.grad, raw, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- layer types
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda: torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 3)),
+            r"Unsupported layer '0' \(\w+\): its weight is computed by a parametrization",
+        ),
+        (
+            lambda: torch.nn.utils.parametrizations.spectral_norm(nn.Linear(4, 3)),
+            r"computed by a parametrization",
+        ),
+        (
+            lambda: torch.nn.utils.spectral_norm(nn.Linear(4, 3)),
+            r"its weight is a computed tensor, not a Parameter",
+        ),
+        (lambda: nn.LazyLinear(3), r"its weight is not initialized yet \(a lazy module\)"),
+        (lambda: nn.ConvTranspose2d(4, 3, 2), r"no K-FAC layer helper for this type"),
+    ],
+    ids=["weight_norm", "spectral_norm", "old-spectral_norm", "lazy", "conv-transpose"],
+)
+def test_layers_kfac_cannot_describe_are_rejected_with_what_to_do(make, message: str) -> None:
+    """Before: misleading errors, a silently changed bias gradient, an obscure reshape
+    error, or (ConvTranspose2d) a layer silently left out."""
+    model = nn.Sequential(make(), nn.Flatten(), nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=message):
+        kfac.KFACPreconditioner(model)
+    with pytest.raises(ValueError, match=r"exclude it with skip_layers=\['0'\]"):
+        kfac.KFACPreconditioner(model)
+    assert kfac.KFACPreconditioner(model, skip_layers=["0"]).layer_names == ["2"]
+
+
+def test_old_style_weight_norm_is_rejected() -> None:
+    with pytest.warns(FutureWarning, match="deprecated"):
+        layer = torch.nn.utils.weight_norm(nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"computed tensor, not a Parameter"):
+        kfac.KFACPreconditioner(nn.Sequential(layer))
+
+
+@pytest.mark.parametrize("options", [{"kernel_size": 3}, {"kernel_size": 3, "padding": "same"}])
+def test_conv1d_equals_the_same_conv2d(options: dict) -> None:
+    """Before: Conv1d layers were silently left out."""
+    conv1 = nn.Conv1d(3, 4, dtype=F64, **options)
+    conv2 = nn.Conv2d(3, 4, (1, 3), padding=(0, 1) if "padding" in options else 0, dtype=F64)
+    with torch.no_grad():
+        conv2.weight.copy_(conv1.weight.unsqueeze(2))
+        conv2.bias.copy_(conv1.bias)
+    x = torch.randn(6, 3, 9, dtype=F64)
+    p1 = exact_preconditioner(nn.Sequential(conv1))
+    p2 = exact_preconditioner(nn.Sequential(conv2))
+    conv1(x).square().sum().backward()
+    conv2(x.unsqueeze(2)).square().sum().backward()
+    p1.step()
+    p2.step()
+    for a, b in zip(p1.factors("0"), p2.factors("0"), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(conv1.weight.grad, conv2.weight.grad.squeeze(2))
