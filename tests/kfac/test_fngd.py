@@ -62,6 +62,8 @@ CASES = {
     "conv": (convnet, (2, 8, 8), 4, {"0": "0.", "3": "3."}),
     "conv-strided": (lambda: convnet(stride=2, padding=0), (2, 8, 8), 4, {"0": "0.", "3": "3."}),
     "conv-dilated": (lambda: convnet(padding=2, dilation=2), (2, 8, 8), 4, {"0": "0.", "3": "3."}),
+    "conv1d": (lambda: nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(),
+                                     nn.Linear(24, 4)), (2, 8), 4, {"0": "0.", "3": "3."}),
     "attention": (Attention, (3, 4), 3, {"attn.in_proj": "attn.in_proj_",
                                          "attn.out_proj": "attn.out_proj.", "head": "head."}),
 }  # fmt: skip
@@ -115,7 +117,9 @@ def dense_direction(G: torch.Tensor, damping: float, mode: str) -> torch.Tensor:
 
 
 @VMAP_ATTENTION
-@pytest.mark.parametrize("case", ["linear", "positions", "conv", "conv-strided", "attention"])
+@pytest.mark.parametrize(
+    "case", ["linear", "positions", "conv", "conv-strided", "conv1d", "attention"]
+)
 @pytest.mark.parametrize("mode", ["relative", "absolute"])
 @pytest.mark.parametrize("coefficients", ["per-layer", "shared"])
 def test_direction_equals_the_dense_damped_fisher_solve(case, mode, coefficients) -> None:
