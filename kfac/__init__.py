@@ -23,6 +23,7 @@ from ._curvature import (
 )
 from ._kron import inverse_names
 from ._layers import Layer, register_layer
+from .fngd import FNGD, FNGDPreconditioner
 from .kld_wrm import (
     QEKLDWRM,
     QKLDWRM,
@@ -33,10 +34,13 @@ from .kld_wrm import (
 from .mbf import MBF, MBFPreconditioner
 from .optimizer import KFAC, PreconditionedSGD
 from .preconditioner import KFACPreconditioner, Preconditioner
+from .seng import SENG, SENGPreconditioner
 
 __all__ = [
     "CaptureSpec",
     "CurvatureBlock",
+    "FNGD",
+    "FNGDPreconditioner",
     "KFAC",
     "KFACPreconditioner",
     "Layer",
@@ -48,6 +52,8 @@ __all__ = [
     "QEKLDWRM",
     "QKLDWRM",
     "QKLDWRMPreconditioner",
+    "SENG",
+    "SENGPreconditioner",
     "SOKLDWRM",
     "SOKLDWRMPreconditioner",
     "Tick",

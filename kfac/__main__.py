@@ -29,9 +29,11 @@ from torch.nn import functional as F
 from . import data as datasets
 from . import models
 from ._kron import inverse_names
+from .fngd import FNGD
 from .kld_wrm import PAPER_RHO, QEKLDWRM, QKLDWRM, SOKLDWRM
 from .mbf import MBF
 from .optimizer import KFAC
+from .seng import SENG
 
 #: Default learning rates (``--lr`` overrides). K-FAC's (with damping 3e-3, KL clip 1e-4,
 #: momentum 0.9) were chosen on the digits autoencoder at width 0.25; see docs/kfac.md.
@@ -43,6 +45,8 @@ DEFAULT_LR = {
     "adamw": 1e-3,
     "kfac": 0.3,
     "mbf": 0.3,
+    "fngd": 0.3,
+    "seng": 0.3,
     "so-kld-wrm": 0.1,
     "q-kld-wrm": 0.1,
     "qe-kld-wrm": 0.1,
@@ -75,6 +79,11 @@ MBF_DEFAULTS: dict[str, Any] = {
     "block_size": 8,
 }
 
+#: FNGD's and SENG's command-line defaults (``--damping``; SENG's ``--inverse-every`` is its
+#: ``update_freq``), chosen on the digits CNN (benchmarks/kfac_fngd.py, docs/kfac.md).
+FNGD_DEFAULTS: dict[str, Any] = {"damping": 0.1, "factor_every": 1, "inverse_every": 1}
+SENG_DEFAULTS: dict[str, Any] = {"damping": 0.1, "factor_every": 10, "inverse_every": 10}
+METHOD_DEFAULTS = {"mbf": MBF_DEFAULTS, "fngd": FNGD_DEFAULTS, "seng": SENG_DEFAULTS}
 
 #: The papers' names of the K-FAC variants and their ``inverse=`` strategies.
 VARIANTS = {
@@ -91,11 +100,11 @@ VARIANTS = {
 def optimizer_names() -> list[str]:
     """``sgd``, ``adam``, the variants' paper names (``kfac``, ``rkfac``, ``srekfac``,
     ``bkfac``, ``brkfac``, ``bckfac``, ``brckfac``), ``kfac-<inverse>`` for every registered
-    inverse strategy, ``mbf`` (the mini-block Fisher method) and the KLD-WRM optimizers
-    (``so-kld-wrm``, ``q-kld-wrm``, ``qe-kld-wrm``)."""
+    inverse strategy, ``mbf`` (the mini-block Fisher method), ``fngd``, ``seng`` and the
+    KLD-WRM optimizers (``so-kld-wrm``, ``q-kld-wrm``, ``qe-kld-wrm``)."""
     aliases = [name for name, inverse in VARIANTS.items() if inverse in inverse_names()]
     kfacs = [*aliases, *(f"kfac-{name}" for name in inverse_names())]
-    return ["sgd", "adam", "adamw", *kfacs, "mbf", *KLD_WRM]
+    return ["sgd", "adam", "adamw", *kfacs, "mbf", "fngd", "seng", *KLD_WRM]
 
 
 def inverse_for(name: str) -> str:
@@ -130,6 +139,7 @@ class RunConfig:
     max_train: int | None = None
     inverse_options: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
+    shuffle: bool = True
 
 
 @dataclass
@@ -156,7 +166,7 @@ def _make_optimizer(
 ) -> torch.optim.Optimizer:
     if name not in optimizer_names():
         raise ValueError(f"Invalid optimizer: {name!r}; valid names are {optimizer_names()}")
-    kind = name if name in ("sgd", "adam", "adamw", "mbf", *KLD_WRM) else "kfac"
+    kind = name if name in ("sgd", "adam", "adamw", "mbf", "fngd", "seng", *KLD_WRM) else "kfac"
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[kind]
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
@@ -177,6 +187,27 @@ def _make_optimizer(
             factor_decay=cfg.factor_decay,
             loss=loss_name,
             **{"block_size": MBF_DEFAULTS["block_size"], **cfg.inverse_options},
+        )
+    if name == "fngd":
+        return FNGD(
+            model,
+            lr=lr,
+            momentum=cfg.momentum,
+            damping=cfg.damping,
+            kl_clip=cfg.kl_clip,
+            rms_clip=cfg.rms_clip,
+            **cfg.inverse_options,
+        )
+    if name == "seng":
+        return SENG(
+            model,
+            lr=lr,
+            momentum=cfg.momentum,
+            damping=cfg.damping,
+            kl_clip=cfg.kl_clip,
+            rms_clip=cfg.rms_clip,
+            update_freq=cfg.inverse_every,
+            **cfg.inverse_options,
         )
     if name in KLD_WRM:
         return KLD_WRM[name](
@@ -215,6 +246,21 @@ def _loss_fn(loss_name: str) -> Any:
     if loss_name == "mse":
         return lambda out, x, y: F.mse_loss(out, x.flatten(1))
     return lambda out, x, y: F.cross_entropy(out, y)
+
+
+def _per_sample_loss_fn(loss_name: str) -> Any:
+    """The per-sample losses whose batch mean is :func:`_loss_fn`'s loss."""
+    if loss_name == "mse":
+        return lambda out, x, y: F.mse_loss(out, x.flatten(1), reduction="none").mean(dim=1)
+    return lambda out, x, y: F.cross_entropy(out, y, reduction="none")
+
+
+def _fngd_weights(opt: torch.optim.Optimizer, idx: torch.Tensor) -> torch.Tensor | None:
+    """FNGD with shared coefficients: the loss weights of a step that reuses stored
+    coefficients (the weighted-loss path, about one SGD step); ``None`` otherwise."""
+    if isinstance(opt, FNGD) and opt.preconditioner.fngd.coefficients == "shared":
+        return opt.preconditioner.loss_weights(idx)
+    return None
 
 
 @torch.no_grad()
@@ -275,11 +321,14 @@ def train(
     dataset: datasets.Dataset | None = None,
     progress: bool = True,
     make_optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+    timer: Callable[[], float] = time.perf_counter,
 ) -> RunResult:
     """Train ``cfg.model`` with ``cfg.optimizer``; evaluate ``evals_per_epoch`` times an epoch.
 
     ``make_optimizer(model)``, when given, builds the optimizer instead of ``cfg.optimizer``
-    (an optimizer from another package; ``cfg.optimizer`` then only names the run)."""
+    (an optimizer from another package; ``cfg.optimizer`` then only names the run).
+    ``timer`` measures the training steps (``time.process_time`` for the process's CPU time
+    on a loaded machine)."""
     ds = dataset if dataset is not None else datasets.load(cfg.data)
     if cfg.max_train is not None:
         ds = ds._replace(x_train=ds.x_train[: cfg.max_train], y_train=ds.y_train[: cfg.max_train])
@@ -288,6 +337,7 @@ def train(
     assert kind is not None
     assert loss_name is not None
     loss = _loss_fn(loss_name)
+    per_sample_loss = _per_sample_loss_fn(loss_name)
     n = ds.x_train.shape[0]
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
@@ -312,20 +362,29 @@ def train(
         bar = tqdm(total=total_steps, desc=cfg.optimizer, leave=False, file=sys.stderr)
     elapsed, step = 0.0, 0
     for _ in range(cfg.epochs):
-        perm = torch.randperm(n, generator=batches)
+        perm = torch.randperm(n, generator=batches) if cfg.shuffle else torch.arange(n)
         for i in range(0, n, cfg.batch_size):
             idx = perm[i : i + cfg.batch_size]
             x, y = ds.x_train[idx].to(cfg.device), ds.y_train[idx].to(cfg.device)
             if cfg.device.startswith("cuda"):
                 torch.cuda.synchronize()
-            start = time.perf_counter()
+            start = timer()
             opt.zero_grad()
-            batch_loss = loss(model(x), x, y)
-            batch_loss.backward()
-            opt.step()
+            weights = _fngd_weights(opt, idx)
+            if weights is None:
+                batch_loss = loss(model(x), x, y)
+                batch_loss.backward()
+            else:  # the gradient of the weighted loss is FNGD's direction
+                losses = per_sample_loss(model(x), x, y)
+                (weights * losses).sum().backward()
+                batch_loss = losses.detach().mean()
+            if isinstance(opt, FNGD):  # its coefficients are stored by dataset index
+                opt.step(indices=idx)
+            else:
+                opt.step()
             if cfg.device.startswith("cuda"):
                 torch.cuda.synchronize()
-            elapsed += time.perf_counter() - start
+            elapsed += timer() - start
             step += 1
             if not math.isfinite(batch_loss.item()):
                 raise FloatingPointError(
@@ -463,9 +522,10 @@ def _parser() -> argparse.ArgumentParser:
             type=_json_object,
             default={},
             metavar="JSON",
-            help="options of the K-FAC inverse strategies, e.g. '{\"rank\": 100}', of "
-            "MBF's block, e.g. '{\"block_size\": 16}', or of the KLD-WRM optimizers, e.g. "
-            "'{\"inner_steps\": 7}'",
+            help="options of the K-FAC inverse strategies, e.g. '{\"rank\": 100}', of the "
+            "MBF, FNGD and SENG blocks, e.g. '{\"block_size\": 16}', "
+            '\'{"coefficients": "shared"}\', \'{"scaling": "reference"}\', or of the KLD-WRM '
+            "optimizers, e.g. '{\"inner_steps\": 7}'",
         )
         p.add_argument("--seed", type=int, default=RunConfig.seed)
         p.add_argument(
@@ -507,8 +567,8 @@ def _learning_rates(specs: Sequence[str], names: Sequence[str]) -> dict[str, flo
 def _periods(args: argparse.Namespace, name: str) -> dict[str, Any]:
     """``damping``, ``factor_every``, ``inverse_every``, ``factor_decay``,
     ``damping_scheme`` and ``rms_clip``: the command line's values, else the optimizer's defaults
-    (:data:`MBF_DEFAULTS` for ``mbf``, :data:`KLD_WRM_DEFAULTS` and the eigenbasis damping for
-    KLD-WRM, :class:`RunConfig`'s else)."""
+    (:data:`METHOD_DEFAULTS` for ``mbf``, ``fngd`` and ``seng``, :data:`KLD_WRM_DEFAULTS` and the
+    eigenbasis damping for KLD-WRM, :class:`RunConfig`'s else)."""
     keys = (
         "damping",
         "factor_every",
@@ -518,8 +578,8 @@ def _periods(args: argparse.Namespace, name: str) -> dict[str, Any]:
         "rms_clip",
     )
     defaults = {key: getattr(RunConfig, key) for key in keys}
-    if name == "mbf":
-        defaults.update({k: v for k, v in MBF_DEFAULTS.items() if k in defaults})
+    if name in METHOD_DEFAULTS:
+        defaults.update({k: v for k, v in METHOD_DEFAULTS[name].items() if k in defaults})
     if name in KLD_WRM:
         defaults.update(KLD_WRM_DEFAULTS[name], damping_scheme="eigenbasis")
     given = {key: getattr(args, key, None) for key in defaults}

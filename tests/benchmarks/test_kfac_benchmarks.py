@@ -96,3 +96,41 @@ def test_quick_kld_wrm_benchmark(run_quick) -> None:
     assert "## Accuracy against epochs" in table
     assert "## Cost and accuracy against time" in table
     assert set(payload["cpu_per_step"]) == set(names)
+
+
+@pytest.mark.slow
+def test_quick_fngd_benchmark(run_quick) -> None:
+    payload, table = run_quick("kfac_fngd")
+    summary = payload["summary"]
+    assert set(summary) == {"cnn", "autoencoder"}
+    for task, rows in summary.items():
+        expected = {"sgd", "adam", "kfac", "bkfac-batch-clock", "fngd", "fngd-shared",
+                    "fngd-recompute", "fngd-3-epochs", "seng", "seng-unbiased"}  # fmt: skip
+        assert expected <= set(rows) <= expected | {"shampoo"}
+        for name, row in rows.items():
+            assert row["time_per_step"] > 0, (task, name)
+            assert row["time_per_step_after_epoch_1"] > 0, (task, name)
+            assert row["reached"] == "1/1", (task, name)  # the quick targets are easy
+        assert f"## {task}" in table
+    assert "shampoo" not in summary["autoencoder"]
+    assert "Shampoo" in payload["meta"]["note"]
+
+
+@pytest.mark.slow
+def test_quick_fngd_interleaved_timing(tmp_path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import SCRIPTS
+
+    subprocess.run(
+        [sys.executable, str(SCRIPTS / "kfac_fngd.py"), "--quick", "--timing", "--tasks", "cnn",
+         "--optimizers", "sgd", "fngd", "fngd-shared", "seng", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True,
+        env={**os.environ, "OPENBLAS_THREAD_TIMEOUT": "4"},
+    )  # fmt: skip
+    times = json.loads((tmp_path / "kfac_fngd_timing_quick.json").read_text())["times"]
+    assert set(times["cnn"]) == {"sgd", "fngd", "fngd-shared", "seng"}
+    assert all(t > 0 for t in times["cnn"].values())

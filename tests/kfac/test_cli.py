@@ -205,6 +205,31 @@ def test_mbf_from_the_command_line_with_block_options(tmp_path: Path) -> None:
         main([*args, "--inverse-options", '{"block_size": 0}'])
 
 
+@pytest.mark.parametrize(
+    ("name", "options", "bad"),
+    [
+        ("fngd", {}, {"gram": "dense"}),
+        ("fngd", {"coefficients": "shared"}, {"store": "epoch"}),  # the weighted-loss path
+        ("seng", {"scaling": "reference", "col_sample_size": 8}, {"scaling": "none"}),
+    ],
+)
+def test_fngd_and_seng_from_the_command_line(name, options, bad, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run.json"
+    args = ["train", "--optimizer", name, "--model", "cnn", "--width", "0.25", "--epochs",
+            "2", "--max-train", "128", "--batch-size", "64", "--quiet", "--json", str(out),
+            "--inverse-options", json.dumps(options)]  # fmt: skip
+    assert main(args) == 0
+    payload = json.loads(out.read_text())
+    assert payload["configs"][0]["optimizer"] == name
+    assert payload["configs"][0]["damping"] == 0.1
+    assert payload["results"][0]["steps"] == 4
+    key = next(iter(bad))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*args[:-1], json.dumps(bad)])
+    assert f"Invalid {key}: '{bad[key]}'" in capsys.readouterr().err
+
+
 def test_train_accepts_an_optimizer_factory() -> None:
     cfg = RunConfig(optimizer="rmsprop", model="mlp", width=0.25, epochs=1, max_train=128)
     result = train(

@@ -101,6 +101,29 @@ OPTIM_DB = [
         refines=True,
     ),
     OptimInfo("QEKLDWRM-no-inner", kfac.QEKLDWRM, _PERIODS, extra={"inner_steps": 0}),
+    OptimInfo("FNGD-slot", kfac.FNGD, {"store": "slot", "steps_per_epoch": 2}),
+    OptimInfo(
+        "FNGD-shared-absolute-refresh",
+        kfac.FNGD,
+        {
+            "store": "slot",
+            "steps_per_epoch": 2,
+            "refresh_epochs": 2,
+            "coefficients": "shared",
+            "damping_mode": "absolute",
+        },
+    ),
+    OptimInfo("FNGD-recompute-clipped", kfac.FNGD, {"store": "none", "rms_clip": 0.5}),
+    OptimInfo(
+        "PreconditionedSGD-fngd", kfac.PreconditionedSGD, {"block": "fngd", "store": "none"}
+    ),
+    OptimInfo("SENG-sketched", kfac.SENG, {"update_freq": 2, "col_sample_size": 4}),
+    OptimInfo(
+        "SENG-unbiased",
+        kfac.SENG,
+        {"update_freq": 3, "col_sample_size": 3, "scaling": "unbiased", "damping": 0.5},
+    ),
+    OptimInfo("PreconditionedSGD-seng", kfac.PreconditionedSGD, {"block": "seng"}),
     OptimInfo("PreconditionedSGD-mbf", kfac.PreconditionedSGD, {"block": "mbf", **_PERIODS}),
     *(
         OptimInfo(f"PreconditionedSGD-{name}", kfac.PreconditionedSGD, {"block": name, **_PERIODS})

@@ -32,7 +32,7 @@ def test_public_surface_is_explicit_and_sorted() -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["KFAC", "KFACPreconditioner"])
+@pytest.mark.parametrize("name", ["KFAC", "KFACPreconditioner", "FNGD", "SENGPreconditioner"])
 def test_classes_are_documented_with_numpydoc(name: str) -> None:
     doc = inspect.getdoc(getattr(kfac, name))
     for section in ("Parameters", "Notes", "Examples"):
@@ -40,7 +40,15 @@ def test_classes_are_documented_with_numpydoc(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["kfac.preconditioner", "kfac.optimizer", "kfac.mbf", "kfac.kld_wrm"]
+    "module",
+    [
+        "kfac.preconditioner",
+        "kfac.optimizer",
+        "kfac.mbf",
+        "kfac.kld_wrm",
+        "kfac.fngd",
+        "kfac.seng",
+    ],
 )
 def test_doctests(module: str) -> None:
     result = doctest.testmod(importlib.import_module(module), optionflags=doctest.ELLIPSIS)
