@@ -138,13 +138,14 @@ def main() -> None:
             "transformer": ("transformer", 0.25, 1, None, 0.0),
         }
         seeds = [0]
+    if args.width is not None:
+        tasks = {name: (t[0], args.width, *t[2:]) for name, t in tasks.items()}
     ds = data.digits28()
     start = time.perf_counter()
     results: dict[str, Any] = {}
     histories: dict[str, Any] = {}
     for task in args.tasks:
         model, width, epochs, target_loss, target_acc = tasks[task]
-        width = width if args.width is None else args.width
         runs: dict[str, list[RunResult]] = {name: [] for name in args.optimizers}
         for seed in seeds:
             for name in args.optimizers:  # alternate optimizers within a seed
@@ -177,7 +178,6 @@ def main() -> None:
         "seeds": seeds,
         "seconds": time.perf_counter() - start,
         "tasks": {task: tasks[task] for task in args.tasks},
-        "width_override": args.width,
         "suffix": "_quick" if args.quick else "",
         "stem": args.stem,
     }
