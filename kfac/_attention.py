@@ -146,7 +146,7 @@ def _forward(
         arguments = (key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
         if not (module.training and torch.is_grad_enabled()):
             return original(module, query, key, value, *arguments)
-        if "in_proj" in "".join(projections):
+        if module._qkv_same_embed_dim:
             if not (query is key and key is value):
                 raise RuntimeError(
                     f"MultiheadAttention '{name}' was called with different query and "

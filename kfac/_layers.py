@@ -416,7 +416,11 @@ def discover(model: nn.Module, skip_layers: Any) -> dict[str, Layer]:
                 inside_skipped.append(name)  # its out_proj is skipped with it
             continue
         if isinstance(module, nn.MultiheadAttention):
-            if module.in_proj_weight is not None and not module.in_proj_weight.requires_grad:
+            weights = [p for p in module.parameters(recurse=False) if p.ndim == 2]
+            if not all(p.requires_grad for p in weights):
+                # frozen projections: torch's own forward, and out_proj (whose hooks would
+                # never fire inside it) is left out with them
+                inside_skipped.append(name)
                 continue
             layers.update(attention_layers(name, module))
             continue

@@ -348,3 +348,13 @@ def test_separate_projection_weights_are_three_layers() -> None:
     out.square().sum().backward()
     precond.step()
     assert set(precond.kron.applied) == set(precond.layer_names)
+
+
+def test_attention_with_frozen_projections_is_left_to_torch() -> None:
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    layer.self_attn.in_proj_weight.requires_grad_(False)
+    precond = kfac.KFACPreconditioner(layer, factor_every=1, inverse_every=1)
+    assert precond.layer_names == ["linear1", "linear2"]
+    assert "forward" not in layer.self_attn.__dict__
+    layer(torch.randn(2, 5, 8)).square().sum().backward()
+    precond.step()
