@@ -134,3 +134,16 @@ def test_quick_fngd_interleaved_timing(tmp_path) -> None:
     times = json.loads((tmp_path / "kfac_fngd_timing_quick.json").read_text())["times"]
     assert set(times["cnn"]) == {"sgd", "fngd", "fngd-shared", "seng"}
     assert all(t > 0 for t in times["cnn"].values())
+
+
+@pytest.mark.slow
+def test_quick_defaults_benchmark(run_quick) -> None:
+    payload, table = run_quick("kfac_defaults")
+    rows = payload["results"]["mlp"]
+    assert list(rows) == [
+        "sgd (momentum 0.9)", "adam", "KFAC(model, lr) defaults", "KFAC, command-line settings",
+    ]  # fmt: skip
+    for name, row in rows.items():
+        assert len(row["losses"]) == 3, name
+        assert row["best"] == min(row["losses"].values()), name
+    assert "| mlp (width 0.1) |" in table
