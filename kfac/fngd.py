@@ -36,7 +36,7 @@ loss instead (its gradient is the direction; nothing is recorded).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import torch
@@ -47,7 +47,7 @@ import lowrank_nla as ln
 from . import _persample as ps
 from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick, register_block
 from ._layers import Layer
-from .optimizer import PreconditionedSGD
+from .optimizer import PreconditionedSGD, unhooked
 from .preconditioner import Preconditioner
 
 __all__ = [
@@ -746,9 +746,5 @@ class FNGD(PreconditionedSGD):
         dataset indices of the batch (``store="index"``)."""
         if indices is not None:
             self.preconditioner.set_indices(indices)
-        # torch wraps ``step`` with its hook runner per class: the hooks already ran around
-        # this method, so call the front's step unwrapped (as ``_sgd_update`` does for SGD)
-        step: Callable[..., Any] = PreconditionedSGD.step
-        if getattr(step, "hooked", False):
-            step = step.__wrapped__  # type: ignore[attr-defined]
-        return step(self, closure)
+        # the hooks already ran around this method: the front's step without them
+        return unhooked(PreconditionedSGD.step)(self, closure)

@@ -49,7 +49,7 @@ from ._schedule import (
     check_nonnegative,
     check_positive,
 )
-from .optimizer import PreconditionedSGD
+from .optimizer import PreconditionedSGD, unhooked
 from .preconditioner import Preconditioner
 
 __all__ = [
@@ -840,10 +840,7 @@ class WakeRefinement:
 def _unhooked_step(optimizer: PreconditionedSGD) -> None:
     """:meth:`PreconditionedSGD.step` without the step hooks torch wraps it with (they run
     around :meth:`QEKLDWRM.step` itself)."""
-    step: Callable[..., Any] = PreconditionedSGD.step
-    if getattr(step, "hooked", False):
-        step = step.__wrapped__  # type: ignore[attr-defined]
-    step(optimizer)
+    unhooked(PreconditionedSGD.step)(optimizer)
 
 
 class QEKLDWRM(PreconditionedSGD):

@@ -20,14 +20,18 @@ from .preconditioner import KFACPreconditioner, Preconditioner
 __all__ = ["KFAC", "PreconditionedSGD"]
 
 
-def _sgd_update(optimizer: torch.optim.SGD) -> None:
-    """``torch.optim.SGD.step`` without its step hooks: once torch has wrapped ``SGD.step``
-    with the hook runner (it does so for the first SGD instance), the hooks already ran
-    around this optimizer's own ``step`` and must not run twice."""
-    step: Callable[[torch.optim.SGD], Any] = torch.optim.SGD.step
+def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
+    """An optimizer class's ``step`` without the hook runner torch wraps it with (it does so
+    for the first instance of each class): called from inside another ``step``, whose hooks
+    already ran, the hooks must not run twice."""
     if getattr(step, "hooked", False):
-        step = step.__wrapped__  # type: ignore[attr-defined]
-    step(optimizer)
+        return step.__wrapped__  # type: ignore[attr-defined]
+    return step
+
+
+def _sgd_update(optimizer: torch.optim.SGD) -> None:
+    """``torch.optim.SGD.step`` without its step hooks (:func:`unhooked`)."""
+    unhooked(torch.optim.SGD.step)(optimizer)
 
 
 class PreconditionedSGD(torch.optim.SGD):
