@@ -174,72 +174,32 @@ def _make_optimizer(
         return torch.optim.Adam(model.parameters(), lr=lr)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr)
+    # what every preconditioned optimizer takes, then each method's own options
+    common: dict[str, Any] = {
+        "lr": lr,
+        "momentum": cfg.momentum,
+        "damping": cfg.damping,
+        "kl_clip": cfg.kl_clip,
+        "rms_clip": cfg.rms_clip,
+    }
+    schedule: dict[str, Any] = {
+        "factor_every": cfg.factor_every,
+        "inverse_every": cfg.inverse_every,
+        "factor_decay": cfg.factor_decay,
+        "loss": loss_name,
+    }
     if name == "mbf":
-        return MBF(
-            model,
-            lr=lr,
-            momentum=cfg.momentum,
-            damping=cfg.damping,
-            kl_clip=cfg.kl_clip,
-            rms_clip=cfg.rms_clip,
-            factor_every=cfg.factor_every,
-            inverse_every=cfg.inverse_every,
-            factor_decay=cfg.factor_decay,
-            loss=loss_name,
-            **{"block_size": MBF_DEFAULTS["block_size"], **cfg.inverse_options},
-        )
+        options: dict[str, Any] = {"block_size": MBF_DEFAULTS["block_size"]}
+        options.update(cfg.inverse_options)
+        return MBF(model, **common, **schedule, **options)
     if name == "fngd":
-        return FNGD(
-            model,
-            lr=lr,
-            momentum=cfg.momentum,
-            damping=cfg.damping,
-            kl_clip=cfg.kl_clip,
-            rms_clip=cfg.rms_clip,
-            **cfg.inverse_options,
-        )
+        return FNGD(model, **common, **cfg.inverse_options)
     if name == "seng":
-        return SENG(
-            model,
-            lr=lr,
-            momentum=cfg.momentum,
-            damping=cfg.damping,
-            kl_clip=cfg.kl_clip,
-            rms_clip=cfg.rms_clip,
-            update_freq=cfg.inverse_every,
-            **cfg.inverse_options,
-        )
+        return SENG(model, **common, update_freq=cfg.inverse_every, **cfg.inverse_options)
+    kron = {**schedule, "damping_scheme": cfg.damping_scheme, **cfg.inverse_options}
     if name in KLD_WRM:
-        return KLD_WRM[name](
-            model,
-            lr=lr,
-            momentum=cfg.momentum,
-            damping=cfg.damping,
-            damping_scheme=cfg.damping_scheme,
-            kl_clip=cfg.kl_clip,
-            rms_clip=cfg.rms_clip,
-            factor_every=cfg.factor_every,
-            inverse_every=cfg.inverse_every,
-            factor_decay=cfg.factor_decay,
-            loss=loss_name,
-            **cfg.inverse_options,
-        )
-    inverse = inverse_for(name)
-    return KFAC(
-        model,
-        lr=lr,
-        momentum=cfg.momentum,
-        inverse=inverse,
-        damping=cfg.damping,
-        damping_scheme=cfg.damping_scheme,
-        kl_clip=cfg.kl_clip,
-        rms_clip=cfg.rms_clip,
-        factor_every=cfg.factor_every,
-        inverse_every=cfg.inverse_every,
-        factor_decay=cfg.factor_decay,
-        loss=loss_name,
-        **cfg.inverse_options,
-    )
+        return KLD_WRM[name](model, **common, **kron)
+    return KFAC(model, inverse=inverse_for(name), **common, **kron)
 
 
 def _loss_fn(loss_name: str) -> Any:
