@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -221,6 +222,18 @@ class Preconditioner:
         """The block's state value for layer ``name`` (immutable; it is replaced, never
         modified, by later steps)."""
         return self.engine.states[name]
+
+    @property
+    def damping(self) -> float:
+        """The damping of the coming step."""
+        return self.engine.clock.damping(self.engine.steps)
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        """Replace the damping (schedule) by the constant ``value`` from the coming step on
+        (what an adaptive damping rule does)."""
+        clock = self.engine.clock
+        self.engine.clock = replace(clock, damping=Schedule(value, "damping", check_positive))
 
     def capture_plan(self) -> dict[str, CaptureSpec]:
         """What each layer records on the coming step (absent: nothing)."""
