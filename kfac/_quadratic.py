@@ -147,7 +147,11 @@ class QuadraticModel:
         # copies of the buffers: batch-norm running statistics must not move
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         params = dict(zip(self.names, values, strict=True))
-        out = functional_call(self.model, (params, buffers), args, strict=False, tie_weights=True)
+        device = values[0].device.type if values else "cpu"
+        with torch.autocast(device, enabled=False):  # the model in the parameters' dtype
+            out = functional_call(
+                self.model, (params, buffers), args, strict=False, tie_weights=True
+            )
         if not isinstance(out, Tensor):
             raise TypeError(
                 "the quadratic model needs a model that returns one tensor, got "
@@ -155,16 +159,31 @@ class QuadraticModel:
             )
         return out
 
-    def _values(self, shift: Sequence[Tensor] | None) -> list[Tensor]:
+    def _full(self, tensors: Sequence[Tensor], params: Sequence[Tensor] | None) -> list[Tensor]:
+        """``tensors`` given for ``params`` (default: all), zeros for the other parameters."""
+        if params is None:
+            return list(tensors)
+        given = {id(p): t for p, t in zip(params, tensors, strict=True)}
+        return [given.get(id(p), torch.zeros_like(p)) for p in self.params]
+
+    def _values(
+        self, shift: Sequence[Tensor] | None, params: Sequence[Tensor] | None = None
+    ) -> list[Tensor]:
         values = [p.detach() for p in self.params]
         if shift is not None:
-            values = [p + s for p, s in zip(values, shift, strict=True)]
+            values = [p + s for p, s in zip(values, self._full(shift, params), strict=True)]
         return values
 
-    def loss(self, batch: tuple[Any, Any], shift: Sequence[Tensor] | None = None) -> float:
-        """``h(theta + shift)`` on ``batch`` (one forward, no gradient)."""
+    def loss(
+        self,
+        batch: tuple[Any, Any],
+        shift: Sequence[Tensor] | None = None,
+        params: Sequence[Tensor] | None = None,
+    ) -> float:
+        """``h(theta + shift)`` on ``batch`` (one forward, no gradient); ``shift`` is given
+        for ``params`` (default: every parameter)."""
         with torch.no_grad():
-            out = self._call(self._values(shift), batch)
+            out = self._call(self._values(shift, params), batch)
             return float(self.loss_fn(out, batch[1]))
 
     def gram(
@@ -172,11 +191,14 @@ class QuadraticModel:
         batch: tuple[Any, Any],
         directions: Sequence[Sequence[Tensor]],
         shift: Sequence[Tensor] | None = None,
+        params: Sequence[Tensor] | None = None,
     ) -> tuple[float, Tensor]:
         """``h`` and ``[delta_i^T C delta_j]``, the Gauss-Newton Gram matrix of
         ``directions`` (float64, ``k x k``), at ``theta + shift``: ``k`` JVPs through the
-        model and ``k`` Hessian-vector products of the loss in the outputs."""
-        primals = tuple(self._values(shift))
+        model and ``k`` Hessian-vector products of the loss in the outputs. ``directions``
+        and ``shift`` are given for ``params`` (default: every parameter; the others are 0)."""
+        primals = tuple(self._values(shift, params))
+        directions = [self._full(d, params) for d in directions]
         targets = batch[1]
         outputs: Tensor | None = None
         tangents: list[Tensor] = []
@@ -238,11 +260,6 @@ def solve_step(
         coeffs[keep] = -torch.linalg.solve(sub, linear[keep])
     change = linear @ coeffs + 0.5 * coeffs @ system @ coeffs
     return coeffs, change
-
-
-def flat_dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> float:
-    """``sum_i <a_i, b_i>`` in float64."""
-    return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True)))
 
 
 def named_params(model: nn.Module, params: Sequence[Tensor]) -> list[tuple[str, Tensor]]:

@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ._curvature import CurvatureBlock
-from ._quadratic import AdaptiveDamping, QuadraticModel, flat_dot, named_params, solve_step
+from ._quadratic import AdaptiveDamping, QuadraticModel, named_params, solve_step
 from ._schedule import check_bool, check_nonnegative, check_positive
 from .preconditioner import KFACPreconditioner, Preconditioner
 
@@ -30,13 +30,6 @@ def unhooked(step: Callable[..., Any]) -> Callable[..., Any]:
     if getattr(step, "hooked", False):
         return step.__wrapped__  # type: ignore[attr-defined]
     return step
-
-
-def _weighted_dot(a: list[torch.Tensor], b: list[torch.Tensor], weights: list[float]) -> float:
-    """``sum_i w_i <a_i, b_i>`` in float64."""
-    return sum(
-        w * float((x.double() * y.double()).sum()) for x, y, w in zip(a, b, weights, strict=True)
-    )
 
 
 def _sgd_update(optimizer: torch.optim.SGD) -> None:
@@ -248,53 +241,74 @@ class PreconditionedSGD(torch.optim.SGD):
 
     def _controlled_step(self, batch: tuple[Any, Any]) -> None:
         """Precondition, then take the quadratic-model step or torch's SGD step, and adapt
-        the damping on the steps of its period."""
+        the damping on the steps of its period.
+
+        The model's terms are dot products of parameter-sized tensors; they are taken in the
+        parameters' dtype on the device and read back together (one host transfer), then the
+        2 x 2 system is solved in float64."""
         model = self.quadratic_model
         assert model is not None
         precond = self.preconditioner
         control = self.adaptive_damping
         adapt = control is not None and precond.steps % control.every == 0
         damping = precond.damping
-        groups = [
+        entries = [
             (p, float(group["lr"]), float(group["weight_decay"]))
             for group in self.param_groups
             for p in group["params"]
+            if p.grad is not None  # a parameter without a gradient does not move
         ]
-        params = [p for p, _, _ in groups]
-        zero = [torch.zeros_like(p) for p in params]
-        # the gradient of h, weight decay included (before the preconditioner rewrites it)
-        grads = [
-            g + decay * p if (g := p.grad) is not None else zero[i]
-            for i, (p, _, decay) in enumerate(groups)
-        ]
+        params = [p for p, _, _ in entries]
+        raw = [p.grad.clone() for p in params]  # the gradient before preconditioning
         precond.step(lr=self._group_lrs())
-        shifts = [damping + decay for _, _, decay in groups]
         stats: dict[str, float] = {"damping": damping}
+
+        def linear_and_norms(directions: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
+            """``g^T d_i`` (weight decay included) and ``sum_p (lambda + eta_p) d_i^T d_j``."""
+            k = len(directions)
+            terms = []
+            for d in directions:
+                terms += [
+                    torch.vdot(g.flatten(), x.flatten())
+                    + decay * torch.vdot(p.flatten(), x.flatten())
+                    for (p, _, decay), g, x in zip(entries, raw, d, strict=True)
+                ]
+            pairs = [(a, b) for a in range(k) for b in range(a, k)]
+            for a, b in pairs:
+                terms += [
+                    (damping + decay) * torch.vdot(x.flatten(), y.flatten())
+                    for (_, _, decay), x, y in zip(
+                        entries, directions[a], directions[b], strict=True
+                    )
+                ]
+            n = len(params)
+            values = torch.stack([t.double() for t in terms]).reshape(-1, n).sum(dim=1).cpu()
+            norms = torch.empty(k, k, dtype=torch.float64)
+            for (a, b), value in zip(pairs, values[k:], strict=True):
+                norms[a, b] = norms[b, a] = value
+            return values[:k], norms
+
         if self.quadratic_step:
             new = [
-                -lr * (p.grad + decay * p) if p.grad is not None else zero[i]
-                for i, (p, lr, decay) in enumerate(groups)
+                (p.grad + decay * p).mul_(-lr) if decay else p.grad.mul(-lr)
+                for p, lr, decay in entries
             ]
             previous = [self.state[p].get("previous_update") for p in params]
             directions = [new]
             if all(d is not None for d in previous):
                 directions.append(previous)  # type: ignore[arg-type]
             with precond.engine.phase("quadratic"):
-                h0, gram = model.gram(batch, directions)
-            linear = torch.tensor([flat_dot(grads, d) for d in directions], dtype=torch.float64)
-            norms = torch.tensor(
-                [[_weighted_dot(a, b, shifts) for b in directions] for a in directions],
-                dtype=torch.float64,
-            )
+                h0, gram = model.gram(batch, directions, params=params)
+                linear, norms = linear_and_norms(directions)
             coeffs, change = solve_step(gram, linear, norms, 1.0)
-            delta = [
-                sum(float(c) * d[i] for c, d in zip(coeffs, directions, strict=False))
-                for i in range(len(params))
-            ]
-            for p, d in zip(params, delta, strict=True):
-                p.add_(d)
-                self.state[p]["previous_update"] = torch.as_tensor(d).clone()
-            stats.update(alpha=float(coeffs[0]), mu=float(coeffs[1]) if len(coeffs) > 1 else 0.0)
+            alpha, mu = float(coeffs[0]), float(coeffs[1]) if len(coeffs) > 1 else 0.0
+            for i, p in enumerate(params):
+                delta = new[i].mul_(alpha)
+                if mu:
+                    delta.add_(directions[1][i], alpha=mu)
+                p.add_(delta)
+                self.state[p]["previous_update"] = delta
+            stats.update(alpha=alpha, mu=mu)
         else:
             before = [p.detach().clone() for p in params] if adapt else []
             _sgd_update(self)
@@ -304,12 +318,9 @@ class PreconditionedSGD(torch.optim.SGD):
             delta = [p.detach() - b for p, b in zip(params, before, strict=True)]
             back = [-d for d in delta]
             with precond.engine.phase("quadratic"):
-                h0 = model.loss(batch, shift=back)
-                _, gram = model.gram(batch, [delta], shift=back)
-            change_t = flat_dot(grads, delta) + 0.5 * (
-                float(gram[0, 0]) + _weighted_dot(delta, delta, shifts)
-            )
-            change = torch.tensor(change_t, dtype=torch.float64)
+                h0, gram = model.gram(batch, [delta], shift=back, params=params)
+                linear, norms = linear_and_norms([delta])
+            change = linear[0] + 0.5 * (gram[0, 0] + norms[0, 0])
         stats.update(loss=h0, predicted_change=float(change))
         if adapt:
             assert control is not None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -295,7 +296,13 @@ class Preconditioner:
         RuntimeError
             A layer with a gradient whose hooks never fired on a factor-update step.
         """
-        self.engine.step(lr)
+        with contextlib.ExitStack() as stack:
+            # a step called inside torch.autocast still computes in the factors' dtype
+            for kind in {
+                p.device.type for name in self.layer_names for p in self.layer(name).params
+            }:
+                stack.enter_context(torch.autocast(kind, enabled=False))
+            self.engine.step(lr)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

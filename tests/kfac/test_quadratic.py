@@ -343,3 +343,49 @@ def test_invalid_adaptive_damping_type_and_missing_batch() -> None:
         opt.step()
     with pytest.raises(ValueError, match="pair"):
         opt.step(batch=x)
+
+
+def test_phase_timing_autocast_and_model_outputs() -> None:
+    x, y = _data()
+    model = _model().float()
+    opt = _kfac(
+        model,
+        quadratic_step=True,
+        adaptive_damping=True,
+        time_phases=True,
+        factor_dtype=torch.float32,
+    )
+    xf = x.float()
+    for _ in range(3):
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(xf), y)
+        loss.backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # a step inside autocast, too
+            opt.step(batch=(xf, y))
+    assert opt.preconditioner.timings["quadratic"] > 0.0
+    stats = opt.last_step_control
+    with torch.no_grad():
+        exact = float(F.cross_entropy(model(xf), y))  # float32, no autocast
+    assert math.isfinite(stats["alpha"])
+    # the model's own evaluation of h ran in float32 (a bf16 forward is off by ~1e-3)
+    h_before = stats["loss"]
+    assert abs(h_before - exact) > 0  # it is the loss before the step, not after
+    qm = opt.quadratic_model
+    assert qm.loss((xf, y)) == pytest.approx(exact, rel=1e-6)
+
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            out = self.fc(x)
+            return out, out
+
+    pair = Pair().double()
+    opt = _kfac(pair, quadratic_step=True)
+    out, _ = pair(x)
+    F.cross_entropy(out, y).backward()
+    with pytest.raises(TypeError, match="returns one tensor"):
+        opt.step(batch=(x, y))
