@@ -12,7 +12,8 @@ also the Fisher), ``lambda`` the damping and ``eta`` the weight decay.
 ``C`` is never formed: ``delta_i^T C delta_j = (J delta_i)^T H_L (J delta_j)`` needs one
 forward-mode Jacobian-vector product through the model per direction
 (:func:`torch.func.jvp` over :func:`torch.func.functional_call`) and one Hessian-vector product
-of the loss in the outputs (reverse over reverse, on the outputs only). Martens and Grosse
+of the loss in the outputs (reverse over reverse, on the outputs only); the directions'
+JVPs share one forward (:func:`torch.func.vmap`). Martens and Grosse
 (2015, sections 6.5 and 7) use this model twice:
 
 * :class:`AdaptiveDamping`, a Levenberg-Marquardt rule: every ``every`` steps the reduction
@@ -35,7 +36,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call, grad, jvp, vmap
 
 from ._schedule import check_fraction, check_int_at_least, check_positive
 
@@ -194,32 +195,27 @@ class QuadraticModel:
         params: Sequence[Tensor] | None = None,
     ) -> tuple[float, Tensor]:
         """``h`` and ``[delta_i^T C delta_j]``, the Gauss-Newton Gram matrix of
-        ``directions`` (float64, ``k x k``), at ``theta + shift``: ``k`` JVPs through the
-        model and ``k`` Hessian-vector products of the loss in the outputs. ``directions``
-        and ``shift`` are given for ``params`` (default: every parameter; the others are 0)."""
+        ``directions`` (float64, ``k x k``), at ``theta + shift``: one forward with ``k``
+        vmapped tangents through the model, and ``k`` Hessian-vector products of the loss in
+        the outputs. ``directions`` and ``shift`` are given for ``params`` (default: every
+        parameter; the others are 0)."""
         primals = tuple(self._values(shift, params))
         directions = [self._full(d, params) for d in directions]
         targets = batch[1]
-        outputs: Tensor | None = None
-        tangents: list[Tensor] = []
-        for direction in directions:
-            out, tangent = jvp(
-                lambda *values: self._call(values, batch),
-                primals,
-                tuple(t.to(p.dtype) for t, p in zip(direction, primals, strict=True)),
-            )
-            outputs = out
-            tangents.append(tangent)
-        assert outputs is not None
+        stacked = tuple(
+            torch.stack([d[i].to(p.dtype) for d in directions]) for i, p in enumerate(primals)
+        )
+        # one vmapped JVP: the primal forward runs once, every tangent shares its dropout mask
+        outputs, tangents = vmap(
+            lambda tangent: jvp(lambda *values: self._call(values, batch), primals, tangent),
+            out_dims=(None, 0),
+            randomness="same",
+        )(stacked)
         loss_grad = grad(lambda o: self.loss_fn(o, targets))
         # H_L t by reverse over reverse (forward over reverse fails for some losses' backward)
-        curved = [grad(lambda o, t=t: (loss_grad(o) * t).sum())(outputs) for t in tangents]
-        k = len(tangents)
-        gram = torch.empty(k, k, dtype=torch.float64)
-        for i in range(k):
-            for j in range(i, k):
-                value = (tangents[i].double() * curved[j].double()).sum()
-                gram[i, j] = gram[j, i] = value.cpu()
+        curved = vmap(lambda t: grad(lambda o: (loss_grad(o) * t).sum())(outputs))(tangents)
+        gram = (tangents.flatten(1).double() @ curved.flatten(1).double().T).cpu()
+        gram = (gram + gram.T) / 2
         with torch.no_grad():
             value = float(self.loss_fn(outputs, targets))
         return value, gram

@@ -389,3 +389,18 @@ def test_phase_timing_autocast_and_model_outputs() -> None:
     F.cross_entropy(out, y).backward()
     with pytest.raises(TypeError, match="returns one tensor"):
         opt.step(batch=(x, y))
+
+
+def test_gram_with_dropout_uses_one_mask_for_every_direction() -> None:
+    """The directions' JVPs share one forward (one dropout mask), so the Gram matrix of a
+    direction with itself twice is exactly rank one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 3)).double()
+    x, y = _data()
+    params = list(model.parameters())
+    qm = QuadraticModel(model, F.cross_entropy, named_params(model, params))
+    d = [torch.randn_like(p) for p in params]
+    _, gram = qm.gram((x, y), [d, d])
+    assert gram[0, 0] > 0
+    assert torch.equal(gram[0, 0], gram[1, 1])
+    assert torch.equal(gram[0, 1], gram[0, 0])
