@@ -28,7 +28,6 @@ JVPs share one forward (:func:`torch.func.vmap`). Martens and Grosse
 from __future__ import annotations
 
 import importlib
-import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from ._schedule import check_fraction, check_int_at_least, check_positive
+from ._schedule import check_bool, check_fraction, check_int_at_least, check_positive
 
 __all__ = ["AdaptiveDamping", "QuadraticModel", "solve_step"]
 
@@ -47,39 +46,53 @@ LossFn = Callable[[Tensor, Any], Tensor]
 
 @dataclass(frozen=True)
 class AdaptiveDamping:
-    """Levenberg-Marquardt adaptation of the damping (Martens and Grosse 2015, section 6.5).
+    """Levenberg-Marquardt adaptation of the damping (Martens and Grosse 2015, section 6.5),
+    with the rejection of steps that increase the loss.
 
     Every ``every`` steps, the reduction ratio ``rho`` of the step just taken (the loss's
     change on the step's batch over the quadratic model's prediction) updates the damping
-    ``lambda``: ``lambda * decay`` if ``rho > high``, ``lambda / decay`` if ``rho < low``,
-    then clipped to ``[minimum, maximum]``. A step whose new loss is not finite, or whose
-    model predicts no decrease, counts as ``rho = -inf`` (the damping grows).
+    ``lambda``: ``lambda * decay`` if ``rho > high``, ``lambda / decay`` if ``rho < low``.
+    With ``reject``, a step with ``rho < 0`` (the loss on its batch went up, or is not finite)
+    is undone (parameters and momentum restored) and ``lambda`` is multiplied by ``2**k``
+    instead, ``k`` the number of consecutive rejections so far (1, 2, ...), as in Nielsen's
+    Levenberg-Marquardt rule, so that a damping orders of magnitude too small recovers in a few
+    steps. The damping is kept in ``[minimum, maximum]``. A step whose model predicts no
+    decrease counts as ``rho = -inf``.
 
     Parameters
     ----------
-    every : int, default 5
+    every : int, default 1
         Period ``T_1`` in steps; each adaptation costs one extra forward on the step's batch
-        and one Jacobian-vector product.
+        (and, with a fixed learning rate, one Jacobian-vector product). Steps between
+        adaptations are never rejected.
     decay : float, optional
         The factor ``omega`` in ``(0, 1)``; default ``(19/20) ** every`` (Martens and Grosse).
     low, high : float, default 0.25, 0.75
         Thresholds on ``rho``, ``0 < low < high < 1``.
     minimum, maximum : float, default 1e-8, 1e4
         Bounds of the damping.
+    reject : bool, default True
+        Undo the steps with ``rho < 0``.
 
     Examples
     --------
     >>> import kfac
     >>> kfac.AdaptiveDamping(every=2).decay
     0.9025
+    >>> rule = kfac.AdaptiveDamping(decay=0.5)
+    >>> rule.update(1.0, rho=0.9), rule.update(1.0, rho=0.1)
+    (0.5, 2.0)
+    >>> rule.update(1.0, rho=-1.0, rejections=3)  # the third rejection in a row
+    8.0
     """
 
-    every: int = 5
+    every: int = 1
     decay: float | None = None
     low: float = 0.25
     high: float = 0.75
     minimum: float = 1e-8
     maximum: float = 1e4
+    reject: bool = True
 
     def __post_init__(self) -> None:
         check_int_at_least(1)(self.every, "every")
@@ -97,13 +110,21 @@ class AdaptiveDamping:
                 f"Invalid minimum, maximum: {self.minimum}, {self.maximum} (need minimum <= "
                 "maximum)"
             )
+        check_bool(self.reject, "reject")
 
-    def update(self, damping: float, rho: float) -> float:
-        """The damping after a step with reduction ratio ``rho``."""
+    def rejects(self, rho: float) -> bool:
+        """Whether a step with reduction ratio ``rho`` is undone."""
+        return self.reject and not rho >= 0.0
+
+    def update(self, damping: float, rho: float, rejections: int = 0) -> float:
+        """The damping after a step with reduction ratio ``rho``; ``rejections`` counts the
+        consecutive rejected steps, this one included (0 when it was kept)."""
         assert self.decay is not None
-        if rho > self.high:
+        if rejections:
+            damping *= 2.0**rejections
+        elif rho > self.high:
             damping *= self.decay
-        elif rho < self.low or math.isnan(rho):
+        elif not rho >= self.low:  # also NaN
             damping /= self.decay
         return min(max(damping, self.minimum), self.maximum)
 

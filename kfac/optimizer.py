@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from ._curvature import CurvatureBlock
 from ._quadratic import AdaptiveDamping, QuadraticModel, named_params, solve_step
-from ._schedule import check_bool, check_nonnegative, check_positive
+from ._schedule import check_bool, check_int_at_least, check_nonnegative, check_positive
 from .preconditioner import KFACPreconditioner, Preconditioner
 
 __all__ = ["KFAC", "PreconditionedSGD"]
@@ -147,6 +147,7 @@ class PreconditionedSGD(torch.optim.SGD):
         self.quadratic_step = check_bool(quadratic_step, "quadratic_step")
         self.quadratic_model: QuadraticModel | None = None
         self.last_step_control: dict[str, float] = {}
+        self._rejections = 0  # consecutive rejected steps (adaptive damping)
         if adaptive_damping is None and not quadratic_step:
             if loss_fn is not None:
                 raise ValueError(
@@ -260,33 +261,45 @@ class PreconditionedSGD(torch.optim.SGD):
         ]
         params = [p for p, _, _ in entries]
         raw = [p.grad.clone() for p in params]  # the gradient before preconditioning
+        # what a rejected step restores: parameters and their optimizer state
+        saved = (
+            [(p.detach().clone(), dict(self.state[p])) for p in params]
+            if adapt and control is not None and control.reject
+            else []
+        )
         precond.step(lr=self._group_lrs())
         stats: dict[str, float] = {"damping": damping}
 
-        def linear_and_norms(directions: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
-            """``g^T d_i`` (weight decay included) and ``sum_p (lambda + eta_p) d_i^T d_j``."""
+        def linear_and_norms(
+            directions: list[list[Tensor]], thetas: list[Tensor]
+        ) -> tuple[Tensor, Tensor, Tensor]:
+            """``g^T d_i`` (weight decay ``eta theta`` included, at ``thetas``), ``d_i^T d_j``
+            and ``sum_p eta_p d_i^T d_j``."""
             k = len(directions)
             terms = []
             for d in directions:
                 terms += [
                     torch.vdot(g.flatten(), x.flatten())
-                    + decay * torch.vdot(p.flatten(), x.flatten())
-                    for (p, _, decay), g, x in zip(entries, raw, d, strict=True)
+                    + decay * torch.vdot(theta.flatten(), x.flatten())
+                    for (_, _, decay), theta, g, x in zip(entries, thetas, raw, d, strict=True)
                 ]
             pairs = [(a, b) for a in range(k) for b in range(a, k)]
             for a, b in pairs:
-                terms += [
-                    (damping + decay) * torch.vdot(x.flatten(), y.flatten())
-                    for (_, _, decay), x, y in zip(
-                        entries, directions[a], directions[b], strict=True
-                    )
+                dots = [
+                    torch.vdot(x.flatten(), y.flatten())
+                    for x, y in zip(directions[a], directions[b], strict=True)
+                ]
+                terms += dots + [
+                    decay * dot for (_, _, decay), dot in zip(entries, dots, strict=True)
                 ]
             n = len(params)
             values = torch.stack([t.double() for t in terms]).reshape(-1, n).sum(dim=1).cpu()
-            norms = torch.empty(k, k, dtype=torch.float64)
-            for (a, b), value in zip(pairs, values[k:], strict=True):
-                norms[a, b] = norms[b, a] = value
-            return values[:k], norms
+            plain = torch.empty(k, k, dtype=torch.float64)
+            decayed = torch.empty(k, k, dtype=torch.float64)
+            for i, (a, b) in enumerate(pairs):
+                plain[a, b] = plain[b, a] = values[k + 2 * i]
+                decayed[a, b] = decayed[b, a] = values[k + 2 * i + 1]
+            return values[:k], plain, decayed
 
         if self.quadratic_step:
             new = [
@@ -299,18 +312,27 @@ class PreconditionedSGD(torch.optim.SGD):
                 directions.append(previous)  # type: ignore[arg-type]
             with precond.engine.phase("quadratic"):
                 h0, gram = model.gram(batch, directions, params=params)
-                linear, norms = linear_and_norms(directions)
-            coeffs, change = solve_step(gram, linear, norms, 1.0)
+                linear, plain, decayed = linear_and_norms(directions, params)
+            # the step minimises the damped model (the damping is its trust region)
+            coeffs, _ = solve_step(gram + decayed, linear, plain, damping)
+            # the reduction ratio compares the loss with the model of the loss: no damping
+            change = linear @ coeffs + 0.5 * coeffs @ (gram + decayed) @ coeffs
             alpha, mu = float(coeffs[0]), float(coeffs[1]) if len(coeffs) > 1 else 0.0
+            delta = []
             for i, p in enumerate(params):
-                delta = new[i].mul_(alpha)
+                d = new[i].mul_(alpha)
                 if mu:
-                    delta.add_(directions[1][i], alpha=mu)
-                p.add_(delta)
-                self.state[p]["previous_update"] = delta
+                    d.add_(directions[1][i], alpha=mu)
+                p.add_(d)
+                self.state[p]["previous_update"] = d
+                delta.append(d)
             stats.update(alpha=alpha, mu=mu)
         else:
             before = [p.detach().clone() for p in params] if adapt else []
+            if saved:  # torch's SGD replaces or updates its momentum buffers in place
+                for _, state in saved:
+                    if isinstance(state.get("momentum_buffer"), Tensor):
+                        state["momentum_buffer"] = state["momentum_buffer"].clone()
             _sgd_update(self)
             if not adapt:
                 self.last_step_control = stats
@@ -319,17 +341,29 @@ class PreconditionedSGD(torch.optim.SGD):
             back = [-d for d in delta]
             with precond.engine.phase("quadratic"):
                 h0, gram = model.gram(batch, [delta], shift=back, params=params)
-                linear, norms = linear_and_norms([delta])
-            change = linear[0] + 0.5 * (gram[0, 0] + norms[0, 0])
+                linear, _, decayed = linear_and_norms([delta], before)
+            change = linear[0] + 0.5 * (gram[0, 0] + decayed[0, 0])
         stats.update(loss=h0, predicted_change=float(change))
         if adapt:
             assert control is not None
             with precond.engine.phase("quadratic"):
-                h1 = model.loss(batch)
+                new_loss = model.loss(batch)
+                # h includes the weight-decay term: eta (theta^T delta + |delta|^2 / 2)
+                h1 = new_loss + sum(
+                    decay * float(torch.vdot(p.flatten(), d.flatten()) - 0.5 * d.square().sum())
+                    for (p, _, decay), d in zip(entries, delta, strict=True)
+                    if decay
+                )
             predicted = float(change)
             rho = (h1 - h0) / predicted if predicted < 0 and math.isfinite(h1) else -math.inf
-            precond.damping = control.update(damping, rho)
-            stats.update(new_loss=h1, rho=rho)
+            rejected = bool(saved) and control.rejects(rho)
+            self._rejections = self._rejections + 1 if rejected else 0
+            if rejected:
+                for p, (value, state) in zip(params, saved, strict=True):
+                    p.copy_(value)
+                    self.state[p] = state
+            precond.damping = control.update(damping, rho, self._rejections)
+            stats.update(new_loss=new_loss, rho=rho, rejected=float(rejected))
         self.last_step_control = stats
 
     def state_dict(self) -> dict[str, Any]:
@@ -337,7 +371,10 @@ class PreconditionedSGD(torch.optim.SGD):
         state = super().state_dict()
         state["kfac"] = self.preconditioner.state_dict()
         if self.adaptive_damping is not None:
-            state["adaptive_damping"] = {"damping": self.preconditioner.damping}
+            state["adaptive_damping"] = {
+                "damping": self.preconditioner.damping,
+                "rejections": self._rejections,
+            }
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -359,12 +396,16 @@ class PreconditionedSGD(torch.optim.SGD):
                     "adaptive damping"
                 )
             damping = check_positive(adaptive["damping"], "damping (state_dict)")
+            rejections = check_int_at_least(0)(
+                adaptive.get("rejections", 0), "rejections (state_dict)"
+            )
         install = self.preconditioner._prepare_load(kfac_state)
         self._check_torch_state(state_dict)
         super().load_state_dict(state_dict)
         install()
         if damping is not None:
             self.preconditioner.damping = damping
+            self._rejections = rejections
 
     def _check_torch_state(self, state_dict: Mapping[str, Any]) -> None:
         """What ``torch.optim`` does not check before loading: the groups' sizes, and each

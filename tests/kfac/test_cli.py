@@ -327,14 +327,16 @@ def test_quadratic_step_and_adaptive_damping_from_the_command_line(
             "2", "--max-train", "128", "--batch-size", "32", "--quiet", "--json", str(out),
             "--inverse-options", '{"rank": 8}', "--quadratic-step",
             "--adaptive-damping"]  # fmt: skip
-    assert main([*args, "--damping-scheme", "eigenbasis", "--damping", "0.01"]) == 0
+    assert main(args) == 0
     payload = json.loads(out.read_text())
     config, result = payload["configs"][0], payload["results"][0]
     assert config["quadratic_step"] is True
     assert config["adaptive_damping"] is True
+    assert (config["damping"], config["damping_scheme"]) == (1e-4, "factored")
     assert result["steps"] == 8
     assert result["train_loss"][-1] < result["train_loss"][0]
+    assert main([*args, "--damping-scheme", "eigenbasis", "--damping", "0.01"]) == 0
     capsys.readouterr()
-    with pytest.raises(SystemExit):  # the default damping scheme is relative
-        main(args)
+    with pytest.raises(SystemExit):
+        main([*args, "--damping-scheme", "factored-relative"])
     assert "needs an absolute damping" in capsys.readouterr().err

@@ -134,8 +134,15 @@ def test_adaptive_damping_rule_exact() -> None:
     assert rule.update(1.0, 0.5) == 1.0
     assert rule.update(1.0, -math.inf) == 2.0
     assert rule.update(1.0, math.nan) == 2.0
-    assert rule.update(8.0, 0.0) == 10.0
+    assert rule.update(8.0, 0.1) == 10.0
     assert rule.update(1.5e-3, 1.0) == 1e-3
+    # rejected steps: doubled, then x4, x8, ... (consecutive rejections)
+    assert rule.update(1e-2, -5.0, rejections=1) == 2e-2
+    assert rule.update(1e-2, -5.0, rejections=3) == 8e-2
+    assert rule.rejects(-0.1)
+    assert rule.rejects(math.nan)
+    assert not rule.rejects(0.0)
+    assert not AdaptiveDamping(reject=False).rejects(-1.0)
     assert AdaptiveDamping(every=5).decay == pytest.approx((19 / 20) ** 5, rel=1e-15)
 
 
@@ -147,6 +154,7 @@ def test_adaptive_damping_rule_exact() -> None:
         ({"low": 0.8, "high": 0.5}, "low, high"),
         ({"minimum": 0.0}, "minimum"),
         ({"minimum": 2.0, "maximum": 1.0}, "minimum, maximum"),
+        ({"reject": 1}, "reject"),
     ],
 )
 def test_adaptive_damping_validates(kwargs, match) -> None:
@@ -204,34 +212,40 @@ def test_quadratic_step_is_stationary_on_its_plane() -> None:
     stats = opt.last_step_control
     assert stats["mu"] != 0.0
     assert stats["alpha"] > 0
-    change = g @ delta + 0.5 * delta @ C @ delta + 0.5 * shift * delta @ delta
+    # the reduction ratio's model: the loss's (weight decay in it), without the damping
+    change = g @ delta + 0.5 * delta @ C @ delta + 0.5 * 1e-3 * delta @ delta
     assert stats["predicted_change"] == pytest.approx(float(change), rel=1e-9)
 
 
-def test_adaptive_damping_follows_the_reduction_ratio() -> None:
+@pytest.mark.parametrize("decay", [0.0, 1e-2])
+def test_adaptive_damping_follows_the_reduction_ratio(decay: float) -> None:
     """Fixed learning rate, every=1: the damping moves by the rule on rho, with rho computed
-    here from the explicit model."""
+    here from the explicit model of h = loss + eta |theta|^2 / 2."""
     model = _model()
     x, y = _data()
-    rule = AdaptiveDamping(every=1, decay=0.5)
-    opt = _kfac(model, lr=0.5, momentum=0.9, adaptive_damping=rule)
+    rule = AdaptiveDamping(every=1, decay=0.5, reject=False)
+    opt = _kfac(model, lr=0.5, momentum=0.9, weight_decay=decay, adaptive_damping=rule)
+
+    def h() -> float:
+        with torch.no_grad():
+            penalty = 0.5 * decay * sum(float(p.square().sum()) for p in model.parameters())
+            return float(F.cross_entropy(model(x), y)) + penalty
+
     for _ in range(4):
         params = list(model.parameters())
         start = _flat([p.detach() for p in params])
         opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        g = _flat([p.grad for p in params])
+        F.cross_entropy(model(x), y).backward()
+        old = h()
+        g = _flat([p.grad + decay * p.detach() for p in params])
         C = _explicit_ggn(model, F.cross_entropy, x, y)
         damping = opt.preconditioner.damping
         opt.step(batch=(x, y))
         delta = _flat([p.detach() for p in params]) - start
-        change = g @ delta + 0.5 * delta @ C @ delta + 0.5 * damping * delta @ delta
-        with torch.no_grad():
-            new = float(F.cross_entropy(model(x), y))
-        rho = (new - float(loss.detach())) / float(change)
+        change = g @ delta + 0.5 * delta @ C @ delta + 0.5 * decay * delta @ delta
+        rho = (h() - old) / float(change)
         stats = opt.last_step_control
-        assert stats["rho"] == pytest.approx(rho, rel=1e-8)
+        assert stats["rho"] == pytest.approx(rho, rel=1e-6)
         assert opt.preconditioner.damping == rule.update(damping, rho)
 
 
@@ -404,3 +418,37 @@ def test_gram_with_dropout_uses_one_mask_for_every_direction() -> None:
     assert gram[0, 0] > 0
     assert torch.equal(gram[0, 0], gram[1, 1])
     assert torch.equal(gram[0, 1], gram[0, 0])
+
+
+@pytest.mark.parametrize("quadratic", [True, False], ids=["quadratic-step", "fixed-lr"])
+def test_a_step_that_increases_the_loss_is_undone(quadratic: bool) -> None:
+    """A damping far too small on a classifier: the first steps overshoot; each is undone
+    exactly (parameters, momentum, previous update) and the damping doubles, then x4, ..."""
+    model = _model(width=32)
+    x, y = _data(n=64)
+    options = {"damping": 1e-8, "damping_scheme": "factored", "factor_init": "zero"}
+    if quadratic:
+        opt = _kfac(model, quadratic_step=True, adaptive_damping=True, **options)
+    else:
+        opt = _kfac(model, lr=50.0, momentum=0.9, adaptive_damping=True, **options)
+    _train(opt, model, x, y, 1)  # kept or not, it leaves state to restore
+    rejected = 0
+    for _ in range(6):
+        before = copy.deepcopy(model.state_dict())
+        state = copy.deepcopy({k: dict(v) for k, v in opt.state.items()})
+        damping = opt.preconditioner.damping
+        _train(opt, model, x, y, 1)
+        stats = opt.last_step_control
+        if stats["rejected"]:
+            rejected += 1
+            assert stats["rho"] < 0
+            for key, value in model.state_dict().items():
+                assert torch.equal(value, before[key])
+            for p, entry in opt.state.items():
+                for key, value in entry.items():
+                    assert torch.equal(value, state[p][key])
+            expected = damping * 2.0**opt._rejections
+            assert opt.preconditioner.damping == pytest.approx(expected, rel=1e-12)
+    assert rejected >= 1
+    losses = _train(opt, model, x, y, 20)
+    assert losses[-1] < losses[0]
