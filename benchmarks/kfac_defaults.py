@@ -53,7 +53,8 @@ QUADRATIC = {
     "lr": 1.0,
     "factor_every": 1,
     "inverse_every": 10,
-    "damping_scheme": "eigenbasis",
+    "damping_scheme": "factored",
+    "factor_init": "zero",
     "adaptive_damping": True,
     "quadratic_step": True,
 }
@@ -70,11 +71,11 @@ CONFIGS: dict[str, tuple[list[float], Any]] = {
     ),
     # grid: the initial damping
     "K-FAC, quadratic step + adaptive damping": (
-        [1e-3, 1e-2, 1e-1],
+        [1e-5, 1e-4, 1e-3],
         lambda m, d, loss: KFAC(m, damping=d, loss_fn=loss, **QUADRATIC),
     ),
     "B-KFAC rank 64, quadratic step + adaptive damping": (
-        [1e-3, 1e-2, 1e-1],
+        [1e-5, 1e-4, 1e-3],
         lambda m, d, loss: KFAC(
             m,
             inverse="brand",

@@ -142,6 +142,8 @@ def test_quick_defaults_benchmark(run_quick) -> None:
     rows = payload["results"]["mlp"]
     assert list(rows) == [
         "sgd (momentum 0.9)", "adam", "KFAC(model, lr) defaults", "KFAC, command-line settings",
+        "K-FAC, quadratic step + adaptive damping",
+        "B-KFAC rank 64, quadratic step + adaptive damping",
     ]  # fmt: skip
     for name, row in rows.items():
         assert len(row["losses"]) == 3, name
