@@ -17,12 +17,14 @@ from ._curvature import (
     CaptureSpec,
     CurvatureBlock,
     LayerBatch,
+    Message,
     Tick,
     block_names,
     register_block,
 )
 from ._kron import inverse_names
 from ._layers import Layer, register_layer
+from .distributed import Distributed
 from .fngd import FNGD, FNGDPreconditioner
 from .kld_wrm import (
     QEKLDWRM,
@@ -39,6 +41,7 @@ from .seng import SENG, SENGPreconditioner
 __all__ = [
     "CaptureSpec",
     "CurvatureBlock",
+    "Distributed",
     "FNGD",
     "FNGDPreconditioner",
     "KFAC",
@@ -47,6 +50,7 @@ __all__ = [
     "LayerBatch",
     "MBF",
     "MBFPreconditioner",
+    "Message",
     "PreconditionedSGD",
     "Preconditioner",
     "QEKLDWRM",

@@ -115,9 +115,11 @@ class PreconditionedSGD(torch.optim.SGD):
             for p in group["params"]
             if p.grad is not None
         ]
-        if not flags:
-            return True
-        return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+        finite = torch.stack([f.to(flags[0].device) for f in flags]).all() if flags else None
+        runtime = self.preconditioner.engine.dist
+        if runtime is not None:  # skipped on every process when non-finite on one
+            finite = runtime.agree(torch.ones(1) if finite is None else finite.reshape(1))
+        return True if finite is None else bool(finite.all())
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
