@@ -106,6 +106,10 @@ class Engine:
     time_phases : bool
         Accumulate the seconds of each phase in :attr:`timings` (synchronising the device
         around each phase on CUDA so the times are the work's, not the launches').
+    dist : callable(layers, block) -> kfac.distributed.Runtime, optional
+        Builds the distributed phases (``None``: one process). With it, the update and the
+        refresh run for the parts this process owns, the reduce phase combines the
+        processes' statistics and the exchange phase installs the owners' representations.
     """
 
     def __init__(

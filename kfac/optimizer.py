@@ -223,7 +223,7 @@ class KFAC(PreconditionedSGD):
         Passed to :class:`KFACPreconditioner` (``factor_decay``, ``damping``,
         ``damping_scheme``, ``factor_every``, ``inverse_every``, ``kl_clip``, ``rms_clip``,
         ``skip_layers``, ``fisher``, ``loss``, ``factor_dtype``, ``decomposition_dtype``,
-        ``grad_scaler``, ``seed`` and the inverse strategy's options).
+        ``grad_scaler``, ``seed``, ``distributed`` and the inverse strategy's options).
 
     Notes
     -----
@@ -231,7 +231,9 @@ class KFAC(PreconditionedSGD):
     the key ``"kfac"``, the preconditioner's state (step, factors, inverse representations,
     Monte-Carlo sampler), so a saved run continues identically after ``load_state_dict``.
     A step whose gradients contain NaN/Inf changes nothing (parameters, momentum, factors,
-    step count) and warns, unless a ``GradScaler`` owns the step.
+    step count) and warns, unless a ``GradScaler`` owns the step; distributed
+    (``distributed=``, docs/guide/distributed.md), every process skips it when one process's
+    gradients are non-finite.
 
     Examples
     --------
