@@ -246,18 +246,22 @@ class Engine:
                         self.states[name] = state
             with self.phase("exchange"):
                 if runtime is not None:
-                    ready = all(self.block.ready(state) for state in before.values())
-                    self.states = runtime.exchange(before, self.states, tick, ready)
+                    settled = all(self.block.ready(state) for state in before.values())
+                    self.states = runtime.exchange(before, self.states, tick, settled)
             # a process's own rows do not reproduce the averaged gradient (local statistics)
             rows = batches if runtime is None or not runtime.local else {}
             with self.phase("direction"):
+                ready = [name for name in targets if self.block.ready(self.states[name])]
+                mine = ready if runtime is None else runtime.directing(ready)
                 directions = {
                     name: self.block.direction(
-                        self.layers[name], self.states[name], V, rows.get(name), tick
+                        self.layers[name], self.states[name], targets[name], rows.get(name), tick
                     )
-                    for name, V in targets.items()
-                    if self.block.ready(self.states[name])
+                    for name in mine
                 }
+            if runtime is not None and runtime.split_directions:
+                with self.phase("exchange"):  # each layer's direction from its process
+                    directions = runtime.share(directions, ready, targets)
             with self.phase("clip"):
                 directions = self._clip(directions, targets, tick, lr)
             with self.phase("write"):

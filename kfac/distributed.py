@@ -46,6 +46,8 @@ __all__ = ["STATISTICS_MODES", "Distributed", "assign_owners"]
 
 #: How factor statistics travel between processes.
 STATISTICS_MODES = ("all-reduce", "local")
+#: Where the layers' directions are computed.
+DIRECTION_MODES = ("all", "owner")
 #: Scalars per part in the exchange's header (a changed flag, then the block's header).
 _HEADER = 8
 #: Entries per layer in the reduce phase's header.
@@ -68,23 +70,34 @@ class Distributed:
         The process group (default: the default group, which must be initialised).
     timeout : float, default 300
         Seconds any collective of a step may wait before it raises ``RuntimeError``.
+    directions : {"all", "owner"}, default "all"
+        ``"all"``: every process computes every layer's direction from the broadcast
+        representations (no more communication). ``"owner"``: each layer's direction is
+        computed by one process (longest-processing-time balancing of ``d_G d_A (d_G +
+        d_A)``) and broadcast, ``d_G d_A`` numbers per layer and step, which splits the
+        direction work too (KAISA's memory-optimised end).
 
     Examples
     --------
     >>> import kfac
     >>> kfac.Distributed(statistics="local", timeout=60.0)
-    Distributed(statistics='local', group=None, timeout=60.0)
+    Distributed(statistics='local', group=None, timeout=60.0, directions='all')
     """
 
     statistics: str = "all-reduce"
     group: Any = None
     timeout: float = 300.0
+    directions: str = "all"
 
     def __post_init__(self) -> None:
         if self.statistics not in STATISTICS_MODES:
             raise ValueError(
                 f"Invalid statistics: {self.statistics!r}; valid names are "
                 f"{list(STATISTICS_MODES)}"
+            )
+        if self.directions not in DIRECTION_MODES:
+            raise ValueError(
+                f"Invalid directions: {self.directions!r}; valid names are {list(DIRECTION_MODES)}"
             )
         timeout = self.timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
@@ -185,12 +198,58 @@ class Runtime:
             )
             for name in self.names
         }
-        self.bytes = {"statistics": 0, "representations": 0, "control": 0}
-        self.collectives = {"statistics": 0, "representations": 0, "control": 0}
+        direction_costs = [
+            float(layer.dim_G * layer.dim_A * (layer.dim_G + layer.dim_A))
+            for layer in self.layers.values()
+        ]
+        #: The process that computes each layer's direction (``directions="owner"``).
+        self.direction_owners = dict(
+            zip(self.names, assign_owners(direction_costs, self.world), strict=True)
+        )
+        kinds = ("statistics", "representations", "directions", "control")
+        self.bytes = dict.fromkeys(kinds, 0)
+        self.collectives = dict.fromkeys(kinds, 0)
 
     @property
     def local(self) -> bool:
         return self.config.statistics == "local"
+
+    @property
+    def split_directions(self) -> bool:
+        return self.config.directions == "owner"
+
+    def directing(self, names: Sequence[str]) -> list[str]:
+        """The layers among ``names`` whose direction this process computes."""
+        if not self.split_directions:
+            return list(names)
+        return [name for name in names if self.direction_owners[name] == self.rank]
+
+    def share(
+        self, directions: dict[str, Tensor], names: Sequence[str], like: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Every layer's direction (``directions="owner"``): one broadcast per process of
+        the flattened directions it computed; ``like`` gives each one's shape and dtype."""
+        if not self.split_directions:
+            return directions
+        device = self._device()
+        out = dict(directions)
+        for owner in range(self.world):
+            mine = [name for name in names if self.direction_owners[name] == owner]
+            if not mine:
+                continue
+            dtype = like[mine[0]].dtype
+            if owner == self.rank:
+                flat = torch.cat([directions[n].reshape(-1).to(device, dtype) for n in mine])
+            else:
+                flat = torch.empty(sum(like[n].numel() for n in mine), dtype=dtype, device=device)
+            self.broadcast(flat, owner, "directions", "direction broadcast")
+            offset = 0
+            for name in mine:
+                size = like[name].numel()
+                view = flat[offset : offset + size].view_as(like[name])
+                out[name] = view.to(like[name].device).clone()
+                offset += size
+        return {name: out[name] for name in names}
 
     def loads(self) -> list[float]:
         """Predicted cost owned by each rank."""
@@ -350,6 +409,12 @@ class Runtime:
             assert batch is not None
             assert batch.a_rows is not None
             assert batch.g_rows is not None
+            if batch.a_rows.shape[0] != batch.g_rows.shape[0]:
+                raise RuntimeError(
+                    f"layer {self.layers[self.names[i]].describe()} recorded "
+                    f"{batch.a_rows.shape[0]} input rows and {batch.g_rows.shape[0]} "
+                    "output-gradient rows: its rows cannot be gathered across processes"
+                )
             dims[i] = (batch.a_rows.shape[1], batch.g_rows.shape[1])
             parts += [
                 batch.a_rows.reshape(-1),

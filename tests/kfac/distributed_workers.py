@@ -138,6 +138,24 @@ def equality(rank: int, world: int, steps: int) -> dict[str, Any]:
     return out
 
 
+def owner_directions(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """Each layer's direction computed by one process and broadcast."""
+    out: dict[str, Any] = {}
+    for inverse in ("eigh", "brand-rsvd-correct"):
+        net = model()
+        config = kfac.Distributed(directions="owner", timeout=20.0)
+        opt = kfac.KFAC(net, lr=0.1, **options(inverse, distributed=config))
+        train(net, opt, data(steps), rank, world)
+        runtime = opt.preconditioner.engine.dist
+        out[inverse] = {
+            "params": flat(net),
+            "direction_owners": dict(runtime.direction_owners),
+            "bytes": dict(runtime.bytes),
+            "applied": dict(opt.preconditioner.kron.applied),
+        }
+    return out
+
+
 def ddp(rank: int, world: int, steps: int) -> dict[str, Any]:
     """A model wrapped in DistributedDataParallel (names gain ``module.``)."""
     net = model()
@@ -253,6 +271,7 @@ def local(rank: int, world: int, steps: int) -> dict[str, Any]:
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "equality": equality,
     "ddp": ddp,
+    "owner_directions": owner_directions,
     "mismatch": mismatch,
     "one_raises": one_raises,
     "nonfinite": nonfinite,

@@ -72,7 +72,11 @@ def checkpoint(tmp: Path, world2: list[dict[str, Any]]) -> Path:
 
 @pytest.fixture(scope="module")
 def world3(tmp: Path, checkpoint: Path) -> list[dict[str, Any]]:
-    jobs = [("equality", (STEPS,)), ("resume", (CHECKPOINT_STEPS, str(checkpoint)))]
+    jobs = [
+        ("equality", (STEPS,)),
+        ("owner_directions", (STEPS,)),
+        ("resume", (CHECKPOINT_STEPS, str(checkpoint))),
+    ]
     return spawn(tmp, 3, jobs)
 
 
@@ -109,6 +113,30 @@ def test_every_strategy_equals_one_process_on_the_concatenated_batch(
         # the Brand strategies apply layer '2' from its gathered rows, under data parallelism
         brand = inverse.startswith("brand")
         assert first["applied"]["2"] == ("factored" if brand else "dense")
+
+
+def test_directions_computed_by_one_process_each_equal_one_process(
+    world3: list[dict[str, Any]], references: dict[str, torch.Tensor]
+) -> None:
+    """``directions="owner"`` at world size 3: the three layers' directions are computed on
+    three different processes and broadcast, ``d_G d_A`` numbers per layer and step."""
+    records = ok(world3, "owner_directions")
+    for inverse in ("eigh", "brand-rsvd-correct"):
+        ref = references[inverse]
+        for record in records:
+            mine = record[inverse]
+            assert float((mine["params"] - ref).norm() / ref.norm()) <= 1e-6, inverse
+            torch.testing.assert_close(
+                mine["params"], records[0][inverse]["params"], rtol=0, atol=0
+            )
+        owners = records[0][inverse]["direction_owners"]
+        assert sorted(owners.values()) == [0, 1, 2]
+        # 19 steps with directions (none before the first refresh ends step 0's exchange)
+        sizes = {"0": 24 * 11, "2": 24 * 25, "4": 5 * 25}
+        assert records[0][inverse]["bytes"]["directions"] == STEPS * sum(sizes.values()) * 8
+        # the rows application ran where layer '2''s direction was computed
+        if inverse.startswith("brand"):
+            assert records[owners["2"]][inverse]["applied"]["2"] == "factored"
 
 
 def test_exchange_volume_follows_the_representations(world2: list[dict[str, Any]]) -> None:
@@ -249,6 +277,8 @@ def test_cost_model_per_strategy() -> None:
 def test_configuration_is_validated() -> None:
     with pytest.raises(ValueError, match="Invalid statistics: 'mean'"):
         kfac.Distributed(statistics="mean")
+    with pytest.raises(ValueError, match="Invalid directions: 'some'"):
+        kfac.Distributed(directions="some")
     with pytest.raises(ValueError, match="Invalid timeout: 0"):
         kfac.Distributed(timeout=0)
     net = W.model()
