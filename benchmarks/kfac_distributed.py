@@ -80,7 +80,7 @@ def _run(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
     net = models.autoencoder(784, cfg["width"])
     options = dict(cfg["options"])
     if world > 1:
-        options["distributed"] = kfac.Distributed(timeout=600.0)
+        options["distributed"] = kfac.Distributed(timeout=600.0, directions=cfg["directions"])
     else:
         options["distributed"] = False
     opt = kfac.KFAC(
@@ -275,14 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     for strategy in args.strategies:
         cfg = {"width": args.width, "batch": args.batch, "steps": args.steps,
                "inverse": strategy, "options": inverse_options[strategy]}  # fmt: skip
-        runs: dict[int, list[list[dict[str, Any]]]] = {1: [], 2: []}
+        runs: dict[str, list[list[dict[str, Any]]]] = {"1": [], "2": [], "2o": []}
         for _ in range(args.repeats):  # alternated: the machine's load drifts
-            for world in (1, 2):
-                runs[world].append(run_world(world, cfg))
-                print(f"{strategy} world {world} done", file=sys.stderr, flush=True)
+            for key in runs:
+                world = int(key[0])
+                directions = "owner" if key.endswith("o") else "all"
+                runs[key].append(run_world(world, {**cfg, "directions": directions}))
+                print(f"{strategy} world {key} done", file=sys.stderr, flush=True)
         entry: dict[str, Any] = {}
-        reference = runs[1][0][0]["params"]
-        for world, repeats in runs.items():
+        reference = runs["1"][0][0]["params"]
+        for key, repeats in runs.items():
+            world = int(key[0])
             walls = [w for rep in repeats for rank in rep for w in rank["wall"][1:]]
             cpus = [c for rep in repeats for rank in rep for c in rank["cpu"][1:]]
             phases = {
@@ -294,20 +297,24 @@ def main(argv: list[str] | None = None) -> int:
                 float((rank["params"] - reference).norm() / reference.norm())
                 for rep in repeats for rank in rep
             )  # fmt: skip
-            entry[world] = {
+            entry[key] = {
                 "wall_per_step": statistics.median(walls),
                 "cpu_per_step": statistics.median(cpus),
                 "phases_per_step": phases,
                 "max_relative_parameter_difference_to_world_1": err,
                 "final_loss": repeats[0][0]["loss"][-1],
             }
-        two = runs[2][0][0]
+        two = runs["2"][0][0]
         entry["bytes_per_step"] = {k: v / args.steps for k, v in two["bytes"].items()}
         entry["factors"] = two["factors"]
         rep_bytes = sum(d * k + k for _, _, d, k, _ in two["factors"] if k) * 4
         entry["representation_bytes_per_refresh"] = rep_bytes
-        entry["ratio_wall"] = entry[2]["wall_per_step"] / entry[1]["wall_per_step"]
-        entry["ratio_cpu"] = entry[2]["cpu_per_step"] / entry[1]["cpu_per_step"]
+        entry["directions_bytes_per_step_owner"] = (
+            runs["2o"][0][0]["bytes"]["directions"] / args.steps
+        )
+        for key in ("2", "2o"):
+            entry[f"ratio_wall_{key}"] = entry[key]["wall_per_step"] / entry["1"]["wall_per_step"]
+            entry[f"ratio_cpu_{key}"] = entry[key]["cpu_per_step"] / entry["1"]["cpu_per_step"]
         results["strategies"][strategy] = entry
     eigh_bytes = results["strategies"].get("eigh", {}).get("representation_bytes_per_refresh")
     for strategy in [s for s in ("rsvd", "brand") if eigh_bytes and s in args.strategies]:
@@ -370,23 +377,31 @@ def report(results: dict[str, Any]) -> str:
         "",
         "## Time per step, world size 1 against 2 (medians; seconds)",
         "",
-        "| strategy | wall ws1 | wall ws2 | ratio | CPU ws1 | CPU ws2 | ratio | "
-        "max rel. param. diff. |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        '`2`: every process computes every direction (`directions="all"`); `2o`: each '
+        'layer\'s direction on one process, then broadcast (`directions="owner"`). CPU: '
+        "the process CPU time per step of each rank (median over ranks and steps).",
+        "",
+        "| strategy | world | wall | wall ratio | CPU | CPU ratio | directions B/step | "
+        "max rel. param. diff. to ws1 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s, e in results["strategies"].items():
-        lines.append(
-            f"| {s} | {e[1]['wall_per_step']:.3f} | {e[2]['wall_per_step']:.3f} | "
-            f"{e['ratio_wall']:.2f} | {e[1]['cpu_per_step']:.3f} | {e[2]['cpu_per_step']:.3f} | "
-            f"{e['ratio_cpu']:.2f} | "
-            f"{e[2]['max_relative_parameter_difference_to_world_1']:.1e} |"
-        )
-    phases = list(next(iter(results["strategies"].values()))[1]["phases_per_step"])
+        for key in ("1", "2", "2o"):
+            r = e[key]
+            ratio_wall = 1.0 if key == "1" else e[f"ratio_wall_{key}"]
+            ratio_cpu = 1.0 if key == "1" else e[f"ratio_cpu_{key}"]
+            moved = e["directions_bytes_per_step_owner"] if key == "2o" else 0
+            lines.append(
+                f"| {s} | {key} | {r['wall_per_step']:.3f} | {ratio_wall:.2f} | "
+                f"{r['cpu_per_step']:.3f} | {ratio_cpu:.2f} | {moved:,.0f} | "
+                f"{r['max_relative_parameter_difference_to_world_1']:.1e} |"
+            )
+    phases = list(next(iter(results["strategies"].values()))["1"]["phases_per_step"])
     lines += ["", "Per-phase seconds per step (median over ranks):", "",
               "| strategy | world | " + " | ".join(phases) + " |",
               "|---|---:|" + "---:|" * len(phases)]  # fmt: skip
     for s, e in results["strategies"].items():
-        for w in (1, 2):
+        for w in ("1", "2", "2o"):
             cells = " | ".join(f"{e[w]['phases_per_step'][p]:.3f}" for p in phases)
             lines.append(f"| {s} | {w} | {cells} |")
     per = results["per_factor"]

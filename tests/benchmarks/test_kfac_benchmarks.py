@@ -149,6 +149,7 @@ def test_quick_defaults_benchmark(run_quick) -> None:
     assert "| mlp (width 0.1) |" in table
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_quick_distributed_benchmark(run_quick) -> None:
     payload, table = run_quick("kfac_distributed")
@@ -156,7 +157,8 @@ def test_quick_distributed_benchmark(run_quick) -> None:
     assert set(strategies) == {"eigh", "rsvd", "brand"}
     for name, entry in strategies.items():
         # accuracy first: world size 2 computes what world size 1 computes
-        assert entry["2"]["max_relative_parameter_difference_to_world_1"] < 1e-4, name
+        for world in ("2", "2o"):
+            assert entry[world]["max_relative_parameter_difference_to_world_1"] < 1e-4, name
         assert entry["bytes_per_step"]["representations"] > 0
         assert entry["1"]["cpu_per_step"] > 0
     for name in ("rsvd", "brand"):  # a rank-r representation is r/D of a dense one

@@ -131,7 +131,7 @@ def test_directions_computed_by_one_process_each_equal_one_process(
             )
         owners = records[0][inverse]["direction_owners"]
         assert sorted(owners.values()) == [0, 1, 2]
-        # 19 steps with directions (none before the first refresh ends step 0's exchange)
+        # every step has directions (step 0's exchange installs the first representations)
         sizes = {"0": 24 * 11, "2": 24 * 25, "4": 5 * 25}
         assert records[0][inverse]["bytes"]["directions"] == STEPS * sum(sizes.values()) * 8
         # the rows application ran where layer '2''s direction was computed
