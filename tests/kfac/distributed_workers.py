@@ -191,6 +191,20 @@ def one_raises(rank: int, world: int, steps: int) -> dict[str, Any]:
     return {}
 
 
+def one_hangs(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """Rank 1 stalls for 6 s at its third step; rank 0's step must time out after 2 s."""
+    net = model()
+    opt = kfac.KFAC(net, lr=0.1, **options("eigh", distributed=kfac.Distributed(timeout=2.0)))
+    batches = data(steps)
+    for i, (x, y) in enumerate(batches):
+        if rank == 1 and i == 3:
+            time.sleep(6.0)
+        opt.zero_grad()
+        F.cross_entropy(net(shard(x, rank, world)), shard(y, rank, world)).backward()
+        opt.step()
+    return {}
+
+
 def nonfinite(rank: int, world: int, steps: int) -> dict[str, Any]:
     """Local statistics, and rank 1's are non-finite at step 2 (its gradients are not):
     every process skips the update of that layer, the owners on rank 0 included."""
@@ -274,6 +288,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "owner_directions": owner_directions,
     "mismatch": mismatch,
     "one_raises": one_raises,
+    "one_hangs": one_hangs,
     "nonfinite": nonfinite,
     "checkpoint": checkpoint,
     "resume": resume,

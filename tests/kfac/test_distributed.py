@@ -179,6 +179,18 @@ def test_faults_end_with_errors_within_their_timeouts(tmp: Path) -> None:
     assert records[0]["one_raises"]["seconds"] < 5.0 + 10.0
 
 
+@pytest.mark.slow
+def test_a_rank_that_stalls_times_the_others_out(tmp: Path) -> None:
+    """Rank 1 stops answering for 6 s (alive, not crashed): rank 0's step raises once its
+    collective has waited the 2 s timeout, long before rank 1 comes back."""
+    records = spawn(tmp, 2, [("one_hangs", (6,))])
+    error = records[0]["one_hangs"]["error"]
+    assert error.startswith("RuntimeError: kfac.distributed: the ")
+    assert "timed out after 2.0 s" in error
+    assert "timed out" in error.split("stop?): ", 1)[1].lower()  # the backend's own word
+    assert records[0]["one_hangs"]["seconds"] < records[1]["one_hangs"]["seconds"]
+
+
 def test_local_statistics_on_a_hand_checked_case(world2: list[dict[str, Any]]) -> None:
     """Each factor's owner keeps it from its own shard only: ``(1 - rho) a^T a / n`` of its
     6 rows; the other rank keeps nothing and applies the owner's representation."""
