@@ -151,6 +151,8 @@ class RunConfig:
     inverse_options: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
     shuffle: bool = True
+    adaptive_damping: bool = False
+    quadratic_step: bool = False
 
 
 @dataclass
@@ -203,6 +205,14 @@ def _make_optimizer(
         "factor_decay": cfg.factor_decay,
         "loss": loss_name,
     }
+    if cfg.adaptive_damping or cfg.quadratic_step:
+        common.update(
+            loss_fn=_model_loss(loss_name),
+            adaptive_damping=cfg.adaptive_damping,
+            quadratic_step=cfg.quadratic_step,
+        )
+        if cfg.quadratic_step:  # the model chooses the step and its momentum
+            common.update(momentum=0.0, kl_clip=None)
     if name == "mbf":
         options: dict[str, Any] = {"block_size": MBF_DEFAULTS["block_size"]}
         options.update(cfg.inverse_options)
@@ -278,6 +288,17 @@ def _phase_table(results: Sequence[tuple[str, int, dict[str, float], dict[str, i
             f"{per['statistics']:.0f} | {per['representations']:.0f} |"
         )
     return "\n".join(lines)
+
+
+def _model_loss(loss_name: str) -> Any:
+    """The loss as a function of (outputs, targets), for the quadratic model."""
+    return F.mse_loss if loss_name == "mse" else F.cross_entropy
+
+
+def _targets(loss_name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """What :func:`_model_loss` compares the outputs with: the flattened inputs for the
+    autoencoder, the labels else."""
+    return x.flatten(1) if loss_name == "mse" else y
 
 
 def _loss_fn(loss_name: str) -> Any:
@@ -419,10 +440,12 @@ def train(
                 losses = per_sample_loss(model(x), x, y)
                 (weights * losses).sum().backward()
                 batch_loss = losses.detach().mean()
+            extra: dict[str, Any] = {}
+            if getattr(opt, "quadratic_model", None) is not None:
+                extra["batch"] = (x, _targets(loss_name, x, y))
             if isinstance(opt, FNGD):  # its coefficients are stored by dataset index
-                opt.step(indices=idx)
-            else:
-                opt.step()
+                extra["indices"] = idx
+            opt.step(**extra)
             if cfg.device.startswith("cuda"):
                 torch.cuda.synchronize()
             elapsed += timer() - start
@@ -573,6 +596,18 @@ def _parser() -> argparse.ArgumentParser:
             '\'{"coefficients": "shared"}\', \'{"scaling": "reference"}\', or of the KLD-WRM '
             "optimizers, e.g. '{\"inner_steps\": 7}'",
         )
+        p.add_argument(
+            "--adaptive-damping",
+            action="store_true",
+            help="Levenberg-Marquardt damping from the exact quadratic model (needs an "
+            "absolute damping scheme, e.g. --damping-scheme eigenbasis)",
+        )
+        p.add_argument(
+            "--quadratic-step",
+            action="store_true",
+            help="learning rate and momentum from the exact quadratic model each step "
+            "(turns the KL clip and --momentum off)",
+        )
         p.add_argument("--seed", type=int, default=RunConfig.seed)
         p.add_argument(
             "--data", default=None, help="MNIST IDX dir, CIFAR-10 dir or .npz (default: digits28)"
@@ -663,6 +698,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             "target_loss",
             "target_accuracy",
             "inverse_options",
+            "adaptive_damping",
+            "quadratic_step",
         )
     }
     if args.command == "train":

@@ -273,6 +273,12 @@ class CurvatureBlock(Protocol[S]):
         (default: accept)."""
         return None
 
+    def relative_damping(self) -> bool:
+        """Whether the damping value is relative to the curvature's scale (then it is not the
+        ``lambda`` of ``C + lambda I``, and adaptive damping does not apply; default
+        ``False``)."""
+        return False
+
     def refresh(self, layer: Any, state: S, tick: Tick) -> S:
         """Rebuild the applied representation where ``tick`` asks for it (every step;
         default: nothing to rebuild)."""

@@ -831,6 +831,10 @@ class KronBlock(CurvatureBlock[KronState]):
         self.applied: dict[str, str] = {}
         self._mismatch_warned: set[str] = set()
 
+    def relative_damping(self) -> bool:
+        """Whether the damping is relative to the curvature's scale."""
+        return bool(getattr(self.damping_scheme, "relative", False))
+
     @property
     def rule(self) -> FactorRule:
         return self.strategy.rule

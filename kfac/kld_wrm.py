@@ -190,6 +190,9 @@ class KLDWRMBlock(CurvatureBlock[WakeState], abc.ABC):
     def check_layers(self, layers: Mapping[str, Any]) -> None:
         self.kron.check_layers(layers)
 
+    def relative_damping(self) -> bool:
+        return self.kron.relative_damping()
+
     def init(self, layer: Any) -> WakeState:
         return WakeState(kron=self.kron.init(layer))
 
@@ -910,6 +913,12 @@ class QEKLDWRM(PreconditionedSGD):
         **kwargs: Any,
     ) -> None:
         loss = kwargs.get("loss")
+        for option in ("adaptive_damping", "quadratic_step"):
+            if kwargs.get(option):
+                raise ValueError(
+                    f"QEKLDWRM refines its own step in the wake's exact KL: `{option}` does "
+                    "not apply (use it with SOKLDWRM or QKLDWRM)"
+                )
         self.refinement = WakeRefinement(
             steps=check_int_at_least(0)(inner_steps, "inner_steps"),
             lr_factor=check_nonnegative(inner_lr, "inner_lr"),

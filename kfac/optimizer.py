@@ -7,14 +7,17 @@ A method's optimizer is a preset of it (:class:`KFAC` sets the K-FAC preconditio
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from ._schedule import check_nonnegative
+from ._curvature import CurvatureBlock
+from ._quadratic import AdaptiveDamping, QuadraticModel, named_params, solve_step
+from ._schedule import check_bool, check_nonnegative, check_positive
 from .preconditioner import KFACPreconditioner, Preconditioner
 
 __all__ = ["KFAC", "PreconditionedSGD"]
@@ -58,6 +61,22 @@ class PreconditionedSGD(torch.optim.SGD):
     params : iterable of parameters or dicts, optional
         Parameter groups as for any ``torch.optim`` optimizer (default: the model's trainable
         parameters). Per-group ``lr`` is used by the KL clip of each layer.
+    loss_fn : callable(outputs, targets) -> scalar tensor, optional
+        The training loss as a function of the model's outputs (e.g.
+        ``torch.nn.functional.cross_entropy``): needed by ``adaptive_damping`` and
+        ``quadratic_step``, which evaluate the exact quadratic model of the loss on the step's
+        ``batch`` (see :mod:`kfac._quadratic`).
+    adaptive_damping : bool or AdaptiveDamping, default False
+        Adapt the damping by the Levenberg-Marquardt rule on the reduction ratio (Martens and
+        Grosse 2015, section 6.5); ``True`` uses :class:`AdaptiveDamping`'s defaults. The
+        preconditioner's ``damping`` (a constant) is the initial value; the method's damping
+        must be absolute (not a ``*-relative`` scheme or ``damping_mode="relative"``).
+    quadratic_step : bool, default False
+        Choose each step's learning rate and momentum by minimising the exact quadratic
+        model over the plane of the new preconditioned direction and the previous update
+        (Martens and Grosse 2015, section 7). The groups' ``lr`` then only set the relative
+        scale of their directions; ``momentum`` must be 0 and the KL clip off (the model sets
+        the step length).
     **kwargs
         Passed to the preconditioner class (:attr:`preconditioner_class`; for the generic
         front, :class:`Preconditioner` with ``block=`` a registered name or a block).
@@ -80,6 +99,9 @@ class PreconditionedSGD(torch.optim.SGD):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         params: Iterable[Any] | None = None,
+        loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+        adaptive_damping: bool | AdaptiveDamping = False,
+        quadratic_step: bool = False,
         **kwargs: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -103,6 +125,69 @@ class PreconditionedSGD(torch.optim.SGD):
                     f"Invalid params: layer '{name}' is preconditioned but its parameters are "
                     "not in `params` (skip it with `skip_layers`)"
                 )
+        self._configure_control(model, loss_fn, adaptive_damping, quadratic_step, kwargs)
+
+    def _configure_control(
+        self,
+        model: nn.Module,
+        loss_fn: Any,
+        adaptive_damping: Any,
+        quadratic_step: Any,
+        kwargs: Mapping[str, Any],
+    ) -> None:
+        """Validate the quadratic-model options; build :attr:`quadratic_model`."""
+        if isinstance(adaptive_damping, bool):
+            adaptive_damping = AdaptiveDamping() if adaptive_damping else None
+        elif not isinstance(adaptive_damping, AdaptiveDamping):
+            raise TypeError(
+                "`adaptive_damping` must be a bool or a kfac.AdaptiveDamping, got "
+                f"{type(adaptive_damping).__name__}"
+            )
+        self.adaptive_damping: AdaptiveDamping | None = adaptive_damping
+        self.quadratic_step = check_bool(quadratic_step, "quadratic_step")
+        self.quadratic_model: QuadraticModel | None = None
+        self.last_step_control: dict[str, float] = {}
+        if adaptive_damping is None and not quadratic_step:
+            if loss_fn is not None:
+                raise ValueError(
+                    "`loss_fn` is used only by adaptive_damping and quadratic_step; neither is on"
+                )
+            return
+        what = "adaptive_damping" if adaptive_damping is not None else "quadratic_step"
+        if self.preconditioner.engine.dist is not None:
+            raise NotImplementedError(
+                f"{what} is not implemented under a torch.distributed process group: its "
+                "quadratic model would be evaluated on each process's own batch, and the "
+                "processes would take different steps; pass distributed=False or leave it off"
+            )
+        if not callable(loss_fn):
+            raise ValueError(f"{what} needs `loss_fn(outputs, targets)`, the training loss")
+        if self.preconditioner.block.relative_damping():
+            raise ValueError(
+                f"{what} needs an absolute damping (the lambda of C + lambda I): choose a "
+                "`damping_scheme` (or `damping_mode`) that is not relative"
+            )
+        if adaptive_damping is not None and callable(kwargs.get("damping")):
+            raise ValueError(
+                "adaptive_damping sets the damping: give `damping` as a number (its initial "
+                "value), not a schedule"
+            )
+        if quadratic_step:
+            block = self.preconditioner.block
+            if getattr(type(block), "commit", CurvatureBlock.commit) is not CurvatureBlock.commit:
+                raise ValueError(
+                    f"quadratic_step does not apply to {block.name}: its next direction "
+                    "depends on the step it took with its own learning rate"
+                )
+            if any(group["momentum"] != 0 for group in self.param_groups):
+                raise ValueError("quadratic_step chooses the momentum: leave `momentum` at 0")
+            if kwargs.get("kl_clip") not in (None, 0):
+                raise ValueError(
+                    "quadratic_step sets the step length: `kl_clip` must be off (None or 0)"
+                )
+        params = [p for group in self.param_groups for p in group["params"]]
+        self.quadratic_model = QuadraticModel(model, loss_fn, named_params(model, params))
+        self.preconditioner.engine.timings.setdefault("quadratic", 0.0)
 
     def _group_lrs(self) -> dict[torch.Tensor, float]:
         return {p: float(group["lr"]) for group in self.param_groups for p in group["params"]}
@@ -122,9 +207,25 @@ class PreconditionedSGD(torch.optim.SGD):
         return True if finite is None else bool(finite.all())
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Precondition and update; returns the closure's loss (``None`` without a closure)."""
+    def step(self, closure: Callable[[], Any] | None = None, *, batch: Any = None) -> Any:
+        """Precondition and update; returns the closure's loss (``None`` without a closure).
+
+        Parameters
+        ----------
+        closure : callable, optional
+            Re-evaluates the model and returns the loss (as for any ``torch.optim``).
+        batch : (inputs, targets), optional
+            The step's batch, required with ``adaptive_damping`` or ``quadratic_step``:
+            ``model(*inputs)`` (or ``model(inputs)`` for one tensor) gives the outputs of
+            ``loss_fn(outputs, targets)``; the gradients must be this batch's.
+        """
         loss = None
+        if self.quadratic_model is not None and batch is None:
+            raise ValueError(
+                "`batch` (inputs, targets) is needed by adaptive_damping / quadratic_step"
+            )
+        if batch is not None and (not isinstance(batch, (tuple, list)) or len(batch) != 2):
+            raise ValueError("`batch` must be a pair (inputs, targets)")
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -139,14 +240,112 @@ class PreconditionedSGD(torch.optim.SGD):
                 )
             self.preconditioner.skip()
             return loss
-        self.preconditioner.step(lr=self._group_lrs())
-        _sgd_update(self)
+        if self.quadratic_model is None:
+            self.preconditioner.step(lr=self._group_lrs())
+            _sgd_update(self)
+        else:
+            self._controlled_step(tuple(batch))
         return loss
+
+    def _controlled_step(self, batch: tuple[Any, Any]) -> None:
+        """Precondition, then take the quadratic-model step or torch's SGD step, and adapt
+        the damping on the steps of its period.
+
+        The model's terms are dot products of parameter-sized tensors; they are taken in the
+        parameters' dtype on the device and read back together (one host transfer), then the
+        2 x 2 system is solved in float64."""
+        model = self.quadratic_model
+        assert model is not None
+        precond = self.preconditioner
+        control = self.adaptive_damping
+        adapt = control is not None and precond.steps % control.every == 0
+        damping = precond.damping
+        entries = [
+            (p, float(group["lr"]), float(group["weight_decay"]))
+            for group in self.param_groups
+            for p in group["params"]
+            if p.grad is not None  # a parameter without a gradient does not move
+        ]
+        params = [p for p, _, _ in entries]
+        raw = [p.grad.clone() for p in params]  # the gradient before preconditioning
+        precond.step(lr=self._group_lrs())
+        stats: dict[str, float] = {"damping": damping}
+
+        def linear_and_norms(directions: list[list[Tensor]]) -> tuple[Tensor, Tensor]:
+            """``g^T d_i`` (weight decay included) and ``sum_p (lambda + eta_p) d_i^T d_j``."""
+            k = len(directions)
+            terms = []
+            for d in directions:
+                terms += [
+                    torch.vdot(g.flatten(), x.flatten())
+                    + decay * torch.vdot(p.flatten(), x.flatten())
+                    for (p, _, decay), g, x in zip(entries, raw, d, strict=True)
+                ]
+            pairs = [(a, b) for a in range(k) for b in range(a, k)]
+            for a, b in pairs:
+                terms += [
+                    (damping + decay) * torch.vdot(x.flatten(), y.flatten())
+                    for (_, _, decay), x, y in zip(
+                        entries, directions[a], directions[b], strict=True
+                    )
+                ]
+            n = len(params)
+            values = torch.stack([t.double() for t in terms]).reshape(-1, n).sum(dim=1).cpu()
+            norms = torch.empty(k, k, dtype=torch.float64)
+            for (a, b), value in zip(pairs, values[k:], strict=True):
+                norms[a, b] = norms[b, a] = value
+            return values[:k], norms
+
+        if self.quadratic_step:
+            new = [
+                (p.grad + decay * p).mul_(-lr) if decay else p.grad.mul(-lr)
+                for p, lr, decay in entries
+            ]
+            previous = [self.state[p].get("previous_update") for p in params]
+            directions = [new]
+            if all(d is not None for d in previous):
+                directions.append(previous)  # type: ignore[arg-type]
+            with precond.engine.phase("quadratic"):
+                h0, gram = model.gram(batch, directions, params=params)
+                linear, norms = linear_and_norms(directions)
+            coeffs, change = solve_step(gram, linear, norms, 1.0)
+            alpha, mu = float(coeffs[0]), float(coeffs[1]) if len(coeffs) > 1 else 0.0
+            for i, p in enumerate(params):
+                delta = new[i].mul_(alpha)
+                if mu:
+                    delta.add_(directions[1][i], alpha=mu)
+                p.add_(delta)
+                self.state[p]["previous_update"] = delta
+            stats.update(alpha=alpha, mu=mu)
+        else:
+            before = [p.detach().clone() for p in params] if adapt else []
+            _sgd_update(self)
+            if not adapt:
+                self.last_step_control = stats
+                return
+            delta = [p.detach() - b for p, b in zip(params, before, strict=True)]
+            back = [-d for d in delta]
+            with precond.engine.phase("quadratic"):
+                h0, gram = model.gram(batch, [delta], shift=back, params=params)
+                linear, norms = linear_and_norms([delta])
+            change = linear[0] + 0.5 * (gram[0, 0] + norms[0, 0])
+        stats.update(loss=h0, predicted_change=float(change))
+        if adapt:
+            assert control is not None
+            with precond.engine.phase("quadratic"):
+                h1 = model.loss(batch)
+            predicted = float(change)
+            rho = (h1 - h0) / predicted if predicted < 0 and math.isfinite(h1) else -math.inf
+            precond.damping = control.update(damping, rho)
+            stats.update(new_loss=h1, rho=rho)
+        self.last_step_control = stats
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim state plus the preconditioner's under ``"kfac"``."""
         state = super().state_dict()
         state["kfac"] = self.preconditioner.state_dict()
+        if self.adaptive_damping is not None:
+            state["adaptive_damping"] = {"damping": self.preconditioner.damping}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -159,10 +358,21 @@ class PreconditionedSGD(torch.optim.SGD):
         if "kfac" not in state_dict:
             raise ValueError("state_dict has no 'kfac' entry: it was not saved by this optimizer")
         kfac_state = state_dict.pop("kfac")
+        adaptive = state_dict.pop("adaptive_damping", None)
+        damping = None
+        if self.adaptive_damping is not None:
+            if not isinstance(adaptive, Mapping) or "damping" not in adaptive:
+                raise ValueError(
+                    "state_dict has no 'adaptive_damping' entry: it was saved without "
+                    "adaptive damping"
+                )
+            damping = check_positive(adaptive["damping"], "damping (state_dict)")
         install = self.preconditioner._prepare_load(kfac_state)
         self._check_torch_state(state_dict)
         super().load_state_dict(state_dict)
         install()
+        if damping is not None:
+            self.preconditioner.damping = damping
 
     def _check_torch_state(self, state_dict: Mapping[str, Any]) -> None:
         """What ``torch.optim`` does not check before loading: the groups' sizes, and each
@@ -184,18 +394,20 @@ class PreconditionedSGD(torch.optim.SGD):
         for key, entry in state.items():
             if key not in params or not isinstance(entry, Mapping):
                 raise ValueError(f"state_dict state entry {key!r} matches no parameter")
-            buffer = entry.get("momentum_buffer")
-            if buffer is None:
-                continue
-            p = params[key]
-            if not isinstance(buffer, torch.Tensor) or buffer.shape != p.shape:
-                shape = tuple(buffer.shape) if isinstance(buffer, torch.Tensor) else buffer
-                raise ValueError(
-                    f"state_dict momentum buffer of parameter {key} has shape {shape}, "
-                    f"expected {tuple(p.shape)}"
-                )
-            if not bool(torch.isfinite(buffer).all()):
-                raise ValueError(f"state_dict momentum buffer of parameter {key} is not finite")
+            for what in ("momentum_buffer", "previous_update"):
+                buffer = entry.get(what)
+                if buffer is None:
+                    continue
+                p = params[key]
+                label = what.replace("_", " ")
+                if not isinstance(buffer, torch.Tensor) or buffer.shape != p.shape:
+                    shape = tuple(buffer.shape) if isinstance(buffer, torch.Tensor) else buffer
+                    raise ValueError(
+                        f"state_dict {label} of parameter {key} has shape {shape}, "
+                        f"expected {tuple(p.shape)}"
+                    )
+                if not bool(torch.isfinite(buffer).all()):
+                    raise ValueError(f"state_dict {label} of parameter {key} is not finite")
 
 
 class KFAC(PreconditionedSGD):

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -265,6 +267,18 @@ class Preconditioner:
         modified, by later steps)."""
         return self.engine.states[name]
 
+    @property
+    def damping(self) -> float:
+        """The damping of the coming step."""
+        return self.engine.clock.damping(self.engine.steps)
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        """Replace the damping (schedule) by the constant ``value`` from the coming step on
+        (what an adaptive damping rule does)."""
+        clock = self.engine.clock
+        self.engine.clock = replace(clock, damping=Schedule(value, "damping", check_positive))
+
     def capture_plan(self) -> dict[str, CaptureSpec]:
         """What each layer records on the coming step (absent: nothing)."""
         return dict(self.engine.capture.plan)
@@ -325,7 +339,13 @@ class Preconditioner:
         RuntimeError
             A layer with a gradient whose hooks never fired on a factor-update step.
         """
-        self.engine.step(lr)
+        with contextlib.ExitStack() as stack:
+            # a step called inside torch.autocast still computes in the factors' dtype
+            for kind in {
+                p.device.type for name in self.layer_names for p in self.layer(name).params
+            }:
+                stack.enter_context(torch.autocast(kind, enabled=False))
+            self.engine.step(lr)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

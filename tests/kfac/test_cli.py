@@ -316,3 +316,25 @@ def test_kld_wrm_from_the_command_line(name: str, tmp_path: Path, mnist_dir: Pat
     assert main([*args, "--factor-decay", "0.2", "--damping-scheme", "factored"]) == 0
     config = json.loads(out.read_text())["configs"][0]
     assert (config["factor_decay"], config["damping_scheme"]) == (0.2, "factored")
+
+
+@pytest.mark.parametrize("model", ["autoencoder", "mlp"])
+def test_quadratic_step_and_adaptive_damping_from_the_command_line(
+    model: str, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run.json"
+    args = ["train", "--optimizer", "bkfac", "--model", model, "--width", "0.25", "--epochs",
+            "2", "--max-train", "128", "--batch-size", "32", "--quiet", "--json", str(out),
+            "--inverse-options", '{"rank": 8}', "--quadratic-step",
+            "--adaptive-damping"]  # fmt: skip
+    assert main([*args, "--damping-scheme", "eigenbasis", "--damping", "0.01"]) == 0
+    payload = json.loads(out.read_text())
+    config, result = payload["configs"][0], payload["results"][0]
+    assert config["quadratic_step"] is True
+    assert config["adaptive_damping"] is True
+    assert result["steps"] == 8
+    assert result["train_loss"][-1] < result["train_loss"][0]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # the default damping scheme is relative
+        main(args)
+    assert "needs an absolute damping" in capsys.readouterr().err

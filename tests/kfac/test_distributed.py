@@ -317,3 +317,21 @@ def test_single_process_is_unchanged_by_default() -> None:
     x, y = W.data(1)[0]
     F.cross_entropy(net(x), y).backward()
     opt.step()
+
+
+def test_quadratic_model_options_refuse_a_process_group(tmp_path: Path) -> None:
+    """The quadratic model reads each process's own batch: refused, not silently divergent
+    (a one-process gloo group stands in for a larger world)."""
+    import torch.distributed as dist
+
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        with pytest.raises(NotImplementedError, match="quadratic_step is not implemented"):
+            kfac.KFAC(
+                W.model(), lr=0.1, quadratic_step=True, loss_fn=F.cross_entropy,
+                damping_scheme="factored", kl_clip=None, distributed=True,
+            )  # fmt: skip
+    finally:
+        dist.destroy_process_group()

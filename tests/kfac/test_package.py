@@ -50,6 +50,7 @@ def test_classes_are_documented_with_numpydoc(name: str) -> None:
         "kfac.kld_wrm",
         "kfac.fngd",
         "kfac.seng",
+        "kfac._quadratic",
     ],
 )
 def test_doctests(module: str) -> None:
