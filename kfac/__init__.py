@@ -19,6 +19,7 @@ from ._curvature import (
     CaptureSpec,
     CurvatureBlock,
     LayerBatch,
+    Message,
     Tick,
     block_names,
     register_block,
@@ -26,6 +27,7 @@ from ._curvature import (
 from ._kron import inverse_names
 from ._layers import Layer, register_layer
 from ._quadratic import AdaptiveDamping
+from .distributed import Distributed
 from .fngd import FNGD, FNGDPreconditioner
 from .kld_wrm import (
     QEKLDWRM,
@@ -43,6 +45,7 @@ __all__ = [
     "AdaptiveDamping",
     "CaptureSpec",
     "CurvatureBlock",
+    "Distributed",
     "FNGD",
     "FNGDPreconditioner",
     "KFAC",
@@ -51,6 +54,7 @@ __all__ = [
     "LayerBatch",
     "MBF",
     "MBFPreconditioner",
+    "Message",
     "PreconditionedSGD",
     "Preconditioner",
     "QEKLDWRM",

@@ -357,7 +357,9 @@ class QKLDWRMBlock(KLDWRMBlock):
             return state if applied is state.applied else replace(state, applied=applied)
         inst = state.inst if state.inst_step == tick.step else None
         A_cur, G_cur = inst if inst is not None else (ea.A.matrix, ea.G.matrix)
-        base = state.applied or KronState(A=FactorState(ea.A.dim), G=FactorState(ea.G.dim))
+        base = state.applied or KronState(
+            A=FactorState(ea.A.dim, seed=ea.A.seed), G=FactorState(ea.G.dim, seed=ea.G.seed)
+        )
         aug = replace(
             base,
             A=replace(

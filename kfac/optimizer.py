@@ -155,6 +155,12 @@ class PreconditionedSGD(torch.optim.SGD):
                 )
             return
         what = "adaptive_damping" if adaptive_damping is not None else "quadratic_step"
+        if self.preconditioner.engine.dist is not None:
+            raise NotImplementedError(
+                f"{what} is not implemented under a torch.distributed process group: its "
+                "quadratic model would be evaluated on each process's own batch, and the "
+                "processes would take different steps; pass distributed=False or leave it off"
+            )
         if not callable(loss_fn):
             raise ValueError(f"{what} needs `loss_fn(outputs, targets)`, the training loss")
         if self.preconditioner.block.relative_damping():
@@ -195,9 +201,11 @@ class PreconditionedSGD(torch.optim.SGD):
             for p in group["params"]
             if p.grad is not None
         ]
-        if not flags:
-            return True
-        return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+        finite = torch.stack([f.to(flags[0].device) for f in flags]).all() if flags else None
+        runtime = self.preconditioner.engine.dist
+        if runtime is not None:  # skipped on every process when non-finite on one
+            finite = runtime.agree(torch.ones(1) if finite is None else finite.reshape(1))
+        return True if finite is None else bool(finite.all())
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, batch: Any = None) -> Any:
@@ -468,7 +476,7 @@ class KFAC(PreconditionedSGD):
         Passed to :class:`KFACPreconditioner` (``factor_decay``, ``damping``,
         ``damping_scheme``, ``factor_every``, ``inverse_every``, ``kl_clip``, ``rms_clip``,
         ``skip_layers``, ``fisher``, ``loss``, ``factor_dtype``, ``decomposition_dtype``,
-        ``grad_scaler``, ``seed`` and the inverse strategy's options).
+        ``grad_scaler``, ``seed``, ``distributed`` and the inverse strategy's options).
 
     Notes
     -----
@@ -476,7 +484,9 @@ class KFAC(PreconditionedSGD):
     the key ``"kfac"``, the preconditioner's state (step, factors, inverse representations,
     Monte-Carlo sampler), so a saved run continues identically after ``load_state_dict``.
     A step whose gradients contain NaN/Inf changes nothing (parameters, momentum, factors,
-    step count) and warns, unless a ``GradScaler`` owns the step.
+    step count) and warns, unless a ``GradScaler`` owns the step; distributed
+    (``distributed=``, docs/guide/distributed.md), every process skips it when one process's
+    gradients are non-finite.
 
     Examples
     --------

@@ -448,7 +448,7 @@ def _corrupt(state: dict, name: str) -> dict:
     elif name == "identity":
         layer["G"]["identity"] = 2.0
     elif name == "generators":
-        k["block"]["generators"] = {"cpu": torch.zeros(3)}
+        layer["A"]["rng"] = torch.zeros(3)
     elif name == "mc-generator":
         k["generator"] = torch.zeros(7, dtype=torch.int64)
     elif name == "momentum-shape":
@@ -508,7 +508,8 @@ def test_generators_saved_on_an_absent_device_are_reseeded_deterministically() -
         pytest.skip("this machine has CUDA: the saved states would be restored instead")
     _, opt = _trained()
     cuda_like = copy.deepcopy(opt.state_dict())
-    cuda_like["kfac"]["block"]["generators"] = {"cuda:0": torch.arange(16, dtype=torch.uint8)}
+    for factor in cuda_like["kfac"]["layers"]["0"].values():  # a CUDA-sized random stream
+        factor["rng"] = torch.arange(16, dtype=torch.uint8)
     cuda_like["kfac"]["generator"] = torch.arange(16, dtype=torch.uint8)  # a CUDA-sized state
     m1, o1 = _trained()
     m2, o2 = _trained()
