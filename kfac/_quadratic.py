@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ._schedule import check_bool, check_fraction, check_int_at_least, check_positive
 
@@ -170,7 +171,9 @@ class QuadraticModel:
         buffers = {name: b.clone() for name, b in self.model.named_buffers()}
         params = dict(zip(self.names, values, strict=True))
         device = values[0].device.type if values else "cpu"
-        with torch.autocast(device, enabled=False):  # the model in the parameters' dtype
+        # the model in the parameters' dtype; attention through the math kernel, the one
+        # with forward-mode derivatives (the fused CPU and CUDA kernels have none)
+        with torch.autocast(device, enabled=False), sdpa_kernel(SDPBackend.MATH):
             out = functional_call(
                 self.model, (params, buffers), args, strict=False, tie_weights=True
             )

@@ -452,3 +452,34 @@ def test_a_step_that_increases_the_loss_is_undone(quadratic: bool) -> None:
     assert rejected >= 1
     losses = _train(opt, model, x, y, 20)
     assert losses[-1] < losses[0]
+
+
+def test_quadratic_step_through_attention() -> None:
+    """Forward-mode JVPs through nn.MultiheadAttention (the fused attention kernels have no
+    forward derivative; the model is evaluated with the math kernel)."""
+    from kfac import models
+
+    torch.manual_seed(0)
+    model = models.build("transformer", (1, 28, 28), 10, 0.25)
+    x = torch.rand(16, 1, 28, 28)
+    y = torch.randint(0, 10, (16,))
+    opt = kfac.KFAC(
+        model,
+        lr=1.0,
+        damping=1e-3,
+        damping_scheme="factored",
+        factor_every=1,
+        inverse_every=1,
+        loss_fn=F.cross_entropy,
+        quadratic_step=True,
+        adaptive_damping=True,
+    )
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step(batch=(x, y))
+        losses.append(float(loss.detach()))
+    assert all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
