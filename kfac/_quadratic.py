@@ -230,11 +230,13 @@ class QuadraticModel:
             torch.stack([d[i].to(p.dtype) for d in directions]) for i, p in enumerate(primals)
         )
         # one vmapped JVP: the primal forward runs once, every tangent shares its dropout mask
-        outputs, tangents = vmap(
+        dims: Any = (None, 0)  # the primal output is not batched
+        pushed: Any = vmap(
             lambda tangent: jvp(lambda *values: self._call(values, batch), primals, tangent),
-            out_dims=(None, 0),
+            out_dims=dims,
             randomness="same",
         )(stacked)
+        outputs, tangents = pushed
         loss_grad = grad(lambda o: self.loss_fn(o, targets))
         # H_L t by reverse over reverse (forward over reverse fails for some losses' backward)
         curved = vmap(lambda t: grad(lambda o: (loss_grad(o) * t).sum())(outputs))(tangents)

@@ -961,8 +961,10 @@ class QEKLDWRM(PreconditionedSGD):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """The Q step, then the inner refinement; returns the closure's loss."""
+    def step(self, closure: Callable[[], Any] | None = None, *, batch: Any = None) -> Any:
+        """The Q step, then the inner refinement; returns the closure's loss (``batch`` is
+        accepted for the common front's signature and unused: QE-KLD-WRM takes neither
+        quadratic-model option)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -245,7 +245,8 @@ class PreconditionedSGD(torch.optim.SGD):
             self.preconditioner.step(lr=self._group_lrs())
             _sgd_update(self)
         else:
-            self._controlled_step(tuple(batch))
+            assert batch is not None
+            self._controlled_step((batch[0], batch[1]))
         return loss
 
     def _controlled_step(self, batch: tuple[Any, Any]) -> None:
@@ -317,7 +318,7 @@ class PreconditionedSGD(torch.optim.SGD):
             previous = [self.state[p].get("previous_update") for p in params]
             directions = [new]
             if all(d is not None for d in previous):
-                directions.append(previous)  # type: ignore[arg-type]
+                directions.append([d for d in previous if d is not None])
             with precond.engine.phase("quadratic"):
                 h0, gram = model.gram(batch, directions, params=params)
                 linear, plain, decayed = linear_and_norms(directions, params)
