@@ -155,12 +155,6 @@ class PreconditionedSGD(torch.optim.SGD):
                 )
             return
         what = "adaptive_damping" if adaptive_damping is not None else "quadratic_step"
-        if self.preconditioner.engine.dist is not None:
-            raise NotImplementedError(
-                f"{what} is not implemented under a torch.distributed process group: its "
-                "quadratic model would be evaluated on each process's own batch, and the "
-                "processes would take different steps; pass distributed=False or leave it off"
-            )
         if not callable(loss_fn):
             raise ValueError(f"{what} needs `loss_fn(outputs, targets)`, the training loss")
         if self.preconditioner.block.relative_damping():
@@ -320,7 +314,7 @@ class PreconditionedSGD(torch.optim.SGD):
             if all(d is not None for d in previous):
                 directions.append([d for d in previous if d is not None])
             with precond.engine.phase("quadratic"):
-                h0, gram = model.gram(batch, directions, params=params)
+                h0, gram = self._global(*model.gram(batch, directions, params=params))
                 linear, plain, decayed = linear_and_norms(directions, params)
             # the step minimises the damped model (the damping is its trust region)
             coeffs, _ = solve_step(gram + decayed, linear, plain, damping)
@@ -349,14 +343,14 @@ class PreconditionedSGD(torch.optim.SGD):
             delta = [p.detach() - b for p, b in zip(params, before, strict=True)]
             back = [-d for d in delta]
             with precond.engine.phase("quadratic"):
-                h0, gram = model.gram(batch, [delta], shift=back, params=params)
+                h0, gram = self._global(*model.gram(batch, [delta], shift=back, params=params))
                 linear, _, decayed = linear_and_norms([delta], before)
             change = linear[0] + 0.5 * (gram[0, 0] + decayed[0, 0])
         stats.update(loss=h0, predicted_change=float(change))
         if adapt:
             assert control is not None
             with precond.engine.phase("quadratic"):
-                new_loss = model.loss(batch)
+                new_loss = self._global(model.loss(batch))[0]
                 # h includes the weight-decay term: eta (theta^T delta + |delta|^2 / 2)
                 h1 = new_loss + sum(
                     decay * float(torch.vdot(p.flatten(), d.flatten()) - 0.5 * d.square().sum())
@@ -374,6 +368,19 @@ class PreconditionedSGD(torch.optim.SGD):
             precond.damping = control.update(damping, rho, self._rejections)
             stats.update(new_loss=new_loss, rho=rho, rejected=float(rejected))
         self.last_step_control = stats
+
+    def _global(self, loss: float, gram: Tensor | None = None) -> tuple[float, Tensor]:
+        """The batch's loss and Gauss-Newton Gram matrix over every process: the means of
+        the processes' own (their batches are equal shards of the global batch, and the loss
+        a mean over samples), in one all-reduce; unchanged in one process."""
+        gram = torch.zeros(0, 0, dtype=torch.float64) if gram is None else gram
+        runtime = self.preconditioner.engine.dist
+        if runtime is None:
+            return loss, gram
+        packed = torch.cat([torch.tensor([loss], dtype=torch.float64), gram.flatten()])
+        packed = runtime.all_reduce(packed.to(runtime._device()), "control", "quadratic model")
+        packed = packed.cpu() / runtime.world
+        return float(packed[0]), packed[1:].reshape(gram.shape)
 
     def state_dict(self) -> dict[str, Any]:
         """torch.optim state plus the preconditioner's under ``"kfac"``."""

@@ -138,6 +138,50 @@ def equality(rank: int, world: int, steps: int) -> dict[str, Any]:
     return out
 
 
+def quadratic_train(
+    net: nn.Module, opt: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], rank: int,
+    world: int,
+) -> None:  # fmt: skip
+    """The quadratic-model step on this process's shard (gradients averaged by hand)."""
+    for x, y in batches:
+        xs, ys = shard(x, rank, world), shard(y, rank, world)
+        opt.zero_grad()
+        F.cross_entropy(net(xs), ys).backward()
+        if world > 1:
+            for p in net.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        opt.step(batch=(xs, ys))
+
+
+QUADRATIC = {
+    "lr": 1.0,
+    "damping": 1e-3,
+    "damping_scheme": "factored",
+    "loss_fn": F.cross_entropy,
+    "quadratic_step": True,
+    "adaptive_damping": True,
+}
+
+
+def quadratic(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """Quadratic-model steps with adaptive damping: parameters, damping and the reference's
+    (one process on the concatenated batch), for a dense and a Brand strategy."""
+    out: dict[str, Any] = {}
+    for inverse in ("eigh", "brand"):
+        runs = {}
+        for distributed in (True, False):
+            if not distributed and rank != 0:
+                continue
+            net = model()
+            extra = {} if distributed else {"distributed": False}
+            opt = kfac.KFAC(net, **{**options(inverse, **extra), **QUADRATIC})
+            quadratic_train(net, opt, data(steps), *((rank, world) if distributed else (0, 1)))
+            runs[distributed] = (flat(net), opt.preconditioner.damping, opt._rejections)
+        out[inverse] = {"mine": runs[True], "reference": runs.get(False)}
+    return out
+
+
 def owner_directions(rank: int, world: int, steps: int) -> dict[str, Any]:
     """Each layer's direction computed by one process and broadcast."""
     out: dict[str, Any] = {}
@@ -293,6 +337,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "checkpoint": checkpoint,
     "resume": resume,
     "local": local,
+    "quadratic": quadratic,
 }
 
 

@@ -24,6 +24,7 @@ from . import distributed_workers as W
 pytestmark = pytest.mark.distributed
 
 STEPS = 20
+QUADRATIC_STEPS = 8
 
 
 def spawn(tmp: Path, world: int, jobs: list[tuple[str, tuple]]) -> list[dict[str, Any]]:
@@ -58,6 +59,7 @@ def world2(tmp: Path) -> list[dict[str, Any]]:
         ("local", (1,)),
         ("nonfinite", (3,)),
         ("checkpoint", (CHECKPOINT_STEPS,)),
+        ("quadratic", (QUADRATIC_STEPS,)),
     ]
     return spawn(tmp, 2, jobs)
 
@@ -319,19 +321,19 @@ def test_single_process_is_unchanged_by_default() -> None:
     opt.step()
 
 
-def test_quadratic_model_options_refuse_a_process_group(tmp_path: Path) -> None:
-    """The quadratic model reads each process's own batch: refused, not silently divergent
-    (a one-process gloo group stands in for a larger world)."""
-    import torch.distributed as dist
-
-    dist.init_process_group(
-        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
-    )
-    try:
-        with pytest.raises(NotImplementedError, match="quadratic_step is not implemented"):
-            kfac.KFAC(
-                W.model(), lr=0.1, quadratic_step=True, loss_fn=F.cross_entropy,
-                damping_scheme="factored", kl_clip=None, distributed=True,
-            )  # fmt: skip
-    finally:
-        dist.destroy_process_group()
+def test_quadratic_step_and_adaptive_damping_equal_one_process(
+    world2: list[dict[str, Any]],
+) -> None:
+    """The quadratic model's loss and Gram matrix are the means over the processes' shards:
+    the steps, the damping and the rejections equal one process on the concatenated batch."""
+    records = ok(world2, "quadratic")
+    start = W.flat(W.model())
+    for inverse in ("eigh", "brand"):
+        ref, ref_damping, ref_rejections = records[0][inverse]["reference"]
+        assert float((ref - start).norm()) > 1e-2 * float(start.norm())  # the run moved
+        for record in records:
+            params, damping, rejections = record[inverse]["mine"]
+            err = float((params - ref).norm() / ref.norm())
+            assert err <= 1e-6, f"{inverse}: {err:.2e}"
+            assert damping == pytest.approx(ref_damping, rel=1e-6)
+            assert rejections == ref_rejections
