@@ -147,3 +147,92 @@ def test_quick_defaults_benchmark(run_quick) -> None:
         assert len(row["losses"]) == 3, name
         assert row["best"] == min(row["losses"].values()), name
     assert "| mlp (width 0.1) |" in table
+
+
+def _env() -> dict[str, str]:
+    """One thread, and this checkout's packages first (not an installed copy's)."""
+    import os
+
+    from .conftest import SCRIPTS
+
+    path = os.pathsep.join(p for p in (str(SCRIPTS.parent), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OPENBLAS_THREAD_TIMEOUT": "4", "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": path}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_quick_peers_table(tmp_path) -> None:
+    """The peers mode of kfac_time_to_target.py: grids, levels, equal-time losses."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import SCRIPTS
+
+    pytest.importorskip("pytorch_optimizer")
+    subprocess.run(
+        [sys.executable, str(SCRIPTS / "kfac_time_to_target.py"), "--peers", "--quick",
+         "--optimizers", "adam", "muon", "kfac", "kfac-noclip",
+         "--config", 'kfac-noclip={"optimizer": "kfac", "kl_clip": null}',
+         "--grid", "muon=0.01,0.02", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True,
+        env=_env(),
+    )  # fmt: skip
+    payload = json.loads((tmp_path / "kfac_peers_quick.json").read_text())
+    assert set(payload["results"]) == {"autoencoder-w1", "cnn"}
+    assert payload["meta"]["configs"]["kfac-noclip"] == ["kfac", {"kl_clip": None}]
+    assert payload["meta"]["grids"]["muon"] == [0.01, 0.02]
+    for task, res in payload["results"].items():
+        assert set(res["best"]) == {"adam", "muon", "kfac", "kfac-noclip"}, task
+        assert set(res["grid"]["muon"]) == {"0.01", "0.02"}
+        best_muon = min(res["grid"]["muon"].values(), key=lambda row: row["final_loss"])
+        assert res["best"]["muon"]["final_loss"] == best_muon["final_loss"]
+        for row in res["best"].values():
+            assert len(row["level_times"]) == len(res["levels"])
+            assert row["cpu_ms_per_step"] > 0
+            assert row["loss_at_equal_time"] >= 0
+        # the shortest run ends at the equal time: its loss there is its final loss
+        shortest = min(res["best"].values(), key=lambda row: row["seconds"])
+        assert shortest["loss_at_equal_time"] == shortest["final_loss"]
+    runs = payload["results"]["cnn"]["runs"]  # the clip binds on the CNN's first steps
+    assert runs["kfac-noclip"]["0.3"][0]["train_loss"] != runs["kfac"]["0.3"][0]["train_loss"]
+    table = (tmp_path / "kfac_peers_quick.md").read_text()
+    assert "## autoencoder-w1" in table
+    assert "| muon |" in table
+
+
+@pytest.mark.slow
+def test_quick_asdl_benchmark(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import SCRIPTS
+
+    env = _env()
+    script = str(SCRIPTS / "kfac_asdl.py")
+    # without ASDL: a clear message and nothing written
+    absent = (
+        "import runpy, sys; sys.modules['asdl'] = None; "
+        f"sys.argv = [{script!r}, '--quick', '--out', {str(tmp_path)!r}]; "
+        f"runpy.run_path({script!r}, run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", absent], capture_output=True, text=True, env=env, check=True
+    )
+    assert "ASDL is not installed (pip install --no-deps asdfghjkl)" in proc.stderr
+    assert not (tmp_path / "kfac_asdl_quick.json").exists()
+    pytest.importorskip("asdl")
+    subprocess.run(
+        [sys.executable, script, "--quick", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    payload = json.loads((tmp_path / "kfac_asdl_quick.json").read_text())
+    assert list(payload["summary"]) == ["kfac", "kfac-thin", "asdl"]
+    for name, row in payload["summary"].items():
+        assert row["cpu_ms_per_step"] > 0, name
+        assert len(payload["cpu"][name]) == 3
+    # the dense and the thin inverses are the same operator: same first steps' loss
+    assert abs(payload["summary"]["kfac"]["train_loss"] - payload["summary"]["kfac-thin"]
+               ["train_loss"]) <= 1e-4  # fmt: skip
+    assert "| asdl |" in (tmp_path / "kfac_asdl_quick.md").read_text()
