@@ -11,10 +11,16 @@ Methods:
 
 ``kfac``
     ``kfac.KFAC(model, lr=0.3, inverse="eigh")`` with the command line's settings (damping
-    3e-3 factored-relative, KL clip 1e-4, momentum 0.9).
-``kfac-thin``
-    The same with the previous hot path (each factor's damped inverse applied in its thin
-    form ``U diag(c) U^T V + o V``: four ``D x D x n`` products per layer), for reference.
+    3e-3 factored-relative, KL clip 1e-4, momentum 0.9): dense damped factor inverses
+    prepared at each refresh, and the directions of the wide Linear layers from their
+    ``N = 128`` rows, ``(I_G g^T)(I_A a^T)^T``, with the factors' averages updated by one
+    product from the same rows.
+``kfac-dense``
+    The same with ``factored_apply=False``: ``I_G V I_A`` with the dense inverses, two
+    ``D x D x n`` products per layer.
+``kfac-before``
+    The hot path before both changes (``factored_apply=False`` and each factor's damped
+    inverse applied in its thin form ``U diag(c) U^T V + o V``: four products per layer).
 ``asdl``
     ``asdl.KfacGradientMaker(model, config, fisher_type="fisher_emp")`` (pi-adjusted
     Tikhonov damping, Cholesky inverses) and ``torch.optim.SGD`` with momentum 0.9.
@@ -55,8 +61,9 @@ import kfac
 import lowrank_nla as ln
 from kfac import _damping, data, models
 
-LR = {"kfac": 0.3, "kfac-thin": 0.3, "asdl": 1e-3}
-DAMPING = {"kfac": 3e-3, "kfac-thin": 3e-3, "asdl": 3e-3}
+METHODS = ["kfac", "kfac-dense", "kfac-before", "asdl"]
+LR = {"kfac": 0.3, "kfac-dense": 0.3, "kfac-before": 0.3, "asdl": 1e-3}
+DAMPING = dict.fromkeys(METHODS, 3e-3)
 DECAY = 0.95
 
 
@@ -111,8 +118,9 @@ class Runner:
                 factor_every=1,
                 inverse_every=inverse_every,
                 factor_decay=DECAY,
+                factored_apply=name == "kfac",
             )
-            if name == "kfac-thin":
+            if name == "kfac-before":
                 self.context = thin_factor_inverses
             self.gm = None
         else:
@@ -158,7 +166,7 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--blocks", type=int, default=12, help="blocks per method")
     parser.add_argument("--inverse-every", type=int, default=10)
-    parser.add_argument("--methods", nargs="+", default=["kfac", "kfac-thin", "asdl"])
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
     width, blocks = (0.1, 3) if args.quick else (args.width, args.blocks)

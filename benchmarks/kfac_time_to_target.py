@@ -95,13 +95,16 @@ GRIDS: dict[str, list[float]] = {
     "psgd-kron": [3e-4, 1e-3, 3e-3],
     "shampoo": [1e-3, 3e-3, 1e-2],
 }
-#: The peers table's tasks: name -> (model, width, epochs, training-loss levels).
-PEER_TASKS: dict[str, tuple[str, float, int, tuple[float, ...]]] = {
-    "autoencoder-w1": ("autoencoder", 1.0, 10, (0.045, 0.03, 0.02, 0.01)),
-    "autoencoder-w2": ("autoencoder", 2.0, 10, (0.045, 0.03, 0.02, 0.01)),
-    "cnn": ("cnn", 1.0, 4, (0.5, 0.2, 0.1)),
-    "mlp": ("mlp", 1.0, 4, (0.5, 0.2, 0.1)),
-    "transformer": ("transformer", 1.0, 4, (1.5, 1.0, 0.5)),
+#: The peers table's tasks: name -> (model, width, CPU-second budget of every run, training-loss
+#: levels). Every run trains for the same budget of process CPU time (epochs without end), so
+#: its final loss is its loss at equal time and its first passage below each level its time to
+#: that level.
+PEER_TASKS: dict[str, tuple[str, float, float, tuple[float, ...]]] = {
+    "autoencoder-w1": ("autoencoder", 1.0, 30.0, (0.045, 0.03, 0.02, 0.01)),
+    "autoencoder-w2": ("autoencoder", 2.0, 60.0, (0.045, 0.03, 0.02, 0.01)),
+    "cnn": ("cnn", 1.0, 6.0, (0.5, 0.2, 0.1, 0.05)),
+    "mlp": ("mlp", 1.0, 3.0, (0.5, 0.2, 0.1, 0.05)),
+    "transformer": ("transformer", 1.0, 8.0, (1.0, 0.5, 0.3, 0.2)),
 }
 PEER_STEM = "kfac_peers"
 
@@ -186,9 +189,8 @@ def main() -> None:
     parser.add_argument(
         "--grid", nargs="*", default=[], metavar="NAME=LR,LR", help="override a rate grid"
     )
-    parser.add_argument("--epochs", type=int, default=None, help="override the tasks' epochs")
     parser.add_argument(
-        "--max-time", type=float, default=None, help="CPU seconds per run at most (--peers)"
+        "--budget", type=float, default=None, help="override the CPU seconds per run (--peers)"
     )
     args = parser.parse_args()
     configs = dict(CONFIGS)
@@ -299,16 +301,13 @@ def level_times(run: RunResult, levels: tuple[float, ...]) -> list[float | None]
     return out
 
 
-def loss_at(run: RunResult, seconds: float) -> float:
-    """The training loss of the last evaluation at or before ``seconds``."""
-    return [loss for t, loss in zip(run.time, run.train_loss, strict=True) if t <= seconds][-1]
-
-
 def _mean_or_none(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else statistics.mean(values)  # type: ignore[arg-type]
 
 
 def peer_summary(runs: list[RunResult], levels: tuple[float, ...], walls: list[float]) -> Any:
+    """Mean over seeds: final loss (the loss at the budget), time to each level (``None``
+    unless every seed reached it), seeds that reached it, CPU and wall ms per step."""
     per_level = list(zip(*(level_times(r, levels) for r in runs), strict=True))
     return {
         "final_loss": statistics.mean(r.train_loss[-1] for r in runs),
@@ -335,14 +334,14 @@ def run_peers(
         raise SystemExit(f"--tasks: choose from {list(PEER_TASKS)} with --peers")
     if args.quick:
         tasks = {
-            "autoencoder-w1": ("autoencoder", 0.1, 1, (0.2, 0.1)),
-            "cnn": ("cnn", 0.25, 1, (2.5, 2.0)),
+            "autoencoder-w1": ("autoencoder", 0.1, 0.3, (0.2, 0.1)),
+            "cnn": ("cnn", 0.25, 0.3, (2.5, 2.0)),
         }
         task_names = [t for t in task_names if t in tasks] or list(tasks)
     if args.width is not None:
         tasks = {name: (t[0], args.width, *t[2:]) for name, t in tasks.items()}
-    if args.epochs is not None:
-        tasks = {name: (t[0], t[1], args.epochs, t[3]) for name, t in tasks.items()}
+    if args.budget is not None:
+        tasks = {name: (t[0], t[1], args.budget, t[3]) for name, t in tasks.items()}
     missing = [n for n in names if configs.get(n, (n, {}))[0] in PEERS]
     try:
         import pytorch_optimizer  # noqa: F401
@@ -355,7 +354,7 @@ def run_peers(
     start = time.perf_counter()
     results: dict[str, Any] = {}
     for task in task_names:
-        model, width, epochs, levels = tasks[task]
+        model, width, budget, levels = tasks[task]
         rates = {n: grids.get(n, grids.get(configs.get(n, (n, {}))[0], [None])) for n in names}  # type: ignore[list-item]
         runs: dict[str, dict[str, list[RunResult]]] = {n: {} for n in names}
         walls: dict[str, dict[str, list[float]]] = {n: {} for n in names}
@@ -366,8 +365,8 @@ def run_peers(
                 for lr in rates[name]:
                     cfg = RunConfig(
                         optimizer=base, **{"lr": lr, **overrides}, label=name,
-                        model=model, epochs=epochs, width=width, seed=seed, device=args.device,
-                        evals_per_epoch=3, max_time=args.max_time,
+                        model=model, epochs=1_000_000, width=width, seed=seed,
+                        device=args.device, evals_per_epoch=3, max_time=budget,
                         max_train=256 if args.quick else None,
                     )  # fmt: skip
                     key = f"{cfg.lr if cfg.lr is not None else default_lr(base):g}"
@@ -403,13 +402,9 @@ def run_peers(
             if finite:
                 lr = min(finite, key=lambda k: finite[k]["final_loss"])
                 best[name] = {"lr": lr, **finite[lr]}
-        equal = min((row["seconds"] for row in best.values()), default=0.0)
-        for name, row in best.items():
-            rs = runs[name][row["lr"]]
-            row["loss_at_equal_time"] = statistics.mean(loss_at(r, equal) for r in rs)
         results[task] = {
-            "levels": levels, "equal_time": equal, "best": best, "grid": grid_rows,
-            "model": model, "width": width, "epochs": epochs,
+            "levels": levels, "budget": budget, "best": best, "grid": grid_rows,
+            "model": model, "width": width,
             "runs": {n: {k: [asdict(r) for r in rs] for k, rs in runs[n].items()} for n in names},
         }  # fmt: skip
     meta = {
@@ -421,7 +416,6 @@ def run_peers(
         "grids": {n: grids.get(n, grids.get(configs.get(n, (n, {}))[0])) for n in names},
         "configs": {n: configs[n] for n in names if n in configs},
         "peers": {n: PEERS[n] for n in PEERS},
-        "max_time": args.max_time,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -442,43 +436,43 @@ def _version(dist: str) -> str | None:
 
 
 def peers_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
-    """One table per task: each optimizer at its best rate."""
+    """One table per task: each optimizer at its best rate, lowest loss first."""
     lines = [
         "# The family against the optimizers users pick today",
         "",
         f"{meta['device']}; torch {meta['torch']}; pytorch-optimizer "
-        f"{meta['pytorch_optimizer']}; seeds {meta['seeds']}; whole run {meta['seconds']:.0f} s. "
-        "Each optimizer at the best rate of its grid (lowest final training loss, mean over "
-        "seeds). Times are process CPU seconds of the training steps (one thread); a level's "
-        "time is given when every seed reached it (a '-' when none did, 'k/n' seeds "
-        "otherwise). Loss at equal time: the training loss at the shortest run's time. Grids: "
+        f"{meta['pytorch_optimizer']}; seeds {meta['seeds']}; whole run {meta['seconds']:.0f} s "
+        "(wall). Every run trains for the same budget of process CPU time (one thread), so its "
+        "final training loss is its loss at equal time; each optimizer at the best rate of its "
+        "grid (lowest final loss, mean over seeds). Time to a level: the CPU seconds of "
+        "training until the first evaluation (three per epoch) at or below it, given when "
+        "every seed reached it ('-' when none did, 'k/n' when some did). Grids: "
         + "; ".join(f"{n} {g}" for n, g in meta["grids"].items() if g)
-        + ". Others: the command line's default rate. Configurations: "
+        + "; the others at the command line's default rate. Configurations: "
         + "; ".join(f"{n} = {b} {json.dumps(o)}" for n, (b, o) in meta["configs"].items())
-        + (f". Runs stopped after {meta['max_time']:g} CPU s." if meta["max_time"] else "."),
+        + ". Wall ms/step depends on the machine's load (shared); CPU ms/step does not.",
     ]
+    n_seeds = len(meta["seeds"])
     for task, res in results.items():
         levels = res["levels"]
         lines += [
             "",
-            f"## {task} ({res['model']}, width {res['width']:g}, {res['epochs']} epochs)",
+            f"## {task} ({res['model']}, width {res['width']:g}, {res['budget']:g} CPU s per run)",
             "",
-            "| optimizer | lr | final loss | "
+            f"| optimizer | lr | loss at {res['budget']:g} s | "
             + " | ".join(f"to {lv:g} (s)" for lv in levels)
-            + f" | loss at {res['equal_time']:.1f} s | CPU ms/step | wall ms/step |",
+            + " | steps | CPU ms/step | wall ms/step |",
             "|---|---|---|" + "---|" * len(levels) + "---|---|---|",
         ]
-        n_seeds = len(meta["seeds"])
         for name, row in sorted(res["best"].items(), key=lambda kv: kv[1]["final_loss"]):
-            cells = []
-            for t, k in zip(row["level_times"], row["reached"], strict=True):
-                cells.append(
-                    f"{t:.1f}" if t is not None else ("-" if k == 0 else f"{k}/{n_seeds}")
-                )
+            cells = [
+                f"{t:.1f}" if t is not None else ("-" if k == 0 else f"{k}/{n_seeds}")
+                for t, k in zip(row["level_times"], row["reached"], strict=True)
+            ]
             lines.append(
                 f"| {name} | {float(row['lr']):g} | {row['final_loss']:.4f} | "
                 + " | ".join(cells)
-                + f" | {row['loss_at_equal_time']:.4f} | {row['cpu_ms_per_step']:.0f} | "
+                + f" | {row['steps']:.0f} | {row['cpu_ms_per_step']:.0f} | "
                 f"{row['wall_ms_per_step']:.0f} |"
             )
         diverged = [
@@ -488,7 +482,7 @@ def peers_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
             if v.get("diverged")
         ]
         if diverged:
-            lines += ["", "Diverged: " + ", ".join(diverged) + "."]
+            lines += ["", "Diverged (not ranked): " + ", ".join(diverged) + "."]
     return "\n".join(lines) + "\n"
 
 

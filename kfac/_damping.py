@@ -128,6 +128,10 @@ class Prepared(Protocol):
         ``(N, d_A)``, without forming ``V`` first (factored schemes only)."""
         ...
 
+    def rows_cheaper(self, n: int) -> bool:
+        """Whether :meth:`apply_rows` on ``n`` rows costs fewer products than :meth:`apply`."""
+        ...
+
 
 @dataclass(frozen=True)
 class DenseInverse:
@@ -169,12 +173,28 @@ def factor_inverse(
     return DenseInverse((M + M.T) / 2)
 
 
+def _per_column(inverse: ln.DampedInverse | DenseInverse) -> tuple[int, int]:
+    """``(D, multiply-adds of one column's apply)``: ``D^2`` dense, ``2 D k`` thin."""
+    if isinstance(inverse, DenseInverse):
+        D = inverse.M.shape[0]
+        return D, D * D
+    D, k = inverse.U.shape
+    return D, 2 * D * k
+
+
 @dataclass(frozen=True)
 class FactoredInverse:
     """``I_G V I_A`` with ``I_X`` a prepared damped inverse of each factor (thin or dense)."""
 
     G: ln.DampedInverse | DenseInverse
     A: ln.DampedInverse | DenseInverse
+
+    def rows_cheaper(self, n: int) -> bool:
+        # I_G V I_A: d_A columns through I_G, d_G rows through I_A; from the rows: n columns
+        # through each, then the (d_G x n)(n x d_A) product
+        d_g, cost_g = _per_column(self.G)
+        d_a, cost_a = _per_column(self.A)
+        return (cost_g + cost_a + d_g * d_a) * n < cost_g * d_a + cost_a * d_g
 
     def apply(self, V: Tensor) -> Tensor:
         return self.A.apply(self.G.apply(V, "left"), "right")
@@ -194,6 +214,9 @@ class _EigenbasisInverse:
     def apply_rows(self, grad_outputs: Tensor, inputs: Tensor) -> Tensor:
         return self.inverse.apply(grad_outputs.T @ inputs)
 
+    def rows_cheaper(self, n: int) -> bool:
+        return False
+
 
 @dataclass(frozen=True)
 class _FullEigenbasisInverse:
@@ -209,6 +232,9 @@ class _FullEigenbasisInverse:
 
     def apply_rows(self, grad_outputs: Tensor, inputs: Tensor) -> Tensor:
         return self.apply(grad_outputs.T @ inputs)
+
+    def rows_cheaper(self, n: int) -> bool:
+        return False
 
 
 class DampingScheme(abc.ABC):
