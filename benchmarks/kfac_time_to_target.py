@@ -100,11 +100,11 @@ GRIDS: dict[str, list[float]] = {
 #: its final loss is its loss at equal time and its first passage below each level its time to
 #: that level.
 PEER_TASKS: dict[str, tuple[str, float, float, tuple[float, ...]]] = {
-    "autoencoder-w1": ("autoencoder", 1.0, 30.0, (0.045, 0.03, 0.02, 0.01)),
-    "autoencoder-w2": ("autoencoder", 2.0, 60.0, (0.045, 0.03, 0.02, 0.01)),
-    "cnn": ("cnn", 1.0, 6.0, (0.5, 0.2, 0.1, 0.05)),
-    "mlp": ("mlp", 1.0, 3.0, (0.5, 0.2, 0.1, 0.05)),
-    "transformer": ("transformer", 1.0, 8.0, (1.0, 0.5, 0.3, 0.2)),
+    "autoencoder-w1": ("autoencoder", 1.0, 20.0, (0.045, 0.03, 0.02, 0.01)),
+    "autoencoder-w2": ("autoencoder", 2.0, 40.0, (0.045, 0.03, 0.02, 0.01)),
+    "cnn": ("cnn", 1.0, 4.0, (0.5, 0.2, 0.1, 0.05)),
+    "mlp": ("mlp", 1.0, 2.0, (0.5, 0.2, 0.1, 0.05)),
+    "transformer": ("transformer", 1.0, 5.0, (1.0, 0.5, 0.3, 0.2)),
 }
 PEER_STEM = "kfac_peers"
 
@@ -192,6 +192,13 @@ def main() -> None:
     parser.add_argument(
         "--budget", type=float, default=None, help="override the CPU seconds per run (--peers)"
     )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="STEM",
+        help="merge the peers results of earlier runs (in --out) into one table (--stem)",
+    )
     args = parser.parse_args()
     configs = dict(CONFIGS)
     for spec in args.config:
@@ -211,6 +218,9 @@ def main() -> None:
         parser.error(
             f"--optimizers: unknown {unknown}; valid: {optimizer_names() + list(configs)}"
         )
+    if args.merge:
+        merge_peers(Path(args.out), args.merge, args.stem or PEER_STEM)
+        return
     if args.peers:
         run_peers(args, names, configs, grids)
         return
@@ -359,6 +369,7 @@ def run_peers(
         runs: dict[str, dict[str, list[RunResult]]] = {n: {} for n in names}
         walls: dict[str, dict[str, list[float]]] = {n: {} for n in names}
         diverged: set[tuple[str, str]] = set()
+        failures: dict[str, str] = {}
         for seed in seeds:
             for name in names:  # alternate optimizers within a seed
                 base, overrides = configs.get(name, (name, {}))
@@ -373,9 +384,11 @@ def run_peers(
                     wall = time.perf_counter()
                     try:
                         result = train(cfg, ds, progress=False, timer=time.process_time)
-                    except FloatingPointError as exc:
+                    except (FloatingPointError, torch.linalg.LinAlgError) as exc:
+                        # a diverged loss, or a decomposition that failed (Shampoo's SVD)
                         print(f"{task} seed {seed} {name} lr {key}: {exc}", flush=True)
                         diverged.add((name, key))
+                        failures.setdefault(f"{name} lr {key}", f"{type(exc).__name__}: {exc}")
                         continue
                     wall = time.perf_counter() - wall
                     runs[name].setdefault(key, []).append(result)
@@ -404,6 +417,7 @@ def run_peers(
                 best[name] = {"lr": lr, **finite[lr]}
         results[task] = {
             "levels": levels, "budget": budget, "best": best, "grid": grid_rows,
+            "failures": failures,
             "model": model, "width": width,
             "runs": {n: {k: [asdict(r) for r in rs] for k, rs in runs[n].items()} for n in names},
         }  # fmt: skip
@@ -420,6 +434,22 @@ def run_peers(
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = (args.stem or PEER_STEM) + ("_quick" if args.quick else "")
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    text = peers_markdown(results, meta)
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+
+
+def merge_peers(out: Path, stems: list[str], stem: str) -> None:
+    """One table from the peers runs ``stems`` (tasks run in separate processes)."""
+    payloads = [json.loads((out / f"{name}.json").read_text()) for name in stems]
+    meta = dict(payloads[0]["meta"])
+    for other in payloads[1:]:
+        if other["meta"]["grids"] != meta["grids"] or other["meta"]["seeds"] != meta["seeds"]:
+            raise SystemExit(f"--merge: {stems} ran with different grids or seeds")
+    meta["seconds"] = sum(p["meta"]["seconds"] for p in payloads)
+    meta["merged"] = stems
+    results = {task: res for p in payloads for task, res in p["results"].items()}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     text = peers_markdown(results, meta)
     (out / f"{stem}.md").write_text(text)
@@ -475,14 +505,13 @@ def peers_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
                 + f" | {row['steps']:.0f} | {row['cpu_ms_per_step']:.0f} | "
                 f"{row['wall_ms_per_step']:.0f} |"
             )
-        diverged = [
-            f"{n} lr {k}"
-            for n, g in res["grid"].items()
-            for k, v in g.items()
-            if v.get("diverged")
-        ]
-        if diverged:
-            lines += ["", "Diverged (not ranked): " + ", ".join(diverged) + "."]
+        if res["failures"]:
+            lines += [
+                "",
+                "Failed runs (not ranked; the first seed's error): "
+                + "; ".join(f"{k}: {v.splitlines()[0][:120]}" for k, v in res["failures"].items())
+                + ".",
+            ]
     return "\n".join(lines) + "\n"
 
 

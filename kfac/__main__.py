@@ -123,7 +123,7 @@ def _peer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     cls_name, options = PEERS[name]
     cls = getattr(pytorch_optimizer, cls_name)
     if name != "muon":
-        return cls(model.parameters(), lr=lr, **options)  # type: ignore[no-any-return]
+        return cls(model.parameters(), lr=lr, **options)
     matrices = {
         id(m.weight)
         for m in model.modules()
@@ -138,7 +138,7 @@ def _peer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
             "use_muon": False,
         },
     ]
-    return cls([g for g in groups if g["params"]], **options)  # type: ignore[no-any-return]
+    return cls([g for g in groups if g["params"]], **options)
 
 
 #: The papers' names of the K-FAC variants and their ``inverse=`` strategies.
