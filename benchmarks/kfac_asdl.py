@@ -15,8 +15,11 @@ Methods:
     prepared at each refresh, and the directions of the wide Linear layers from their
     ``N = 128`` rows, ``(I_G g^T)(I_A a^T)^T``, with the factors' averages updated by one
     product from the same rows.
+``kfac-pi-noclip``
+    ``kfac`` with ASDL's settings: its damping scheme (``"pi"``), no KL clip (ASDL has
+    none), lr 1e-3.
 ``kfac-dense``
-    The same with ``factored_apply=False``: ``I_G V I_A`` with the dense inverses, two
+    ``kfac`` with ``factored_apply=False``: ``I_G V I_A`` with the dense inverses, two
     ``D x D x n`` products per layer.
 ``kfac-before``
     The hot path before both changes (``factored_apply=False`` and each factor's damped
@@ -61,8 +64,8 @@ import kfac
 import lowrank_nla as ln
 from kfac import _damping, data, models
 
-METHODS = ["kfac", "kfac-dense", "kfac-before", "asdl"]
-LR = {"kfac": 0.3, "kfac-dense": 0.3, "kfac-before": 0.3, "asdl": 1e-3}
+METHODS = ["kfac", "kfac-pi-noclip", "kfac-dense", "kfac-before", "asdl"]
+LR = {"kfac": 0.3, "kfac-pi-noclip": 1e-3, "kfac-dense": 0.3, "kfac-before": 0.3, "asdl": 1e-3}
 DAMPING = dict.fromkeys(METHODS, 3e-3)
 DECAY = 0.95
 
@@ -114,11 +117,12 @@ class Runner:
                 momentum=0.9,
                 inverse="eigh",
                 damping=DAMPING[name],
-                kl_clip=1e-4,
+                damping_scheme="pi" if name == "kfac-pi-noclip" else "factored-relative",
+                kl_clip=None if name == "kfac-pi-noclip" else 1e-4,
                 factor_every=1,
                 inverse_every=inverse_every,
                 factor_decay=DECAY,
-                factored_apply=name == "kfac",
+                factored_apply=name in ("kfac", "kfac-pi-noclip"),
             )
             if name == "kfac-before":
                 self.context = thin_factor_inverses

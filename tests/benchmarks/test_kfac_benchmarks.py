@@ -199,6 +199,15 @@ def test_quick_peers_table(tmp_path) -> None:
     table = (tmp_path / "kfac_peers_quick.md").read_text()
     assert "## autoencoder-w1" in table
     assert "| muon |" in table
+    # tasks run in separate processes merge into one table
+    subprocess.run(
+        [sys.executable, str(SCRIPTS / "kfac_time_to_target.py"), "--merge", "kfac_peers_quick",
+         "--stem", "merged", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True, env=_env(),
+    )  # fmt: skip
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["results"] == payload["results"]
+    assert merged["meta"]["merged"] == ["kfac_peers_quick"]
 
 
 @pytest.mark.slow
@@ -229,7 +238,7 @@ def test_quick_asdl_benchmark(tmp_path) -> None:
     )  # fmt: skip
     payload = json.loads((tmp_path / "kfac_asdl_quick.json").read_text())
     summary = payload["summary"]
-    assert list(summary) == ["kfac", "kfac-dense", "kfac-before", "asdl"]
+    assert list(summary) == ["kfac", "kfac-pi-noclip", "kfac-dense", "kfac-before", "asdl"]
     for name, row in summary.items():
         assert row["cpu_ms_per_step"] > 0, name
         assert len(payload["cpu"][name]) == 3
