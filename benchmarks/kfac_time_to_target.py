@@ -417,7 +417,7 @@ def run_peers(
                 best[name] = {"lr": lr, **finite[lr]}
         results[task] = {
             "levels": levels, "budget": budget, "best": best, "grid": grid_rows,
-            "failures": failures,
+            "failures": failures, "grids": _grids(names, configs, grids),
             "model": model, "width": width,
             "runs": {n: {k: [asdict(r) for r in rs] for k, rs in runs[n].items()} for n in names},
         }  # fmt: skip
@@ -427,7 +427,7 @@ def run_peers(
         "pytorch_optimizer": _version("pytorch-optimizer"),
         "seeds": seeds,
         "seconds": time.perf_counter() - start,
-        "grids": {n: grids.get(n, grids.get(configs.get(n, (n, {}))[0])) for n in names},
+        "grids": _grids(names, configs, grids),
         "configs": {n: configs[n] for n in names if n in configs},
         "peers": {n: PEERS[n] for n in PEERS},
     }
@@ -440,16 +440,26 @@ def run_peers(
     print(text)
 
 
+def _grids(
+    names: list[str], configs: dict[str, tuple[str, dict[str, Any]]], grids: dict[str, list[float]]
+) -> dict[str, list[float] | None]:
+    """Each name's grid (its own, else its base optimizer's; ``None``: the default rate)."""
+    return {n: grids.get(n, grids.get(configs.get(n, (n, {}))[0])) for n in names}
+
+
 def merge_peers(out: Path, stems: list[str], stem: str) -> None:
     """One table from the peers runs ``stems`` (tasks run in separate processes)."""
     payloads = [json.loads((out / f"{name}.json").read_text()) for name in stems]
     meta = dict(payloads[0]["meta"])
     for other in payloads[1:]:
-        if other["meta"]["grids"] != meta["grids"] or other["meta"]["seeds"] != meta["seeds"]:
-            raise SystemExit(f"--merge: {stems} ran with different grids or seeds")
+        if other["meta"]["seeds"] != meta["seeds"]:
+            raise SystemExit(f"--merge: {stems} ran with different seeds")
     meta["seconds"] = sum(p["meta"]["seconds"] for p in payloads)
     meta["merged"] = stems
-    results = {task: res for p in payloads for task, res in p["results"].items()}
+    results = {}
+    for payload in payloads:  # each task keeps the grids it ran with
+        for task, res in payload["results"].items():
+            results[task] = {"grids": payload["meta"]["grids"], **res}
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     text = peers_markdown(results, meta)
     (out / f"{stem}.md").write_text(text)
@@ -479,7 +489,10 @@ def peers_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "every seed reached it ('-' when none did, 'k/n' when some did). Grids: "
         + "; ".join(f"{n} {g}" for n, g in meta["grids"].items() if g)
         + "; the others at the command line's default rate. Configurations: "
-        + "; ".join(f"{n} = {b} {json.dumps(o)}" for n, (b, o) in meta["configs"].items())
+        + (
+            "; ".join(f"{n} = {b} {json.dumps(o)}" for n, (b, o) in meta["configs"].items())
+            or "none"
+        )
         + ". Wall ms/step depends on the machine's load (shared); CPU ms/step does not.",
     ]
     n_seeds = len(meta["seeds"])
@@ -489,6 +502,16 @@ def peers_markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
             "",
             f"## {task} ({res['model']}, width {res['width']:g}, {res['budget']:g} CPU s per run)",
             "",
+            *(
+                [
+                    "Rates tried here: "
+                    + "; ".join(f"{n} {g}" for n, g in res["grids"].items() if g)
+                    + ".",
+                    "",
+                ]
+                if res.get("grids", meta["grids"]) != meta["grids"]
+                else []
+            ),
             f"| optimizer | lr | loss at {res['budget']:g} s | "
             + " | ".join(f"to {lv:g} (s)" for lv in levels)
             + " | steps | CPU ms/step | wall ms/step |",
