@@ -150,14 +150,9 @@ def test_quick_defaults_benchmark(run_quick) -> None:
 
 
 def _env() -> dict[str, str]:
-    """One thread, and this checkout's packages first (not an installed copy's)."""
-    import os
+    from .conftest import checkout_env
 
-    from .conftest import SCRIPTS
-
-    path = os.pathsep.join(p for p in (str(SCRIPTS.parent), os.environ.get("PYTHONPATH")) if p)
-    return {**os.environ, "OPENBLAS_THREAD_TIMEOUT": "4", "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": path}  # fmt: skip
+    return checkout_env(OMP_NUM_THREADS="1")
 
 
 @pytest.mark.slow
