@@ -172,6 +172,7 @@ def main() -> None:
     parser.add_argument("--inverse-every", type=int, default=10)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--stem", default="kfac_asdl", help="name of the result files")
     args = parser.parse_args()
     width, blocks = (0.1, 3) if args.quick else (args.width, args.blocks)
     methods = list(args.methods)
@@ -190,18 +191,18 @@ def main() -> None:
     runners = [Runner(name, copy.deepcopy(base), args.inverse_every) for name in methods]
     gen = torch.Generator().manual_seed(0)
     n, bs = x_train.shape[0], 128
-    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(1 + 256 * blocks // n)])
+    # one stream of shuffled passes over the data, cut into full batches
+    per_block = bs * args.inverse_every
+    passes = 1 + per_block * blocks // n
+    order = torch.cat([torch.randperm(n, generator=gen) for _ in range(passes)])
     cpu: dict[str, list[float]] = {name: [] for name in methods}
     wall: dict[str, list[float]] = {name: [] for name in methods}
-    pos = 0
     start = time.perf_counter()
     for block in range(blocks):
-        idx = [order[pos + i * bs : pos + (i + 1) * bs] for i in range(args.inverse_every)]
-        if any(i.numel() < bs for i in idx):  # a new pass over the data
-            order = torch.randperm(n, generator=gen)
-            pos = 0
-            idx = [order[i * bs : (i + 1) * bs] for i in range(args.inverse_every)]
-        pos += bs * args.inverse_every
+        base_pos = block * per_block
+        idx = [
+            order[base_pos + i * bs : base_pos + (i + 1) * bs] for i in range(args.inverse_every)
+        ]
         batch = [x_train[i] for i in idx]
         rotation = runners[block % len(runners) :] + runners[: block % len(runners)]
         for runner in rotation:  # alternate, rotating who goes first
@@ -235,7 +236,7 @@ def main() -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "kfac_asdl" + ("_quick" if args.quick else "")
+    stem = args.stem + ("_quick" if args.quick else "")
     (out / f"{stem}.json").write_text(
         json.dumps({"meta": meta, "summary": summary, "cpu": cpu, "wall": wall}, indent=1)
     )
