@@ -257,7 +257,8 @@ def _version(dist: str) -> str | None:
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     ref = summary.get("asdl")
     lines = [
-        "# Dense K-FAC against ASDL's K-FAC: time per step",
+        "# Dense K-FAC against ASDL's K-FAC: time per step, inverses every "
+        f"{meta['inverse_every']} steps",
         "",
         f"Digits autoencoder at width {meta['width']:g}, batch 128, factors every step, "
         f"inverses every {meta['inverse_every']} steps, EA decay {meta['factor_decay']}; "
