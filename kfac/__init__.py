@@ -5,7 +5,9 @@
   ``inverse=`` names an inverse strategy from a registry (:func:`inverse_names`).
 - :class:`KFAC` is a ``torch.optim.Optimizer``: the preconditioner, then ``torch.optim.SGD``.
 - :class:`MBF`, :class:`SOKLDWRM`, :class:`QKLDWRM` and :class:`QEKLDWRM` are the other
-  methods' optimizers, from the same front.
+  methods' optimizers, from the same front. Every one of them can adapt its damping
+  (:class:`AdaptiveDamping`) and choose its step from the exact quadratic model of the loss
+  (``quadratic_step=True``).
 - :class:`Preconditioner` and :class:`PreconditionedSGD` are the same fronts for any
   curvature method: a :class:`CurvatureBlock` registered with :func:`register_block`.
 
@@ -17,12 +19,15 @@ from ._curvature import (
     CaptureSpec,
     CurvatureBlock,
     LayerBatch,
+    Message,
     Tick,
     block_names,
     register_block,
 )
 from ._kron import inverse_names
 from ._layers import Layer, register_layer
+from ._quadratic import AdaptiveDamping
+from .distributed import Distributed
 from .fngd import FNGD, FNGDPreconditioner
 from .kld_wrm import (
     QEKLDWRM,
@@ -37,8 +42,10 @@ from .preconditioner import KFACPreconditioner, Preconditioner
 from .seng import SENG, SENGPreconditioner
 
 __all__ = [
+    "AdaptiveDamping",
     "CaptureSpec",
     "CurvatureBlock",
+    "Distributed",
     "FNGD",
     "FNGDPreconditioner",
     "KFAC",
@@ -47,6 +54,7 @@ __all__ = [
     "LayerBatch",
     "MBF",
     "MBFPreconditioner",
+    "Message",
     "PreconditionedSGD",
     "Preconditioner",
     "QEKLDWRM",

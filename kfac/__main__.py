@@ -9,10 +9,19 @@ Examples::
 ``muon``, ``soap``, ``psgd-kron`` and ``shampoo`` are optimizers of the ``pytorch-optimizer``
 package (``pip install "lowrank-kfac[bench]"``), see :data:`PEERS`.
 
+    torchrun --nproc-per-node 2 -m kfac train --optimizer rkfac --model autoencoder
+
 The default data are scikit-learn's bundled digits resized to 28x28 (no download); ``--data``
 reads MNIST IDX files, CIFAR-10 pickles or an ``.npz``. Every optimizer starts from the same
 initial weights and sees the same batches (``--seed``). Wall time counts only the training
 steps: the evaluations between them are excluded.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised (gloo, or NCCL with
+a CUDA ``--device``, one GPU per local rank), every global batch of ``--batch-size`` samples is
+split into one contiguous shard per process (so the global batches are the single-process
+run's), the gradients are averaged with one all-reduce, the preconditioners run distributed
+(:mod:`kfac.distributed`), rank 0 alone evaluates and prints, and a table of every rank's
+phase times closes the run.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -27,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
@@ -141,6 +152,13 @@ def _peer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return cls([g for g in groups if g["params"]], **options)
 
 
+#: The K-FAC variants' command-line defaults with ``--quadratic-step`` or
+#: ``--adaptive-damping`` (absolute Tikhonov damping, and the bias-corrected zero
+#: initialisation of the factors through :data:`QUADRATIC_INVERSE_OPTIONS`), measured on the
+#: digits autoencoder (docs/kfac.md, "Steps without a clip").
+QUADRATIC_DEFAULTS: dict[str, Any] = {"damping": 1e-4, "damping_scheme": "factored"}
+QUADRATIC_INVERSE_OPTIONS: dict[str, Any] = {"factor_init": "zero"}
+
 #: The papers' names of the K-FAC variants and their ``inverse=`` strategies.
 VARIANTS = {
     "kfac": "eigh",
@@ -198,6 +216,8 @@ class RunConfig:
     label: str | None = None
     shuffle: bool = True
     max_time: float | None = None
+    adaptive_damping: bool = False
+    quadratic_step: bool = False
 
 
 @dataclass
@@ -213,6 +233,10 @@ class RunResult:
     train_loss: list[float] = field(default_factory=list)
     test_accuracy: list[float | None] = field(default_factory=list)
     time_to_target: float | None = None
+    #: Seconds per engine phase (distributed runs of the K-FAC family; else empty).
+    phase_times: dict[str, float] = field(default_factory=dict)
+    #: Payload bytes handed to collectives, by kind (distributed runs; else empty).
+    bytes_exchanged: dict[str, int] = field(default_factory=dict)
 
     @property
     def time_per_step(self) -> float:
@@ -249,6 +273,14 @@ def _make_optimizer(
         "factor_decay": cfg.factor_decay,
         "loss": loss_name,
     }
+    if cfg.adaptive_damping or cfg.quadratic_step:
+        common.update(
+            loss_fn=_model_loss(loss_name),
+            adaptive_damping=cfg.adaptive_damping,
+            quadratic_step=cfg.quadratic_step,
+        )
+        if cfg.quadratic_step:  # the model chooses the step and its momentum
+            common.update(momentum=0.0, kl_clip=None)
     if name == "mbf":
         options: dict[str, Any] = {"block_size": MBF_DEFAULTS["block_size"]}
         options.update(cfg.inverse_options)
@@ -258,9 +290,85 @@ def _make_optimizer(
     if name == "seng":
         return SENG(model, **common, update_freq=cfg.inverse_every, **cfg.inverse_options)
     kron = {**schedule, "damping_scheme": cfg.damping_scheme, **cfg.inverse_options}
+    if name in VARIANTS and (cfg.adaptive_damping or cfg.quadratic_step):
+        kron = {**QUADRATIC_INVERSE_OPTIONS, **kron}
     if name in KLD_WRM:
         return KLD_WRM[name](model, **common, **kron)
+    kron["time_phases"] = _world() > 1  # the per-rank phase table
     return KFAC(model, inverse=inverse_for(name), **common, **kron)
+
+
+def _world() -> int:
+    """Processes of the default group (1 without one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _shard(idx: torch.Tensor) -> torch.Tensor:
+    """This process's contiguous shard of a global batch (sizes differ by at most one)."""
+    world = _world()
+    return idx if world == 1 else torch.tensor_split(idx, world)[_rank()]
+
+
+def _average_gradients(model: nn.Module) -> None:
+    """The mean of the processes' gradients, in one all-reduce of one flat buffer."""
+    if _world() == 1:
+        return
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= _world()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _init_distributed(device: str) -> str:
+    """Initialise the default process group under ``torchrun``; the device of this rank."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    cuda = device.startswith("cuda")
+    if cuda:
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device
+
+
+def _phase_table(results: Sequence[tuple[str, int, dict[str, float], dict[str, int], int]]) -> str:
+    """Seconds per phase of every rank (and the payload bytes per step, the same on all)."""
+    phases = ["capture", "reduce", "update", "refresh", "exchange", "direction", "clip", "write"]
+    lines = [
+        "| optimizer | rank | " + " | ".join(phases) + " | total | stats B/step | reps B/step |",
+        "|---|---:|" + "---:|" * (len(phases) + 3),
+    ]
+    for name, rank, timings, sent, steps in results:
+        cells = [f"{timings.get(p, 0.0):.3f}" for p in phases]
+        total = sum(timings.values())
+        per = {k: sent.get(k, 0) / max(steps, 1) for k in ("statistics", "representations")}
+        lines.append(
+            f"| {name} | {rank} | " + " | ".join(cells) + f" | {total:.3f} | "
+            f"{per['statistics']:.0f} | {per['representations']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def _model_loss(loss_name: str) -> Any:
+    """The loss as a function of (outputs, targets), for the quadratic model."""
+    return F.mse_loss if loss_name == "mse" else F.cross_entropy
+
+
+def _targets(loss_name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """What :func:`_model_loss` compares the outputs with: the flattened inputs for the
+    autoencoder, the labels else."""
+    return x.flatten(1) if loss_name == "mse" else y
 
 
 def _loss_fn(loss_name: str) -> Any:
@@ -333,7 +441,7 @@ def _build(
         return model, make_optimizer(model)
     try:
         return model, _make_optimizer(cfg.optimizer, model, cfg, loss_name)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, NotImplementedError) as exc:
         raise ConfigError(f"--optimizer {cfg.optimizer}: {exc}") from exc
 
 
@@ -367,6 +475,8 @@ def train(
     batches = torch.Generator().manual_seed(cfg.seed)
 
     def record(elapsed: float, step: int) -> None:
+        if _rank() != 0:  # the models agree: rank 0 evaluates for everyone
+            return
         value, accuracy = _evaluate(model, ds, loss, kind, cfg.device)
         result.time.append(elapsed)
         result.step.append(step)
@@ -375,9 +485,14 @@ def train(
         if result.time_to_target is None and _reached(cfg, value, accuracy):
             result.time_to_target = elapsed
 
+    if cfg.max_time is not None and _world() > 1:
+        raise ValueError(
+            "max_time is not supported under torchrun: each rank measures its own time, so "
+            "the ranks would stop at different steps"
+        )
     record(0.0, 0)
     bar = None
-    if progress:
+    if progress and _rank() == 0:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, desc=cfg.optimizer, leave=False, file=sys.stderr)
@@ -387,7 +502,7 @@ def train(
         if cfg.max_time is not None and elapsed >= cfg.max_time:
             break
         for i in range(0, n, cfg.batch_size):
-            idx = perm[i : i + cfg.batch_size]
+            idx = _shard(perm[i : i + cfg.batch_size])
             x, y = ds.x_train[idx].to(cfg.device), ds.y_train[idx].to(cfg.device)
             if cfg.device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -397,14 +512,17 @@ def train(
             if weights is None:
                 batch_loss = loss(model(x), x, y)
                 batch_loss.backward()
+                _average_gradients(model)
             else:  # the gradient of the weighted loss is FNGD's direction
                 losses = per_sample_loss(model(x), x, y)
                 (weights * losses).sum().backward()
                 batch_loss = losses.detach().mean()
+            extra: dict[str, Any] = {}
+            if getattr(opt, "quadratic_model", None) is not None:
+                extra["batch"] = (x, _targets(loss_name, x, y))
             if isinstance(opt, FNGD):  # its coefficients are stored by dataset index
-                opt.step(indices=idx)
-            else:
-                opt.step()
+                extra["indices"] = idx
+            opt.step(**extra)
             if cfg.device.startswith("cuda"):
                 torch.cuda.synchronize()
             elapsed += timer() - start
@@ -425,6 +543,11 @@ def train(
         bar.close()
     result.steps = step
     result.wall_time = elapsed
+    preconditioner = getattr(opt, "preconditioner", None)
+    runtime = getattr(getattr(preconditioner, "engine", None), "dist", None)
+    if runtime is not None:
+        result.phase_times = dict(preconditioner.timings)  # type: ignore[union-attr]
+        result.bytes_exchanged = dict(runtime.bytes)
     return result
 
 
@@ -553,6 +676,19 @@ def _parser() -> argparse.ArgumentParser:
             '\'{"coefficients": "shared"}\', \'{"scaling": "reference"}\', or of the KLD-WRM '
             "optimizers, e.g. '{\"inner_steps\": 7}'",
         )
+        p.add_argument(
+            "--adaptive-damping",
+            action="store_true",
+            help="Levenberg-Marquardt damping from the exact quadratic model; with it or "
+            "--quadratic-step the K-FAC variants default to --damping 1e-4, --damping-scheme "
+            'factored and {"factor_init": "zero"}',
+        )
+        p.add_argument(
+            "--quadratic-step",
+            action="store_true",
+            help="learning rate and momentum from the exact quadratic model each step "
+            "(turns the KL clip and --momentum off)",
+        )
         p.add_argument("--seed", type=int, default=RunConfig.seed)
         p.add_argument(
             "--data", default=None, help="MNIST IDX dir, CIFAR-10 dir or .npz (default: digits28)"
@@ -614,6 +750,8 @@ def _periods(args: argparse.Namespace, name: str) -> dict[str, Any]:
         defaults.update({k: v for k, v in METHOD_DEFAULTS[name].items() if k in defaults})
     if name in KLD_WRM:
         defaults.update(KLD_WRM_DEFAULTS[name], damping_scheme="eigenbasis")
+    elif name in VARIANTS and (args.quadratic_step or args.adaptive_damping):
+        defaults.update(QUADRATIC_DEFAULTS)
     given = {key: getattr(args, key, None) for key in defaults}
     return {key: defaults[key] if given[key] is None else given[key] for key in defaults}
 
@@ -623,6 +761,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    args.device = _init_distributed(args.device)
+    try:
+        return _main(parser, args)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     common = {
         key: getattr(args, key)
         for key in (
@@ -641,6 +788,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "target_accuracy",
             "inverse_options",
             "max_time",
+            "adaptive_damping",
+            "quadratic_step",
         )
     }
     if args.command == "train":
@@ -662,9 +811,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             parser.error(str(exc))
     results = [train(cfg, dataset, progress=not args.quiet) for cfg in configs]
+    world = _world()
+    phases = []
+    if world > 1:
+        mine = [(r.optimizer, _rank(), r.phase_times, r.bytes_exchanged, r.steps) for r in results]
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, mine)
+        phases = [row for rank_rows in gathered for row in rank_rows if row[2]]
+    if _rank() != 0:
+        return 0
     title = f"{args.model} (width {args.width:g}) on {dataset.name}"
-    print(f"\n{title}, {args.epochs} epochs, batch {args.batch_size}, seed {args.seed}\n")
+    processes = f", {world} processes" if world > 1 else ""
+    print(
+        f"\n{title}, {args.epochs} epochs, batch {args.batch_size}, seed {args.seed}{processes}\n"
+    )
     print(table(results))
+    if phases:
+        print("\nseconds per phase on each rank (payload bytes per step, every rank alike)\n")
+        print(_phase_table(sorted(phases, key=lambda row: (row[0], row[1]))))
     if args.plot:
         plot(results, args.plot, title)
         print(f"\nplot written to {args.plot}")

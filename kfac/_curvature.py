@@ -23,6 +23,24 @@ on explicit state values:
 ``commit``         optional: record the step's final direction in the state
 =================  =====================================================================
 
+Distributed execution (:mod:`kfac.distributed`) needs six more hooks, which a block that
+supports it implements (the defaults raise ``NotImplementedError``, so a method without them
+runs in one process and refuses a process group with a clear message):
+
+=================  =====================================================================
+``parts``          the parts of a layer's curvature that different processes may own
+                   (the K-FAC family: the factors ``"A"`` and ``"G"``), each with its
+                   predicted cost; the block's ``state_dict`` has one entry per part
+``update_parts``   ``update`` restricted to the parts this process owns
+``refresh_parts``  ``refresh`` restricted to the owned parts, without ``prepare``
+``publish``        what the owner broadcasts for a part whose representation changed
+                   (:class:`Message`: a fixed-length header of floats and tensors)
+``message_shapes`` the shapes of a message's tensors, from its header (the receivers')
+``install``        the state with a message received for a part
+``prepare``        what every process rebuilds from the representations (the damped
+                   inverse) once the messages are installed
+=================  =====================================================================
+
 States are immutable values (frozen dataclasses or NamedTuples): a block returns a new
 state, so the engine knows what changed and nothing is written behind its back. The block
 object itself holds only configuration and its random generators.
@@ -45,6 +63,7 @@ __all__ = [
     "CaptureSpec",
     "CurvatureBlock",
     "LayerBatch",
+    "Message",
     "Tick",
     "block_names",
     "make_block",
@@ -172,6 +191,31 @@ class LayerBatch:
         return bool(torch.stack(flags).all()) if flags else True
 
 
+@dataclass(frozen=True)
+class Message:
+    """What the owner of a part broadcasts after refreshing it.
+
+    Attributes
+    ----------
+    header : tuple of float
+        A fixed number of scalars per block (for the K-FAC family: rank, identity weight,
+        Brand flag); the receivers size the tensors from it.
+    tensors : tuple of Tensor
+        The representation (for the K-FAC family: ``U`` and ``d``).
+    """
+
+    header: tuple[float, ...]
+    tensors: tuple[Tensor, ...]
+
+
+def _no_distributed(block: Any, hook: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"the curvature block {block.name!r} does not implement `{hook}`, so it cannot run "
+        "under a torch.distributed process group; pass distributed=False to run each process "
+        "on its own (its curvature then sees only that process's batch)"
+    )
+
+
 @runtime_checkable
 class CurvatureBlock(Protocol[S]):
     """One method's curvature rule over per-layer state values (see the module docstring).
@@ -229,6 +273,12 @@ class CurvatureBlock(Protocol[S]):
         (default: accept)."""
         return None
 
+    def relative_damping(self) -> bool:
+        """Whether the damping value is relative to the curvature's scale (then it is not the
+        ``lambda`` of ``C + lambda I``, and adaptive damping does not apply; default
+        ``False``)."""
+        return False
+
     def refresh(self, layer: Any, state: S, tick: Tick) -> S:
         """Rebuild the applied representation where ``tick`` asks for it (every step;
         default: nothing to rebuild)."""
@@ -256,6 +306,38 @@ class CurvatureBlock(Protocol[S]):
         """After the write: fold the step's recorded gradient and final (clipped) direction
         into the state, for methods whose next step depends on them (default: unchanged)."""
         return state
+
+    # ------------------------------------------------------------ distributed execution
+    def parts(self, layer: Any) -> dict[str, float]:
+        """The parts of ``layer``'s curvature that processes may own, each with its predicted
+        cost in relative units (default: not distributable)."""
+        raise _no_distributed(self, "parts")
+
+    def update_parts(self, layer: Any, state: S, batch: LayerBatch, tick: Tick, parts: Any) -> S:
+        """:meth:`update` of the owned ``parts`` only."""
+        raise _no_distributed(self, "update_parts")
+
+    def refresh_parts(self, layer: Any, state: S, tick: Tick, parts: Any) -> S:
+        """:meth:`refresh` of the owned ``parts`` only, without :meth:`prepare`."""
+        raise _no_distributed(self, "refresh_parts")
+
+    def prepare(self, layer: Any, before: S, state: S, tick: Tick) -> S:
+        """What every process rebuilds from the installed representations (``before``: the
+        state before the refresh)."""
+        raise _no_distributed(self, "prepare")
+
+    def publish(self, layer: Any, before: S, state: S, part: str) -> Message | None:
+        """The owner's message for ``part`` when its representation changed since
+        ``before`` (``None``: nothing to send)."""
+        raise _no_distributed(self, "publish")
+
+    def message_shapes(self, layer: Any, part: str, header: Any) -> list[tuple[int, ...]]:
+        """The shapes of the tensors of a message for ``part`` with ``header``."""
+        raise _no_distributed(self, "message_shapes")
+
+    def install(self, layer: Any, state: S, part: str, header: Any, tensors: Any) -> S:
+        """The state with the message ``(header, tensors)`` received for ``part``."""
+        raise _no_distributed(self, "install")
 
     def block_state_dict(self) -> dict[str, Any]:
         """Block-level state, e.g. random generators (default: none)."""

@@ -4,11 +4,13 @@
 phase         what happens
 ============  =========================================================================
 capture       the gradient matrix of every layer with a gradient; the hooks' records
-reduce        statistics across processes (a no-op in one process)
+reduce        statistics across processes (``kfac.distributed``; a no-op in one process)
 update        on factor steps: ``block.update(state, batch, tick)`` per layer
 (correct)     a block's optional ``correct`` hook: the gradient it preconditions
 refresh       every step: ``block.refresh(state, tick)`` (the block decides what to do)
-exchange      owners would broadcast ``block.exchange(state)`` (a no-op in one process)
+exchange      owners broadcast the representations they refreshed, every process installs
+              them and prepares its inverses (``kfac.distributed``; in one process the
+              refresh prepares them itself)
 direction     ``block.direction(state, grad, batch, tick)`` per ready layer
 clip          per-layer RMS clip, then the global KL clip (device scalars)
 write         one fused finiteness check, then ``.grad``; a non-finite direction is never
@@ -104,6 +106,10 @@ class Engine:
     time_phases : bool
         Accumulate the seconds of each phase in :attr:`timings` (synchronising the device
         around each phase on CUDA so the times are the work's, not the launches').
+    dist : callable(layers, block) -> kfac.distributed.Runtime, optional
+        Builds the distributed phases (``None``: one process). With it, the update and the
+        refresh run for the parts this process owns, the reduce phase combines the
+        processes' statistics and the exchange phase installs the owners' representations.
     """
 
     def __init__(
@@ -120,6 +126,7 @@ class Engine:
         lr: Schedule[float] | None,
         grad_scaler: Any,
         time_phases: bool,
+        dist: Any = None,
     ) -> None:
         self.model = model
         self.layers = dict(layers)
@@ -135,6 +142,8 @@ class Engine:
         self.timings = dict.fromkeys(PHASES, 0.0)
         self.steps = 0
         block.check_layers(self.layers)
+        #: The distributed phases (``kfac.distributed.Runtime``), ``None`` in one process.
+        self.dist = dist(self.layers, block) if dist is not None else None
         self.states: dict[str, Any] = {name: block.init(layer) for name, layer in layers.items()}
         self._pending: list[tuple[int, list[str], Tensor, set[str]]] = []
         self.arm()
@@ -217,26 +226,42 @@ class Engine:
                     if layer.has_grad()
                 }
                 batches = {name: self.capture.batch(name) for name in self.capture.plan}
+            runtime = self.dist
             with self.phase("reduce"):
-                pass  # one process: nothing to reduce
+                if runtime is not None and not runtime.local:
+                    batches = runtime.reduce(self.capture.plan, batches)
             if tick.factor:
                 with self.phase("update"):
                     reported = self._update(grads, batches, tick)
             with self.phase("direction"):
                 targets = self._correct(grads, tick, lr)
+            before = dict(self.states)
             with self.phase("refresh"):
                 for name, layer in self.layers.items():
-                    self.states[name] = self.block.refresh(layer, self.states[name], tick)
+                    if runtime is None:
+                        self.states[name] = self.block.refresh(layer, self.states[name], tick)
+                    else:
+                        owned = runtime.owned[name]
+                        state = self.block.refresh_parts(layer, self.states[name], tick, owned)
+                        self.states[name] = state
             with self.phase("exchange"):
-                pass  # one process: every representation is local
+                if runtime is not None:
+                    settled = all(self.block.ready(state) for state in before.values())
+                    self.states = runtime.exchange(before, self.states, tick, settled)
+            # a process's own rows do not reproduce the averaged gradient (local statistics)
+            rows = batches if runtime is None or not runtime.local else {}
             with self.phase("direction"):
+                ready = [name for name in targets if self.block.ready(self.states[name])]
+                mine = ready if runtime is None else runtime.directing(ready)
                 directions = {
                     name: self.block.direction(
-                        self.layers[name], self.states[name], V, batches.get(name), tick
+                        self.layers[name], self.states[name], targets[name], rows.get(name), tick
                     )
-                    for name, V in targets.items()
-                    if self.block.ready(self.states[name])
+                    for name in mine
                 }
+            if runtime is not None and runtime.split_directions:
+                with self.phase("exchange"):  # each layer's direction from its process
+                    directions = runtime.share(directions, ready, targets)
             with self.phase("clip"):
                 directions = self._clip(directions, targets, tick, lr)
             with self.phase("write"):
@@ -264,6 +289,8 @@ class Engine:
                     "in a forward with gradients enabled (not through torch.nn.functional with "
                     "its weight); exclude it with `skip_layers` otherwise"
                 )
+        if self.dist is not None:
+            return self._update_distributed(grads, batches, tick)
         # one read of every layer's finiteness: gradient, then statistics
         flags = [torch.isfinite(grads[name]).all() for name in names]
         flags += [
@@ -285,6 +312,43 @@ class Engine:
             if grad_ok[name] and stats_ok[name] and batch is not None:
                 layer = self.layers[name]
                 self.states[name] = self.block.update(layer, self.states[name], batch, tick)
+        return set(bad_grads)
+
+    def _update_distributed(
+        self, grads: Mapping[str, Tensor], batches: Mapping[str, LayerBatch | None], tick: Tick
+    ) -> set[str]:
+        """:meth:`_update` of the owned parts, with the finiteness flags of every layer
+        agreed between the processes (a layer non-finite on one is skipped on all)."""
+        assert self.dist is not None
+        names = list(self.layers)
+        flags = torch.ones(2 * len(names), dtype=torch.int32)
+        checks = []
+        for name in names:
+            checks.append(torch.isfinite(grads[name]).all() if name in grads else None)
+            batch = batches.get(name)
+            tensors = [] if batch is None else batch.tensors()
+            checks.append(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+            if not tensors:
+                checks[-1] = None
+        for i, check in enumerate(checks):
+            if check is not None:
+                flags[i] = int(bool(check))
+        agreed = self.dist.agree(flags).tolist()
+        grad_ok = {name: bool(agreed[2 * i]) for i, name in enumerate(names)}
+        stats_ok = {name: bool(agreed[2 * i + 1]) for i, name in enumerate(names)}
+        unchanged = "left unused, factors unchanged"
+        bad_grads = [n for n in names if n in grads and not grad_ok[n]]
+        self.warn_nonfinite(bad_grads, "gradient", tick.step, f"gradient {unchanged}")
+        with_batch = [n for n in names if n in grads and batches.get(n) is not None]
+        bad = [n for n in with_batch if grad_ok[n] and not stats_ok[n]]
+        self.warn_nonfinite(bad, "statistics", tick.step, f"statistics {unchanged}")
+        for name in with_batch:
+            batch = batches[name]
+            owned = self.dist.owned[name]
+            if grad_ok[name] and stats_ok[name] and batch is not None and owned:
+                layer = self.layers[name]
+                state = self.block.update_parts(layer, self.states[name], batch, tick, owned)
+                self.states[name] = state
         return set(bad_grads)
 
     def _correct(self, grads: Mapping[str, Tensor], tick: Tick, lr: Any) -> Mapping[str, Tensor]:

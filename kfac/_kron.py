@@ -36,7 +36,7 @@ from torch import Tensor
 
 import lowrank_nla as ln
 
-from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick, register_block
+from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Message, Tick, register_block
 from ._damping import Applied, DampingScheme, Prepared, make_damping
 from ._layers import LinearLayer
 from ._schedule import check_bool, check_fraction, check_int_at_least, find_stacklevel
@@ -61,6 +61,8 @@ __all__ = [
 _STAT_DTYPES = (torch.float32, torch.float64)
 #: Width above which a dense eigendecomposition draws a warning at construction.
 DENSE_WARN_DIM = 4096
+#: The parts of a Kronecker block that processes may own separately (distributed execution).
+PARTS = ("A", "G")
 #: Initialisations of the factors' exponential averages (:class:`KronBlock`).
 FACTOR_INITS = ("identity", "zero")
 
@@ -73,63 +75,6 @@ def clip_spectrum(d: Tensor) -> Tensor:
         return d
     floor = d.max().clamp(min=0) * (d.numel() * torch.finfo(d.dtype).eps)
     return torch.where(d > floor, d, torch.zeros_like(d))
-
-
-class Generators:
-    """One seeded ``torch.Generator`` per device: the sketches and random column choices of
-    a strategy, drawn in a fixed order (the engine's), so runs repeat exactly."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-        self._by_device: dict[str, torch.Generator] = {}
-
-    def __call__(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self._by_device:
-            self._by_device[key] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._by_device[key]
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {key: g.get_state() for key, g in self._by_device.items()}
-
-    def loaded(self, state: Any) -> dict[str, torch.Generator]:
-        """The generators of a saved :meth:`state_dict`, validated (``ValueError``). A state
-        saved for a device absent here (a CUDA run loaded on a CPU-only machine) gives a
-        generator on ``"cpu"`` seeded with ``seed`` and the CRC-32 of the saved state:
-        deterministic, though not the saved stream (CPU and CUDA streams differ anyway)."""
-        if not isinstance(state, Mapping):
-            raise ValueError("state_dict entry 'generators' must be a mapping")
-        out: dict[str, torch.Generator] = {}
-        for key, value in state.items():
-            if not isinstance(value, Tensor) or value.dtype != torch.uint8 or value.ndim != 1:
-                raise ValueError(f"state_dict generator state {key!r} must be a 1-d uint8 tensor")
-            try:
-                device = torch.device(key)
-            except RuntimeError as exc:
-                raise ValueError(f"state_dict generator device {key!r} is invalid") from exc
-            if device.type != "cpu" and not _available(device):
-                generator = torch.Generator(device="cpu")
-                generator.manual_seed(self.seed ^ zlib.crc32(value.numpy().tobytes()))
-                out.setdefault("cpu", generator)
-                continue
-            generator = torch.Generator(device=device)
-            try:
-                generator.set_state(value)
-            except RuntimeError as exc:
-                raise ValueError(f"state_dict generator state {key!r} is invalid: {exc}") from exc
-            out[key] = generator
-        return out
-
-    def install(self, generators: Mapping[str, torch.Generator]) -> None:
-        self._by_device.update(generators)
-
-
-def _available(device: torch.device) -> bool:
-    if device.type == "cuda":
-        return torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()
-    if device.type == "mps":
-        return torch.backends.mps.is_available()
-    return True
 
 
 # ---------------------------------------------------------------------------- decomposers
@@ -247,6 +192,12 @@ class FactorState:
         Running ``brand_drift_bound`` of the online state.
     batches : int
         Statistics batches offered to the online state.
+    seed : int
+        Seed of the factor's own random stream (sketches, column choices).
+    rng : Tensor or None
+        State of that stream after its last draw (``None``: not drawn from yet). Each factor
+        draws from its own stream, so a factor refreshed by another process (distributed
+        execution) draws exactly what it draws in one process.
     """
 
     dim: int
@@ -259,6 +210,8 @@ class FactorState:
     rank: ln.RankState | None = None
     drift: float = 0.0
     batches: int = 0
+    seed: int = 0
+    rng: Tensor | None = None
 
     @property
     def rep(self) -> ln.LowRankPSD | None:
@@ -284,6 +237,22 @@ class FactorState:
         return replace(
             self, matrix=torch.addmm(self.matrix, B, B.T, beta=decay, alpha=1.0 - decay)
         )
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        """The factor's random stream on ``device``, where its last draw left it. A state
+        saved on another kind of device (a CUDA run loaded on a CPU) cannot be restored: the
+        stream is re-seeded with ``seed`` and the CRC-32 of the saved state (deterministic)."""
+        gen = torch.Generator(device=device)
+        if self.rng is None:
+            return gen.manual_seed(self.seed)
+        if self.rng.numel() != gen.get_state().numel():
+            return gen.manual_seed(self.seed ^ zlib.crc32(self.rng.cpu().numpy().tobytes()))
+        gen.set_state(self.rng.cpu())
+        return gen
+
+    def drawn(self, gen: torch.Generator) -> FactorState:
+        """The factor after drawing from ``gen`` (its stream's new state recorded)."""
+        return replace(self, rng=gen.get_state())
 
     def memory(self) -> int:
         """Bytes held by the factor's tensors (dense EA, online state, representation)."""
@@ -322,6 +291,8 @@ def _factor_state_dict(f: FactorState) -> dict[str, Any]:
         else (f.rank.rank, list(f.rank.errors), f.rank.observations),
         "drift": f.drift,
         "batches": f.batches,
+        "seed": f.seed,
+        "rng": None if f.rng is None else f.rng.clone(),
     }
 
 
@@ -376,10 +347,18 @@ def _check_factor_state(dim: int, saved: Any, where: str) -> None:
             raise ValueError(
                 f"state_dict factor {where}: {key!r} must be in [0, 1], got {weight!r}"
             )
+    seed = saved.get("seed", 0)  # absent from checkpoints written before per-factor streams
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"state_dict factor {where}: 'seed' must be an int >= 0, got {seed!r}")
+    rng = saved.get("rng")
+    if rng is not None and (
+        not isinstance(rng, Tensor) or rng.dtype != torch.uint8 or rng.ndim != 1
+    ):
+        raise ValueError(f"state_dict factor {where}: 'rng' must be a 1-d uint8 tensor")
 
 
 def _load_factor_state(
-    dim: int, saved: Mapping[str, Any], device: torch.device, where: str
+    dim: int, saved: Mapping[str, Any], device: torch.device, where: str, seed: int
 ) -> FactorState:
     matrix = saved["matrix"]
     rep = _load_rep(saved["rep"], device, f"of factor {where}")
@@ -395,6 +374,8 @@ def _load_factor_state(
         rank=None if rank is None else ln.RankState(int(rank[0]), tuple(rank[1]), int(rank[2])),
         drift=float(saved["drift"]),
         batches=int(saved["batches"]),
+        seed=int(saved.get("seed", seed)),
+        rng=None if saved.get("rng") is None else saved["rng"].detach().clone().cpu(),
     )
 
 
@@ -430,13 +411,13 @@ class FactorRule(abc.ABC):
 
 @dataclass(frozen=True)
 class RuleContext:
-    """What rules share: decomposition and application dtypes, the random generators, and
-    the initialisation convention of the exponential averages (``"identity"`` or ``"zero"``,
-    see :class:`KronBlock`)."""
+    """What rules share: decomposition and application dtypes and the initialisation
+    convention of the exponential averages (``"identity"`` or ``"zero"``, see
+    :class:`KronBlock`). Random draws come from each factor's own stream
+    (:meth:`FactorState.generator`)."""
 
     decomposition_dtype: torch.dtype
     dtype: torch.dtype
-    generators: Generators
     init: str = "identity"
 
 
@@ -486,7 +467,10 @@ class DenseRule(FactorRule):
         rank = X.shape[0]
         if self.ranks is not None:
             rank, f = self.target_rank(f)
-        rep = self.decomposer(X, rank, ctx.generators(X.device))
+        gen = f.generator(X.device)
+        rep = self.decomposer(X, rank, gen)
+        if not self.decomposer.full:
+            f = f.drawn(gen)
         # validated after the rounding noise is zeroed: a factor accumulated in float32 and
         # decomposed in float64 has negative eigenvalues at float32's rounding level
         return ln.LowRankPSD(rep.U, clip_spectrum(rep.d)), f
@@ -610,10 +594,11 @@ class BrandRule(FactorRule):
         if size < 1:
             return f
         U = f.online.U
-        perm = torch.randperm(k, generator=ctx.generators(U.device), device=U.device)
+        gen = f.generator(U.device)
+        perm = torch.randperm(k, generator=gen, device=U.device)
         columns = perm[:size].sort().values
         online = ln.rayleigh_ritz_refresh(f.online, f.matrix.to(ctx.decomposition_dtype), columns)
-        return replace(f, online=online)
+        return replace(f.drawn(gen), online=online)
 
     def refresh(self, f: FactorState, tick: Tick, ctx: RuleContext) -> FactorState:
         if not f.brand:
@@ -858,12 +843,16 @@ class KronBlock(CurvatureBlock[KronState]):
         self.factored_apply = factored_apply and damping.factored
         self.dtype = dtype
         self.seed = seed
-        self.ctx = RuleContext(
-            decomposition_dtype or dtype, dtype, Generators(strategy.seed), factor_init
-        )
+        self.ctx = RuleContext(decomposition_dtype or dtype, dtype, factor_init)
+        #: Position of each registered layer (:meth:`check_layers`): the factors' seeds.
+        self._positions: dict[str, int] = {}
         #: How each layer's last direction was computed ("factored" or "dense").
         self.applied: dict[str, str] = {}
         self._mismatch_warned: set[str] = set()
+
+    def relative_damping(self) -> bool:
+        """Whether the damping is relative to the curvature's scale."""
+        return bool(getattr(self.damping_scheme, "relative", False))
 
     @property
     def rule(self) -> FactorRule:
@@ -881,7 +870,12 @@ class KronBlock(CurvatureBlock[KronState]):
         )
 
     def _dense_rows(self, layer: Any) -> bool:
-        return isinstance(self.rule, DenseRule) and isinstance(layer, LinearLayer)
+        # in one process only: distributed execution exchanges a dense rule's statistics as
+        # one all-reduce of the sums (the rows would have to be gathered instead)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return (
+            isinstance(self.rule, DenseRule) and isinstance(layer, LinearLayer) and not distributed
+        )
 
     def rows_applied(self, layer: Any, state: KronState) -> bool:
         """Whether the layer's direction may come from its rows (a candidate whose factors
@@ -905,6 +899,7 @@ class KronBlock(CurvatureBlock[KronState]):
         strategy whose ``rank_cap`` leaves no factor to track (every factor would take the
         fallback), or a dense eigendecomposition of a factor wider than
         :data:`DENSE_WARN_DIM` (``O(D^3)`` per refresh, ``D^2`` memory)."""
+        self._positions = {name: i for i, name in enumerate(layers)}
         rule = self.rule
         if isinstance(rule, BrandRule):
             trackable = [
@@ -949,33 +944,112 @@ class KronBlock(CurvatureBlock[KronState]):
             seed = self.seed + zlib.crc32(layer.name.encode())
             gen = torch.Generator(device=weight.device).manual_seed(seed)
             probe = torch.randn(layer.dim_A, generator=gen, device=weight.device, dtype=self.dtype)
-        return KronState(A=FactorState(layer.dim_A), G=FactorState(layer.dim_G), probe=probe)
+        return KronState(
+            A=FactorState(layer.dim_A, seed=self._factor_seed(layer, "A")),
+            G=FactorState(layer.dim_G, seed=self._factor_seed(layer, "G")),
+            probe=probe,
+        )
+
+    def _factor_seed(self, layer: Any, side: str) -> int:
+        """The seed of a factor's random stream: the strategy's seed and the factor's place
+        (the layer's position among the registered layers, so a model wrapped in
+        ``DistributedDataParallel``, whose names gain a ``module.`` prefix, draws the same)."""
+        place = self._positions.get(layer.name, layer.name)
+        return (self.strategy.seed * 1_000_003 + zlib.crc32(f"{place}.{side}".encode())) % 2**62
 
     def update(self, layer: Any, state: KronState, batch: LayerBatch, tick: Tick) -> KronState:
+        return self.update_parts(layer, state, batch, tick, PARTS)
+
+    def refresh(self, layer: Any, state: KronState, tick: Tick) -> KronState:
+        return self.prepare(layer, state, self.refresh_parts(layer, state, tick, PARTS), tick)
+
+    # -------------------------------------------------------------- distributed parts
+    def parts(self, layer: Any) -> dict[str, float]:
+        """The two factors, each with the predicted cost of keeping it (:meth:`cost`)."""
+        return {"A": self.cost(layer, layer.dim_A), "G": self.cost(layer, layer.dim_G)}
+
+    def cost(self, layer: Any, dim: int) -> float:
+        """Predicted work of one factor of width ``dim`` per refresh (relative units): ``D^3``
+        for a full eigendecomposition, ``D^2 (r + p)`` for a randomized one (``r`` the
+        initial rank, ``p`` the oversampling, at most ``D``), ``D (r + n)^2`` for a Brand
+        update (``n`` taken as ``r``); a Brand rule's factors that cannot be tracked (not a
+        Linear layer, or ``rank_cap + 1 >= D``) cost what their fallback costs."""
+        rule = self.rule
+        if isinstance(rule, BrandRule):
+            if rule.wants_rows(layer) and rule.cap + 1 < dim:
+                r = min(rule.ranks.initial, dim)
+                return float(dim) * (2.0 * r) ** 2
+            rule = rule.fallback
+        assert isinstance(rule, DenseRule)
+        if rule.ranks is None:
+            return float(dim) ** 3
+        sketch = rule.decomposer
+        oversample = getattr(sketch, "oversample", 0)
+        return float(dim) ** 2 * min(rule.ranks.initial + oversample, dim)
+
+    def update_parts(
+        self, layer: Any, state: KronState, batch: LayerBatch, tick: Tick, parts: Any
+    ) -> KronState:
+        """:meth:`update` of the factors named in ``parts`` only (``"A"``, ``"G"``)."""
         if batch.a_rows is not None:
             stats_A = Statistics(lambda: batch.input_factor(), batch.input_block())
             stats_G = Statistics(lambda: batch.output_factor(), batch.output_block())
         else:
             stats_A, stats_G = Statistics(batch.input_factor), Statistics(batch.output_factor)
-        A = self.rule.update(state.A, stats_A, tick, self.ctx)
-        G = self.rule.update(state.G, stats_G, tick, self.ctx)
+        A = self.rule.update(state.A, stats_A, tick, self.ctx) if "A" in parts else state.A
+        G = self.rule.update(state.G, stats_G, tick, self.ctx) if "G" in parts else state.G
         return replace(state, A=A, G=G)
 
-    def refresh(self, layer: Any, state: KronState, tick: Tick) -> KronState:
-        G = self.rule.refresh(state.G, tick, self.ctx)
-        A = self.rule.refresh(state.A, tick, self.ctx)
-        changed = G.applied is not state.G.applied or A.applied is not state.A.applied
+    def refresh_parts(self, layer: Any, state: KronState, tick: Tick, parts: Any) -> KronState:
+        """The factors named in ``parts`` refreshed; the inverse is left to :meth:`prepare`."""
+        G = self.rule.refresh(state.G, tick, self.ctx) if "G" in parts else state.G
+        A = self.rule.refresh(state.A, tick, self.ctx) if "A" in parts else state.A
+        return state if G is state.G and A is state.A else replace(state, A=A, G=G)
+
+    def prepare(self, layer: Any, before: KronState, state: KronState, tick: Tick) -> KronState:
+        """The damped inverse of ``state``'s representations, rebuilt when one of them
+        changed since ``before`` or the damping value changed."""
+        A, G = state.A, state.G
+        changed = G.applied is not before.G.applied or A.applied is not before.A.applied
         if (
             G.applied is None
             or A.applied is None
-            or (not changed and state.damping == tick.damping)
+            or (not changed and before.damping == tick.damping)
         ):
-            return state if G is state.G and A is state.A else replace(state, A=A, G=G)
+            return state
         # validated once per new representation; a new damping value alone reuses it
         prepared = self.damping_scheme.prepare(
             G.applied, A.applied, tick.damping, continuation=self.continuation, validate=changed
         )
         return replace(state, A=A, G=G, prepared=prepared, damping=tick.damping)
+
+    def publish(
+        self, layer: Any, before: KronState, state: KronState, part: str
+    ) -> Message | None:
+        """The factor's new representation when it changed since ``before``: the header
+        ``(rank, identity weight, Brand-tracked)`` and the tensors ``(U, d)``."""
+        f, old = getattr(state, part), getattr(before, part)
+        if f.applied is None or f.applied is old.applied:
+            return None
+        brand = -1.0 if f.brand is None else float(f.brand)
+        rep = f.applied.rep
+        return Message((float(rep.rank), f.applied.identity, brand), (rep.U, rep.d))
+
+    def message_shapes(self, layer: Any, part: str, header: Any) -> list[tuple[int, ...]]:
+        """Shapes of the tensors of a :meth:`publish` message with ``header``."""
+        dim = layer.dim_A if part == "A" else layer.dim_G
+        rank = round(header[0])
+        return [(dim, rank), (rank,)]
+
+    def install(
+        self, layer: Any, state: KronState, part: str, header: Any, tensors: Any
+    ) -> KronState:
+        """The state with the representation another process published for ``part``."""
+        U, d = tensors
+        brand = None if header[2] < 0 else bool(header[2])
+        applied = Applied.of(ln.LowRankPSD(U, d, check=False), float(header[1]))
+        f = replace(getattr(state, part), applied=applied, brand=brand)
+        return replace(state, **{part: f})
 
     def ready(self, state: KronState) -> bool:
         return state.prepared is not None
@@ -1054,19 +1128,14 @@ class KronBlock(CurvatureBlock[KronState]):
         fresh = self.init(layer)
         return replace(
             fresh,
-            A=_load_factor_state(layer.dim_A, saved["A"], device, f"A {where}"),
-            G=_load_factor_state(layer.dim_G, saved["G"], device, f"G {where}"),
+            A=_load_factor_state(layer.dim_A, saved["A"], device, f"A {where}", fresh.A.seed),
+            G=_load_factor_state(layer.dim_G, saved["G"], device, f"G {where}", fresh.G.seed),
         )
 
     def block_state_dict(self) -> dict[str, Any]:
-        return {
-            "strategy": self.strategy.name,
-            "factor_init": self.factor_init,
-            "generators": self.ctx.generators.state_dict(),
-        }
+        return {"strategy": self.strategy.name, "factor_init": self.factor_init}
 
     def check_block_state_dict(self, saved: Mapping[str, Any]) -> None:
-        self.ctx.generators.loaded(saved.get("generators", {}))
         if saved.get("strategy") != self.strategy.name:
             raise ValueError(
                 f"state_dict was saved with inverse={saved.get('strategy')!r}, this "
@@ -1080,7 +1149,6 @@ class KronBlock(CurvatureBlock[KronState]):
 
     def load_block_state_dict(self, saved: Mapping[str, Any]) -> None:
         self.check_block_state_dict(saved)
-        self.ctx.generators.install(self.ctx.generators.loaded(saved.get("generators", {})))
 
     def diagnostics(self, layer: Any, state: KronState) -> list[dict[str, Any]]:
         rows = []

@@ -232,6 +232,11 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
         self.weighted = False
 
     # ------------------------------------------------------------------ keys
+
+    def relative_damping(self) -> bool:
+        """Whether the damping is relative to the curvature's scale."""
+        return self.damping_mode == "relative"
+
     def set_indices(self, indices: Any) -> None:
         """The dataset indices of the coming step's samples (``store="index"``)."""
         if indices is None:
@@ -741,10 +746,11 @@ class FNGD(PreconditionedSGD):
     preconditioner_class: ClassVar[type[Preconditioner]] = FNGDPreconditioner
     preconditioner: FNGDPreconditioner
 
-    def step(self, closure: Any = None, *, indices: Any = None) -> Any:
+    def step(self, closure: Any = None, *, indices: Any = None, batch: Any = None) -> Any:
         """Precondition and update (see :class:`~kfac.PreconditionedSGD`); ``indices`` are the
-        dataset indices of the batch (``store="index"``)."""
+        dataset indices of the batch (``store="index"``), ``batch`` the step's (inputs,
+        targets) for ``adaptive_damping`` and ``quadratic_step``."""
         if indices is not None:
             self.preconditioner.set_indices(indices)
         # the hooks already ran around this method: the front's step without them
-        return unhooked(PreconditionedSGD.step)(self, closure)
+        return unhooked(PreconditionedSGD.step)(self, closure, batch=batch)

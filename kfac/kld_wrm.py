@@ -190,6 +190,9 @@ class KLDWRMBlock(CurvatureBlock[WakeState], abc.ABC):
     def check_layers(self, layers: Mapping[str, Any]) -> None:
         self.kron.check_layers(layers)
 
+    def relative_damping(self) -> bool:
+        return self.kron.relative_damping()
+
     def init(self, layer: Any) -> WakeState:
         return WakeState(kron=self.kron.init(layer))
 
@@ -354,7 +357,9 @@ class QKLDWRMBlock(KLDWRMBlock):
             return state if applied is state.applied else replace(state, applied=applied)
         inst = state.inst if state.inst_step == tick.step else None
         A_cur, G_cur = inst if inst is not None else (ea.A.matrix, ea.G.matrix)
-        base = state.applied or KronState(A=FactorState(ea.A.dim), G=FactorState(ea.G.dim))
+        base = state.applied or KronState(
+            A=FactorState(ea.A.dim, seed=ea.A.seed), G=FactorState(ea.G.dim, seed=ea.G.seed)
+        )
         aug = replace(
             base,
             A=replace(
@@ -908,6 +913,12 @@ class QEKLDWRM(PreconditionedSGD):
         **kwargs: Any,
     ) -> None:
         loss = kwargs.get("loss")
+        for option in ("adaptive_damping", "quadratic_step"):
+            if kwargs.get(option):
+                raise ValueError(
+                    f"QEKLDWRM refines its own step in the wake's exact KL: `{option}` does "
+                    "not apply (use it with SOKLDWRM or QKLDWRM)"
+                )
         self.refinement = WakeRefinement(
             steps=check_int_at_least(0)(inner_steps, "inner_steps"),
             lr_factor=check_nonnegative(inner_lr, "inner_lr"),
@@ -950,8 +961,10 @@ class QEKLDWRM(PreconditionedSGD):
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """The Q step, then the inner refinement; returns the closure's loss."""
+    def step(self, closure: Callable[[], Any] | None = None, *, batch: Any = None) -> Any:
+        """The Q step, then the inner refinement; returns the closure's loss (``batch`` is
+        accepted for the common front's signature and unused: QE-KLD-WRM takes neither
+        quadratic-model option)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():

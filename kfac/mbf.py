@@ -199,6 +199,10 @@ class MBFBlock(CurvatureBlock[MBFState]):
         self.solver = solver
         self._segments: dict[str, tuple[Segment, ...]] = {}
 
+    def relative_damping(self) -> bool:
+        """Whether the damping is relative to the curvature's scale."""
+        return self.damping_mode == "relative"
+
     # ------------------------------------------------------------------ the map
     def segments(self, layer: Layer) -> tuple[Segment, ...]:
         """The segments of one row of ``layer`` (validated once per layer)."""

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -26,6 +28,7 @@ from ._schedule import (
     check_positive,
     optional_schedule,
 )
+from .distributed import Distributed, Runtime
 
 __all__ = ["KFACPreconditioner", "Preconditioner"]
 
@@ -89,6 +92,12 @@ class Preconditioner:
         Accumulate the seconds of each phase in :attr:`timings` (on CUDA the device is
         synchronised around each phase, which costs time: leave it off in production and
         use ``torch.profiler``, which sees the ``kfac.<phase>`` ranges, instead).
+    distributed : Distributed or bool, optional
+        Data-parallel execution on ``torch.distributed`` (:class:`kfac.Distributed`; see
+        docs/guide/distributed.md). Default: on, with ``Distributed()``, when the default
+        process group is initialised with more than one process; ``False``: each process
+        runs on its own (its curvature sees only its own batch). Every process must call
+        the constructor, :meth:`step` and :meth:`state_dict` together.
     **block_options
         Options of a block given by name.
 
@@ -127,6 +136,7 @@ class Preconditioner:
         grad_scaler: Any = None,
         seed: int = 0,
         time_phases: bool = False,
+        distributed: Distributed | bool | None = None,
         **block_options: Any,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -145,6 +155,8 @@ class Preconditioner:
             raise ValueError(f"Invalid loss: {loss!r}; valid names are {list(LOSSES)}")
         _check_dtype(factor_dtype, "factor_dtype")
         check_bool(time_phases, "time_phases")
+        config = _distributed_config(distributed)
+        self.distributed = config
         self.seed = int(seed)
         self.fisher = fisher
         self.grad_scaler = grad_scaler
@@ -167,7 +179,9 @@ class Preconditioner:
         self.generator: torch.Generator | None = None
         if fisher == "mc":
             self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(self.seed)
+            # distinct targets on each process (the same seed would correlate their samples)
+            rank = 0 if config is None else torch.distributed.get_rank(config.group)
+            self.generator.manual_seed(self.seed + rank)
         capture = Capture(
             model,
             layers,
@@ -189,7 +203,38 @@ class Preconditioner:
             lr=optional_schedule(lr, "lr", check_nonnegative),
             grad_scaler=grad_scaler,
             time_phases=time_phases,
+            dist=None if config is None else self._runtime_factory(config, block, locals()),
         )
+
+    def _runtime_factory(
+        self, config: Distributed, block: CurvatureBlock[Any], arguments: Mapping[str, Any]
+    ) -> Callable[[Mapping[str, Any], CurvatureBlock[Any]], Runtime]:
+        """What builds the engine's distributed phases, with the description of this process's
+        layers and options that every process must share."""
+        options = {
+            key: arguments[key]
+            for key in (
+                "factor_decay", "damping", "factor_every", "inverse_every", "kl_clip",
+                "rms_clip", "fisher", "loss", "factor_dtype", "seed",
+            )
+        }  # fmt: skip
+        described = [
+            f"{key}={'<schedule>' if callable(value) else value!r}"
+            for key, value in options.items()
+        ]
+        described += [f"block {block.name!r}: {_block_description(block)}"]
+        described += [f"statistics={config.statistics!r}"]
+        dtype = arguments["factor_dtype"]
+
+        def factory(layers: Mapping[str, Any], block: CurvatureBlock[Any]) -> Runtime:
+            fingerprint = described + [
+                f"layer {layer.describe()}: A {layer.dim_A}, G {layer.dim_G}, "
+                f"parameters {[tuple(p.shape) for p in layer.params]}"
+                for layer in layers.values()
+            ]
+            return Runtime(config, layers, block, dtype, fingerprint)
+
+        return factory
 
     def _grad_scale(self) -> float:
         scaler = self.grad_scaler
@@ -221,6 +266,18 @@ class Preconditioner:
         """The block's state value for layer ``name`` (immutable; it is replaced, never
         modified, by later steps)."""
         return self.engine.states[name]
+
+    @property
+    def damping(self) -> float:
+        """The damping of the coming step."""
+        return self.engine.clock.damping(self.engine.steps)
+
+    @damping.setter
+    def damping(self, value: float) -> None:
+        """Replace the damping (schedule) by the constant ``value`` from the coming step on
+        (what an adaptive damping rule does)."""
+        clock = self.engine.clock
+        self.engine.clock = replace(clock, damping=Schedule(value, "damping", check_positive))
 
     def capture_plan(self) -> dict[str, CaptureSpec]:
         """What each layer records on the coming step (absent: nothing)."""
@@ -282,20 +339,32 @@ class Preconditioner:
         RuntimeError
             A layer with a gradient whose hooks never fired on a factor-update step.
         """
-        self.engine.step(lr)
+        with contextlib.ExitStack() as stack:
+            # a step called inside torch.autocast still computes in the factors' dtype
+            for kind in {
+                p.device.type for name in self.layer_names for p in self.layer(name).params
+            }:
+                stack.enter_context(torch.autocast(kind, enabled=False))
+            self.engine.step(lr)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue exactly: step, block state, per-layer states, the
-        sampler's generator."""
+        sampler's generator.
+
+        Distributed, every process must call it: each part's state is taken from its owner
+        (one all-gather of the pickled owned states, so the whole curvature state travels to
+        every process once), and every process returns the full state, which loads at any
+        world size."""
         engine = self.engine
+        layers = {name: self.block.state_dict(state) for name, state in engine.states.items()}
+        if engine.dist is not None:
+            layers = engine.dist.gather(layers)
         return {
             "steps": engine.steps,
             "block_name": self.block.name,
             "block": self.block.block_state_dict(),
-            "layers": {
-                name: self.block.state_dict(state) for name, state in engine.states.items()
-            },
+            "layers": layers,
             "generator": None if self.generator is None else self.generator.get_state(),
         }
 
@@ -382,6 +451,36 @@ class Preconditioner:
         self._prepare_load(state_dict)()
 
 
+def _distributed_config(distributed: Any) -> Distributed | None:
+    """The distributed configuration of ``distributed=`` (``None``: one process)."""
+    if isinstance(distributed, Distributed):
+        return distributed
+    if distributed is None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            return Distributed()
+        return None
+    if distributed is True:
+        return Distributed()
+    if distributed is False:
+        return None
+    kind = type(distributed).__name__
+    raise TypeError(f"`distributed` must be a kfac.Distributed, a bool or None, got {kind}")
+
+
+def _block_description(block: CurvatureBlock[Any]) -> str:
+    """The configuration of a block, as far as its attributes show it."""
+    strategy = getattr(block, "strategy", None)
+    parts = [repr(strategy)] if strategy is not None else []
+    scheme = getattr(block, "damping_scheme", None)
+    if scheme is not None:
+        parts.append(f"damping_scheme={getattr(scheme, 'name', type(scheme).__name__)!r}")
+    for key in ("continuation", "factored_apply", "factor_init", "dtype"):
+        if hasattr(block, key):
+            parts.append(f"{key}={getattr(block, key)!r}")
+    return ", ".join(parts)
+
+
 class KFACPreconditioner(Preconditioner):
     """K-FAC preconditioner for the ``nn.Linear`` and ``nn.Conv2d`` layers of a model.
 
@@ -415,6 +514,9 @@ class KFACPreconditioner(Preconditioner):
         thesis runs' values). Statistics are computed only on factor-update steps.
     kl_clip, rms_clip, lr, skip_layers, fisher, loss, factor_dtype, grad_scaler, seed, time_phases
         As for :class:`Preconditioner`.
+    distributed : Distributed or bool, optional
+        As for :class:`Preconditioner`. With ``statistics="local"`` the rows application
+        (``factored_apply``) is off.
     decomposition_dtype : torch.dtype, optional
         dtype of the decompositions (default ``factor_dtype``).
     factored_apply : bool, default True
@@ -493,9 +595,13 @@ class KFACPreconditioner(Preconditioner):
         factor_init: str = "identity",
         seed: int = 0,
         time_phases: bool = False,
+        distributed: Distributed | bool | None = None,
         **inverse_options: Any,
     ) -> None:
         _check_dtype(decomposition_dtype, "decomposition_dtype")
+        config = _distributed_config(distributed)
+        if config is not None and config.statistics == "local":
+            factored_apply = False  # a process's rows do not reproduce the averaged gradient
         super().__init__(
             model,
             "kron",
@@ -513,6 +619,7 @@ class KFACPreconditioner(Preconditioner):
             grad_scaler=grad_scaler,
             seed=seed,
             time_phases=time_phases,
+            distributed=False if config is None else config,
             inverse=inverse,
             damping_scheme=damping_scheme,
             continuation=continuation,

@@ -142,6 +142,8 @@ def test_quick_defaults_benchmark(run_quick) -> None:
     rows = payload["results"]["mlp"]
     assert list(rows) == [
         "sgd (momentum 0.9)", "adam", "KFAC(model, lr) defaults", "KFAC, command-line settings",
+        "K-FAC, quadratic step + adaptive damping",
+        "B-KFAC rank 64, quadratic step + adaptive damping",
     ]  # fmt: skip
     for name, row in rows.items():
         assert len(row["losses"]) == 3, name
@@ -241,3 +243,23 @@ def test_quick_asdl_benchmark(tmp_path) -> None:
     for name in ("kfac-dense", "kfac-before"):
         assert abs(summary[name]["train_loss"] - summary["kfac"]["train_loss"]) <= 1e-4
     assert "| asdl |" in (tmp_path / "kfac_asdl_quick.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_quick_distributed_benchmark(run_quick) -> None:
+    payload, table = run_quick("kfac_distributed")
+    strategies = payload["strategies"]
+    assert set(strategies) == {"eigh", "rsvd", "brand"}
+    for name, entry in strategies.items():
+        # accuracy first: world size 2 computes what world size 1 computes
+        for world in ("2", "2o"):
+            assert entry[world]["max_relative_parameter_difference_to_world_1"] < 1e-4, name
+        assert entry["bytes_per_step"]["representations"] > 0
+        assert entry["1"]["cpu_per_step"] > 0
+    for name in ("rsvd", "brand"):  # a rank-r representation is r/D of a dense one
+        assert strategies[name]["per_factor_ratio_over_r_by_D"] <= 1.1
+        assert strategies[name]["representation_ratio_to_eigh"] < 0.5
+    for simulation in payload["simulation"].values():
+        assert set(simulation["strategies"]) == {"eigh", "rsvd", "brand"}
+    assert "## Simulated curvature time per step" in table

@@ -383,3 +383,27 @@ def test_max_time_stops_a_run_early() -> None:
     assert result.wall_time == 5.0
     assert result.step[-1] == 5  # the last step is evaluated
     assert train(RunConfig(**{**cfg.__dict__, "max_time": None}), progress=False).steps == 12
+
+
+@pytest.mark.parametrize("model", ["autoencoder", "mlp"])
+def test_quadratic_step_and_adaptive_damping_from_the_command_line(
+    model: str, tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "run.json"
+    args = ["train", "--optimizer", "bkfac", "--model", model, "--width", "0.25", "--epochs",
+            "2", "--max-train", "128", "--batch-size", "32", "--quiet", "--json", str(out),
+            "--inverse-options", '{"rank": 8}', "--quadratic-step",
+            "--adaptive-damping"]  # fmt: skip
+    assert main(args) == 0
+    payload = json.loads(out.read_text())
+    config, result = payload["configs"][0], payload["results"][0]
+    assert config["quadratic_step"] is True
+    assert config["adaptive_damping"] is True
+    assert (config["damping"], config["damping_scheme"]) == (1e-4, "factored")
+    assert result["steps"] == 8
+    assert result["train_loss"][-1] < result["train_loss"][0]
+    assert main([*args, "--damping-scheme", "eigenbasis", "--damping", "0.01"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main([*args, "--damping-scheme", "factored-relative"])
+    assert "needs an absolute damping" in capsys.readouterr().err

@@ -21,6 +21,7 @@ def test_public_surface_is_explicit_and_sorted() -> None:
         if not name.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj))
     }
     assert public == set(kfac.__all__)
+    assert {"Distributed", "Message"} <= public  # distributed execution
     assert kfac.inverse_names() == (
         "brand",
         "brand-correct",
@@ -44,10 +45,12 @@ def test_classes_are_documented_with_numpydoc(name: str) -> None:
     [
         "kfac.preconditioner",
         "kfac.optimizer",
+        "kfac.distributed",
         "kfac.mbf",
         "kfac.kld_wrm",
         "kfac.fngd",
         "kfac.seng",
+        "kfac._quadratic",
     ],
 )
 def test_doctests(module: str) -> None:

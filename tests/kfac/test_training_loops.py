@@ -448,7 +448,7 @@ def _corrupt(state: dict, name: str) -> dict:
     elif name == "identity":
         layer["G"]["identity"] = 2.0
     elif name == "generators":
-        k["block"]["generators"] = {"cpu": torch.zeros(3)}
+        layer["A"]["rng"] = torch.zeros(3)
     elif name == "mc-generator":
         k["generator"] = torch.zeros(7, dtype=torch.int64)
     elif name == "momentum-shape":
@@ -508,7 +508,8 @@ def test_generators_saved_on_an_absent_device_are_reseeded_deterministically() -
         pytest.skip("this machine has CUDA: the saved states would be restored instead")
     _, opt = _trained()
     cuda_like = copy.deepcopy(opt.state_dict())
-    cuda_like["kfac"]["block"]["generators"] = {"cuda:0": torch.arange(16, dtype=torch.uint8)}
+    for factor in cuda_like["kfac"]["layers"]["0"].values():  # a CUDA-sized random stream
+        factor["rng"] = torch.arange(16, dtype=torch.uint8)
     cuda_like["kfac"]["generator"] = torch.arange(16, dtype=torch.uint8)  # a CUDA-sized state
     m1, o1 = _trained()
     m2, o2 = _trained()
@@ -592,3 +593,23 @@ def test_conv1d_equals_the_same_conv2d(options: dict) -> None:
     for a, b in zip(p1.factors("0"), p2.factors("0"), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(conv1.weight.grad, conv2.weight.grad.squeeze(2))
+
+
+def test_a_step_called_inside_autocast_computes_in_the_factor_dtype() -> None:
+    """Before: the refresh's products ran in bfloat16 under the caller's autocast and the
+    float32 eigenbasis failed its orthonormality check."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    reference = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(24, 5, generator=g), torch.randint(0, 3, (24,), generator=g)
+    options = {"lr": 0.1, "damping_scheme": "eigenbasis", "factor_every": 1, "inverse_every": 1}
+    inside, outside = kfac.KFAC(model, **options), kfac.KFAC(reference, **options)
+    for _ in range(3):
+        for net, opt, wrap in ((model, inside, True), (reference, outside, False)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=wrap):
+                opt.step()
+    for a, b in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(a, b)

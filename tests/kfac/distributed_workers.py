@@ -1,0 +1,318 @@
+"""Functions run in the processes the distributed tests spawn (gloo on loopback, float64).
+
+Each worker initialises a process group from a file store, runs its scenario with one thread,
+and writes what the test checks to ``out/<rank>.pt``; a worker never lets an exception escape
+(the spawner would kill the other processes before they report), it records it instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+import kfac
+
+F64 = torch.float64
+#: Global batch of every step (divisible by 1, 2 and 3).
+BATCH = 12
+#: Options of each strategy: small ranks and caps so the Brand rules track the 24-wide factors
+#: (rank_cap + rows < D) and the resets and corrections happen within 20 steps.
+STRATEGIES: dict[str, dict[str, Any]] = {
+    "eigh": {},
+    "rsvd": {"rank": 4, "oversample": 2},
+    "srevd": {"rank": 4, "oversample": 2},
+    "brand": {"rank": 4, "rank_cap": 6, "oversample": 2, "brand_every": 1},
+    "brand-rsvd": {"rank": 4, "rank_cap": 6, "oversample": 2, "reset_every": 2},
+    "brand-correct": {"rank": 4, "rank_cap": 6, "oversample": 2, "correct_every": 2},
+    "brand-rsvd-correct": {
+        "rank": 4, "rank_cap": 6, "oversample": 2, "reset_every": 2, "correct_every": 2,
+    },
+}  # fmt: skip
+
+
+def model(width: int = 24) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(10, width), nn.Tanh(), nn.Linear(width, 24), nn.Tanh(),
+                         nn.Linear(24, 5)).double()  # fmt: skip
+
+
+def data(steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(3)
+    return [
+        (
+            torch.randn(BATCH, 10, generator=gen, dtype=F64),
+            torch.randint(5, (BATCH,), generator=gen),
+        )
+        for _ in range(steps)
+    ]
+
+
+def shard(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    size = batch.shape[0] // world
+    return batch[rank * size : (rank + 1) * size]
+
+
+def options(inverse: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "inverse": inverse,
+        "factor_every": 2,
+        "inverse_every": 2,
+        "factor_dtype": F64,
+        "damping": 0.05,
+        # a short step timeout: a failing scenario ends instead of waiting for minutes
+        "distributed": kfac.Distributed(timeout=20.0),
+        **STRATEGIES[inverse],
+        **extra,
+    }
+
+
+def train(
+    net: nn.Module,
+    opt: torch.optim.Optimizer,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    rank: int = 0,
+    world: int = 1,
+    average: bool = True,
+) -> None:
+    """Steps on this process's shard; gradients averaged by hand (as a user would)."""
+    for x, y in batches:
+        opt.zero_grad()
+        F.cross_entropy(net(shard(x, rank, world)), shard(y, rank, world)).backward()
+        if world > 1 and average:
+            for p in net.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        opt.step()
+
+
+def flat(net: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
+def reference(inverse: str, steps: int, **extra: Any) -> torch.Tensor:
+    """One process on the concatenated batch."""
+    net = model()
+    opt = kfac.KFAC(net, lr=0.1, **options(inverse, distributed=False, **extra))
+    train(net, opt, data(steps))
+    return flat(net)
+
+
+# ---------------------------------------------------------------------------- scenarios
+
+
+def equality(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """Every strategy: the distributed run's parameters and its reference's."""
+    out: dict[str, Any] = {}
+    for inverse in STRATEGIES:
+        net = model()
+        opt = kfac.KFAC(net, lr=0.1, **options(inverse))
+        pre = opt.preconditioner
+        batches = data(steps)
+        train(net, opt, batches[:1], rank, world)  # step 0: the first refresh
+        runtime = pre.engine.dist
+        first = {
+            "bytes": dict(runtime.bytes),
+            "ranks": {row["layer"] + row["factor"]: row["rank"] for row in pre.diagnostics()},
+        }
+        train(net, opt, batches[1:], rank, world)
+        out[inverse] = {
+            "first": first,
+            "params": flat(net),
+            "reference": reference(inverse, steps) if rank == 0 else None,
+            "owners": dict(runtime.owners),
+            "costs": dict(runtime.costs),
+            "bytes": dict(runtime.bytes),
+            "applied": dict(pre.kron.applied),
+            "ranks": {row["layer"] + row["factor"]: row["rank"] for row in pre.diagnostics()},
+        }
+    return out
+
+
+def owner_directions(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """Each layer's direction computed by one process and broadcast."""
+    out: dict[str, Any] = {}
+    for inverse in ("eigh", "brand-rsvd-correct"):
+        net = model()
+        config = kfac.Distributed(directions="owner", timeout=20.0)
+        opt = kfac.KFAC(net, lr=0.1, **options(inverse, distributed=config))
+        train(net, opt, data(steps), rank, world)
+        runtime = opt.preconditioner.engine.dist
+        out[inverse] = {
+            "params": flat(net),
+            "direction_owners": dict(runtime.direction_owners),
+            "bytes": dict(runtime.bytes),
+            "applied": dict(opt.preconditioner.kron.applied),
+        }
+    return out
+
+
+def ddp(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """A model wrapped in DistributedDataParallel (names gain ``module.``)."""
+    net = model()
+    wrapped = nn.parallel.DistributedDataParallel(net)
+    opt = kfac.KFAC(wrapped, lr=0.1, **options("brand-rsvd-correct"))
+    train(wrapped, opt, data(steps), rank, world, average=False)
+    ref = reference("brand-rsvd-correct", steps) if rank == 0 else None
+    return {
+        "params": flat(net),
+        "reference": ref,
+        "applied": dict(opt.preconditioner.kron.applied),
+    }
+
+
+def mismatch(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """Rank 1 registers a wider first layer."""
+    net = model(width=25 if rank == 1 else 24)
+    kfac.KFAC(net, lr=0.1, **options("rsvd", distributed=kfac.Distributed(timeout=10.0)))
+    return {}
+
+
+def one_raises(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """Rank 1 raises at its third step; the others must fail within the timeout."""
+    net = model()
+    opt = kfac.KFAC(net, lr=0.1, **options("eigh", distributed=kfac.Distributed(timeout=5.0)))
+    batches = data(steps)
+    for i, (x, y) in enumerate(batches):
+        if rank == 1 and i == 3:
+            raise RuntimeError("rank 1 stops here")
+        opt.zero_grad()
+        F.cross_entropy(net(shard(x, rank, world)), shard(y, rank, world)).backward()
+        opt.step()  # gradients not averaged: the collectives of the step are the point
+    return {}
+
+
+def one_hangs(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """Rank 1 stalls for 6 s at its third step; rank 0's step must time out after 2 s."""
+    net = model()
+    opt = kfac.KFAC(net, lr=0.1, **options("eigh", distributed=kfac.Distributed(timeout=2.0)))
+    batches = data(steps)
+    for i, (x, y) in enumerate(batches):
+        if rank == 1 and i == 3:
+            time.sleep(6.0)
+        opt.zero_grad()
+        F.cross_entropy(net(shard(x, rank, world)), shard(y, rank, world)).backward()
+        opt.step()
+    return {}
+
+
+def nonfinite(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """Local statistics, and rank 1's are non-finite at step 2 (its gradients are not):
+    every process skips the update of that layer, the owners on rank 0 included."""
+    net = model()
+    config = kfac.Distributed(statistics="local", timeout=20.0)
+    pre = kfac.KFACPreconditioner(net, **options("eigh", factor_every=1, distributed=config))
+    x, y = data(1)[0]
+    for step in range(3):
+        net.zero_grad()
+        xs = shard(x, rank, world).clone()
+        if rank == 1 and step == 2:
+            xs[0, 0] = float("inf")
+        F.cross_entropy(net(xs), shard(y, rank, world)).backward()
+        for p in net.parameters():
+            p.grad = torch.nan_to_num(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        pre.step()
+    return {
+        "updates": {name: pre.state(name).A.updates for name in pre.layer_names},
+        "owners": dict(pre.engine.dist.owners),
+    }
+
+
+def checkpoint(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """``steps`` steps, then the (gathered) state dict, then ``steps`` more."""
+    out: dict[str, Any] = {}
+    for inverse in ("rsvd", "brand-rsvd-correct"):
+        net = model()
+        opt = kfac.KFAC(net, lr=0.1, momentum=0.5, **options(inverse))
+        batches = data(2 * steps)
+        train(net, opt, batches[:steps], rank, world)
+        saved = copy.deepcopy(opt.state_dict())  # torch.optim returns live buffers
+        weights = {k: v.clone() for k, v in net.state_dict().items()}
+        train(net, opt, batches[steps:], rank, world)
+        out[inverse] = {"state": saved, "model": weights, "params": flat(net)}
+    return out
+
+
+def resume(rank: int, world: int, steps: int, path: str) -> dict[str, Any]:
+    """Load the state saved at another world size and continue ``steps`` steps."""
+    out: dict[str, Any] = {}
+    saved = torch.load(path, weights_only=False)
+    for inverse in ("rsvd", "brand-rsvd-correct"):
+        net = model()
+        net.load_state_dict(saved[inverse]["model"])
+        opt = kfac.KFAC(net, lr=0.1, momentum=0.5, **options(inverse))
+        opt.load_state_dict(saved[inverse]["state"])
+        train(net, opt, data(2 * steps)[steps:], rank, world)
+        out[inverse] = {"params": flat(net)}
+    return out
+
+
+def local(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """Local statistics: the factors of each owner, from its own shard."""
+    net = model()
+    config = kfac.Distributed(statistics="local", timeout=20.0)
+    pre = kfac.KFACPreconditioner(
+        net, **options("eigh", factor_every=1, inverse_every=1, distributed=config)
+    )
+    x, y = data(1)[0]
+    F.cross_entropy(net(shard(x, rank, world)), shard(y, rank, world)).backward()
+    for p in net.parameters():
+        dist.all_reduce(p.grad)
+        p.grad /= world
+    grads = [p.grad.clone() for p in net.parameters()]
+    pre.step()
+    return {
+        "owners": dict(pre.engine.dist.owners),
+        "factors": {n: pre.factors(n) for n in pre.layer_names},
+        "reps": {n: pre.representations(n) for n in pre.layer_names},
+        "grads": grads,
+        "directions": [p.grad.clone() for p in net.parameters()],
+        "bytes": dict(pre.engine.dist.bytes),
+    }
+
+
+SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
+    "equality": equality,
+    "ddp": ddp,
+    "owner_directions": owner_directions,
+    "mismatch": mismatch,
+    "one_raises": one_raises,
+    "one_hangs": one_hangs,
+    "nonfinite": nonfinite,
+    "checkpoint": checkpoint,
+    "resume": resume,
+    "local": local,
+}
+
+
+def worker(rank: int, world: int, store: str, out: str, jobs: list[tuple[str, tuple]]) -> None:
+    """Entry point of a spawned process (``torch.multiprocessing.spawn``): the scenarios
+    ``jobs`` (name, arguments) in order, each one's record (or error) under its name."""
+    torch.set_num_threads(1)
+    records: dict[str, Any] = {}
+    dist.init_process_group(
+        "gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+        timeout=timedelta(seconds=30),
+    )  # fmt: skip
+    for name, args in jobs:
+        start = time.monotonic()
+        try:
+            record = {"ok": SCENARIOS[name](rank, world, *args)}
+        except Exception as exc:  # recorded for the test, which checks it
+            record = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
+        record["seconds"] = time.monotonic() - start
+        records[name] = record
+    torch.save(records, Path(out) / f"{rank}.pt")
+    if not any("error" in record for record in records.values()):
+        dist.destroy_process_group()
