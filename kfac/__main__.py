@@ -4,6 +4,10 @@ Examples::
 
     python -m kfac train --optimizer kfac --model autoencoder --epochs 5
     python -m kfac compare --optimizers sgd adam kfac --model mlp --plot compare.png
+    python -m kfac compare --optimizers adam muon bkfac --model autoencoder
+
+``muon``, ``soap``, ``psgd-kron`` and ``shampoo`` are optimizers of the ``pytorch-optimizer``
+package (``pip install "lowrank-kfac[bench]"``), see :data:`PEERS`.
 
     torchrun --nproc-per-node 2 -m kfac train --optimizer rkfac --model autoencoder
 
@@ -54,6 +58,10 @@ DEFAULT_LR = {
     "sgd": 0.1,
     "adam": 1e-3,
     "adamw": 1e-3,
+    "muon": 0.02,
+    "soap": 3e-3,
+    "psgd-kron": 1e-3,
+    "shampoo": 1e-3,
     "kfac": 0.3,
     "mbf": 0.3,
     "fngd": 0.3,
@@ -96,6 +104,54 @@ FNGD_DEFAULTS: dict[str, Any] = {"damping": 0.1, "factor_every": 1, "inverse_eve
 SENG_DEFAULTS: dict[str, Any] = {"damping": 0.1, "factor_every": 10, "inverse_every": 10}
 METHOD_DEFAULTS = {"mbf": MBF_DEFAULTS, "fngd": FNGD_DEFAULTS, "seng": SENG_DEFAULTS}
 
+#: Optimizers of the ``pytorch-optimizer`` package by command-line name: the class and its
+#: options besides ``lr`` (the library's defaults otherwise). ``muon``: ``Muon`` on the
+#: weight of every ``nn.Linear`` and ``nn.Conv2d`` (a convolution's kernel as its flattened
+#: ``(out, in * k * k)`` matrix), with the library's AdamW fallback (``use_muon=False``, lr
+#: :data:`MUON_ADAMW_LR`) for every other parameter: biases, norm gains, the Transformer's
+#: position table. ``shampoo`` recomputes its matrix roots every 10 steps (every step by
+#: default: minutes per epoch on the width-1 autoencoder).
+PEERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "muon": ("Muon", {}),
+    "soap": ("SOAP", {}),
+    "psgd-kron": ("Kron", {}),
+    "shampoo": ("Shampoo", {"preconditioning_compute_steps": 10}),
+}
+#: Learning rate of Muon's AdamW group (the command line's Adam default).
+MUON_ADAMW_LR = 1e-3
+
+
+def _peer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """The ``pytorch-optimizer`` optimizer ``name`` of :data:`PEERS` over ``model``."""
+    try:
+        import pytorch_optimizer
+    except ImportError:
+        raise ValueError(
+            f"optimizer {name!r} is pytorch-optimizer's {PEERS[name][0]}, which is not "
+            "installed: pip install pytorch-optimizer (or the bench extra, "
+            "pip install 'lowrank-kfac[bench]')"
+        ) from None
+    cls_name, options = PEERS[name]
+    cls = getattr(pytorch_optimizer, cls_name)
+    if name != "muon":
+        return cls(model.parameters(), lr=lr, **options)
+    matrices = {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and m.weight.requires_grad
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) in matrices], "lr": lr, "use_muon": True},
+        {
+            "params": [p for p in params if id(p) not in matrices],
+            "lr": MUON_ADAMW_LR,
+            "use_muon": False,
+        },
+    ]
+    return cls([g for g in groups if g["params"]], **options)
+
+
 #: The K-FAC variants' command-line defaults with ``--quadratic-step`` or
 #: ``--adaptive-damping`` (absolute Tikhonov damping, and the bias-corrected zero
 #: initialisation of the factors through :data:`QUADRATIC_INVERSE_OPTIONS`), measured on the
@@ -116,13 +172,14 @@ VARIANTS = {
 
 
 def optimizer_names() -> list[str]:
-    """``sgd``, ``adam``, the variants' paper names (``kfac``, ``rkfac``, ``srekfac``,
-    ``bkfac``, ``brkfac``, ``bckfac``, ``brckfac``), ``kfac-<inverse>`` for every registered
-    inverse strategy, ``mbf`` (the mini-block Fisher method), ``fngd``, ``seng`` and the
-    KLD-WRM optimizers (``so-kld-wrm``, ``q-kld-wrm``, ``qe-kld-wrm``)."""
+    """``sgd``, ``adam``, ``adamw``, the variants' paper names (``kfac``, ``rkfac``,
+    ``srekfac``, ``bkfac``, ``brkfac``, ``bckfac``, ``brckfac``), ``kfac-<inverse>`` for every
+    registered inverse strategy, ``mbf`` (the mini-block Fisher method), ``fngd``, ``seng``,
+    the KLD-WRM optimizers (``so-kld-wrm``, ``q-kld-wrm``, ``qe-kld-wrm``) and the
+    ``pytorch-optimizer`` peers (``muon``, ``soap``, ``psgd-kron``, ``shampoo``)."""
     aliases = [name for name, inverse in VARIANTS.items() if inverse in inverse_names()]
     kfacs = [*aliases, *(f"kfac-{name}" for name in inverse_names())]
-    return ["sgd", "adam", "adamw", *kfacs, "mbf", "fngd", "seng", *KLD_WRM]
+    return ["sgd", "adam", "adamw", *kfacs, "mbf", "fngd", "seng", *KLD_WRM, *PEERS]
 
 
 def inverse_for(name: str) -> str:
@@ -158,6 +215,7 @@ class RunConfig:
     inverse_options: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
     shuffle: bool = True
+    max_time: float | None = None
     adaptive_damping: bool = False
     quadratic_step: bool = False
 
@@ -190,7 +248,8 @@ def _make_optimizer(
 ) -> torch.optim.Optimizer:
     if name not in optimizer_names():
         raise ValueError(f"Invalid optimizer: {name!r}; valid names are {optimizer_names()}")
-    kind = name if name in ("sgd", "adam", "adamw", "mbf", "fngd", "seng", *KLD_WRM) else "kfac"
+    own = ("sgd", "adam", "adamw", "mbf", "fngd", "seng", *KLD_WRM, *PEERS)
+    kind = name if name in own else "kfac"
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[kind]
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum)
@@ -198,6 +257,8 @@ def _make_optimizer(
         return torch.optim.Adam(model.parameters(), lr=lr)
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr)
+    if name in PEERS:
+        return _peer(name, model, lr)
     # what every preconditioned optimizer takes, then each method's own options
     common: dict[str, Any] = {
         "lr": lr,
@@ -396,7 +457,7 @@ def train(
     ``make_optimizer(model)``, when given, builds the optimizer instead of ``cfg.optimizer``
     (an optimizer from another package; ``cfg.optimizer`` then only names the run).
     ``timer`` measures the training steps (``time.process_time`` for the process's CPU time
-    on a loaded machine)."""
+    on a loaded machine); ``cfg.max_time`` (in the timer's seconds) stops the run early."""
     ds = dataset if dataset is not None else datasets.load(cfg.data)
     if cfg.max_train is not None:
         ds = ds._replace(x_train=ds.x_train[: cfg.max_train], y_train=ds.y_train[: cfg.max_train])
@@ -424,6 +485,11 @@ def train(
         if result.time_to_target is None and _reached(cfg, value, accuracy):
             result.time_to_target = elapsed
 
+    if cfg.max_time is not None and _world() > 1:
+        raise ValueError(
+            "max_time is not supported under torchrun: each rank measures its own time, so "
+            "the ranks would stop at different steps"
+        )
     record(0.0, 0)
     bar = None
     if progress and _rank() == 0:
@@ -433,6 +499,8 @@ def train(
     elapsed, step = 0.0, 0
     for _ in range(cfg.epochs):
         perm = torch.randperm(n, generator=batches) if cfg.shuffle else torch.arange(n)
+        if cfg.max_time is not None and elapsed >= cfg.max_time:
+            break
         for i in range(0, n, cfg.batch_size):
             idx = _shard(perm[i : i + cfg.batch_size])
             x, y = ds.x_train[idx].to(cfg.device), ds.y_train[idx].to(cfg.device)
@@ -466,8 +534,11 @@ def train(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(batch_loss):.4g}")
-            if step % eval_every == 0 or step == total_steps:
+            out_of_time = cfg.max_time is not None and elapsed >= cfg.max_time
+            if step % eval_every == 0 or step == total_steps or out_of_time:
                 record(elapsed, step)
+            if out_of_time:
+                break
     if bar is not None:
         bar.close()
     result.steps = step
@@ -627,6 +698,12 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument(
             "--max-train", type=int, default=None, help="use the first N training samples"
         )
+        p.add_argument(
+            "--max-time",
+            type=float,
+            default=None,
+            help="stop each run after this many seconds of training steps",
+        )
         p.add_argument("--target-loss", type=float, default=None)
         p.add_argument("--target-accuracy", type=float, default=None)
         p.add_argument("--plot", default=None, help="PNG path for loss/accuracy vs wall time")
@@ -710,6 +787,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             "target_loss",
             "target_accuracy",
             "inverse_options",
+            "max_time",
             "adaptive_damping",
             "quadratic_step",
         )

@@ -29,6 +29,16 @@ alone would underflow, so its inverse would overflow and ``0 * inf`` turn the di
 NaN. The scalars a scheme needs (``max(d)``, ``tr``, ``min(d)``) are
 read once, when a representation is published (:meth:`Applied.of`), so preparing an inverse
 for a new damping value reads nothing back from the device.
+
+What preparation precomputes (the per-step apply is the hot path). A factored scheme turns a
+factor whose representation keeps at least half of its dimension (every factor of
+``inverse="eigh"``) into the dense damped inverse ``(X + lambda_X I)^-1``, one ``D^2 k``
+product per preparation; the step then costs one product per factor, ``I_G V I_A``, where the
+low-rank form ``U diag(c) U^T V + o V`` costs two. The eigenbasis schemes of two full-rank
+factors precompute the inverse denominators ``1 / (d_G d_A^T + lambda)`` and apply
+``Q_G [(Q_G^T V Q_A) * inv] Q_A^T``, four products (the truncated form adds the three
+complement blocks). A prepared inverse is made for one damping value: the block prepares a
+new one whenever the step's damping differs from the one it was prepared with.
 """
 
 from __future__ import annotations
@@ -46,11 +56,13 @@ __all__ = [
     "DAMPING_SCHEMES",
     "Applied",
     "DampingScheme",
+    "DenseInverse",
     "Eigenbasis",
     "Factored",
     "FactoredInverse",
     "PiAdjusted",
     "Prepared",
+    "factor_inverse",
     "make_damping",
 ]
 
@@ -116,13 +128,73 @@ class Prepared(Protocol):
         ``(N, d_A)``, without forming ``V`` first (factored schemes only)."""
         ...
 
+    def rows_cheaper(self, n: int) -> bool:
+        """Whether :meth:`apply_rows` on ``n`` rows costs fewer products than :meth:`apply`."""
+        ...
+
+
+@dataclass(frozen=True)
+class DenseInverse:
+    """A damped factor inverse ``(X + lambda I)^-1`` held as a dense symmetric matrix ``M``.
+
+    Built by :func:`factor_inverse` from the eigendecomposition ``X = U diag(d) U^T`` (plus
+    a flat complement ``tail`` when ``U`` is truncated); :meth:`apply` is one product, where
+    :class:`lowrank_nla.DampedInverse` applies the same operator with two thin ones.
+    """
+
+    M: Tensor
+
+    def apply(self, V: Tensor, side: str = "left") -> Tensor:
+        """``M V`` (``side="left"``) or ``V M`` (``side="right"``)."""
+        return self.M @ V if side == "left" else V @ self.M
+
+
+def factor_inverse(
+    rep: ln.LowRankPSD, *, damping: float, tail: float, validate: bool
+) -> ln.DampedInverse | DenseInverse:
+    """The prepared inverse of ``U diag(d) U^T + tail (I - U U^T) + damping I``.
+
+    A representation of rank ``k >= D / 2`` gives a :class:`DenseInverse` (its apply, ``D^2 m``
+    per ``m`` columns, is cheaper than the thin form's ``2 D k m``), a lower rank the thin
+    :class:`lowrank_nla.DampedInverse`. Validation (and the overflow check of the inverse
+    eigenvalues) is :func:`lowrank_nla.damped_inverse`'s in both cases.
+    """
+    thin = ln.damped_inverse(rep, damping=damping, tail=tail, validate=validate)
+    if 2 * rep.rank < rep.dim:
+        return thin
+    U = thin.U
+    if rep.rank == rep.dim:
+        # U U^T = I: the inverse is U diag(1/(d + l)) U^T, without the cancellation of
+        # 1/(d + l) - 1/l against 1/l that the complement form carries for a small damping
+        M = (U * (1.0 / (rep.d + damping))) @ U.T
+    else:
+        M = (U * thin.coeff) @ U.T
+        M.diagonal().add_(thin.outside)
+    return DenseInverse((M + M.T) / 2)
+
+
+def _per_column(inverse: ln.DampedInverse | DenseInverse) -> tuple[int, int]:
+    """``(D, multiply-adds of one column's apply)``: ``D^2`` dense, ``2 D k`` thin."""
+    if isinstance(inverse, DenseInverse):
+        D = inverse.M.shape[0]
+        return D, D * D
+    D, k = inverse.U.shape
+    return D, 2 * D * k
+
 
 @dataclass(frozen=True)
 class FactoredInverse:
-    """``I_G V I_A`` with ``I_X`` a prepared damped inverse of each factor."""
+    """``I_G V I_A`` with ``I_X`` a prepared damped inverse of each factor (thin or dense)."""
 
-    G: ln.DampedInverse
-    A: ln.DampedInverse
+    G: ln.DampedInverse | DenseInverse
+    A: ln.DampedInverse | DenseInverse
+
+    def rows_cheaper(self, n: int) -> bool:
+        # I_G V I_A: d_A columns through I_G, d_G rows through I_A; from the rows: n columns
+        # through each, then the (d_G x n)(n x d_A) product
+        d_g, cost_g = _per_column(self.G)
+        d_a, cost_a = _per_column(self.A)
+        return (cost_g + cost_a + d_g * d_a) * n < cost_g * d_a + cost_a * d_g
 
     def apply(self, V: Tensor) -> Tensor:
         return self.A.apply(self.G.apply(V, "left"), "right")
@@ -141,6 +213,28 @@ class _EigenbasisInverse:
 
     def apply_rows(self, grad_outputs: Tensor, inputs: Tensor) -> Tensor:
         return self.inverse.apply(grad_outputs.T @ inputs)
+
+    def rows_cheaper(self, n: int) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class _FullEigenbasisInverse:
+    """The eigenbasis inverse of two full-rank factors: ``Q_G [(Q_G^T V Q_A) * inv] Q_A^T``
+    with ``inv = 1 / (d_G d_A^T + lambda)`` precomputed (no complement blocks)."""
+
+    Q_G: Tensor
+    Q_A: Tensor
+    inv: Tensor
+
+    def apply(self, V: Tensor) -> Tensor:
+        return self.Q_G @ (((self.Q_G.T @ V) @ self.Q_A) * self.inv) @ self.Q_A.T
+
+    def apply_rows(self, grad_outputs: Tensor, inputs: Tensor) -> Tensor:
+        return self.apply(grad_outputs.T @ inputs)
+
+    def rows_cheaper(self, n: int) -> bool:
+        return False
 
 
 class DampingScheme(abc.ABC):
@@ -179,10 +273,10 @@ class Factored(DampingScheme):
         G, A = _live(G), _live(A)
         lam_g, lam_a = self.dampings(G, A, damping)
         return FactoredInverse(
-            ln.damped_inverse(
+            factor_inverse(
                 G.rep, damping=lam_g + G.identity, tail=G.tail(continuation), validate=validate
             ),
-            ln.damped_inverse(
+            factor_inverse(
                 A.rep, damping=lam_a + A.identity, tail=A.tail(continuation), validate=validate
             ),
         )
@@ -214,16 +308,18 @@ class Eigenbasis(DampingScheme):
     ) -> Prepared:
         G, A = _live(G), _live(A)
         lam = damping * G.top * A.top if self.relative else damping
-        return _EigenbasisInverse(
-            ln.kron_eigenbasis_inverse(
-                G.rep,
-                A.rep,
-                damping=lam,
-                tails=(G.tail(continuation), A.tail(continuation)),
-                shift=(G.identity, A.identity),
-                validate=validate,
-            )
+        inverse = ln.kron_eigenbasis_inverse(
+            G.rep,
+            A.rep,
+            damping=lam,
+            tails=(G.tail(continuation), A.tail(continuation)),
+            shift=(G.identity, A.identity),
+            validate=validate,
         )
+        if G.rep.rank == G.rep.dim and A.rep.rank == A.rep.dim:
+            inv = 1.0 / (inverse.d_G[:, None] * inverse.d_A[None, :] + lam)
+            return _FullEigenbasisInverse(inverse.U_G, inverse.U_A, inv)
+        return _EigenbasisInverse(inverse)
 
 
 DAMPING_SCHEMES: dict[str, Any] = {

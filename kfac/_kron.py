@@ -228,6 +228,16 @@ class FactorState:
             return replace(self, matrix=(1.0 - decay) * inst)
         return replace(self, matrix=(self.matrix * decay).add_(inst, alpha=1.0 - decay))
 
+    def with_block(self, B: Tensor, decay: float) -> FactorState:
+        """``X <- decay X + (1 - decay) B B^T`` as one product (``B`` the ``D x N`` block of
+        the step's rows): no ``X_inst`` formed, symmetrised and added in separate passes
+        (symmetric to rounding only; :meth:`DenseRule.low_rank` symmetrises it)."""
+        if self.matrix is None:
+            return replace(self, matrix=torch.mm(B, B.T).mul_(1.0 - decay))
+        return replace(
+            self, matrix=torch.addmm(self.matrix, B, B.T, beta=decay, alpha=1.0 - decay)
+        )
+
     def generator(self, device: torch.device) -> torch.Generator:
         """The factor's random stream on ``device``, where its last draw left it. A state
         saved on another kind of device (a CUDA run loaded on a CPU) cannot be restored: the
@@ -436,6 +446,8 @@ class DenseRule(FactorRule):
     def update(
         self, f: FactorState, stats: Statistics, tick: Tick, ctx: RuleContext
     ) -> FactorState:
+        if stats.block is not None:  # rows captured (for the rows application)
+            return f.with_block(stats.block, tick.decay).counted(tick.decay)
         return f.with_dense(stats.dense(), tick.decay).counted(tick.decay)
 
     def target_rank(self, f: FactorState) -> tuple[int, FactorState]:
@@ -450,6 +462,8 @@ class DenseRule(FactorRule):
         """A representation of the dense EA (no rank observation)."""
         assert f.matrix is not None
         X = f.matrix.to(ctx.decomposition_dtype)
+        # symmetric to the last bit (the EA of B B^T products is so only to rounding)
+        X = (X + X.T) / 2
         rank = X.shape[0]
         if self.ranks is not None:
             rank, f = self.target_rank(f)
@@ -785,8 +799,13 @@ class KronBlock(CurvatureBlock[KronState]):
         Model the discarded spectrum of a truncated representation as flat at its smallest
         kept eigenvalue.
     factored_apply : bool
-        Compute the directions of Linear layers whose two factors are Brand-tracked from the
-        layer's rows (only with a factored damping scheme; checked by a probe each step).
+        Compute the directions of Linear layers from the layer's rows (only with a factored
+        damping scheme; checked by a probe each step): always once both factors are
+        Brand-tracked, and with a dense rule on factor steps when ``N`` rows make it the
+        cheaper product, ``(I_G g^T)(I_A a^T)^T`` instead of ``I_G V I_A`` (for ``N`` below
+        about two thirds of the width with dense inverses). A gradient the rows do not
+        reproduce falls back to ``.grad``; with a dense rule silently (the same product,
+        computed the other way).
     dtype, decomposition_dtype : torch.dtype
         Application (factor) dtype and decomposition dtype.
     seed : int
@@ -841,22 +860,39 @@ class KronBlock(CurvatureBlock[KronState]):
 
     # -------------------------------------------------------------- protocol
     def rows_candidate(self, layer: Any) -> bool:
-        """Whether ``layer`` may use the rows application (once its factors are Brand-tracked)."""
+        """Whether ``layer`` may use the rows application: a Linear layer of a Brand rule
+        (once its factors are Brand-tracked) or of a dense rule (on the steps where the rows
+        are the cheaper product, :meth:`Prepared.rows_cheaper`)."""
         return (
             self.factored_apply
-            and self.rule.wants_rows(layer)
+            and (self.rule.wants_rows(layer) or self._dense_rows(layer))
             and all(p.requires_grad and p.dtype in _STAT_DTYPES for p in layer.params)
         )
 
+    def _dense_rows(self, layer: Any) -> bool:
+        # in one process only: distributed execution exchanges a dense rule's statistics as
+        # one all-reduce of the sums (the rows would have to be gathered instead)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        return (
+            isinstance(self.rule, DenseRule) and isinstance(layer, LinearLayer) and not distributed
+        )
+
     def rows_applied(self, layer: Any, state: KronState) -> bool:
-        """Whether the layer's direction comes from its rows (both factors Brand-tracked)."""
-        return state.probe is not None and bool(state.A.brand) and bool(state.G.brand)
+        """Whether the layer's direction may come from its rows (a candidate whose factors
+        are Brand-tracked, or a dense rule's candidate)."""
+        if state.probe is None:
+            return False
+        if isinstance(self.rule, DenseRule):
+            return True
+        return bool(state.A.brand) and bool(state.G.brand)
 
     def capture(self, layer: Any, state: KronState, factor_step: bool) -> CaptureSpec | None:
-        rows = self.rule.wants_rows(layer)
+        rows = self.rows_applied(layer, state)
         if factor_step:
-            return CaptureSpec(rows=rows)
-        return CaptureSpec(rows=True) if self.rows_applied(layer, state) else None
+            return CaptureSpec(rows=rows or self.rule.wants_rows(layer))
+        # a dense rule uses the rows on factor steps only (see _rows)
+        dense = isinstance(self.rule, DenseRule)
+        return CaptureSpec(rows=True) if rows and not dense else None
 
     def check_layers(self, layers: Mapping[str, Any]) -> None:
         """Warn when the strategy cannot do what its name says on these layers: a Brand
@@ -985,7 +1021,7 @@ class KronBlock(CurvatureBlock[KronState]):
         prepared = self.damping_scheme.prepare(
             G.applied, A.applied, tick.damping, continuation=self.continuation, validate=changed
         )
-        return KronState(A=A, G=G, prepared=prepared, damping=tick.damping, probe=state.probe)
+        return replace(state, A=A, G=G, prepared=prepared, damping=tick.damping)
 
     def publish(
         self, layer: Any, before: KronState, state: KronState, part: str
@@ -1023,7 +1059,7 @@ class KronBlock(CurvatureBlock[KronState]):
     ) -> Tensor:
         prepared = state.prepared
         assert prepared is not None
-        rows = self._rows(layer, state, grad, batch)
+        rows = self._rows(layer, state, grad, batch, tick)
         if rows is None:
             self.applied[layer.name] = "dense"
             return prepared.apply(grad)
@@ -1031,17 +1067,25 @@ class KronBlock(CurvatureBlock[KronState]):
         return prepared.apply_rows(*rows)
 
     def _rows(
-        self, layer: Any, state: KronState, V: Tensor, batch: LayerBatch | None
+        self, layer: Any, state: KronState, V: Tensor, batch: LayerBatch | None, tick: Tick
     ) -> tuple[Tensor, Tensor] | None:
         """The rows ``(grad_outputs, inputs)`` when they reproduce ``V`` on a random probe
         ``x``: ``|V x - g^T (a x)| <= 8 N eps ||g||_F ||a x||`` (rounding of the two
-        ``N``-term sums); ``None`` (with one warning per layer) when they do not."""
+        ``N``-term sums); ``None`` (with one warning per layer) when they do not.
+
+        A dense rule takes them only where they are the cheaper product and only on factor
+        steps, which read back from the device anyway: the probe's check is a host read, and
+        a step that updates and refreshes nothing reads nothing back."""
         if not self.rows_applied(layer, state) or batch is None or not batch.exact:
             return None
         if not all(p.requires_grad for p in layer.params):
             return None  # a bias frozen after registration: its column of V is zero
         g_rows, a_rows = batch.g_rows, batch.a_rows
         if g_rows is None or a_rows is None or g_rows.shape[0] != a_rows.shape[0]:
+            return None
+        dense = isinstance(self.rule, DenseRule)
+        assert state.prepared is not None
+        if dense and not (tick.factor and state.prepared.rows_cheaper(g_rows.shape[0])):
             return None
         assert state.probe is not None
         x = state.probe
@@ -1051,6 +1095,8 @@ class KronBlock(CurvatureBlock[KronState]):
         bound = float(torch.linalg.vector_norm(g_rows)) * float(torch.linalg.vector_norm(ax))
         if err <= 8 * g_rows.shape[0] * eps * bound:
             return g_rows, a_rows
+        if dense:
+            return None  # the rows were an optimisation of the same product: nothing to say
         if layer.name not in self._mismatch_warned:
             self._mismatch_warned.add(layer.name)
             warnings.warn(

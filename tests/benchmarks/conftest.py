@@ -15,12 +15,19 @@ import pytest
 SCRIPTS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
+def checkout_env(**extra: str) -> dict[str, str]:
+    """The environment of a benchmark subprocess: this checkout's packages first on the path
+    (not an installed copy's), BLAS threads that do not spin."""
+    path = os.pathsep.join(p for p in (str(SCRIPTS.parent), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OPENBLAS_THREAD_TIMEOUT": "4", "PYTHONPATH": path, **extra}
+
+
 @pytest.fixture
 def run_quick(tmp_path: Path) -> Callable[[str], tuple[dict[str, Any], str]]:
     """``run_quick("nla_updates")`` -> (JSON payload, markdown table) of a ``--quick`` run."""
 
     def run(stem: str) -> tuple[dict[str, Any], str]:
-        env = {**os.environ, "OPENBLAS_THREAD_TIMEOUT": "4"}
+        env = checkout_env()
         subprocess.run(
             [sys.executable, str(SCRIPTS / f"{stem}.py"), "--quick", "--out", str(tmp_path)],
             check=True,

@@ -151,6 +151,100 @@ def test_quick_defaults_benchmark(run_quick) -> None:
     assert "| mlp (width 0.1) |" in table
 
 
+def _env() -> dict[str, str]:
+    from .conftest import checkout_env
+
+    return checkout_env(OMP_NUM_THREADS="1")
+
+
+@pytest.mark.slow
+def test_quick_peers_table(tmp_path) -> None:
+    """The peers mode of kfac_time_to_target.py: grids, levels, equal time budgets."""
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import SCRIPTS
+
+    pytest.importorskip("pytorch_optimizer")
+    subprocess.run(
+        [sys.executable, str(SCRIPTS / "kfac_time_to_target.py"), "--peers", "--quick",
+         "--optimizers", "adam", "muon", "kfac", "kfac-noclip",
+         "--config", 'kfac-noclip={"optimizer": "kfac", "kl_clip": null}',
+         "--grid", "muon=0.01,0.02", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True,
+        env=_env(),
+    )  # fmt: skip
+    payload = json.loads((tmp_path / "kfac_peers_quick.json").read_text())
+    assert set(payload["results"]) == {"autoencoder-w1", "cnn"}
+    assert payload["meta"]["configs"]["kfac-noclip"] == ["kfac", {"kl_clip": None}]
+    assert payload["meta"]["grids"]["muon"] == [0.01, 0.02]
+    for task, res in payload["results"].items():
+        assert set(res["best"]) == {"adam", "muon", "kfac", "kfac-noclip"}, task
+        assert set(res["grid"]["muon"]) == {"0.01", "0.02"}
+        best_muon = min(res["grid"]["muon"].values(), key=lambda row: row["final_loss"])
+        assert res["best"]["muon"]["final_loss"] == best_muon["final_loss"]
+        for name, row in res["best"].items():
+            assert len(row["level_times"]) == len(res["levels"])
+            assert row["cpu_ms_per_step"] > 0
+            # every run stops at the first step past the budget (equal time)
+            assert res["budget"] <= row["seconds"] <= res["budget"] + 3 * row["cpu_ms_per_step"]
+            run = res["runs"][name][row["lr"]][0]
+            assert run["time"][-1] == run["wall_time"]  # the final loss is evaluated there
+    runs = payload["results"]["cnn"]["runs"]  # the clip binds on the CNN's first steps
+    assert runs["kfac-noclip"]["0.3"][0]["train_loss"] != runs["kfac"]["0.3"][0]["train_loss"]
+    table = (tmp_path / "kfac_peers_quick.md").read_text()
+    assert "## autoencoder-w1" in table
+    assert "| muon |" in table
+    # tasks run in separate processes merge into one table
+    subprocess.run(
+        [sys.executable, str(SCRIPTS / "kfac_time_to_target.py"), "--merge", "kfac_peers_quick",
+         "--stem", "merged", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True, env=_env(),
+    )  # fmt: skip
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["results"] == payload["results"]
+    assert merged["meta"]["merged"] == ["kfac_peers_quick"]
+
+
+@pytest.mark.slow
+def test_quick_asdl_benchmark(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import SCRIPTS
+
+    env = _env()
+    script = str(SCRIPTS / "kfac_asdl.py")
+    # without ASDL: a clear message and nothing written
+    absent = (
+        "import runpy, sys; sys.modules['asdl'] = None; "
+        f"sys.argv = [{script!r}, '--quick', '--out', {str(tmp_path)!r}]; "
+        f"runpy.run_path({script!r}, run_name='__main__')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", absent], capture_output=True, text=True, env=env, check=True
+    )
+    assert "ASDL is not installed (pip install --no-deps asdfghjkl)" in proc.stderr
+    assert not (tmp_path / "kfac_asdl_quick.json").exists()
+    pytest.importorskip("asdl")
+    subprocess.run(
+        [sys.executable, script, "--quick", "--out", str(tmp_path)],
+        check=True, capture_output=True, text=True, env=env,
+    )  # fmt: skip
+    payload = json.loads((tmp_path / "kfac_asdl_quick.json").read_text())
+    summary = payload["summary"]
+    assert list(summary) == ["kfac", "kfac-pi-noclip", "kfac-dense", "kfac-before", "asdl"]
+    for name, row in summary.items():
+        assert row["cpu_ms_per_step"] > 0, name
+        assert len(payload["cpu"][name]) == 3
+    # the three hot paths compute the same directions: the same loss after 30 steps
+    for name in ("kfac-dense", "kfac-before"):
+        assert abs(summary[name]["train_loss"] - summary["kfac"]["train_loss"]) <= 1e-4
+    assert "| asdl |" in (tmp_path / "kfac_asdl_quick.md").read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_quick_distributed_benchmark(run_quick) -> None:

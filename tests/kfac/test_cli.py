@@ -9,6 +9,7 @@ import re
 import struct
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -316,6 +317,72 @@ def test_kld_wrm_from_the_command_line(name: str, tmp_path: Path, mnist_dir: Pat
     assert main([*args, "--factor-decay", "0.2", "--damping-scheme", "factored"]) == 0
     config = json.loads(out.read_text())["configs"][0]
     assert (config["factor_decay"], config["damping_scheme"]) == (0.2, "factored")
+
+
+def test_pytorch_optimizer_peers_from_the_command_line(tmp_path: Path) -> None:
+    """Muon, SOAP, PSGD Kron and Shampoo (pytorch-optimizer) train from ``compare`` (16
+    steps: Shampoo leaves the weights where they are until its first matrix roots, at step
+    10)."""
+    pytest.importorskip("pytorch_optimizer")
+    out = tmp_path / "peers.json"
+    code = main(
+        ["compare", "--optimizers", "muon", "soap", "psgd-kron", "shampoo", "--model", "mlp",
+         "--width", "0.25", "--epochs", "1", "--max-train", "256", "--batch-size", "16",
+         "--quiet", "--lr", "muon=0.01", "--json", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    payload = json.loads(out.read_text())
+    assert [r["optimizer"] for r in payload["results"]] == ["muon", "soap", "psgd-kron", "shampoo"]
+    for r in payload["results"]:
+        assert r["steps"] == 16
+        assert all(np.isfinite(r["train_loss"]))
+        assert r["train_loss"][-1] != r["train_loss"][0]  # the weights moved
+
+
+def test_muon_takes_the_layer_matrices_and_adamw_the_rest() -> None:
+    pytest.importorskip("pytorch_optimizer")
+    from kfac.__main__ import MUON_ADAMW_LR, _make_optimizer
+
+    model = models.build("transformer", (1, 28, 28), 10, 0.25)
+    opt = _make_optimizer("muon", model, RunConfig(optimizer="muon", lr=0.05), "cross_entropy")
+    muon, rest = opt.param_groups
+    assert muon["use_muon"] is True
+    assert rest["use_muon"] is False
+    assert (muon["lr"], rest["lr"]) == (0.05, MUON_ADAMW_LR)
+    matrices = {
+        id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+    }
+    assert {id(p) for p in muon["params"]} == matrices
+    assert id(model.position) in {id(p) for p in rest["params"]}  # a 2-D table, not a layer
+    assert len(muon["params"]) + len(rest["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["muon", "soap", "psgd-kron", "shampoo"])
+def test_missing_pytorch_optimizer_is_a_usage_error(name: str, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(sys.modules, "pytorch_optimizer", None)  # import raises ImportError
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--optimizers", "adam", name, "--quiet", "--epochs", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(
+        rf"--optimizer {name}: optimizer '{name}' is pytorch-optimizer's \w+, which is not "
+        r"installed: pip install pytorch-optimizer",
+        err,
+    ), err
+
+
+def test_max_time_stops_a_run_early() -> None:
+    def ticks() -> Callable[[], float]:
+        now = iter(range(1000))
+        return lambda: float(next(now))  # every call one second later: each step takes 1 s
+
+    cfg = RunConfig(optimizer="sgd", model="mlp", width=0.25, epochs=3, batch_size=32,
+                    max_train=128, max_time=5.0)  # fmt: skip
+    result = train(cfg, progress=False, timer=ticks())
+    assert result.steps == 5
+    assert result.wall_time == 5.0
+    assert result.step[-1] == 5  # the last step is evaluated
+    assert train(RunConfig(**{**cfg.__dict__, "max_time": None}), progress=False).steps == 12
 
 
 @pytest.mark.parametrize("model", ["autoencoder", "mlp"])

@@ -72,6 +72,8 @@ def run(
     settings.update(options)
     if not settings["inverse"].startswith("brand"):
         del settings["rank_cap"], settings["brand_every"]
+    if settings["inverse"] == "eigh":
+        del settings["rank"], settings["adaptive_rank"]
     precond = kfac.KFACPreconditioner(model, **settings)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     out = []
@@ -181,15 +183,60 @@ def rows_every_step(precond) -> set[str]:
         {"factored_apply": False},
         {"damping_scheme": "eigenbasis-relative"},
         {"fisher": "mc", "loss": "cross_entropy"},
-        {"inverse": "rsvd"},
     ],
-    ids=["off", "eigenbasis", "mc-fisher", "not-brand"],
+    ids=["off", "eigenbasis", "mc-fisher"],
 )
 def test_factored_application_only_where_it_applies(options) -> None:
     model = wide_mlp().double()
     _, precond = run(model, batches(model, 4, torch.float64), **options)
     assert set(applied(precond).values()) == {"dense"}
     assert rows_every_step(precond) == set()
+
+
+@pytest.mark.parametrize("scheme", ["factored-relative", "factored", "pi"])
+@pytest.mark.parametrize("inverse", ["eigh", "rsvd"])
+def test_dense_rules_use_the_rows_where_they_are_cheaper(inverse: str, scheme: str) -> None:
+    """K-FAC's dense inverses (``eigh``) and R-KFAC's thin ones: with 4 rows, layer '0'
+    (48 x 65) is cheaper from its rows on factor steps, layer '2' (3 x 49) from its gradient
+    matrix, and the directions equal the gradient path's; with 64 rows neither uses them."""
+    torch.manual_seed(0)
+    model = wide_mlp().double()
+    data = batches(model, 7, torch.float64)
+    twin = copy.deepcopy(model)
+    options = {"inverse": inverse, "damping_scheme": scheme, "factor_dtype": torch.float64}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours, precond = run(model, data, **options)
+    reference, dense = run(twin, data, factored_apply=False, **options)
+    assert applied(precond) == {"0": "factored", "2": "dense"}
+    assert applied(dense) == {"0": "dense", "2": "dense"}
+    for step, (a, b) in enumerate(zip(ours, reference, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=f"step {step}")
+    # between factor steps (every 2) nothing is recorded: the rows' check is a host read
+    assert precond.steps % 2 == 1
+    assert precond.capture_plan() == dense.capture_plan() == {}
+    wide = [(torch.randn(64, 64, dtype=torch.float64), torch.randint(3, (64,))) for _ in range(3)]
+    _, precond = run(wide_mlp().double(), wide, **options)
+    assert applied(precond) == {"0": "dense", "2": "dense"}
+    assert precond.steps % 2 == 1
+    assert precond.capture_plan() == {}
+
+
+def test_dense_rule_falls_back_silently_when_the_rows_do_not_give_the_gradient() -> None:
+    """A penalty in the loss: the same product from ``.grad``, without a warning (the rows
+    were only a cheaper way to compute it)."""
+    torch.manual_seed(0)
+    model = wide_mlp().double()
+    data = batches(model, 4, torch.float64)
+    twin = copy.deepcopy(model)
+    options = {"inverse": "eigh", "factor_dtype": torch.float64, "factor_every": 1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours, precond = run(model, data, l2_penalty, **options)
+    reference, _ = run(twin, data, l2_penalty, factored_apply=False, **options)
+    assert applied(precond)["0"] == "dense"
+    for a, b in zip(ours, reference, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
 def test_rows_are_recorded_on_every_step_only_for_factored_layers() -> None:
