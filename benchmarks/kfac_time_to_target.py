@@ -57,6 +57,15 @@ import torch
 from kfac import data
 from kfac.__main__ import DEFAULT_LR, PEERS, RunConfig, RunResult, optimizer_names, plot, train
 
+#: The quadratic-model step's settings (RunConfig fields).
+QUADRATIC: dict[str, Any] = {
+    "quadratic_step": True,
+    "adaptive_damping": True,
+    "damping": 1e-4,
+    "damping_scheme": "factored",
+    "kl_clip": None,
+    "momentum": 0.0,
+}
 #: Labelled configurations beyond the command line's names: name -> (command-line optimizer,
 #: the RunConfig fields it sets; ``inverse_options`` reach the optimizer as keywords).
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -67,6 +76,16 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "bkfac",
         {"inverse_options": {"identity_clock": "batches", "factor_init": "zero"}},
     ),
+    # the quadratic-model step with adaptive damping, no clip, no momentum (the measured
+    # settings of docs/kfac.md, "Steps without a clip"; the learning rate only scales)
+    "bkfac-quadratic": (
+        "bkfac",
+        {
+            **QUADRATIC,
+            "inverse_options": {"rank": 64, "identity_clock": "batches", "factor_init": "zero"},
+        },
+    ),
+    "kfac-quadratic": ("kfac", {**QUADRATIC, "inverse_options": {"factor_init": "zero"}}),
 }
 OPTIMIZERS = [
     "sgd", "adam", "adamw", "kfac", "rkfac", "srekfac", "bkfac", "brkfac", "bckfac", "brckfac",
@@ -85,6 +104,7 @@ DEFAULT_STEM = "kfac_time_to_target"
 #: The peers table's optimizers (``--peers``).
 PEER_OPTIMIZERS = [
     "adam", "adamw", "muon", "soap", "psgd-kron", "shampoo", "kfac", "bkfac-batch-clock",
+    "kfac-quadratic", "bkfac-quadratic",
 ]  # fmt: skip
 #: Learning-rate grids of the peers table (at most three values each, around each library's
 #: default); a name without a grid runs at the command line's default rate only.
