@@ -309,7 +309,8 @@ class Engine:
         self.warn_nonfinite(bad, "statistics", tick.step, f"statistics {unchanged}")
         for name in with_batch:
             batch = batches[name]
-            if grad_ok[name] and stats_ok[name] and batch is not None:
+            # a batch of no samples carries no statistics: the factors stay as they are
+            if grad_ok[name] and stats_ok[name] and batch is not None and batch.n > 0:
                 layer = self.layers[name]
                 self.states[name] = self.block.update(layer, self.states[name], batch, tick)
         return set(bad_grads)
@@ -345,7 +346,7 @@ class Engine:
         for name in with_batch:
             batch = batches[name]
             owned = self.dist.owned[name]
-            if grad_ok[name] and stats_ok[name] and batch is not None and owned:
+            if grad_ok[name] and stats_ok[name] and batch is not None and owned and batch.n > 0:
                 layer = self.layers[name]
                 state = self.block.update_parts(layer, self.states[name], batch, tick, owned)
                 self.states[name] = state

@@ -613,3 +613,32 @@ def test_a_step_called_inside_autocast_computes_in_the_factor_dtype() -> None:
                 opt.step()
     for a, b in zip(model.parameters(), reference.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("inverse", ["eigh", "brand"])
+def test_an_empty_batch_leaves_the_factors_and_parameters_alone(inverse: str) -> None:
+    """Before: ZeroDivisionError in the statistics' scaling (no samples)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30))
+    options = {} if inverse == "eigh" else {"rank": 2, "rank_cap": 4}
+    opt = kfac.KFAC(model, lr=0.1, factor_every=1, inverse_every=1, inverse=inverse, **options)
+    x = torch.randn(8, 40)
+    opt.zero_grad()
+    model(x).sum().backward()
+    opt.step()
+    state = copy.deepcopy(opt.preconditioner.state_dict()["layers"])
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    model(x[:0]).sum().backward()
+    opt.step()
+    assert opt.preconditioner.steps == 2
+    for a, b in zip(before, model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    after = opt.preconditioner.state_dict()["layers"]
+    compared = 0
+    for key in ("A", "G"):
+        for name, value in state["0"][key].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, after["0"][key][name]), (key, name)
+                compared += 1
+    assert compared >= 4
