@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import kfac
-from kfac._quadratic import AdaptiveDamping, QuadraticModel, named_params, solve_step
+from kfac import AdaptiveDamping
+from kfac._quadratic import QuadraticModel, named_params, solve_step
 
 
 def _model(seed: int = 0, out: int = 3, width: int = 7) -> nn.Module:
