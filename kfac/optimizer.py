@@ -263,7 +263,9 @@ class PreconditionedSGD(torch.optim.SGD):
             if p.grad is not None  # a parameter without a gradient does not move
         ]
         params = [p for p, _, _ in entries]
-        raw = [p.grad.clone() for p in params]  # the gradient before preconditioning
+        # the gradient before preconditioning, for the model's linear term (not needed by a
+        # fixed-learning-rate step that does not adapt the damping)
+        raw = [p.grad.clone() for p in params] if self.quadratic_step or adapt else []
         # what a rejected step restores: parameters and their optimizer state
         saved = (
             [(p.detach().clone(), dict(self.state[p])) for p in params]
