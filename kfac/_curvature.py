@@ -59,6 +59,8 @@ from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import Tensor
 
+from ._clip import all_finite
+
 __all__ = [
     "CaptureSpec",
     "CurvatureBlock",
@@ -187,7 +189,7 @@ class LayerBatch:
 
     def finite(self) -> bool:
         """Whether every recorded entry is finite (reads one flag back to the host)."""
-        flags = [torch.isfinite(t).all() for t in self.tensors()]
+        flags = [all_finite(t) for t in self.tensors()]
         return bool(torch.stack(flags).all()) if flags else True
 
 

@@ -56,6 +56,12 @@ SOLVERS = ("auto", "cholesky", "smw")
 _CHUNK_ELEMENTS = 1 << 24
 #: The relative damping's floor on ``tr F_b / m`` (a block of a dead unit stays invertible).
 _TRACE_FLOOR = 1e-12
+#: Mini-blocks up to this size keep their inverse block-last, ``(m, m, B)``: the refresh is a
+#: vectorised Gauss-Jordan sweep and the direction ``m`` fused multiply-adds over ``B``-vectors
+#: (measured on one CPU thread: 3-4x faster than LAPACK's batched Cholesky and a batched
+#: matrix-vector product at ``m = 8``); larger ones are inverted by batched Cholesky and
+#: applied by a batched product, ``(B, m, m)``.
+_SWEEP_MAX = 16
 
 
 class Segment(NamedTuple):
@@ -107,22 +113,48 @@ def split_rows(M: Tensor, segments: Sequence[Segment]) -> list[Tensor]:
     return [M[..., s.start : s.stop].reshape(*lead, rows * s.blocks, s.size) for s in segments]
 
 
-def merge_rows(parts: Sequence[Tensor], segments: Sequence[Segment], rows: int) -> Tensor:
-    """Inverse of :func:`split_rows` for one matrix."""
-    return torch.cat(
-        [p.reshape(rows, s.blocks * s.size) for p, s in zip(parts, segments, strict=True)], dim=1
+def split_cols(M: Tensor, s: Segment) -> Tensor:
+    """The ``(rows, d_A)`` matrix's entries of segment ``s`` as ``(size, B)``, block
+    ``b = chunk * rows + row`` (chunk-major: the layout of a dense group's statistic)."""
+    rows = M.shape[-2]
+    return (
+        M[..., s.start : s.stop]
+        .reshape(rows, s.blocks, s.size)
+        .permute(2, 1, 0)
+        .reshape(s.size, s.blocks * rows)
     )
+
+
+def merge_cols(parts: Sequence[Tensor], segments: Sequence[Segment], rows: int) -> Tensor:
+    """Inverse of :func:`split_cols` over a row's segments."""
+    return torch.cat(
+        [
+            p.reshape(s.size, s.blocks, rows).permute(2, 1, 0).reshape(rows, s.blocks * s.size)
+            for p, s in zip(parts, segments, strict=True)
+        ],
+        dim=1,
+    )
+
+
+def _row_to_chunk_major(F: Tensor, s: Segment) -> Tensor:
+    """``(B, m, m)`` blocks in row-major order (``b = row * blocks + chunk``) as the
+    block-last ``(m, m, B)`` of chunk-major order."""
+    m = F.shape[-1]
+    rows = F.shape[0] // s.blocks
+    return F.reshape(rows, s.blocks, m, m).permute(2, 3, 1, 0).reshape(m, m, F.shape[0])
 
 
 class GroupState(NamedTuple):
     """The state of one segment's ``B`` mini-blocks of size ``m``.
 
-    Exactly one of ``F`` (the dense exponential average ``(B, m, m)``) and ``U`` (the same
-    average as ``U U^T`` with ``U`` of shape ``(B, m, r)``: the SMW path) is set once a
-    statistic exists. ``inverse`` is what the direction applies: ``(F + lam I)^{-1}``
-    ``(B, m, m)``, or for the SMW path ``(U^T U + lam I)^{-1}`` ``(B, r, r)`` with ``basis``
-    the ``U`` it was prepared from (later updates replace ``U``, not ``basis``); ``lam``
-    ``(B,)`` is the damping it was prepared with.
+    Exactly one of ``F`` (the dense exponential average, block-last ``(m, m, B)``) and
+    ``U`` (the same average as ``U U^T`` with ``U`` of shape ``(B, m, r)``: the SMW path) is
+    set once a statistic exists. ``inverse`` is what the direction applies: ``(F + lam
+    I)^{-1}``, block-last ``(m, m, B)`` for ``m <= 16`` and ``(B, m, m)`` above, or for the SMW
+    path ``(U^T U + lam I)^{-1}`` ``(B, r, r)`` with ``basis`` the ``U`` it was prepared from
+    (later updates replace ``U``, not ``basis``); ``lam`` ``(B,)`` is the damping it was
+    prepared with. Dense groups number their blocks chunk-major (``b = chunk * rows +
+    row``), factored ones row-major (``b = row * blocks + chunk``).
     """
 
     F: Tensor | None = None
@@ -264,7 +296,8 @@ class MBFBlock(CurvatureBlock[MBFState]):
     def _dense_linear(self, layer: Layer, batch: LayerBatch) -> list[Tensor]:
         """One position per sample: ``F_b = n sum_i g_{i,o}^2 a_{i,c} a_{i,c}^T`` as one GEMM
         of the squared output gradients with the chunks' outer products (no per-sample
-        gradient is formed)."""
+        gradient is formed; only the ``m (m + 1) / 2`` entries on and above the diagonal are
+        multiplied, then mirrored). Block-last ``(m, m, B)``, chunk-major."""
         assert batch.a_rows is not None
         assert batch.g_rows is not None
         a, g = batch.a_rows, batch.g_rows
@@ -272,14 +305,16 @@ class MBFBlock(CurvatureBlock[MBFState]):
         weights = n * g.square()  # (n, d_G)
         out = []
         for s in self.segments(layer):
-            width = s.blocks * s.size * s.size
-            F = a.new_zeros(rows, width)
+            J, K, full = _triangle(s.size, a.device)
+            width = J.numel() * s.blocks
+            F = a.new_zeros(width, rows)
             step = max(1, _CHUNK_ELEMENTS // max(1, width))
             for lo in range(0, n, step):
                 chunk = a[lo : lo + step, s.start : s.stop].reshape(-1, s.blocks, s.size)
-                outer = torch.einsum("icj,ick->icjk", chunk, chunk).reshape(-1, width)
-                F = F + weights[lo : lo + step].T @ outer
-            out.append(F.reshape(rows * s.blocks, s.size, s.size))
+                outer = (chunk[:, :, J] * chunk[:, :, K]).transpose(1, 2).reshape(-1, width)
+                F.addmm_(outer.T, weights[lo : lo + step])
+            F = F.reshape(J.numel(), s.blocks * rows)[full]
+            out.append(F.reshape(s.size, s.size, s.blocks * rows))
         return out
 
     def update(self, layer: Layer, state: MBFState, batch: LayerBatch, tick: Tick) -> MBFState:
@@ -311,10 +346,10 @@ class MBFBlock(CurvatureBlock[MBFState]):
                 if per_sample is None:
                     per_sample = self._per_sample(layer, batch)
                 u = per_sample[k]
-                F_inst = torch.einsum("nbj,nbk->bjk", u, u) / n
+                F_inst = _row_to_chunk_major(torch.einsum("nbj,nbk->bjk", u, u) / n, s)
             if old.U is not None:  # the factored average grew past the cost rule
-                old = old._replace(F=old.U @ old.U.mT, U=None)
-            F = F_inst if old.F is None else rho * old.F + (1 - rho) * F_inst
+                old = old._replace(F=_row_to_chunk_major(old.U @ old.U.mT, s), U=None)
+            F = F_inst if old.F is None else torch.add(old.F * rho, F_inst, alpha=1 - rho)
             groups.append(old._replace(F=F))
         return MBFState(tuple(groups), state.updates + 1, stale=True)
 
@@ -330,8 +365,9 @@ class MBFBlock(CurvatureBlock[MBFState]):
         return damping * (trace / size).clamp_min(_TRACE_FLOOR)
 
     def _prepare(self, layer: Layer, group: GroupState, damping: float) -> GroupState:
-        """The damped inverse of one group: one batched Cholesky (float32 failures retried in
-        float64 with a warning), then the batched inverse from the factor."""
+        """The damped inverse of one group: a vectorised Gauss-Jordan sweep (``m <=``
+        ``_SWEEP_MAX``, block-last) or one batched Cholesky and the inverse from the factor;
+        float32 failures are retried in float64 with a warning."""
         if group.U is not None:
             U = group.U
             size = U.shape[1]
@@ -340,9 +376,14 @@ class MBFBlock(CurvatureBlock[MBFState]):
         else:
             assert group.F is not None
             F = group.F
-            size = F.shape[1]
-            lam = self._damping(torch.diagonal(F, dim1=1, dim2=2).sum(dim=1), size, damping)
-            system = F
+            size = F.shape[0]
+            lam = self._damping(torch.diagonal(F, dim1=0, dim2=1).sum(dim=1), size, damping)
+            if size <= _SWEEP_MAX:  # F is symmetric by construction (mirrored or a Gram)
+                system = F.clone()
+                torch.diagonal(system, dim1=0, dim2=1).add_(lam[:, None])
+                inverse = _swept_inverse(system, layer)
+                return group._replace(inverse=inverse, lam=lam, basis=None)
+            system = F.permute(2, 0, 1)
         eye = torch.eye(system.shape[-1], dtype=system.dtype, device=system.device)
         system = (system + system.mT) / 2 + lam[:, None, None] * eye
         inverse = _damped_inverse(system, layer)
@@ -352,20 +393,28 @@ class MBFBlock(CurvatureBlock[MBFState]):
         self, layer: Layer, state: MBFState, grad: Tensor, batch: LayerBatch | None, tick: Tick
     ) -> Tensor:
         segments = self.segments(layer)
+        rows = grad.shape[0]
         parts = []
-        for v, g in zip(split_rows(grad, segments), state.groups, strict=True):
+        for s, g in zip(segments, state.groups, strict=True):
             assert g.inverse is not None
             assert g.lam is not None
             inverse = g.inverse
-            x = v.to(inverse.dtype)  # (B, m)
-            if g.basis is not None:
+            if g.basis is not None:  # SMW, row-major (B, m)
+                x = grad[:, s.start : s.stop].reshape(rows * s.blocks, s.size).to(inverse.dtype)
                 U = g.basis.to(inverse.dtype)
                 y = torch.einsum("brs,bs->br", inverse, torch.einsum("bmr,bm->br", U, x))
                 out = (x - torch.einsum("bmr,br->bm", U, y)) / g.lam.to(inverse.dtype)[:, None]
+                parts.append(out.reshape(rows, s.blocks * s.size).to(grad.dtype))
+                continue
+            x = split_cols(grad, s).to(inverse.dtype)  # (m, B), chunk-major
+            if s.size <= _SWEEP_MAX:  # block-last: m fused multiply-adds over B-vectors
+                out = inverse[:, 0] * x[0]
+                for j in range(1, s.size):
+                    out.addcmul_(inverse[:, j], x[j])
             else:
-                out = torch.einsum("bjk,bk->bj", inverse, x)
-            parts.append(out.to(grad.dtype))
-        return merge_rows(parts, segments, grad.shape[0])
+                out = (inverse @ x.T.unsqueeze(-1)).squeeze(-1).T
+            parts.append(merge_cols([out.to(grad.dtype)], [s], rows))
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def exchange(self, state: MBFState) -> dict[str, Tensor]:
         out = {}
@@ -398,9 +447,7 @@ class MBFBlock(CurvatureBlock[MBFState]):
             for key in GroupState._fields:
                 t = g.get(key)
                 if t is not None:
-                    if t.shape[0] != blocks or (
-                        key in ("F", "U", "basis") and t.shape[1] != s.size
-                    ):
+                    if not _fits(key, t, blocks, s.size, g.get("basis") is None):
                         raise ValueError(
                             f"MBF state of layer {layer.describe()}: {key} of shape "
                             f"{tuple(t.shape)} does not fit {blocks} blocks of size {s.size}"
@@ -445,12 +492,83 @@ class MBFBlock(CurvatureBlock[MBFState]):
         return rows
 
 
+def _fits(key: str, t: Tensor, blocks: int, size: int, dense: bool) -> bool:
+    """Whether a saved group tensor has the shape of its layout (see :class:`GroupState`)."""
+    if key == "F" or (key == "inverse" and dense and size <= _SWEEP_MAX):
+        return tuple(t.shape) == (size, size, blocks)
+    if key == "lam":
+        return tuple(t.shape) == (blocks,)
+    if key == "inverse" and dense:
+        return tuple(t.shape) == (blocks, size, size)
+    if key == "inverse":
+        return t.ndim == 3 and t.shape[0] == blocks and t.shape[1] == t.shape[2]
+    return t.ndim == 3 and t.shape[0] == blocks and t.shape[1] == size  # U, basis
+
+
 def _rank(state: MBFState) -> int:
     """Columns of the factored statistics (0 before any update or when every group is dense)."""
     for g in state.groups:
         if g.U is not None:
             return int(g.U.shape[2])
     return 0
+
+
+def _triangle(m: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Row and column indices of the entries of an ``m x m`` matrix on and above the
+    diagonal, and for every entry of the full matrix its index among them."""
+    J, K = torch.triu_indices(m, m, device=device)
+    index = torch.empty(m, m, dtype=torch.long, device=device)
+    index[J, K] = torch.arange(J.numel(), device=device)
+    index[K, J] = index[J, K]
+    return J, K, index.flatten()
+
+
+def _sweep(system: Tensor) -> tuple[Tensor, Tensor]:
+    """Gauss-Jordan inversion of a block-last batch ``(m, m, B)`` of symmetric positive
+    definite matrices, without pivoting (the pivots are Schur complements: positive), as
+    ``m`` rank-one updates over the whole batch; returns the inverse and whether every pivot
+    was positive and finite."""
+    A = system.clone()  # overwritten by its inverse
+    m = A.shape[0]
+    ok = torch.ones((), dtype=torch.bool, device=A.device)
+    for k in range(m):
+        pivot = A[k, k].clone()
+        ok = ok & ((pivot > 0) & torch.isfinite(pivot)).all()
+        p = 1 / pivot
+        row = A[k] * p
+        row[k] = p
+        col = A[:, k].clone()
+        col[k] = 0
+        A.addcmul_(col[:, None], row[None], value=-1)
+        A[k] = row
+        A[:, k] = -col * p
+        A[k, k] = p
+    return A, ok
+
+
+def _swept_inverse(system: Tensor, layer: Layer) -> Tensor:
+    """:func:`_sweep` with the float64 retry of :func:`_damped_inverse` (reads one flag)."""
+    inverse, ok = _sweep(system)
+    if bool(ok):
+        return inverse
+    if system.dtype == torch.float64:
+        raise torch.linalg.LinAlgError(
+            f"MBF: the damped mini-blocks of layer {layer.describe()} are not positive "
+            "definite in float64 (increase the damping)"
+        )
+    warnings.warn(
+        f"MBF: inverting the mini-blocks of layer {layer.describe()} failed in "
+        f"{system.dtype}; retrying in float64",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    inverse, ok = _sweep(system.double())
+    if not bool(ok):
+        raise torch.linalg.LinAlgError(
+            f"MBF: the damped mini-blocks of layer {layer.describe()} are not positive "
+            "definite in float64 (increase the damping)"
+        )
+    return inverse
 
 
 def _damped_inverse(system: Tensor, layer: Layer) -> Tensor:
