@@ -30,7 +30,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick, register_block
+from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Message, Tick, register_block
 from ._layers import Conv2dLayer, Layer, LinearLayer
 from .optimizer import PreconditionedSGD
 from .preconditioner import Preconditioner
@@ -56,6 +56,11 @@ SOLVERS = ("auto", "cholesky", "smw")
 _CHUNK_ELEMENTS = 1 << 24
 #: The relative damping's floor on ``tr F_b / m`` (a block of a dead unit stays invertible).
 _TRACE_FLOOR = 1e-12
+#: The one distributable part of a layer: all its mini-blocks, owned by one process.
+PART = "blocks"
+#: Codes of a group's applied representation in a distributed message's header (the SMW
+#: path sends its rank instead, ``>= 0``).
+_SWEPT, _CHOLESKY = -1.0, -2.0
 #: Mini-blocks up to this size keep their inverse block-last, ``(m, m, B)``: the refresh is a
 #: vectorised Gauss-Jordan sweep and the direction ``m`` fused multiply-adds over ``B``-vectors
 #: (measured on one CPU thread: 3-4x faster than LAPACK's batched Cholesky and a batched
@@ -425,15 +430,91 @@ class MBFBlock(CurvatureBlock[MBFState]):
                     out[f"{k}.{key}"] = t
         return out
 
+    # -------------------------------------------------------------- distributed parts
+    def parts(self, layer: Layer) -> dict[str, float]:
+        """One part per layer, all its mini-blocks, with the predicted cost of a refresh and
+        a statistics update: ``B (m^3 + n m^2)`` summed over the groups (``n`` taken as
+        ``m``)."""
+        cost = sum(layer.dim_G * s.blocks * 2.0 * s.size**3 for s in self.segments(layer))
+        return {PART: cost}
+
+    def update_parts(
+        self, layer: Layer, state: MBFState, batch: LayerBatch, tick: Tick, parts: Any
+    ) -> MBFState:
+        """:meth:`update` when this process owns the layer."""
+        return self.update(layer, state, batch, tick) if PART in parts else state
+
+    def refresh_parts(self, layer: Layer, state: MBFState, tick: Tick, parts: Any) -> MBFState:
+        """:meth:`refresh` when this process owns the layer (the inverses are prepared
+        there; the other processes install them)."""
+        return self.refresh(layer, state, tick) if PART in parts else state
+
+    def prepare(self, layer: Layer, before: MBFState, state: MBFState, tick: Tick) -> MBFState:
+        """Nothing to rebuild: the installed inverses are what the direction applies."""
+        return state
+
+    def publish(
+        self, layer: Layer, before: MBFState, state: MBFState, part: str
+    ) -> Message | None:
+        """The owner's new inverses: a header with each group's layout (swept, Cholesky, or
+        the SMW rank) and per group the tensors ``(inverse, lam)``, plus ``basis`` for SMW."""
+        changed = any(
+            g.inverse is not None and g.inverse is not old.inverse
+            for g, old in zip(state.groups, before.groups, strict=True)
+        )
+        if not changed:
+            return None
+        header: list[float] = []
+        tensors: list[Tensor] = []
+        for s, g in zip(self.segments(layer), state.groups, strict=True):
+            assert g.inverse is not None
+            assert g.lam is not None
+            if g.basis is not None:
+                header.append(float(g.inverse.shape[-1]))
+                tensors += [g.inverse, g.lam, g.basis]
+            else:
+                header.append(_SWEPT if s.size <= _SWEEP_MAX else _CHOLESKY)
+                tensors += [g.inverse, g.lam]
+        return Message(tuple(header), tuple(tensors))
+
+    def message_shapes(self, layer: Layer, part: str, header: Any) -> list[tuple[int, ...]]:
+        """Shapes of the tensors of a :meth:`publish` message with ``header``."""
+        shapes: list[tuple[int, ...]] = []
+        for s, code in zip(self.segments(layer), header, strict=False):
+            B, m = layer.dim_G * s.blocks, s.size
+            if code == _SWEPT:
+                shapes += [(m, m, B), (B,)]
+            elif code == _CHOLESKY:
+                shapes += [(B, m, m), (B,)]
+            else:
+                r = round(code)
+                shapes += [(B, r, r), (B,), (B, m, r)]
+        return shapes
+
+    def install(
+        self, layer: Layer, state: MBFState, part: str, header: Any, tensors: Any
+    ) -> MBFState:
+        """The state with the inverses the layer's owner published."""
+        tensors = list(tensors)
+        groups = []
+        for g, code in zip(state.groups, header, strict=False):
+            inverse, lam = tensors.pop(0), tensors.pop(0)
+            basis = tensors.pop(0) if code >= 0 else None
+            groups.append(g._replace(inverse=inverse, lam=lam, basis=basis))
+        return state._replace(groups=tuple(groups))
+
     def state_dict(self, state: MBFState) -> dict[str, Any]:
         return {
-            "groups": [dict(g._asdict()) for g in state.groups],
-            "updates": state.updates,
-            "stale": state.stale,
+            PART: {
+                "groups": [dict(g._asdict()) for g in state.groups],
+                "updates": state.updates,
+                "stale": state.stale,
+            }
         }
 
     def load_state(self, layer: Layer, saved: Mapping[str, Any], device: torch.device) -> MBFState:
         segments = self.segments(layer)
+        saved = saved.get(PART, {})
         groups = saved.get("groups")
         if not isinstance(groups, Sequence) or len(groups) != len(segments):
             raise ValueError(

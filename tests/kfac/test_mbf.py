@@ -347,7 +347,7 @@ def test_errors() -> None:
         kfac.MBFPreconditioner(model, block_map=lambda layer: (Segment(1, 1, 4),))
     precond = kfac.MBFPreconditioner(model)
     saved = precond.state_dict()
-    saved["layers"]["0"]["groups"] = []
+    saved["layers"]["0"]["blocks"]["groups"] = []
     with pytest.raises(ValueError, match="does not match its block map"):
         precond.load_state_dict(saved)
 
