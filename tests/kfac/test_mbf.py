@@ -321,11 +321,11 @@ def test_the_sweep_inverts_and_reports_a_non_positive_pivot() -> None:
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(30, 6, 9, generator=gen, dtype=torch.float64)
     A = X @ X.mT / 9 + 0.01 * torch.eye(6, dtype=torch.float64)
-    inverse, ok = mbf._sweep(A.permute(1, 2, 0))
+    inverse, ok = mbf._sweep(A.transpose(0, 1))  # interleaved (m, B, m)
     assert bool(ok)
-    torch.testing.assert_close(inverse.permute(2, 0, 1), torch.linalg.inv(A), rtol=RTOL, atol=0)
+    torch.testing.assert_close(inverse.transpose(0, 1), torch.linalg.inv(A), rtol=RTOL, atol=0)
     A[7] = -A[7]  # negative definite: the first pivot is negative
-    assert not bool(mbf._sweep(A.permute(1, 2, 0))[1])
+    assert not bool(mbf._sweep(A.transpose(0, 1))[1])
 
 
 def test_errors() -> None:
