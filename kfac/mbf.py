@@ -169,7 +169,7 @@ class MBFBlock(CurvatureBlock[MBFState]):
     ----------
     dtype : torch.dtype
         Statistics dtype (float32 or float64).
-    block_size : int or None, default 8
+    block_size : int or None, default 4
         Linear layers: chunk size ``m`` of each row (``None``: one block per output neuron).
     block_map : callable, optional
         ``layer -> tuple[Segment, ...]``, overriding :func:`default_block_map`.
@@ -187,7 +187,7 @@ class MBFBlock(CurvatureBlock[MBFState]):
         self,
         *,
         dtype: torch.dtype = torch.float32,
-        block_size: int | None = 8,
+        block_size: int | None = 4,
         block_map: BlockMap | None = None,
         damping_mode: str = "absolute",
         solver: str = "auto",
@@ -293,9 +293,14 @@ class MBFBlock(CurvatureBlock[MBFState]):
                 chunk = a[lo : lo + step, s.start : s.stop].reshape(-1, s.blocks, s.size)
                 outer = (chunk[:, :, J] * chunk[:, :, K]).reshape(-1, width)
                 F.addmm_(weights[lo : lo + step].T, outer)
-            F = F.reshape(rows, s.blocks, J.numel())[..., full]  # (rows, blocks, m * m)
-            F = F.reshape(rows * s.blocks, s.size, s.size)
-            out.append(_interleave(F))
+            # one gather mirrors the triangle into the interleaved (m, rows, blocks, m)
+            m = s.size
+            F = F.view(rows, s.blocks, J.numel())[
+                torch.arange(rows, device=F.device).view(1, rows, 1, 1),
+                torch.arange(s.blocks, device=F.device).view(1, 1, s.blocks, 1),
+                full.view(m, 1, 1, m),
+            ]
+            out.append(F.view(m, rows * s.blocks, m))
         return out
 
     def update(self, layer: Layer, state: MBFState, batch: LayerBatch, tick: Tick) -> MBFState:
@@ -330,7 +335,8 @@ class MBFBlock(CurvatureBlock[MBFState]):
                 F_inst = torch.einsum("nbj,nbk->jbk", u, u) / n
             if old.U is not None:  # the factored average grew past the cost rule
                 old = old._replace(F=_interleave(old.U @ old.U.mT), U=None)
-            F = F_inst if old.F is None else torch.add(old.F * rho, F_inst, alpha=1 - rho)
+            # F_inst is this update's own tensor: the average is formed in it
+            F = F_inst if old.F is None else F_inst.mul_(1 - rho).add_(old.F, alpha=rho)
             groups.append(old._replace(F=F))
         return MBFState(tuple(groups), state.updates + 1, stale=True)
 
@@ -656,7 +662,7 @@ def mbf_block(
     dtype: torch.dtype,
     seed: int,
     fisher: str,
-    block_size: int | None = 8,
+    block_size: int | None = 4,
     block_map: BlockMap | None = None,
     damping_mode: str = "absolute",
     solver: str = "auto",
@@ -686,7 +692,7 @@ class MBFPreconditioner(Preconditioner):
     ----------
     model : nn.Module
         The model (its ``nn.Linear`` and ``nn.Conv2d`` layers are preconditioned).
-    block_size : int or None, default 8
+    block_size : int or None, default 4
         Linear layers: chunk size of each output neuron's row (``None``: the whole row).
     damping : float or callable(step), default 0.1
         ``lambda`` (absolute) or its multiple of ``tr F_b / m`` (``damping_mode="relative"``).
@@ -696,8 +702,9 @@ class MBFPreconditioner(Preconditioner):
         statistic's rank is at most half the block size).
     factor_decay : float or callable(step), default 0.95
         Exponential-average decay of the mini-block statistics.
-    factor_every, inverse_every : int or callable(step), default 10 and 10
-        Periods of the statistics updates and of the batched Cholesky refreshes.
+    factor_every, inverse_every : int or callable(step), default 20 and 20
+        Periods of the statistics updates and of the refreshes (no statistics are recorded
+        on the other steps; see docs/guide/optimizers.md for the measured trade-off).
     block_map : callable, optional
         ``layer -> tuple[Segment, ...]`` overriding the default map.
     **kwargs
@@ -723,13 +730,13 @@ class MBFPreconditioner(Preconditioner):
         self,
         model: nn.Module,
         *,
-        block_size: int | None = 8,
+        block_size: int | None = 4,
         damping: Any = 0.1,
         damping_mode: str = "absolute",
         solver: str = "auto",
         factor_decay: Any = 0.95,
-        factor_every: Any = 10,
-        inverse_every: Any = 10,
+        factor_every: Any = 20,
+        inverse_every: Any = 20,
         block_map: BlockMap | None = None,
         **kwargs: Any,
     ) -> None:
