@@ -42,8 +42,8 @@ import torch
 from torch import Tensor, nn
 
 from ._capture import Capture
-from ._clip import all_finite, kl_clip_scale, rms_clip
-from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick
+from ._clip import kl_clip_scale, rms_clip
+from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick, all_finite
 from ._schedule import Schedule
 
 __all__ = ["PHASES", "Clock", "Engine"]

@@ -15,8 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ._clip import all_finite
-from ._curvature import CurvatureBlock
+from ._curvature import CurvatureBlock, all_finite
 from ._quadratic import AdaptiveDamping, QuadraticModel, named_params, solve_step
 from ._schedule import check_bool, check_int_at_least, check_nonnegative, check_positive
 from .preconditioner import KFACPreconditioner, Preconditioner
