@@ -387,7 +387,12 @@ def _per_sample_loss_fn(loss_name: str) -> Any:
 def _fngd_weights(opt: torch.optim.Optimizer, idx: torch.Tensor) -> torch.Tensor | None:
     """FNGD with shared coefficients: the loss weights of a step that reuses stored
     coefficients (the weighted-loss path, about one SGD step); ``None`` otherwise."""
-    if isinstance(opt, FNGD) and opt.preconditioner.fngd.coefficients == "shared":
+    pre = getattr(opt, "preconditioner", None)
+    if (
+        isinstance(opt, FNGD)
+        and opt.preconditioner.fngd.coefficients == "shared"
+        and pre.engine.dist is None  # under torchrun: the gathered rows' outer products
+    ):
         return opt.preconditioner.loss_weights(idx)
     return None
 

@@ -175,6 +175,9 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
     """
 
     name: ClassVar[str] = "fngd"
+    #: Under ``torch.distributed`` every process gathers the global batch's rows and solves
+    #: the global batch's system itself (``kfac.distributed``: no parts, no exchange).
+    replicated: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -601,8 +604,16 @@ class FNGDPreconditioner(Preconditioner):
         return block
 
     def set_indices(self, indices: Any) -> None:
-        """The dataset indices of the samples of the coming :meth:`step`."""
+        """The dataset indices of the samples of the coming :meth:`step`.
+
+        Under ``torch.distributed`` each process passes the indices of its own samples;
+        they are gathered in rank order (the order of the gathered rows), so the stored
+        coefficients are keyed by the global batch's indices."""
         self.fngd.set_indices(indices)
+        runtime = self.engine.dist
+        block = self.fngd
+        if runtime is not None and block.indices is not None:
+            block.indices = runtime.gather_rows(block.indices, "control", "indices all-gather")
 
     @torch.no_grad()
     def step(
@@ -674,6 +685,12 @@ class FNGDPreconditioner(Preconditioner):
             raise ValueError(
                 "Invalid coefficients: 'per-layer'; loss weights need coefficients='shared' "
                 "(one weight per sample for every layer)"
+            )
+        if self.engine.dist is not None:
+            raise ValueError(
+                "Invalid distributed: loss weights are not supported under torch.distributed "
+                "(each process would weight only its own samples); back-propagate the "
+                "batch-mean loss (FNGD then forms G alpha from the gathered rows)"
             )
         if indices is not None:
             self.set_indices(indices)

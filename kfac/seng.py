@@ -105,6 +105,9 @@ class SENGBlock(CurvatureBlock[SENGState]):
     """
 
     name: ClassVar[str] = "seng"
+    #: Under ``torch.distributed`` every process gathers the global batch's rows on refresh
+    #: steps and builds ``U`` and the inverse itself (``kfac.distributed``).
+    replicated: ClassVar[bool] = True
 
     def __init__(
         self,
