@@ -62,6 +62,11 @@ CONFIGS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "shampoo": (None, {}),
     "fngd": ("fngd", FNGD),
     "fngd-shared": ("fngd", {**FNGD, "inverse_options": {"coefficients": "shared"}}),
+    # the same coefficients, G alpha by weighted outer products of the rows (not the loss)
+    "fngd-shared-rows": (
+        "fngd",
+        {**FNGD, "inverse_options": {"coefficients": "shared", "weighted_step": "rows"}},
+    ),
     "fngd-recompute": ("fngd", {"lr": 0.3, "damping": 3e-3, "inverse_options": {"store": "none"}}),
     "fngd-3-epochs": (
         "fngd",

@@ -423,10 +423,15 @@ def persample_refusals(rank: int, world: int, steps: int) -> dict[str, Any]:
     except ValueError as exc:
         out["local"] = str(exc)
     opt = kfac.FNGD(net, lr=0.1, coefficients="shared", distributed=kfac.Distributed())
+    out["weighted_step"] = opt.preconditioner.fngd.weighted_step
     try:
         opt.preconditioner.loss_weights(torch.arange(BATCH // world))
     except ValueError as exc:
         out["loss_weights"] = str(exc)
+    try:
+        kfac.FNGD(net, lr=0.1, coefficients="shared", weighted_step="loss")
+    except ValueError as exc:
+        out["explicit_loss"] = str(exc)
     return out
 
 

@@ -90,4 +90,6 @@ def test_state_saved_at_world_size_2_continues_in_one_process(
 def test_refusals_under_a_process_group(world2: list[dict[str, Any]]) -> None:
     record = ok(world2, "persample_refusals")[0]
     assert "Invalid statistics: 'local'" in record["local"]
-    assert "loss weights are not supported under torch.distributed" in record["loss_weights"]
+    assert record["weighted_step"] == "rows"  # the default under a process group
+    assert "Invalid weighted_step: 'rows'; loss weights need" in record["loss_weights"]
+    assert "'loss' is not supported under torch.distributed" in record["explicit_loss"]
