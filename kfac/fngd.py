@@ -224,8 +224,7 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
                 raise ValueError(f"Invalid {key}: {value!r} (must be an int >= 1 or None)")
         if weighted_step not in WEIGHTED_STEPS:
             raise ValueError(
-                f"Invalid weighted_step: {weighted_step!r}; valid names are "
-                f"{list(WEIGHTED_STEPS)}"
+                f"Invalid weighted_step: {weighted_step!r}; valid names are {list(WEIGHTED_STEPS)}"
             )
         if weighted_step == "loss" and coefficients != "shared":
             raise ValueError(
@@ -693,16 +692,16 @@ class FNGDPreconditioner(Preconditioner):
         if indices is not None:
             self.set_indices(indices)
         block = self.fngd
-        if block.weighted_step == "loss" and not block.weighted:
-            if not block.compute_step(self.steps):
-                self.skip()
-                raise ValueError(
-                    f"Invalid weighted_step: 'loss', and step {self.steps} reuses stored shared "
-                    "coefficients but its backward was not weighted: call "
-                    "loss_weights(indices) before the forward pass and back-propagate "
-                    "(weights * per_sample_losses).sum() when it returns weights (the "
-                    "command line does), or pass weighted_step='rows'"
-                )
+        unweighted = block.weighted_step == "loss" and not block.weighted
+        if unweighted and not block.compute_step(self.steps):
+            self.skip()
+            raise ValueError(
+                f"Invalid weighted_step: 'loss', and step {self.steps} reuses stored shared "
+                "coefficients but its backward was not weighted: call loss_weights(indices) "
+                "before the forward pass and back-propagate (weights * "
+                "per_sample_losses).sum() when it returns weights (the command line does), "
+                "or pass weighted_step='rows'"
+            )
         try:
             super().step(lr)
         finally:
