@@ -335,7 +335,11 @@ PERSAMPLE_N = 2 * BATCH
 #: below the widths) on the MLP and on a small CNN (explicit per-sample gradients).
 PERSAMPLE: dict[str, tuple[str, bool, dict[str, Any]]] = {
     "fngd-index": ("FNGD", False, {"store": "index"}),
-    "fngd-shared": ("FNGD", False, {"store": "index", "coefficients": "shared"}),
+    "fngd-shared": (
+        "FNGD",
+        False,
+        {"store": "index", "coefficients": "shared", "weighted_step": "rows"},
+    ),
     "fngd-slot": ("FNGD", False, {"store": "slot", "steps_per_epoch": 2}),
     "fngd-conv": ("FNGD", True, {"store": "none"}),
     "seng": ("SENG", False, {"update_freq": 2, "col_sample_size": 4}),
