@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
+from kfac import FNGD, data, models
 from kfac import _persample as ps
-from kfac import data, models
 from kfac.__main__ import RunConfig, _make_optimizer
 
 
@@ -42,6 +42,7 @@ def staleness(damping: float, epochs: int, width: float, train_size: int | None)
     model = models.build("cnn", ds.image_shape, ds.num_classes, width)
     cfg = RunConfig(optimizer="fngd", model="cnn", lr=0.3, damping=damping)
     opt = _make_optimizer("fngd", model, cfg, "cross_entropy")
+    assert isinstance(opt, FNGD)
     pre = opt.preconditioner
     block = pre.fngd
     gen = torch.Generator().manual_seed(0)
