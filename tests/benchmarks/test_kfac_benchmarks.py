@@ -105,8 +105,8 @@ def test_quick_fngd_benchmark(run_quick) -> None:
     assert set(summary) == {"cnn", "autoencoder"}
     for task, rows in summary.items():
         expected = {"sgd", "adam", "kfac", "bkfac-batch-clock", "fngd", "fngd-shared",
-                    "fngd-shared-rows", "fngd-recompute", "fngd-3-epochs", "seng",
-                    "seng-unbiased"}  # fmt: skip
+                    "fngd-shared-rows", "fngd-recompute", "fngd-recompute-1e-3",
+                    "fngd-3-epochs", "seng", "seng-unbiased"}  # fmt: skip
         assert expected <= set(rows) <= expected | {"shampoo"}
         for name, row in rows.items():
             assert row["time_per_step"] > 0, (task, name)
