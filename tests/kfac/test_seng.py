@@ -239,6 +239,8 @@ def test_batchnorm2d_direction_equals_the_dense_solve(bias: bool) -> None:
         net, damping=damping, update_freq=1, col_sample_size=None, factor_dtype=torch.float64
     )
     assert precond.layer_names == ["0", "1", "4"]
+    assert kfac.FNGDPreconditioner(_bn_model()).layer_names == ["0", "4"]  # SENG's only
+    assert kfac.KFACPreconditioner(_bn_model()).layer_names == ["0", "4"]
     nn.functional.cross_entropy(net(x), y).backward()
     plain(x)  # the same training forward, without SENG
     grad = precond.layer("1").grad_matrix(torch.float64).flatten().clone()
