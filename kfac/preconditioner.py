@@ -169,7 +169,7 @@ class Preconditioner:
                 f"options {sorted(block_options)} are for a block given by name; configure "
                 "the block object instead"
             )
-        layers = discover(model, skip_layers)
+        layers = discover(model, skip_layers, getattr(block, "extra_layers", None))
         if not layers:
             raise ValueError(
                 "Invalid model: no nn.Linear, nn.Conv1d or nn.Conv2d layer with a trainable "

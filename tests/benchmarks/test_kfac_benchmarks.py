@@ -105,7 +105,8 @@ def test_quick_fngd_benchmark(run_quick) -> None:
     assert set(summary) == {"cnn", "autoencoder"}
     for task, rows in summary.items():
         expected = {"sgd", "adam", "kfac", "bkfac-batch-clock", "fngd", "fngd-shared",
-                    "fngd-recompute", "fngd-3-epochs", "seng", "seng-unbiased"}  # fmt: skip
+                    "fngd-shared-rows", "fngd-recompute", "fngd-recompute-1e-3",
+                    "fngd-3-epochs", "seng", "seng-unbiased"}  # fmt: skip
         assert expected <= set(rows) <= expected | {"shampoo"}
         for name, row in rows.items():
             assert row["time_per_step"] > 0, (task, name)
@@ -114,6 +115,19 @@ def test_quick_fngd_benchmark(run_quick) -> None:
         assert f"## {task}" in table
     assert "shampoo" not in summary["autoencoder"]
     assert "Shampoo" in payload["meta"]["note"]
+
+
+@pytest.mark.slow
+def test_quick_fngd_staleness(run_quick) -> None:
+    payload, table = run_quick("kfac_fngd_staleness")
+    results = payload["results"]
+    assert set(results) == {"0.1", "0.003"}
+    for per_epoch in results.values():
+        assert list(per_epoch) == ["2"]  # epochs after the first
+        for row in per_epoch["2"].values():
+            assert set(row) == {"alpha", "direction", "gradient"}
+            assert all(-1.0 - 1e-6 <= v <= 1.0 + 1e-6 for v in row.values())
+    assert "## relative damping 0.1" in table
 
 
 @pytest.mark.slow

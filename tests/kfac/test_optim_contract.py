@@ -110,6 +110,7 @@ OPTIM_DB = [
             "steps_per_epoch": 2,
             "refresh_epochs": 2,
             "coefficients": "shared",
+            "weighted_step": "rows",  # closures back-propagate the batch-mean loss
             "damping_mode": "absolute",
         },
     ),
