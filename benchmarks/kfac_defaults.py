@@ -134,7 +134,7 @@ def _criterion(rows: dict[str, Any]) -> str:
         return "-"
     ours, sgd, adam = (rows[n]["best"] for n in names)
     met = ours < sgd and ours <= 1.05 * adam
-    return f"{ours / sgd:.2g}, {ours / adam:.2g}: " + ("met" if met else "**missed**")
+    return f"{ours / sgd:.3g}, {ours / adam:.3g}: " + ("met" if met else "**missed**")
 
 
 def main() -> None:
@@ -257,7 +257,10 @@ def main() -> None:
         "quadratic-model step, which has no learning rate, a grid of the initial damping); "
         "`inf`: every grid point diverged. The last column is the criterion for the "
         "defaults: below SGD's loss, and below Adam's or within 5% of it. "
-        f"`python benchmarks/kfac_defaults.py --epochs {epochs}`.",
+        f"`python benchmarks/kfac_defaults.py --epochs {epochs}"
+        + ("" if args.stem == "kfac_defaults" else f" --stem {args.stem}")
+        + ("" if args.seed == 0 else f" --seed {args.seed}")
+        + "` (configurations run with `--only` keep the others' rows from the previous run).",
         "",
         "| task | " + " | ".join(shown) + " | defaults / SGD, / Adam |",
         "|---|" + "---|" * (len(shown) + 1),

@@ -154,7 +154,7 @@ def test_quick_defaults_benchmark(run_quick) -> None:
     ours, sgd, adam = (
         rows[n]["best"] for n in ("KFAC(model, lr) defaults", "sgd (momentum 0.9)", "adam")
     )
-    assert f"| {ours / sgd:.2g}, {ours / adam:.2g}: " in table  # the criterion column
+    assert f"| {ours / sgd:.3g}, {ours / adam:.3g}: " in table  # the criterion column
 
 
 @pytest.mark.slow
