@@ -275,7 +275,7 @@ def main() -> None:
             for n in shown
         ]
         lines.append(
-            f"| {task} (width {TASKS.get(task, tasks.get(task))[1]:g}) | "
+            f"| {task} (width {tasks.get(task, TASKS.get(task))[1]:g}) | "
             + " | ".join(cells)
             + f" | {_criterion(rows)} |"
         )
