@@ -65,12 +65,29 @@ __all__ = [
     "LayerBatch",
     "Message",
     "Tick",
+    "all_finite",
     "block_names",
     "make_block",
     "register_block",
 ]
 
 S = TypeVar("S")
+
+
+def all_finite(t: Tensor) -> Tensor:
+    """Whether every entry of ``t`` is finite, as a 0-d bool tensor on ``t``'s device.
+
+    One read of ``t`` without a temporary of its size: the extremes of a tensor are NaN when
+    any entry is NaN (``torch.aminmax`` propagates NaN) and infinite when any entry is, and
+    finite otherwise, so the test is exact. It is several times cheaper than
+    ``torch.isfinite(t).all()``, which writes a boolean tensor of ``t``'s size first.
+    """
+    if t.numel() == 0 or not (t.is_floating_point() or t.is_complex()):
+        return torch.ones((), dtype=torch.bool, device=t.device)
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    lo, hi = torch.aminmax(t)
+    return torch.isfinite(lo) & torch.isfinite(hi)
 
 
 @dataclass(frozen=True)
@@ -187,7 +204,7 @@ class LayerBatch:
 
     def finite(self) -> bool:
         """Whether every recorded entry is finite (reads one flag back to the host)."""
-        flags = [torch.isfinite(t).all() for t in self.tensors()]
+        flags = [all_finite(t) for t in self.tensors()]
         return bool(torch.stack(flags).all()) if flags else True
 
 

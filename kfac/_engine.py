@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from ._capture import Capture
 from ._clip import kl_clip_scale, rms_clip
-from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick
+from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick, all_finite
 from ._schedule import Schedule
 
 __all__ = ["PHASES", "Clock", "Engine"]
@@ -292,9 +292,9 @@ class Engine:
         if self.dist is not None:
             return self._update_distributed(grads, batches, tick)
         # one read of every layer's finiteness: gradient, then statistics
-        flags = [torch.isfinite(grads[name]).all() for name in names]
+        flags = [all_finite(grads[name]) for name in names]
         flags += [
-            torch.stack([torch.isfinite(t).all() for t in batch.tensors()]).all()
+            torch.stack([all_finite(t) for t in batch.tensors()]).all()
             for name in names
             if (batch := batches.get(name)) is not None
         ]
@@ -325,10 +325,10 @@ class Engine:
         flags = torch.ones(2 * len(names), dtype=torch.int32)
         checks = []
         for name in names:
-            checks.append(torch.isfinite(grads[name]).all() if name in grads else None)
+            checks.append(all_finite(grads[name]) if name in grads else None)
             batch = batches.get(name)
             tensors = [] if batch is None else batch.tensors()
-            checks.append(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+            checks.append(torch.stack([all_finite(t) for t in tensors]).all())
             if not tensors:
                 checks[-1] = None
         for i, check in enumerate(checks):
@@ -415,7 +415,7 @@ class Engine:
             return
         names = list(directions)
         flags = torch.stack(
-            [torch.isfinite(directions[n]).all().to(directions[names[0]].device) for n in names]
+            [all_finite(directions[n]).to(directions[names[0]].device) for n in names]
         )
         for i, name in enumerate(names):
             D = directions[name]

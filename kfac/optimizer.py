@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ._curvature import CurvatureBlock
+from ._curvature import CurvatureBlock, all_finite
 from ._quadratic import AdaptiveDamping, QuadraticModel, named_params, solve_step
 from ._schedule import check_bool, check_int_at_least, check_nonnegative, check_positive
 from .preconditioner import KFACPreconditioner, Preconditioner
@@ -190,7 +190,7 @@ class PreconditionedSGD(torch.optim.SGD):
     def _grads_finite(self) -> bool:
         """One fused check of every gradient: the step's only read from the device."""
         flags = [
-            torch.isfinite(p.grad).all()
+            all_finite(p.grad)
             for group in self.param_groups
             for p in group["params"]
             if p.grad is not None

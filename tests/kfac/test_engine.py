@@ -228,3 +228,40 @@ def test_schedules_are_read_by_one_clock() -> None:
             factor_steps.append(step)
     assert factor_steps == [0, 1, 2, 5, 10]
     assert precond.identity_weights("3") == (0.5**5, 0.5**5)
+
+
+# ------------------------------------------------------------------ the finiteness test
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64]
+)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), None])
+@pytest.mark.parametrize("shape", [(1,), (7,), (5, 3), (2, 3, 4)])
+def test_all_finite_equals_isfinite_all(dtype, bad, shape):
+    """The one-read test agrees with ``isfinite(t).all()`` wherever the bad entry sits."""
+    from kfac._curvature import all_finite
+
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+    positions = [None] if bad is None else range(base.numel())
+    for pos in positions:
+        t = base.clone()
+        if pos is not None:
+            t.view(-1)[pos] = bad
+        got = all_finite(t)
+        assert got.dtype == torch.bool
+        assert got.shape == ()
+        assert bool(got) == bool(torch.isfinite(t).all()) == (pos is None)
+
+
+def test_all_finite_edge_cases():
+    from kfac._curvature import all_finite
+
+    assert bool(all_finite(torch.empty(0)))  # nothing to be non-finite
+    assert bool(all_finite(torch.arange(5)))  # integers are always finite
+    huge = torch.full((4,), torch.finfo(torch.float32).max)  # finite, though its sum is not
+    assert bool(all_finite(huge))
+    assert not bool(torch.isfinite(huge.sum()))
+    assert not bool(all_finite(torch.tensor([1.0, float("nan"), -float("inf")])))
+    assert bool(all_finite(torch.randn(3, 4).T))  # non-contiguous
