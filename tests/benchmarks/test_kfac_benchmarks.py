@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -155,14 +157,51 @@ def test_quick_defaults_benchmark(run_quick) -> None:
     payload, table = run_quick("kfac_defaults")
     rows = payload["results"]["mlp"]
     assert list(rows) == [
-        "sgd (momentum 0.9)", "adam", "KFAC(model, lr) defaults", "KFAC, command-line settings",
-        "K-FAC, quadratic step + adaptive damping",
+        "sgd (momentum 0.9)", "adam", "KFAC(model, lr) defaults", "KFAC, thesis preset",
+        "KFAC, command-line settings", "K-FAC, quadratic step + adaptive damping",
         "B-KFAC rank 64, quadratic step + adaptive damping",
     ]  # fmt: skip
     for name, row in rows.items():
         assert len(row["losses"]) == 3, name
         assert row["best"] == min(row["losses"].values()), name
     assert "| mlp (width 0.1) |" in table
+    ours, sgd, adam = (
+        rows[n]["best"] for n in ("KFAC(model, lr) defaults", "sgd (momentum 0.9)", "adam")
+    )
+    assert f"| {ours / sgd:.3g}, {ours / adam:.3g}: " in table  # the criterion column
+
+
+@pytest.mark.slow
+def test_quick_defaults_search_options(tmp_path) -> None:
+    """--config adds a configuration with its grid, --only runs just it, --trace keeps the
+    loss curve and the KL clip's scale."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[2] / "benchmarks" / "kfac_defaults.py"
+    config = 'mine={"damping": 0.01, "kl_clip": 0.01, "lr_grid": [0.01, 0.02, 0.05]}'
+    subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path), "--only", "--trace",
+         "--seed", "3", "--config", config],
+        check=True, capture_output=True, text=True, env=_env(),
+    )  # fmt: skip
+    payload = json.loads((tmp_path / "kfac_defaults_quick.json").read_text())
+    assert payload["seed"] == 3
+    row = payload["results"]["mlp"]["mine"]
+    assert list(payload["results"]["mlp"]) == ["mine"]
+    assert list(row["losses"]) == ["0.01", "0.02", "0.05"]
+    trace = row["trace"]["0.02"]
+    assert len(trace["loss"]) == 2  # before training and after the one epoch
+    assert trace["loss"][-1] == row["losses"]["0.02"]
+    assert len(trace["clip_median"]) == 1  # 256 samples: one epoch of two steps
+    assert 0 < trace["clip_min"][0] <= trace["clip_median"][0] <= 1
+    bad = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path), "--config", "mine"],
+        capture_output=True, text=True, env=_env(),
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "expected NAME=JSON" in bad.stderr
 
 
 def _env() -> dict[str, str]:
