@@ -2,15 +2,23 @@
 Adam, each with a three-point learning-rate grid, at equal steps, on the command line's
 tasks (the record behind the defaults discussion in docs/kfac.md).
 
-Configurations: SGD (momentum 0.9), Adam, ``KFAC`` with the library defaults (the thesis'
-long-run settings: factors every 20 steps, inverses every 100, relative damping 0.1, no
-momentum, no clip) and ``KFAC`` with the command line's settings (factors every step,
-inverses every 10, relative damping 3e-3, KL clip 1e-4, momentum 0.9). Every run starts from
-the same weights and sees the same batches (seed 0); the best final training loss over the
-grid is reported (a diverged run counts as infinite).
+Configurations: SGD (momentum 0.9), Adam, ``KFAC(model, lr)`` with the library defaults
+(``kfac.preset("default")``: factors every step, inverses every 10, absolute factored
+damping 1e-3, KL clip 1e-3, momentum 0.9), ``KFAC`` with ``kfac.preset("thesis")`` (the
+thesis' long-run settings, the defaults before they were measured: factors every 20 steps,
+inverses every 100, relative damping 0.1, no momentum, no clip), with
+``kfac.preset("command-line")`` (relative damping 3e-3, KL clip 1e-4, momentum 0.9), and
+the quadratic-model step with adaptive damping (which needs ``loss_fn`` and
+``step(batch=...)``). Every run starts from the same weights and sees the same batches
+(``--seed``); the best final training loss over the grid is reported (a diverged run
+counts as infinite).
 
-    python benchmarks/kfac_defaults.py            # 7 epochs (84 steps) per task
-    python benchmarks/kfac_defaults.py --quick    # smoke run
+    python benchmarks/kfac_defaults.py                       # 7 epochs (84 steps) per task
+    python benchmarks/kfac_defaults.py --epochs 30 --stem kfac_defaults_long   # 360 steps
+    python benchmarks/kfac_defaults.py --quick               # smoke run
+    # the search behind the defaults: extra configurations, their loss curves and clip scale
+    python benchmarks/kfac_defaults.py --epochs 30 --tasks mlp --only --trace \
+        --config 'mine={"damping": 1e-2, "lr_grid": [0.1, 0.3, 1]}'
 
 Writes benchmarks/results/kfac_defaults.{json,md}.
 """
@@ -22,15 +30,17 @@ import os
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
 
 import argparse
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from kfac import KFAC, data, models
+from kfac import KFAC, _engine, data, models, preset
 from kfac.__main__ import RunConfig, train
 
 TASKS = {
@@ -39,13 +49,6 @@ TASKS = {
     "autoencoder": ("autoencoder", 0.5),
     "cnn": ("cnn", 1.0),
     "transformer": ("transformer", 1.0),
-}
-CLI = {
-    "factor_every": 1,
-    "inverse_every": 10,
-    "damping": 3e-3,
-    "kl_clip": 1e-4,
-    "momentum": 0.9,
 }
 #: The quadratic-model step with adaptive damping (no clip, no momentum, no learning rate to
 #: tune): the grid is over the initial damping instead.
@@ -64,10 +67,14 @@ CONFIGS: dict[str, tuple[list[float], Any]] = {
         lambda m, lr, loss: torch.optim.SGD(m.parameters(), lr=lr, momentum=0.9),
     ),
     "adam": ([1e-4, 1e-3, 1e-2], lambda m, lr, loss: torch.optim.Adam(m.parameters(), lr=lr)),
-    "KFAC(model, lr) defaults": ([0.03, 0.1, 0.3], lambda m, lr, loss: KFAC(m, lr=lr)),
+    "KFAC(model, lr) defaults": ([0.1, 0.3, 1.0], lambda m, lr, loss: KFAC(m, lr=lr)),
+    "KFAC, thesis preset": (
+        [0.03, 0.1, 0.3],
+        lambda m, lr, loss: KFAC(m, lr=lr, **preset("thesis")),
+    ),
     "KFAC, command-line settings": (
         [0.1, 0.3, 1.0],
-        lambda m, lr, loss: KFAC(m, lr=lr, **CLI),
+        lambda m, lr, loss: KFAC(m, lr=lr, **preset("command-line")),
     ),
     # grid: the initial damping
     "K-FAC, quadratic step + adaptive damping": (
@@ -89,6 +96,47 @@ CONFIGS: dict[str, tuple[list[float], Any]] = {
 }
 
 
+@contextlib.contextmanager
+def _clip_scales(scales: list[list[float]], on: bool) -> Iterator[None]:
+    """Record the KL clip's scale of every step (a list per step: one value) while ``on``."""
+    if not on:
+        yield
+        return
+    original = _engine.kl_clip_scale
+
+    def recording(terms: Any, kappa: float) -> torch.Tensor:
+        nu = original(terms, kappa)
+        scales.append([float(nu)])
+        return nu
+
+    _engine.kl_clip_scale = recording
+    try:
+        yield
+    finally:
+        _engine.kl_clip_scale = original
+
+
+def _trace(curve: list[float], scales: list[list[float]], per_epoch: int) -> dict[str, Any]:
+    """The loss after every epoch and the clip scale's median and minimum in each epoch."""
+    values = [s[0] for s in scales]
+    epochs = [values[i : i + per_epoch] for i in range(0, len(values), per_epoch)]
+    return {
+        "loss": curve,
+        "clip_median": [float(torch.tensor(e).median()) for e in epochs],
+        "clip_min": [min(e) for e in epochs],
+    }
+
+
+def _criterion(rows: dict[str, Any]) -> str:
+    """The defaults' loss over SGD's and over Adam's, and whether the criterion holds."""
+    names = ("KFAC(model, lr) defaults", "sgd (momentum 0.9)", "adam")
+    if not all(n in rows for n in names):
+        return "-"
+    ours, sgd, adam = (rows[n]["best"] for n in names)
+    met = ours < sgd and ours <= 1.05 * adam
+    return f"{ours / sgd:.3g}, {ours / adam:.3g}: " + ("met" if met else "**missed**")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -96,69 +144,126 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument(
         "--only",
-        nargs="+",
+        nargs="*",
         default=None,
-        choices=list(CONFIGS),
         metavar="CONFIG",
-        help="run only these configurations; the others' rows are kept from the existing "
-        "JSON of the same epochs (same seeds, batches and code for them)",
+        help="run only these configurations (and those of --config; `--only` alone: only "
+        "those); the others' rows are kept from the existing JSON of the same epochs and seed "
+        "(same batches and code for them), if there is one",
     )
     parser.add_argument("--stem", default="kfac_defaults")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help="an extra KFAC(model, lr, **JSON) configuration (repeatable); the JSON's optional "
+        '"lr_grid" (three values) replaces the grid 0.1, 0.3, 1',
+    )
+    parser.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="keep each run's loss curve (every epoch) and, for a KFAC run with a KL clip, "
+        "the clip's scale (median and minimum over each epoch's steps) in the JSON",
+    )
     parser.add_argument(
         "--middle",
         action="store_true",
         help="run only the middle value of each grid (a long run's budget); the table says so",
     )
     args = parser.parse_args()
+    configs = dict(CONFIGS)
+    for spec in args.config:
+        name, sep, text = spec.partition("=")
+        if not sep:
+            parser.error(f"--config {spec!r}: expected NAME=JSON")
+        options = json.loads(text)
+        grid = [float(v) for v in options.pop("lr_grid", [0.1, 0.3, 1.0])]
+        if len(grid) != 3:
+            parser.error(f"--config {name!r}: lr_grid needs three values")
+        configs[name] = (grid, lambda m, lr, loss, o=options: KFAC(m, lr=lr, **o))
     ds = data.digits28()
     epochs = 1 if args.quick else args.epochs
     tasks = {"mlp": ("mlp", 0.1)} if args.quick else TASKS
+    if args.tasks is not None and not args.quick:
+        tasks = {t: TASKS[t] for t in args.tasks}
     out = Path(args.out)
     stem = args.stem + ("_quick" if args.quick else "")
     results: dict[str, dict[str, Any]] = {}
-    if args.only is not None:
-        previous = json.loads((out / f"{stem}.json").read_text())
-        if previous["epochs"] != epochs:
-            raise SystemExit(f"--only: {stem}.json has {previous['epochs']} epochs, not {epochs}")
-        results = previous["results"]
+    only = args.only
+    if only is not None and args.config:
+        only = [*only, *(spec.partition("=")[0] for spec in args.config)]
+    if only is not None:
+        unknown = sorted(set(only) - set(configs))
+        if unknown:
+            parser.error(f"--only: unknown configurations {unknown}")
+        path = out / f"{stem}.json"
+        if path.exists():
+            previous = json.loads(path.read_text())
+            kept = (previous["epochs"], previous.get("seed", 0))
+            if kept != (epochs, args.seed):
+                raise SystemExit(
+                    f"--only: {stem}.json has (epochs, seed) {kept}, not {(epochs, args.seed)}"
+                )
+            results = previous["results"]
     for task, (model, width) in tasks.items():
         results.setdefault(task, {})
         loss_fn = F.mse_loss if models.MODELS[model][1] == "mse" else F.cross_entropy
-        for name, (grid, make) in CONFIGS.items():
-            if args.only is not None and name not in args.only:
+        for name, (grid, make) in configs.items():
+            if only is not None and name not in only:
                 continue
-            runs = {}
+            runs, traces = {}, {}
             for lr in grid[1:2] if args.middle else grid:
                 cfg = RunConfig(
-                    optimizer="sgd", model=model, width=width, epochs=epochs, seed=0,
+                    optimizer="sgd", model=model, width=width, epochs=epochs, seed=args.seed,
                     max_train=256 if args.quick else None, label=name,
                 )  # fmt: skip
+                scales: list[list[float]] = []
                 try:
-                    result = train(
-                        cfg,
-                        ds,
-                        progress=False,
-                        make_optimizer=lambda m, lr=lr, f=make, loss=loss_fn: f(m, lr, loss),
-                    )
+                    with _clip_scales(scales, args.trace):
+                        result = train(
+                            cfg,
+                            ds,
+                            progress=False,
+                            make_optimizer=lambda m, lr=lr, f=make, loss=loss_fn: f(m, lr, loss),
+                        )
                     loss = result.train_loss[-1]
+                    curve = result.train_loss
                 except FloatingPointError:
-                    loss = math.inf
+                    loss, curve = math.inf, []
                 runs[str(lr)] = loss
+                if args.trace:
+                    traces[str(lr)] = _trace(curve, scales, math.ceil(len(ds.x_train) / 128))
                 print(f"{task:12s} {name:30s} lr {lr:<7g} final loss {loss:.4g}", flush=True)
+                if args.trace:
+                    for key, values in traces[str(lr)].items():
+                        print(f"  {key:11s}", " ".join(f"{v:.2g}" for v in values), flush=True)
             best = min(runs, key=lambda k: runs[k])
             results[task][name] = {"losses": runs, "best_lr": float(best), "best": runs[best]}
+            if args.trace:
+                results[task][name]["trace"] = traces
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps({"epochs": epochs, "results": results}, indent=1))
+    (out / f"{stem}.json").write_text(
+        json.dumps({"epochs": epochs, "seed": args.seed, "results": results}, indent=1)
+    )
+    shown = [n for n in configs if any(n in rows for rows in results.values())]
     lines = [
         "# `KFAC(model, lr)` defaults against SGD and Adam",
         "",
-        f"Final training loss after {epochs} epochs of batch 128 on the digits (seed 0), the "
-        "best of a three-point learning-rate grid (in brackets; for the quadratic-model step, "
-        "which has no learning rate, a grid of the initial damping); `inf`: every grid point "
-        f"diverged. `python benchmarks/kfac_defaults.py --epochs {epochs}`.",
+        f"Final training loss after {epochs} epochs of batch 128 on the digits (seed "
+        f"{args.seed}), the best of a three-point learning-rate grid (in brackets; for the "
+        "quadratic-model step, which has no learning rate, a grid of the initial damping); "
+        "`inf`: every grid point diverged. The last column is the criterion for the "
+        "defaults: below SGD's loss, and below Adam's or within 5% of it. "
+        f"`python benchmarks/kfac_defaults.py --epochs {epochs}"
+        + ("" if args.stem == "kfac_defaults" else f" --stem {args.stem}")
+        + ("" if args.seed == 0 else f" --seed {args.seed}")
+        + "` (configurations run with `--only` keep the others' rows from the previous run).",
         "",
-        "| task | " + " | ".join(CONFIGS) + " |",
-        "|---|" + "---|" * len(CONFIGS),
+        "| task | " + " | ".join(shown) + " | defaults / SGD, / Adam |",
+        "|---|" + "---|" * (len(shown) + 1),
     ]
     for task, rows in results.items():
         cells = [
@@ -167,9 +272,13 @@ def main() -> None:
             + ")"
             if n in rows
             else "-"
-            for n in CONFIGS
+            for n in shown
         ]
-        lines.append(f"| {task} (width {tasks[task][1]:g}) | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {task} (width {tasks.get(task, TASKS.get(task))[1]:g}) | "
+            + " | ".join(cells)
+            + f" | {_criterion(rows)} |"
+        )
     text = "\n".join(lines) + "\n"
     (out / f"{stem}.md").write_text(text)
     print(text)

@@ -62,7 +62,18 @@ CONFIGS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "shampoo": (None, {}),
     "fngd": ("fngd", FNGD),
     "fngd-shared": ("fngd", {**FNGD, "inverse_options": {"coefficients": "shared"}}),
+    # the same coefficients, G alpha by weighted outer products of the rows (not the loss)
+    "fngd-shared-rows": (
+        "fngd",
+        {**FNGD, "inverse_options": {"coefficients": "shared", "weighted_step": "rows"}},
+    ),
     "fngd-recompute": ("fngd", {"lr": 0.3, "damping": 3e-3, "inverse_options": {"store": "none"}}),
+    # the damping chosen for time to target on the CNN, seed 0, from {1e-4, 3e-4, 1e-3, 3e-3,
+    # 1e-2, 3e-2} (docs/kfac.md)
+    "fngd-recompute-1e-3": (
+        "fngd",
+        {"lr": 0.3, "damping": 1e-3, "inverse_options": {"store": "none"}},
+    ),
     "fngd-3-epochs": (
         "fngd",
         {
@@ -80,14 +91,20 @@ SHAMPOO = {"lr": 1e-2, "preconditioning_compute_steps": 10}
 TASKS = {
     # name: (model, width, epochs, target loss, target accuracy, optimizers left out)
     "cnn": ("cnn", 1.0, 6, None, 0.9, ()),
-    "autoencoder": ("autoencoder", 0.5, 10, 0.045, None, ("shampoo",)),
+    "autoencoder": ("autoencoder", 0.5, 10, 0.045, None, ()),
     "transformer": (
         "transformer",
         1.0,
         4,
         None,
         0.8,
-        ("shampoo", "bkfac-batch-clock", "fngd-recompute", "fngd-3-epochs", "seng-unbiased"),
+        (
+            "fngd-shared-rows",
+            "fngd-recompute",
+            "fngd-recompute-1e-3",
+            "fngd-3-epochs",
+            "seng-unbiased",
+        ),
     ),
 }
 QUICK_TASKS = {
@@ -153,10 +170,16 @@ def interleaved_times(
     return {name: total / max(steps, 1) for name, total in totals.items()}
 
 
-def timing_markdown(times: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
+def timing_markdown(
+    times: dict[str, dict[str, float]], meta: dict[str, Any], title: str | None = None
+) -> str:
     names = list(dict.fromkeys(n for row in times.values() for n in row))
     lines = [
-        "# FNGD and SENG: CPU time per step after the first epoch, optimizers interleaved",
+        "# "
+        + (
+            title
+            or "FNGD and SENG: CPU time per step after the first epoch, optimizers interleaved"
+        ),
         "",
         f"{meta['device']}; torch {meta['torch']}; one epoch of training first (FNGD stores "
         f"its coefficients), then {meta['epochs']} epochs with the optimizers stepping round "
@@ -198,8 +221,9 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         "",
         f"{meta['device']}; torch {meta['torch']}; seeds {meta['seeds']}; whole run "
         f"{meta['seconds']:.0f} s; {meta['note']}. Times are process CPU seconds of the "
-        "training steps (one thread). Means over seeds; ratios are to K-FAC. Time to target "
-        "is reported only when every seed reached it.",
+        "training steps (one thread). Means over seeds; ratios are to K-FAC, to Shampoo (its "
+        "time to target only where every Shampoo seed reached it) and, after epoch 1, to SGD. "
+        "Time to target is reported only when every seed reached it.",
         "",
         "Settings: " + "; ".join(f"{k}: {json.dumps(v[1])}" for k, v in CONFIGS.items()) + ". "
         f"Shampoo: pytorch_optimizer.Shampoo {json.dumps(SHAMPOO)}. Unlisted values are the "
@@ -215,6 +239,7 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         )
         base = rows.get("kfac")
         sgd = rows.get("sgd")
+        sham = rows.get("shampoo")
         lines += [
             "",
             f"## {task} (width {width}, {epochs} epochs, target: {target})",
@@ -223,9 +248,10 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
         if left_out:
             lines += [f"Not run on this task: {', '.join(left_out)} (time budget).", ""]
         lines += [
-            "| optimizer | time/step (ms) | vs K-FAC | after epoch 1 (ms) | vs SGD "
-            "| time to target (s) | vs K-FAC | reached | final loss | final accuracy |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| optimizer | time/step (ms) | vs K-FAC | vs Shampoo | after epoch 1 (ms) "
+            "| vs SGD | time to target (s) | vs K-FAC | vs Shampoo | reached | final loss "
+            "| final accuracy |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, row in rows.items():
             ratio = "-" if base is None else f"{row['time_per_step'] / base['time_per_step']:.2f}"
@@ -236,11 +262,15 @@ def markdown(results: dict[str, Any], meta: dict[str, Any]) -> str:
             later = row["time_per_step_after_epoch_1"]
             sgd_later = None if sgd is None else sgd["time_per_step_after_epoch_1"]
             vs_sgd = "-" if not sgd_later else f"{later / sgd_later:.2f}"
+            sh_base = None if sham is None else sham["time_per_step"]
+            sh_step = "-" if not sh_base else f"{row['time_per_step'] / sh_base:.2f}"
+            sh_ttt = None if sham is None else sham["time_to_target"]
+            sh_ratio = "-" if ttt is None or not sh_ttt else f"{ttt / sh_ttt:.2f}"
             lines.append(
                 f"| {name} | {1e3 * row['time_per_step']:.1f} ± "
-                f"{1e3 * row['time_per_step_std']:.1f} | {ratio} | {1e3 * later:.1f} | {vs_sgd} | "
-                f"{'-' if ttt is None else f'{ttt:.2f}'} | {ratio_ttt} | {row['reached']} | "
-                f"{row['final_loss']:.4f} | {acc} |"
+                f"{1e3 * row['time_per_step_std']:.1f} | {ratio} | {sh_step} | "
+                f"{1e3 * later:.1f} | {vs_sgd} | {'-' if ttt is None else f'{ttt:.2f}'} | "
+                f"{ratio_ttt} | {sh_ratio} | {row['reached']} | {row['final_loss']:.4f} | {acc} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -258,6 +288,12 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--timing", action="store_true", help="only the interleaved time per step")
     parser.add_argument("--stem", default="kfac_fngd", help="name of the result files")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="update the rows of the chosen optimizers in an existing result file (the other "
+        "rows are kept as they were measured)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     tasks = QUICK_TASKS if args.quick else TASKS
@@ -283,7 +319,10 @@ def main() -> None:
         meta = {"device": _device(), "torch": torch.__version__, "epochs": epochs, "note": note}
         stem = f"{args.stem}_timing{suffix}"
         (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "times": times}, indent=1))
-        text = timing_markdown(times, meta)
+        title = None
+        if args.stem != "kfac_fngd":  # a distinct heading for each included table
+            title = f"CPU time per step after the first epoch, interleaved: {', '.join(names)}"
+        text = timing_markdown(times, meta, title)
         (out / f"{stem}.md").write_text(text)
         print(text)
         return
@@ -291,6 +330,12 @@ def main() -> None:
     start = time.perf_counter()
     results: dict[str, Any] = {}
     histories: dict[str, Any] = {}
+    previous_seconds = 0.0
+    path = out / f"{args.stem}{suffix}.json"
+    if args.merge and path.exists():
+        saved = json.loads(path.read_text())
+        results, histories = saved["summary"], saved["runs"]
+        previous_seconds = float(saved["meta"]["seconds"])
     for task in args.tasks:
         model, width, epochs, target_loss, target_acc, left_out = tasks[task]
         chosen = [n for n in names if n not in left_out]
@@ -315,13 +360,17 @@ def main() -> None:
                     f"{result.test_accuracy[-1]}, time to target {result.time_to_target}",
                     flush=True,
                 )
-        results[task] = {name: summarize(rs) for name, rs in runs.items()}
-        histories[task] = {name: [asdict(r) for r in rs] for name, rs in runs.items()}
+        fresh = {name: summarize(rs) for name, rs in runs.items()}
+        fresh_runs = {name: [asdict(r) for r in rs] for name, rs in runs.items()}
+        old, old_runs = results.get(task, {}), histories.get(task, {})
+        order = [n for n in CONFIGS if n in fresh or n in old]
+        results[task] = {n: fresh.get(n, old.get(n)) for n in order}
+        histories[task] = {n: fresh_runs.get(n, old_runs.get(n)) for n in order}
         meta = {
             "device": _device(),
             "torch": torch.__version__,
             "seeds": seeds,
-            "seconds": time.perf_counter() - start,
+            "seconds": previous_seconds + time.perf_counter() - start,
             "tasks": {t: tasks[t] for t in results},
             "note": note,
         }

@@ -4,6 +4,8 @@
   into its K-FAC direction, so any ``torch.optim`` optimizer can step next;
   ``inverse=`` names an inverse strategy from a registry (:func:`inverse_names`).
 - :class:`KFAC` is a ``torch.optim.Optimizer``: the preconditioner, then ``torch.optim.SGD``.
+  Its defaults were chosen by measurement; :func:`preset` names them and the thesis'
+  settings (``KFAC(model, lr, **kfac.preset("thesis"))``).
 - :class:`MBF`, :class:`SOKLDWRM`, :class:`QKLDWRM` and :class:`QEKLDWRM` are the other
   methods' optimizers, from the same front. Every one of them can adapt its damping
   (:class:`AdaptiveDamping`) and choose its step from the exact quadratic model of the loss
@@ -39,6 +41,7 @@ from .kld_wrm import (
 from .mbf import MBF, MBFPreconditioner
 from .optimizer import KFAC, PreconditionedSGD
 from .preconditioner import KFACPreconditioner, Preconditioner
+from .presets import preset
 from .seng import SENG, SENGPreconditioner
 
 __all__ = [
@@ -67,6 +70,7 @@ __all__ = [
     "Tick",
     "block_names",
     "inverse_names",
+    "preset",
     "register_block",
     "register_layer",
 ]

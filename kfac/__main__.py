@@ -385,9 +385,10 @@ def _per_sample_loss_fn(loss_name: str) -> Any:
 
 
 def _fngd_weights(opt: torch.optim.Optimizer, idx: torch.Tensor) -> torch.Tensor | None:
-    """FNGD with shared coefficients: the loss weights of a step that reuses stored
-    coefficients (the weighted-loss path, about one SGD step); ``None`` otherwise."""
-    if isinstance(opt, FNGD) and opt.preconditioner.fngd.coefficients == "shared":
+    """FNGD with ``weighted_step="loss"`` (the default with shared coefficients in one
+    process): the loss weights of a step that reuses stored coefficients (about one SGD
+    step); ``None`` otherwise."""
+    if isinstance(opt, FNGD) and opt.preconditioner.fngd.weighted_step == "loss":
         return opt.preconditioner.loss_weights(idx)
     return None
 

@@ -14,7 +14,7 @@ factor (see :class:`kfac._kron.FactorState`):
 ``"factored"``
     Tikhonov damping split between the factors, ``(G + sqrt(lambda) I)^-1 V
     (A + sqrt(lambda) I)^-1``.
-``"factored-relative"`` (default)
+``"factored-relative"`` (the ``kron`` block's default; ``KFACPreconditioner``'s is ``"factored"``)
     ``lambda_X = lambda max(d_X)`` per factor (the thesis' "adaptive" damping).
 ``"pi"``
     Factored with Martens and Grosse's pi-adjustment, ``lambda_G = sqrt(lambda) / pi``,

@@ -238,14 +238,14 @@ class Engine:
             before = dict(self.states)
             with self.phase("refresh"):
                 for name, layer in self.layers.items():
-                    if runtime is None:
+                    if runtime is None or runtime.replicated:
                         self.states[name] = self.block.refresh(layer, self.states[name], tick)
                     else:
                         owned = runtime.owned[name]
                         state = self.block.refresh_parts(layer, self.states[name], tick, owned)
                         self.states[name] = state
             with self.phase("exchange"):
-                if runtime is not None:
+                if runtime is not None and not runtime.replicated:
                     settled = all(self.block.ready(state) for state in before.values())
                     self.states = runtime.exchange(before, self.states, tick, settled)
             # a process's own rows do not reproduce the averaged gradient (local statistics)
@@ -346,8 +346,12 @@ class Engine:
         for name in with_batch:
             batch = batches[name]
             owned = self.dist.owned[name]
-            if grad_ok[name] and stats_ok[name] and batch is not None and owned and batch.n > 0:
-                layer = self.layers[name]
+            if not (grad_ok[name] and stats_ok[name] and batch is not None and batch.n > 0):
+                continue
+            layer = self.layers[name]
+            if self.dist.replicated:  # every process updates every layer (global rows)
+                self.states[name] = self.block.update(layer, self.states[name], batch, tick)
+            elif owned:
                 state = self.block.update_parts(layer, self.states[name], batch, tick, owned)
                 self.states[name] = state
         return set(bad_grads)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import abc
 import fnmatch
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -35,6 +35,7 @@ from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
 __all__ = [
+    "BatchNorm2dLayer",
     "Conv1dLayer",
     "Conv2dLayer",
     "Layer",
@@ -260,6 +261,46 @@ class Conv2dLayer(Layer):
 
 #: Layer types with a weight K-FAC would act on but no helper here: rejected at registration
 #: (a silent omission would leave the user believing they are preconditioned).
+class BatchNorm2dLayer(Layer):
+    """``nn.BatchNorm2d`` (affine), for the per-sample methods only (SENG): not in the layer
+    registry, a block accepts it through its ``extra_layers`` (the K-FAC family has no
+    Kronecker factors for it).
+
+    Gradient matrix ``C x 2``: the weight ``gamma`` as one column, the bias ``beta`` as the
+    second (when trainable). The rows are channel-wise (``diagonal``): input rows
+    ``xhat_{i,t}`` ``(n tau, C)``, the input normalised with the statistics the forward used
+    (the batch's in training mode, recomputed here without touching the running averages),
+    and output-gradient rows ``g_{i,t}`` ``(n tau, C)`` over the ``tau = h w`` positions, so
+    that sample ``i``'s gradient is ``n sum_t [g_{i,t} * xhat_{i,t}, g_{i,t}]`` (elementwise
+    products per channel; :func:`kfac._persample.diagonal_explicit`).
+    """
+
+    #: Channel-wise rows: the per-sample gradient is not a sum of outer products of the rows.
+    diagonal = True
+
+    def __init__(self, name: str, module: nn.BatchNorm2d) -> None:
+        super().__init__(name, module)
+        self.dim_in = 1
+        self.dim_out = module.num_features
+
+    def input_rows(self, x: Tensor) -> tuple[Tensor, int]:
+        """The normalised input ``xhat`` as rows ``(n h w, C)`` and ``n``."""
+        module = self.module
+        assert isinstance(module, nn.BatchNorm2d)
+        x = x.to(torch.promote_types(x.dtype, torch.float32))
+        if module.training or module.running_mean is None:
+            var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        else:
+            assert module.running_var is not None
+            mean, var = module.running_mean.to(x.dtype), module.running_var.to(x.dtype)
+        xhat = (x - mean[:, None, None]) * torch.rsqrt(var[:, None, None] + module.eps)
+        return xhat.permute(0, 2, 3, 1).reshape(-1, self.dim_out), x.shape[0]
+
+    def output_rows(self, g: Tensor) -> Tensor:
+        """Output-gradient rows ``(n h w, C)``."""
+        return g.permute(0, 2, 3, 1).reshape(-1, self.dim_out)
+
+
 _REJECTED: tuple[type[nn.Module], ...] = (
     nn.Conv3d,
     nn.ConvTranspose1d,
@@ -391,9 +432,13 @@ def _check_shared(
                 )
 
 
-def discover(model: nn.Module, skip_layers: Any) -> dict[str, Layer]:
+def discover(
+    model: nn.Module, skip_layers: Any, extra: Mapping[type[nn.Module], type[Layer]] | None = None
+) -> dict[str, Layer]:
     """The registered layers of ``model`` with a trainable weight, in model order, minus
-    ``skip_layers`` (``fnmatch`` patterns on qualified names, or module types).
+    ``skip_layers`` (``fnmatch`` patterns on qualified names, or module types). ``extra``
+    maps further module types to their helpers (a block's ``extra_layers``: SENG's
+    ``BatchNorm2d``); a module of such a type joins when it has a trainable weight.
 
     Raises ``ValueError`` for a layer K-FAC cannot describe unless it is skipped: a
     parametrized or computed weight (``weight_norm``, ``spectral_norm``, ``parametrize``), an
@@ -423,6 +468,13 @@ def discover(model: nn.Module, skip_layers: Any) -> dict[str, Layer]:
                 inside_skipped.append(name)
                 continue
             layers.update(attention_layers(name, module))
+            continue
+        helper = next((h for t, h in (extra or {}).items() if isinstance(module, t)), None)
+        if helper is not None:
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, nn.Parameter) and weight.requires_grad:
+                _check_registrable(name, module)
+                layers[name] = helper(name, module)
             continue
         if isinstance(module, _REJECTED):
             if any(p.requires_grad for p in module.parameters(recurse=False)):

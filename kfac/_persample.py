@@ -38,6 +38,7 @@ from ._curvature import LayerBatch
 
 __all__ = [
     "GRAM_METHODS",
+    "diagonal_explicit",
     "explicit",
     "gram",
     "gram_method",
@@ -79,6 +80,17 @@ def gram_method(n: int, tau: int, d_A: int, d_G: int, method: str = "auto") -> s
 def explicit(a: Tensor, g: Tensor) -> Tensor:
     """The per-sample gradients ``(n, d_G, d_A)``."""
     return torch.einsum("nto,nti->noi", g, a)
+
+
+def diagonal_explicit(a: Tensor, g: Tensor, bias: bool) -> Tensor:
+    """The per-sample gradients ``(n, C, 1 + bias)`` of a channel-wise layer (BatchNorm2d:
+    ``a`` the normalised inputs ``xhat``, ``g`` the output gradients, both ``(n, tau, C)``):
+    ``[sum_t g_{i,t} * a_{i,t}, sum_t g_{i,t}]`` per channel, the layout of the layer's
+    gradient matrix (weight column, then bias)."""
+    columns = [(g * a).sum(dim=1)]
+    if bias:
+        columns.append(g.sum(dim=1))
+    return torch.stack(columns, dim=2)
 
 
 def gram(a: Tensor, g: Tensor, method: str = "auto") -> Tensor:

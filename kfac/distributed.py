@@ -182,10 +182,20 @@ class Runtime:
         self.block = block
         self.dtype = dtype
         self.names = list(layers)
+        #: A replicated block (FNGD, SENG: ``block.replicated``) has no parts: every process
+        #: updates every layer from the global batch's per-sample rows, and nothing is
+        #: exchanged after the update.
+        self.replicated = bool(getattr(block, "replicated", False))
+        if self.replicated and config.statistics == "local":
+            raise ValueError(
+                f"Invalid statistics: 'local'; the block {block.name!r} solves with the "
+                "per-sample gradients of the global batch, so its rows must be gathered "
+                "(statistics='all-reduce')"
+            )
         costs = {
             (name, part): cost
             for name, layer in self.layers.items()
-            for part, cost in block.parts(layer).items()
+            for part, cost in ({} if self.replicated else block.parts(layer)).items()
         }
         self.parts = list(costs)
         self.costs = costs
@@ -279,6 +289,18 @@ class Runtime:
         )
         self._wait(work, what)
         return tensor
+
+    def gather_rows(self, rows: Tensor, kind: str, what: str) -> Tensor:
+        """The concatenation, in rank order, of every process's ``rows`` (the leading
+        dimension may differ between processes): an all-gather of the sizes, then of the
+        padded rows."""
+        device = self._device()
+        size = torch.tensor([rows.shape[0]], dtype=torch.int64, device=device)
+        sizes = [int(t) for t in self.all_gather(size, "control", f"{what} sizes")]
+        padded = rows.new_zeros((max(sizes), *rows.shape[1:]), device=device)
+        padded[: rows.shape[0]] = rows.to(device)
+        gathered = self.all_gather(padded, kind, what)
+        return torch.cat([g[:k] for g, k in zip(gathered, sizes, strict=True)]).to(rows.device)
 
     def all_gather(self, tensor: Tensor, kind: str, what: str) -> list[Tensor]:
         self._count(kind, tensor, self.world)
@@ -416,10 +438,11 @@ class Runtime:
                     "output-gradient rows: its rows cannot be gathered across processes"
                 )
             dims[i] = (batch.a_rows.shape[1], batch.g_rows.shape[1])
-            parts += [
-                batch.a_rows.reshape(-1),
-                (batch.g_rows * math.sqrt(weight[i])).reshape(-1),
-            ]
+            # per-sample algebra (replicated blocks): each output-gradient row becomes the
+            # concatenated batch's, n_r / N times this process's; the factors' rows enter
+            # the output factor as the mean over processes (the same at equal batch sizes)
+            scale = weight[i] * self.world if self.replicated else math.sqrt(weight[i])
+            parts += [batch.a_rows.reshape(-1), (batch.g_rows * scale).reshape(-1)]
         sizes = [
             sum(int(headers[r, i, 4]) * (dims[i][0] + dims[i][1]) for i in rows)
             for r in range(self.world)
@@ -544,6 +567,8 @@ class Runtime:
         """Every layer's state with each part taken from its owner (one all-gather of the
         owned parts' state dicts, pickled: the full curvature state travels to every
         process)."""
+        if self.replicated:  # every process holds the whole (identical) state
+            return {name: dict(saved[name]) for name in self.names}
         mine = {
             (name, part): _to_cpu(saved[name][part])
             for (name, part), owner in self.owners.items()

@@ -23,15 +23,21 @@ Options (:class:`FNGDBlock`):
   batch's ``indices`` to ``step``), ``"slot"`` (keyed by the step's slot within the epoch,
   ``step % steps_per_epoch``), or ``"none"`` (recompute every step: the exact per-batch SMW
   natural gradient).
-- ``compute_epochs`` and ``refresh_epochs``: compute (and overwrite) the stored
-  coefficients during the first ``compute_epochs`` epochs (default 1) and every
-  ``refresh_epochs`` epochs (epochs of ``steps_per_epoch`` steps); otherwise they are
-  computed once, the first time a key is seen.
+- ``compute_epochs``, ``refresh_epochs`` and ``refresh_steps``: compute (and overwrite) the
+  stored coefficients during the first ``compute_epochs`` epochs (default 1), every
+  ``refresh_epochs`` epochs (epochs of ``steps_per_epoch`` steps) and every
+  ``refresh_steps`` steps; otherwise they are computed once, the first time a key is seen.
 
-The weighted step: by default one weighted outer product per layer from the recorded rows;
-with shared coefficients, :meth:`FNGDPreconditioner.loss_weights` gives the stored
-coefficients before the forward pass so the training loop can back-propagate the weighted
-loss instead (its gradient is the direction; nothing is recorded).
+The weighted step (``weighted_step``), on steps that reuse stored coefficients:
+``"rows"`` forms ``G alpha`` as one weighted outer product per layer from the recorded rows;
+``"loss"`` (shared coefficients only) has the training loop back-propagate the weighted
+loss ``sum_i alpha_i l_i`` instead (:meth:`FNGDPreconditioner.loss_weights` gives the
+weights before the forward pass), whose gradient is the direction, and nothing is recorded.
+Measured on the digits CNN and autoencoder (docs/kfac.md), the weighted backward costs about
+an SGD step and the outer products much more (the convolutions' rows are their unfolded
+patches), so the default is ``"loss"`` with shared coefficients (one process) and ``"rows"``
+otherwise. With ``"loss"`` a reusing step whose backward was not weighted raises
+``ValueError`` (never a silent change of path).
 """
 
 from __future__ import annotations
@@ -48,13 +54,14 @@ from . import _persample as ps
 from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick, register_block
 from ._layers import Layer
 from .optimizer import PreconditionedSGD, unhooked
-from .preconditioner import Preconditioner
+from .preconditioner import Preconditioner, _distributed_config
 
 __all__ = [
     "COEFFICIENTS",
     "DAMPING_MODES",
     "FNGD",
     "STORES",
+    "WEIGHTED_STEPS",
     "CoefficientStore",
     "FNGDBlock",
     "FNGDPreconditioner",
@@ -65,6 +72,7 @@ __all__ = [
 COEFFICIENTS = ("per-layer", "shared")
 DAMPING_MODES = ("relative", "absolute")
 STORES = ("index", "slot", "none")
+WEIGHTED_STEPS = ("loss", "rows")
 #: Key of the one coefficient set of ``coefficients="shared"``.
 SHARED = "*"
 
@@ -166,6 +174,11 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
     compute_epochs : int, default 1
         Epochs, from the first, in which every step computes its coefficients (more than 1
         needs ``steps_per_epoch``).
+    refresh_steps : int, optional
+        Also recompute the coefficients on every ``refresh_steps``-th step (0, k, 2k, ...).
+    weighted_step : {"loss", "rows"}, default "rows"
+        How a reusing step forms ``G alpha`` (module docstring); ``"loss"`` needs
+        ``coefficients="shared"``.
 
     Notes
     -----
@@ -175,6 +188,9 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
     """
 
     name: ClassVar[str] = "fngd"
+    #: Under ``torch.distributed`` every process gathers the global batch's rows and solves
+    #: the global batch's system itself (``kfac.distributed``: no parts, no exchange).
+    replicated: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -187,6 +203,8 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
         refresh_epochs: int | None = None,
         gram: str = "auto",
         compute_epochs: int = 1,
+        refresh_steps: int | None = None,
+        weighted_step: str = "rows",
     ) -> None:
         if coefficients not in COEFFICIENTS:
             raise ValueError(
@@ -204,6 +222,17 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
                 isinstance(value, bool) or not isinstance(value, int) or value < 1
             ):
                 raise ValueError(f"Invalid {key}: {value!r} (must be an int >= 1 or None)")
+        if weighted_step not in WEIGHTED_STEPS:
+            raise ValueError(
+                f"Invalid weighted_step: {weighted_step!r}; valid names are {list(WEIGHTED_STEPS)}"
+            )
+        if weighted_step == "loss" and coefficients != "shared":
+            raise ValueError(
+                "Invalid weighted_step: 'loss' needs coefficients='shared' (one weight per "
+                "sample for every layer)"
+            )
+        if refresh_steps is not None and not _positive_int(refresh_steps):
+            raise ValueError(f"Invalid refresh_steps: {refresh_steps!r} (must be an int >= 1)")
         if not _positive_int(compute_epochs):
             raise ValueError(f"Invalid compute_epochs: {compute_epochs!r} (must be an int >= 1)")
         if steps_per_epoch is None and (
@@ -222,6 +251,8 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
         self.steps_per_epoch = steps_per_epoch
         self.refresh_epochs = refresh_epochs
         self.compute_epochs = compute_epochs
+        self.refresh_steps = refresh_steps
+        self.weighted_step = weighted_step
         self.gram = ps.check_method(gram)
         self.stores: dict[str, CoefficientStore] = {}
         self.indices: Tensor | None = None
@@ -270,8 +301,11 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
         return None
 
     def _refresh_epoch(self, step: int) -> bool:
-        """Whether ``step`` lies in an epoch that recomputes every coefficient: one of the
-        first ``compute_epochs``, or a multiple of ``refresh_epochs``."""
+        """Whether ``step`` recomputes every coefficient: a multiple of ``refresh_steps``, or
+        in one of the first ``compute_epochs`` epochs, or in a multiple of
+        ``refresh_epochs``."""
+        if self.refresh_steps is not None and step % self.refresh_steps == 0:
+            return True
         if self.steps_per_epoch is None:
             return False
         epoch = step // self.steps_per_epoch
@@ -475,6 +509,8 @@ def fngd_block(
     refresh_epochs: int | None = None,
     gram: str = "auto",
     compute_epochs: int = 1,
+    refresh_steps: int | None = None,
+    weighted_step: str = "rows",
 ) -> FNGDBlock:
     """The registry's factory for ``"fngd"`` (``seed`` unused: the method is deterministic;
     ``fisher`` must be ``"empirical"``: the coefficients weight the true-label gradients)."""
@@ -492,6 +528,8 @@ def fngd_block(
         refresh_epochs=refresh_epochs,
         gram=gram,
         compute_epochs=compute_epochs,
+        refresh_steps=refresh_steps,
+        weighted_step=weighted_step,
     )
 
 
@@ -524,6 +562,13 @@ class FNGDPreconditioner(Preconditioner):
     gram : {"auto", "positions", "explicit"}, default "auto"
     compute_epochs : int, default 1
         Recompute during the first ``compute_epochs`` epochs (the paper: 1).
+    refresh_steps : int, optional
+        Also recompute every ``refresh_steps`` steps (a refresh period in steps).
+    weighted_step : {"loss", "rows"}, optional
+        How a reusing step forms ``G alpha``: ``"loss"``, the training loop back-propagates
+        the loss weighted by :meth:`loss_weights`; ``"rows"``, weighted outer products of
+        the recorded rows. Default (by measurement, docs/kfac.md): ``"loss"`` with
+        ``coefficients="shared"`` in one process, ``"rows"`` otherwise.
     **kwargs
         The other options of :class:`~kfac.Preconditioner` (``kl_clip``, ``rms_clip``,
         ``lr``, ``skip_layers``, ``factor_dtype``, ``grad_scaler``, ``time_phases``).
@@ -561,8 +606,19 @@ class FNGDPreconditioner(Preconditioner):
         refresh_epochs: int | None = None,
         gram: str = "auto",
         compute_epochs: int = 1,
+        refresh_steps: int | None = None,
+        weighted_step: str | None = None,
         **kwargs: Any,
     ) -> None:
+        distributed = _distributed_config(kwargs.get("distributed"))
+        if weighted_step is None:
+            one = distributed is None
+            weighted_step = "loss" if coefficients == "shared" and one else "rows"
+        elif weighted_step == "loss" and distributed is not None:
+            raise ValueError(
+                "Invalid weighted_step: 'loss' is not supported under torch.distributed (each "
+                "process could weight only its own samples); use 'rows'"
+            )
         for key in ("factor_every", "inverse_every", "factor_decay", "fisher"):
             if key in kwargs:
                 raise ValueError(
@@ -583,6 +639,8 @@ class FNGDPreconditioner(Preconditioner):
             refresh_epochs=refresh_epochs,
             gram=gram,
             compute_epochs=compute_epochs,
+            refresh_steps=refresh_steps,
+            weighted_step=weighted_step,
             **kwargs,
         )
 
@@ -601,8 +659,16 @@ class FNGDPreconditioner(Preconditioner):
         return block
 
     def set_indices(self, indices: Any) -> None:
-        """The dataset indices of the samples of the coming :meth:`step`."""
+        """The dataset indices of the samples of the coming :meth:`step`.
+
+        Under ``torch.distributed`` each process passes the indices of its own samples;
+        they are gathered in rank order (the order of the gathered rows), so the stored
+        coefficients are keyed by the global batch's indices."""
         self.fngd.set_indices(indices)
+        runtime = self.engine.dist
+        block = self.fngd
+        if runtime is not None and block.indices is not None:
+            block.indices = runtime.gather_rows(block.indices, "control", "indices all-gather")
 
     @torch.no_grad()
     def step(
@@ -625,6 +691,17 @@ class FNGDPreconditioner(Preconditioner):
         """
         if indices is not None:
             self.set_indices(indices)
+        block = self.fngd
+        unweighted = block.weighted_step == "loss" and not block.weighted
+        if unweighted and not block.compute_step(self.steps):
+            self.skip()
+            raise ValueError(
+                f"Invalid weighted_step: 'loss', and step {self.steps} reuses stored shared "
+                "coefficients but its backward was not weighted: call loss_weights(indices) "
+                "before the forward pass and back-propagate (weights * "
+                "per_sample_losses).sum() when it returns weights (the command line does), "
+                "or pass weighted_step='rows'"
+            )
         try:
             super().step(lr)
         finally:
@@ -670,10 +747,11 @@ class FNGDPreconditioner(Preconditioner):
         default path leaves those with the batch-mean gradient.
         """
         block = self.fngd
-        if block.coefficients != "shared":
+        if block.weighted_step != "loss":
             raise ValueError(
-                "Invalid coefficients: 'per-layer'; loss weights need coefficients='shared' "
-                "(one weight per sample for every layer)"
+                f"Invalid weighted_step: {block.weighted_step!r}; loss weights need "
+                "weighted_step='loss' (with coefficients='shared', in one process: each "
+                "process could weight only its own samples)"
             )
         if indices is not None:
             self.set_indices(indices)

@@ -17,6 +17,8 @@ Representations of ``U`` (the cost rule, :meth:`SENGBlock.kind`):
                 kept as its two factors (``O(n (d_A + d_G))`` memory, exact).
 ``"explicit"``  a convolution (many positions) with ``P = d_G d_A <= explicit_max``: the
                 ``n`` per-sample gradients formed (``O(n P)`` memory).
+``"explicit"``  also a BatchNorm2d layer (channel-wise rows: ``U_i`` is ``[sum_t g * xhat,
+                sum_t g]`` per channel, ``kfac._persample.diagonal_explicit``).
 ``"implicit"``  a larger convolution: each sample's output-gradient map (``tau x d_G``) is
                 compressed by a truncated SVD to rank ``svd_rank``, so ``U_i`` is a sum of
                 ``svd_rank`` outer products ``sum_k l_{ik} r_{ik}^T`` (the factored form with
@@ -47,7 +49,7 @@ from torch import Tensor, nn
 
 from . import _persample as ps
 from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick, register_block
-from ._layers import Layer
+from ._layers import BatchNorm2dLayer, Layer
 from .optimizer import PreconditionedSGD
 from .preconditioner import Preconditioner
 
@@ -105,6 +107,12 @@ class SENGBlock(CurvatureBlock[SENGState]):
     """
 
     name: ClassVar[str] = "seng"
+    #: Layers SENG preconditions beyond the registry's: BatchNorm2d (its per-sample
+    #: gradients are channel-wise, ``U`` formed explicitly; ``kfac._layers``).
+    extra_layers: ClassVar[dict[type[nn.Module], type[Layer]]] = {nn.BatchNorm2d: BatchNorm2dLayer}
+    #: Under ``torch.distributed`` every process gathers the global batch's rows on refresh
+    #: steps and builds ``U`` and the inverse itself (``kfac.distributed``).
+    replicated: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -135,6 +143,8 @@ class SENGBlock(CurvatureBlock[SENGState]):
 
     def kind(self, layer: Layer, positions: int) -> str:
         """The representation of ``U`` for ``layer`` with ``positions`` per sample."""
+        if getattr(layer, "diagonal", False):
+            return "explicit"  # channel-wise: 2 C coordinates per sample
         if positions == 1:
             return "factored"
         return "explicit" if layer.dim_G * layer.dim_A <= self.explicit_max else "implicit"
@@ -199,6 +209,9 @@ class SENGBlock(CurvatureBlock[SENGState]):
         n, tau = a.shape[:2]
         root = math.sqrt(n)
         kind = self.kind(layer, tau)
+        if getattr(layer, "diagonal", False):
+            per_sample = ps.diagonal_explicit(a, g, layer.has_bias)
+            return SENGState(kind, U=per_sample.reshape(n, -1) / root)
         if kind == "factored":
             return SENGState(kind, L=g / root, R=a)  # one term per sample
         if kind == "explicit":
@@ -349,7 +362,8 @@ class SENGPreconditioner(Preconditioner):
     Parameters
     ----------
     model : nn.Module
-        The model (its ``nn.Linear`` and ``nn.Conv2d`` layers are preconditioned).
+        The model (its ``nn.Linear``, ``nn.Conv1d``/``nn.Conv2d`` and affine
+        ``nn.BatchNorm2d`` layers are preconditioned).
     damping : float or callable(step), default 1.0
         ``lambda`` (read at each refresh).
     update_freq : int or callable(step), default 200
@@ -368,8 +382,9 @@ class SENGPreconditioner(Preconditioner):
     The per-sample gradients come from the layer's rows as ``n`` times the output gradients
     of the *batch-mean* loss: the loss must be a mean over the batch's samples. Rows are
     recorded on refresh steps only; the steps in between reuse the stale ``U`` and inverse
-    and read nothing back from the device. Parameters outside the ``nn.Linear`` and
-    ``nn.Conv2d`` layers (normalisation layers, ...) keep their gradient.
+    and read nothing back from the device. A BatchNorm2d layer's per-sample gradients use
+    its input normalised in the hook (never a call of the module: the running statistics
+    are untouched). Other parameters (LayerNorm, embeddings, ...) keep their gradient.
 
     Examples
     --------
@@ -377,7 +392,7 @@ class SENGPreconditioner(Preconditioner):
     >>> from torch import nn
     >>> import kfac
     >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 2))
-    >>> precond = kfac.SENGPreconditioner(model, update_freq=10)
+    >>> precond = kfac.SENGPreconditioner(model, update_freq=10)  # BatchNorm2d too
     >>> x, y = torch.randn(8, 1, 6, 6), torch.randint(2, (8,))
     >>> nn.functional.cross_entropy(model(x), y).backward()
     >>> precond.step()

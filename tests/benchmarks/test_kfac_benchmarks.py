@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -106,7 +108,8 @@ def test_quick_fngd_benchmark(run_quick) -> None:
     assert set(summary) == {"cnn", "autoencoder"}
     for task, rows in summary.items():
         expected = {"sgd", "adam", "kfac", "bkfac-batch-clock", "fngd", "fngd-shared",
-                    "fngd-recompute", "fngd-3-epochs", "seng", "seng-unbiased"}  # fmt: skip
+                    "fngd-shared-rows", "fngd-recompute", "fngd-recompute-1e-3",
+                    "fngd-3-epochs", "seng", "seng-unbiased"}  # fmt: skip
         assert expected <= set(rows) <= expected | {"shampoo"}
         for name, row in rows.items():
             assert row["time_per_step"] > 0, (task, name)
@@ -115,6 +118,19 @@ def test_quick_fngd_benchmark(run_quick) -> None:
         assert f"## {task}" in table
     assert "shampoo" not in summary["autoencoder"]
     assert "Shampoo" in payload["meta"]["note"]
+
+
+@pytest.mark.slow
+def test_quick_fngd_staleness(run_quick) -> None:
+    payload, table = run_quick("kfac_fngd_staleness")
+    results = payload["results"]
+    assert set(results) == {"0.1", "0.003"}
+    for per_epoch in results.values():
+        assert list(per_epoch) == ["2"]  # epochs after the first
+        for row in per_epoch["2"].values():
+            assert set(row) == {"alpha", "direction", "gradient"}
+            assert all(-1.0 - 1e-6 <= v <= 1.0 + 1e-6 for v in row.values())
+    assert "## relative damping 0.1" in table
 
 
 @pytest.mark.slow
@@ -142,14 +158,51 @@ def test_quick_defaults_benchmark(run_quick) -> None:
     payload, table = run_quick("kfac_defaults")
     rows = payload["results"]["mlp"]
     assert list(rows) == [
-        "sgd (momentum 0.9)", "adam", "KFAC(model, lr) defaults", "KFAC, command-line settings",
-        "K-FAC, quadratic step + adaptive damping",
+        "sgd (momentum 0.9)", "adam", "KFAC(model, lr) defaults", "KFAC, thesis preset",
+        "KFAC, command-line settings", "K-FAC, quadratic step + adaptive damping",
         "B-KFAC rank 64, quadratic step + adaptive damping",
     ]  # fmt: skip
     for name, row in rows.items():
         assert len(row["losses"]) == 3, name
         assert row["best"] == min(row["losses"].values()), name
     assert "| mlp (width 0.1) |" in table
+    ours, sgd, adam = (
+        rows[n]["best"] for n in ("KFAC(model, lr) defaults", "sgd (momentum 0.9)", "adam")
+    )
+    assert f"| {ours / sgd:.3g}, {ours / adam:.3g}: " in table  # the criterion column
+
+
+@pytest.mark.slow
+def test_quick_defaults_search_options(tmp_path) -> None:
+    """--config adds a configuration with its grid, --only runs just it, --trace keeps the
+    loss curve and the KL clip's scale."""
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[2] / "benchmarks" / "kfac_defaults.py"
+    config = 'mine={"damping": 0.01, "kl_clip": 0.01, "lr_grid": [0.01, 0.02, 0.05]}'
+    subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path), "--only", "--trace",
+         "--seed", "3", "--config", config],
+        check=True, capture_output=True, text=True, env=_env(),
+    )  # fmt: skip
+    payload = json.loads((tmp_path / "kfac_defaults_quick.json").read_text())
+    assert payload["seed"] == 3
+    row = payload["results"]["mlp"]["mine"]
+    assert list(payload["results"]["mlp"]) == ["mine"]
+    assert list(row["losses"]) == ["0.01", "0.02", "0.05"]
+    trace = row["trace"]["0.02"]
+    assert len(trace["loss"]) == 2  # before training and after the one epoch
+    assert trace["loss"][-1] == row["losses"]["0.02"]
+    assert len(trace["clip_median"]) == 1  # 256 samples: one epoch of two steps
+    assert 0 < trace["clip_min"][0] <= trace["clip_median"][0] <= 1
+    bad = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path), "--config", "mine"],
+        capture_output=True, text=True, env=_env(),
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "expected NAME=JSON" in bad.stderr
 
 
 def _env() -> dict[str, str]:

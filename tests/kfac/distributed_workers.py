@@ -374,7 +374,122 @@ def mbf(rank: int, world: int, steps: int) -> dict[str, Any]:
     return out
 
 
+# ------------------------------------------------------------------ per-sample methods
+
+#: Samples of the per-sample methods' dataset: two global batches of BATCH per epoch.
+PERSAMPLE_N = 2 * BATCH
+#: name: (optimizer class name, conv model?, options): FNGD with stored coefficients keyed by
+#: dataset index (per layer and shared), by slot, recomputed; SENG sketched (col_sample_size
+#: below the widths) on the MLP and on a small CNN (explicit per-sample gradients).
+PERSAMPLE: dict[str, tuple[str, bool, dict[str, Any]]] = {
+    "fngd-index": ("FNGD", False, {"store": "index"}),
+    "fngd-shared": (
+        "FNGD",
+        False,
+        {"store": "index", "coefficients": "shared", "weighted_step": "rows"},
+    ),
+    "fngd-slot": ("FNGD", False, {"store": "slot", "steps_per_epoch": 2}),
+    "fngd-conv": ("FNGD", True, {"store": "none"}),
+    "seng": ("SENG", False, {"update_freq": 2, "col_sample_size": 4}),
+    "seng-conv": ("SENG", True, {"update_freq": 2, "col_sample_size": 3}),
+}
+
+
+def conv_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.Tanh(), nn.Flatten(),
+                         nn.Linear(3 * 4 * 4, 5)).double()  # fmt: skip
+
+
+def persample_data() -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Inputs (a 6x6 image per sample, also read flat as 10 features by the MLP), labels,
+    and the global batches' dataset indices over 4 epochs (reshuffled every epoch)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(PERSAMPLE_N, 1, 6, 6, generator=gen, dtype=F64)
+    y = torch.randint(5, (PERSAMPLE_N,), generator=gen)
+    steps = [b for _ in range(4) for b in torch.randperm(PERSAMPLE_N, generator=gen).split(BATCH)]
+    return x, y, steps
+
+
+def persample_setup(name: str, distributed: bool) -> tuple[nn.Module, Any]:
+    cls, conv, extra = PERSAMPLE[name]
+    net = conv_model() if conv else model()
+    config = kfac.Distributed(timeout=20.0) if distributed else False
+    opt = getattr(kfac, cls)(
+        net, lr=0.1, momentum=0.5, damping=0.05, factor_dtype=F64, distributed=config, **extra
+    )
+    return net, opt
+
+
+def persample_train(
+    name: str, net: nn.Module, opt: Any, start: int, stop: int, rank: int = 0, world: int = 1
+) -> None:
+    """Steps ``start`` to ``stop`` on this process's shard of each global batch (gradients
+    averaged by hand); FNGD gets the shard's dataset indices."""
+    x, y, steps = persample_data()
+    conv = PERSAMPLE[name][1]
+    for idx in steps[start:stop]:
+        mine = shard(idx, rank, world)
+        inputs = x[mine] if conv else x[mine].flatten(1)[:, :10]
+        opt.zero_grad()
+        F.cross_entropy(net(inputs), y[mine]).backward()
+        if world > 1:
+            for p in net.parameters():
+                dist.all_reduce(p.grad)
+                p.grad /= world
+        if isinstance(opt, kfac.FNGD):
+            opt.step(indices=mine)
+        else:
+            opt.step()
+
+
+def persample(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """FNGD and SENG on the global batch: parameters after ``steps`` steps, the state dict
+    (and weights) saved halfway, the stored coefficients and the bytes gathered."""
+    out: dict[str, Any] = {}
+    half = steps // 2
+    for name in PERSAMPLE:
+        net, opt = persample_setup(name, distributed=True)
+        persample_train(name, net, opt, 0, half, rank, world)
+        saved = copy.deepcopy(opt.state_dict())
+        weights = {k: v.clone() for k, v in net.state_dict().items()}
+        persample_train(name, net, opt, half, steps, rank, world)
+        pre = opt.preconditioner
+        out[name] = {
+            "params": flat(net),
+            "state": saved,
+            "model": weights,
+            "final_state": copy.deepcopy(opt.state_dict()),
+            "diagnostics": pre.diagnostics(),
+            "bytes": dict(pre.engine.dist.bytes),
+        }
+    return out
+
+
+def persample_refusals(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """What FNGD and SENG refuse under a process group, each message recorded."""
+    out: dict[str, Any] = {}
+    net = model()
+    try:
+        kfac.SENG(net, lr=0.1, distributed=kfac.Distributed(statistics="local"))
+    except ValueError as exc:
+        out["local"] = str(exc)
+    opt = kfac.FNGD(net, lr=0.1, coefficients="shared", distributed=kfac.Distributed())
+    out["weighted_step"] = opt.preconditioner.fngd.weighted_step
+    try:
+        opt.preconditioner.loss_weights(torch.arange(BATCH // world))
+    except ValueError as exc:
+        out["loss_weights"] = str(exc)
+    try:
+        kfac.FNGD(net, lr=0.1, coefficients="shared", weighted_step="loss")
+    except ValueError as exc:
+        out["explicit_loss"] = str(exc)
+    return out
+
+
 SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
+    "persample": persample,
+    "persample_refusals": persample_refusals,
     "equality": equality,
     "ddp": ddp,
     "owner_directions": owner_directions,

@@ -211,6 +211,11 @@ def test_mbf_from_the_command_line_with_block_options(tmp_path: Path) -> None:
     [
         ("fngd", {}, {"gram": "dense"}),
         ("fngd", {"coefficients": "shared"}, {"store": "epoch"}),  # the weighted-loss path
+        (
+            "fngd",
+            {"coefficients": "shared", "weighted_step": "rows", "refresh_steps": 2},
+            {"weighted_step": "backward"},
+        ),
         ("seng", {"scaling": "reference", "col_sample_size": 8}, {"scaling": "none"}),
     ],
 )

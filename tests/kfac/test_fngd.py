@@ -178,8 +178,9 @@ def test_later_epochs_apply_the_stored_coefficients_to_the_current_gradients(
     model, x, y, _ = make_case("conv", n=12)
     clean = copy.deepcopy(model)
     precond = kfac.FNGDPreconditioner(
-        model, damping=0.2, coefficients=coefficients, factor_dtype=torch.float64
-    )
+        model, damping=0.2, coefficients=coefficients, factor_dtype=torch.float64,
+        weighted_step="rows",  # the outer products (the loss path: the test below)
+    )  # fmt: skip
     first = train_epochs(model, clean, precond, x, y, epochs=1, batch=4)
     stored = {
         name: precond.coefficients(None if coefficients == "shared" else name)
@@ -284,7 +285,7 @@ def test_index_keys_follow_the_samples_across_batches() -> None:
 
 def test_state_dict_round_trip_keeps_the_stored_coefficients() -> None:
     model, x, y, _ = make_case("linear", n=8)
-    opt = kfac.FNGD(model, lr=0.1, momentum=0.9, coefficients="shared")
+    opt = kfac.FNGD(model, lr=0.1, momentum=0.9, coefficients="shared", weighted_step="rows")
     batches = torch.arange(8).split(4)
 
     def run(model, opt):
@@ -305,7 +306,7 @@ def test_state_dict_round_trip_keeps_the_stored_coefficients() -> None:
     saved = torch.load(buffer, weights_only=True)
     model2, *_ = make_case("linear", n=8)
     model2.load_state_dict(saved["model"])
-    opt2 = kfac.FNGD(model2, lr=0.1, momentum=0.9, coefficients="shared")
+    opt2 = kfac.FNGD(model2, lr=0.1, momentum=0.9, coefficients="shared", weighted_step="rows")
     opt2.load_state_dict(saved["opt"])
     assert len(opt2.preconditioner.coefficients()) == 8
     assert run(model2, opt2) == expected
@@ -357,8 +358,8 @@ def test_weighted_loss_path_equals_the_outer_product_path() -> None:
     model, x, y, _ = make_case("conv", n=12)
     twin = copy.deepcopy(model)
     options = {"damping": 0.2, "coefficients": "shared", "factor_dtype": torch.float64}
-    plain = kfac.FNGD(model, lr=0.05, momentum=0.9, **options)
-    weighted = kfac.FNGD(twin, lr=0.05, momentum=0.9, **options)
+    plain = kfac.FNGD(model, lr=0.05, momentum=0.9, weighted_step="rows", **options)
+    weighted = kfac.FNGD(twin, lr=0.05, momentum=0.9, **options)  # "loss", the default
     batches = torch.arange(12).split(4)
     for epoch in range(2):
         for idx in batches[::-1] if epoch else batches:
@@ -379,11 +380,66 @@ def test_weighted_loss_path_equals_the_outer_product_path() -> None:
     assert [(r["computed"], r["reused"]) for r in rows] == [(3, 3), (3, 3)]
 
 
-def test_loss_weights_need_shared_coefficients() -> None:
+def test_loss_weights_need_the_weighted_loss_step() -> None:
     model, *_ = make_case("linear")
     precond = kfac.FNGDPreconditioner(model)
-    with pytest.raises(ValueError, match=r"Invalid coefficients: 'per-layer'; loss weights"):
+    assert precond.fngd.weighted_step == "rows"  # per-layer: the only path
+    with pytest.raises(ValueError, match=r"Invalid weighted_step: 'rows'; loss weights need"):
         precond.loss_weights(torch.arange(4))
+    shared = kfac.FNGDPreconditioner(make_case("linear")[0], coefficients="shared")
+    assert shared.fngd.weighted_step == "loss"  # the measured default with shared ones
+    with pytest.raises(ValueError, match=r"Invalid weighted_step: 'loss' needs coefficients="):
+        kfac.FNGDPreconditioner(model, weighted_step="loss")
+    with pytest.raises(ValueError, match=r"Invalid weighted_step: 'backward'; valid names"):
+        kfac.FNGDPreconditioner(model, coefficients="shared", weighted_step="backward")
+    with pytest.raises(ValueError, match=r"Invalid refresh_steps: 0 \(must be an int >= 1\)"):
+        kfac.FNGDPreconditioner(model, refresh_steps=0)
+
+
+def test_an_unweighted_backward_on_a_reusing_loss_step_raises() -> None:
+    """``weighted_step="loss"``: a reusing step whose backward was the batch-mean loss is
+    refused (not silently formed from rows), and leaves nothing behind: the next, weighted
+    step runs."""
+    model, x, y, _ = make_case("linear", n=8)
+    opt = kfac.FNGD(model, lr=0.1, coefficients="shared")
+    idx = torch.arange(8)
+    for _ in range(2):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        if opt.preconditioner.steps == 0:
+            opt.step(indices=idx)
+            continue
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(ValueError, match=r"step 1 reuses stored shared coefficients but"):
+            opt.step(indices=idx)
+        assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+    assert opt.preconditioner.steps == 1
+    opt.zero_grad()
+    w = opt.preconditioner.loss_weights(idx)
+    assert w is not None
+    losses = nn.functional.cross_entropy(model(x[idx]), y[idx], reduction="none")
+    (w * losses).sum().backward()
+    opt.step(indices=idx)
+    assert [(r["computed"], r["reused"]) for r in opt.preconditioner.diagnostics()] == [
+        (1, 1),
+        (1, 1),
+    ]
+
+
+def test_refresh_steps_recompute_every_k_steps() -> None:
+    """Index keys, one batch per epoch: steps 0, 3, 6 compute (refresh_steps=3), the others
+    reuse the coefficients stored by the latest refresh."""
+    model, x, y, _ = make_case("linear", n=8)
+    opt = kfac.FNGD(model, lr=0.1, refresh_steps=3, factor_dtype=torch.float64)
+    idx = torch.arange(8)
+    computed = []
+    for _ in range(7):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        before = opt.preconditioner.diagnostics()[0]["computed"]
+        opt.step(indices=idx)
+        computed.append(opt.preconditioner.diagnostics()[0]["computed"] - before)
+    assert computed == [1, 0, 0, 1, 0, 0, 1]
 
 
 def test_a_reusing_step_reads_nothing_back(monkeypatch) -> None:

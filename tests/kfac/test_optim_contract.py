@@ -110,6 +110,7 @@ OPTIM_DB = [
             "steps_per_epoch": 2,
             "refresh_epochs": 2,
             "coefficients": "shared",
+            "weighted_step": "rows",  # closures back-propagate the batch-mean loss
             "damping_mode": "absolute",
         },
     ),
@@ -194,6 +195,8 @@ def test_equals_its_preconditioner_then_torch_sgd_with_param_groups(info: OptimI
     if info.cls is kfac.PreconditionedSGD:
         precond = kfac.Preconditioner(reference, options.pop("block"), **options)
     else:
+        if info.cls is kfac.KFAC:  # KFAC's default KL clip; the preconditioner has none
+            options.setdefault("kl_clip", kfac.preset("default")["kl_clip"])
         precond = info.cls.preconditioner_class(reference, **options)
     sgd = torch.optim.SGD(groups(reference), lr=0.05, momentum=0.9, weight_decay=1e-3)
     for x, y in data:

@@ -51,6 +51,7 @@ def test_classes_are_documented_with_numpydoc(name: str) -> None:
         "kfac.fngd",
         "kfac.seng",
         "kfac._quadratic",
+        "kfac.presets",
     ],
 )
 def test_doctests(module: str) -> None:

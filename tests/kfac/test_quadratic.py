@@ -166,6 +166,8 @@ def test_adaptive_damping_validates(kwargs, match) -> None:
 def _kfac(model: nn.Module, **kwargs) -> kfac.KFAC:
     options = {
         "lr": 1.0,
+        "momentum": 0.0,  # no momentum and no clip unless a test sets them
+        "kl_clip": None,
         "damping": 1e-2,
         "damping_scheme": "eigenbasis",
         "factor_every": 1,

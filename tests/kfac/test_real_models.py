@@ -155,7 +155,13 @@ CASES: dict[str, tuple[Callable[[], nn.Module], Any, Any, float, dict[str, Any]]
     "transformer": (TinyLM, _tokens, _ce, 0.05, {"skip_layers": ["embed"]}),
     "siamese": (Tower, _pairs, _ce, 0.05, {}),
 }
-KFAC_OPTIONS = {"factor_every": 1, "inverse_every": 5, "damping": 0.03, "kl_clip": 1e-2}
+KFAC_OPTIONS = {
+    "factor_every": 1,
+    "inverse_every": 5,
+    "damping": 0.03,
+    "damping_scheme": "factored-relative",
+    "kl_clip": 1e-2,
+}
 
 
 def _train(model: nn.Module, make_batch: Any, loss_fn: Any, step: Callable[[], None]) -> float:

@@ -183,3 +183,94 @@ def test_a_stale_step_reads_nothing_back(monkeypatch) -> None:
             precond.step()
     assert calls == []
     assert all(not torch.equal(b, p.grad) for b, p in zip(before, model.parameters(), strict=True))
+
+
+# ------------------------------------------------------------------ BatchNorm2d
+
+
+def _bn_model(bias: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(), nn.Linear(48, 4)
+    ).double()
+    if not bias:
+        net[1].bias.requires_grad_(False)
+    return net
+
+
+def _bn_per_sample(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``(n, C, 2)`` per-sample gradients of the BatchNorm's weight and bias by
+    ``vmap(grad)``: each sample's loss through the network with the normalisation frozen
+    at the batch's statistics (what the training forward used), computed without running
+    the BatchNorm module (its running averages stay as they are)."""
+    from torch.func import grad, vmap
+
+    with torch.no_grad():
+        h = net[0](x)
+        var, mean = torch.var_mean(h, dim=(0, 2, 3), unbiased=False)
+    bn = net[1]
+    params = {"weight": bn.weight.detach(), "bias": bn.bias.detach()}
+
+    def loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        hi = net[0](xi[None])
+        z = nn.functional.batch_norm(
+            hi, mean, var, p["weight"], p["bias"], training=False, eps=bn.eps
+        )
+        out = net[4](net[3](net[2](z)))
+        return nn.functional.cross_entropy(out, yi[None])
+
+    g = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    return torch.stack([g["weight"], g["bias"]], dim=2).detach()
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_batchnorm2d_direction_equals_the_dense_solve(bias: bool) -> None:
+    """SENG preconditions BatchNorm2d: its per-sample gradients (channel-wise, from the
+    recorded rows) equal ``vmap(grad)``'s in float64, the direction is the dense damped
+    solve, and the running statistics are exactly those of the training forward alone."""
+    net = _bn_model(bias)
+    plain = copy.deepcopy(net)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 1, 6, 6, generator=gen, dtype=torch.float64)
+    y = torch.randint(4, (7,), generator=gen)
+    expected_G = _bn_per_sample(copy.deepcopy(net), x, y)[:, :, : 1 + int(bias)]
+    damping = 0.07
+    precond = kfac.SENGPreconditioner(
+        net, damping=damping, update_freq=1, col_sample_size=None, factor_dtype=torch.float64
+    )
+    assert precond.layer_names == ["0", "1", "4"]
+    assert kfac.FNGDPreconditioner(_bn_model()).layer_names == ["0", "4"]  # SENG's only
+    assert kfac.KFACPreconditioner(_bn_model()).layer_names == ["0", "4"]
+    nn.functional.cross_entropy(net(x), y).backward()
+    plain(x)  # the same training forward, without SENG
+    grad = precond.layer("1").grad_matrix(torch.float64).flatten().clone()
+    precond.step()
+    state = precond.state("1")
+    assert state.kind == "explicit"
+    n = x.shape[0]
+    G = expected_G.reshape(n, -1)
+    torch.testing.assert_close(state.U * n**0.5, G, rtol=RTOL, atol=RTOL * float(G.abs().max()))
+    torch.testing.assert_close(G.mean(0), grad, rtol=RTOL, atol=RTOL * float(grad.abs().max()))
+    expected = dense_direction(G, grad, damping)
+    written = precond.layer("1").grad_matrix(torch.float64).flatten()
+    torch.testing.assert_close(written, expected, rtol=RTOL, atol=RTOL * expected.abs().max())
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(net[1], key), getattr(plain[1], key)), key
+
+
+def test_batchnorm2d_in_eval_mode_and_without_affine_is_left_alone() -> None:
+    """A BatchNorm2d without affine parameters has nothing to precondition; in eval mode
+    nothing is recorded (and the running statistics do not move)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2, affine=False), nn.Flatten(),
+                        nn.Linear(32, 3))  # fmt: skip
+    precond = kfac.SENGPreconditioner(net, update_freq=1)
+    assert precond.layer_names == ["0", "3"]
+    net = _bn_model()
+    precond = kfac.SENGPreconditioner(net, update_freq=1)
+    before = net[1].running_mean.clone()
+    net.eval()
+    with torch.no_grad():
+        net(torch.randn(4, 1, 6, 6, dtype=torch.float64))
+    assert torch.equal(net[1].running_mean, before)
+    assert precond.recorded("1") is None
