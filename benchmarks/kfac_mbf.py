@@ -13,7 +13,8 @@ curvature statistics per layer, MBF against K-FAC.
 
 On a shared machine the load changes between runs; ``--timing`` alternates the optimizers
 step by step on the same batch (round robin, after a warm-up), so that each sees the same
-load, and reports the mean time per step of each (kfac_mbf_timing.{json,md}).
+load, on one thread, and reports the mean process CPU time per step of each and its ratio to
+Adam per seed (kfac_mbf_timing.{json,md}).
 
 Shampoo is ``pytorch_optimizer.Shampoo`` (the ``bench`` extra); it is skipped, and said so,
 when the package is missing. Writes benchmarks/results/kfac_mbf.{json,md}.
@@ -41,14 +42,19 @@ import kfac
 from kfac import data, models
 from kfac.__main__ import RunConfig, RunResult, _make_optimizer, train
 
-#: MBF's settings (chosen on the width-1 autoencoder, 4 epochs, seed 0; see docs/kfac.md).
+#: MBF's settings: the library's defaults (block size 4, statistics and refresh every 20
+#: steps), chosen by measurement (docs/guide/optimizers.md, *Mini-block Fisher (MBF)*).
 MBF = {
     "lr": 0.3,
     "damping": 0.1,
-    "factor_every": 10,
-    "inverse_every": 10,
-    "inverse_options": {"block_size": 8},
+    "factor_every": 20,
+    "inverse_every": 20,
+    "inverse_options": {"block_size": 4},
 }
+#: The cheaper end of the measured trade-off (statistics and refresh every 50 steps).
+MBF_LEAN = {**MBF, "factor_every": 50, "inverse_every": 50}
+#: The former defaults (block size 8, statistics and refresh every 10 steps).
+MBF_B8_P10 = {"factor_every": 10, "inverse_every": 10, "inverse_options": {"block_size": 8}}
 #: name: (command-line optimizer, RunConfig overrides); ``None``: built here (Shampoo).
 CONFIGS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "adam": ("adam", {}),
@@ -56,8 +62,14 @@ CONFIGS: dict[str, tuple[str | None, dict[str, Any]]] = {
     "bkfac-batch-clock": ("bkfac", {"inverse_options": {"identity_clock": "batches"}}),
     "mbf": ("mbf", MBF),
     "shampoo": (None, {}),
+    "mbf-p50": ("mbf", MBF_LEAN),
+    "mbf-b8-p10": ("mbf", {**MBF, **MBF_B8_P10}),
 }
-SHAMPOO = {"lr": 1e-3, "preconditioning_compute_steps": 10}
+#: What runs unless ``--optimizers`` says otherwise.
+DEFAULT_OPTIMIZERS = ["adam", "kfac", "bkfac-batch-clock", "mbf", "shampoo"]
+#: lr 0.01: the best of the peers benchmark's grid on the autoencoders (kfac_peers.md; at
+#: 1e-3 its SVD fails to converge on the width-1 autoencoder).
+SHAMPOO = {"lr": 1e-2, "preconditioning_compute_steps": 10}
 TASKS = {
     # name: (model, width, epochs, target loss, target accuracy)
     "autoencoder-w1": ("autoencoder", 1.0, 10, 0.045, None),
@@ -117,15 +129,17 @@ def statistics_memory(model_name: str, width: float, ds: data.Dataset) -> list[d
 
 
 def interleaved_times(
-    task: tuple[Any, ...], names: list[str], shampoo: Any, steps: int, warmup: int
+    task: tuple[Any, ...], names: list[str], shampoo: Any, steps: int, warmup: int, seed: int
 ) -> dict[str, float]:
-    """Mean seconds per step of each optimizer, stepping them round robin on one batch."""
+    """Mean process CPU seconds per step of each optimizer, stepping them round robin on one
+    batch of 128 (drawn with ``seed``; the models start from the weights of ``seed``)."""
     model_name, width = task[0], task[1]
     ds = data.digits28()
-    x, y = ds.x_train[:128], ds.y_train[:128]
+    index = torch.randperm(ds.x_train.shape[0], generator=torch.Generator().manual_seed(seed))
+    x, y = ds.x_train[index[:128]], ds.y_train[index[:128]]
     runs = []
     for name in names:
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = models.build(model_name, ds.image_shape, ds.num_classes, width)
         base, overrides = CONFIGS[name]
         if base is None:
@@ -138,7 +152,7 @@ def interleaved_times(
     totals = dict.fromkeys(names, 0.0)
     for step in range(warmup + steps):
         for name, model, opt in runs:
-            start = time.perf_counter()
+            start = time.process_time()
             opt.zero_grad()
             out = model(x)
             loss = (
@@ -149,25 +163,44 @@ def interleaved_times(
             loss.backward()
             opt.step()
             if step >= warmup:
-                totals[name] += time.perf_counter() - start
+                totals[name] += time.process_time() - start
     return {name: total / steps for name, total in totals.items()}
 
 
-def timing_markdown(times: dict[str, dict[str, float]], meta: dict[str, Any]) -> str:
+def timing_summary(per_seed: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    """Mean time per step and the mean and spread of each seed's ratio to Adam."""
+    out = {}
+    for name in per_seed[0]:
+        ratios = [row[name] / row["adam"] for row in per_seed]
+        out[name] = {
+            "time_per_step": statistics.mean(row[name] for row in per_seed),
+            "ratio": statistics.mean(ratios),
+            "ratio_std": statistics.pstdev(ratios),
+        }
+    return out
+
+
+def timing_markdown(times: dict[str, dict[str, dict[str, float]]], meta: dict[str, Any]) -> str:
     names = list(next(iter(times.values())))
     lines = [
         "# MBF: time per step, optimizers interleaved",
         "",
-        f"{meta['device']}; torch {meta['torch']}; {meta['steps']} steps per optimizer after "
-        f"{meta['warmup']} warm-up steps, the optimizers stepping round robin on one batch of "
-        "128 (each sees the same machine load); every statistics period and refresh period "
-        "divides the step count. Milliseconds per step (ratio to Adam).",
+        f"{meta['device']}; torch {meta['torch']}; one thread; seeds {meta['seeds']}; "
+        f"{meta['steps']} steps per optimizer after {meta['warmup']} warm-up steps, the "
+        "optimizers stepping round robin on one batch of 128 (each sees the same machine "
+        "load); process CPU time; every statistics period and refresh period divides the step "
+        "count. Milliseconds per step (mean over seeds), then the ratio to Adam (mean ± "
+        f"spread over seeds). {meta['load']}.",
         "",
         "| task | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
     ]
-    for task, row in times.items():
-        cells = [f"{1e3 * row[n]:.1f} ({row[n] / row['adam']:.2f})" for n in names]
+    for task, rows in times.items():
+        cells = [
+            f"{1e3 * rows[n]['time_per_step']:.1f} ({rows[n]['ratio']:.2f} ± "
+            f"{rows[n]['ratio_std']:.2f})"
+            for n in names
+        ]
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -194,11 +227,14 @@ def markdown(results: dict[str, Any], memory: dict[str, Any], meta: dict[str, An
     lines = [
         "# MBF against Adam, K-FAC, the best low-rank K-FAC variant and Shampoo",
         "",
-        f"{meta['device']}; torch {meta['torch']}; seeds {meta['seeds']}; whole run "
-        f"{meta['seconds']:.0f} s; {meta['note']}. Means over seeds; ratios are to Adam. Time "
-        "to target is reported only when every seed reached it.",
+        f"{meta['device']}; torch {meta['torch']}; one thread; seeds {meta['seeds']}; whole "
+        f"run {meta['seconds']:.0f} s (wall); {meta['note']}. Times are process CPU seconds "
+        "of the training steps (evaluations excluded), robust to the shared machine's load. "
+        "Means over seeds; ratios are to Adam. Time to target is reported only when every "
+        "seed reached it.",
         "",
-        f"MBF: {json.dumps(MBF)} (block_size is the Linear chunk; Conv2d blocks are kernels). "
+        f"MBF: {json.dumps(MBF)} (block_size is the Linear chunk; Conv2d blocks are kernels; "
+        "mbf-p50: statistics and refresh every 50 steps; mbf-b8-p10: the former defaults). "
         f"Shampoo: pytorch_optimizer.Shampoo {json.dumps(SHAMPOO)}. K-FAC and "
         "bkfac-batch-clock: the command line's defaults (damping 3e-3, KL clip 1e-4, "
         "factor_every 1, inverse_every 10).",
@@ -262,6 +298,7 @@ def write(
     results: dict[str, Any],
     memory: dict[str, Any],
     histories: dict[str, Any],
+    failures: dict[str, dict[str, str]],
 ) -> str:
     """Write the JSON and markdown records of the tasks done so far (after each task, so a
     long run that is stopped keeps what it measured); returns the markdown."""
@@ -276,9 +313,18 @@ def write(
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = args.stem + ("_quick" if args.quick else "")
-    payload = {"meta": meta, "summary": results, "memory": memory, "runs": histories}
+    payload = {
+        "meta": meta, "summary": results, "memory": memory, "runs": histories,
+        "failures": failures,
+    }  # fmt: skip
     (out / f"{stem}.json").write_text(json.dumps(payload, indent=1))
     text = markdown(results, memory, meta)
+    for task, failed in failures.items():
+        text += (
+            f"\nFailed runs on {task} (not summarised): "
+            + "; ".join(f"{run}: {error}" for run, error in failed.items())
+            + "\n"
+        )
     (out / f"{stem}.md").write_text(text)
     return text
 
@@ -289,7 +335,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--optimizers", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument(
+        "--optimizers", nargs="+", default=DEFAULT_OPTIMIZERS, choices=list(CONFIGS)
+    )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--timing", action="store_true", help="only the interleaved time per step")
     parser.add_argument("--stem", default="kfac_mbf", help="name of the result files")
@@ -303,13 +351,18 @@ def main() -> None:
         names.remove("shampoo")
         note = "Shampoo skipped: pytorch_optimizer is not installed"
     if args.timing:
-        steps, warmup = (2, 1) if args.quick else (20, 10)
+        torch.set_num_threads(1)
+        steps, warmup = (2, 1) if args.quick else (100, 10)
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         times = {
-            task: interleaved_times(tasks[task], names, shampoo, steps, warmup)
+            task: timing_summary(
+                [interleaved_times(tasks[task], names, shampoo, steps, warmup, s) for s in seeds]
+            )
             for task in args.tasks
         }
         meta = {"device": _device(args.device), "torch": torch.__version__, "steps": steps,
-                "warmup": warmup, "note": note}  # fmt: skip
+                "warmup": warmup, "note": note, "seeds": seeds,
+                "load": f"load average {load:.1f} at the start"}  # fmt: skip
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         stem = "kfac_mbf_timing" + ("_quick" if args.quick else "")
@@ -318,11 +371,13 @@ def main() -> None:
         (out / f"{stem}.md").write_text(text)
         print(text)
         return
+    torch.set_num_threads(1)  # process CPU time on one thread: robust to the machine's load
     ds = data.digits28()
     start = time.perf_counter()
     results: dict[str, Any] = {}
     histories: dict[str, Any] = {}
     memory: dict[str, Any] = {}
+    failures: dict[str, dict[str, str]] = {}
     for task in args.tasks:
         model, width, epochs, target_loss, target_acc = tasks[task]
         runs: dict[str, list[RunResult]] = {name: [] for name in names}
@@ -336,7 +391,16 @@ def main() -> None:
                        "max_train": 256 if args.quick else None, **overrides},
                 )  # fmt: skip
                 factory = shampoo if name == "shampoo" else None
-                result = train(cfg, ds, progress=False, make_optimizer=factory)
+                try:
+                    result = train(
+                        cfg, ds, progress=False, make_optimizer=factory, timer=time.process_time
+                    )
+                except (torch.linalg.LinAlgError, FloatingPointError) as exc:
+                    failures.setdefault(task, {})[f"{name} seed {seed}"] = (
+                        f"{type(exc).__name__}: {str(exc)[:120]}"
+                    )
+                    print(f"{task} seed {seed} {name}: failed ({exc})", flush=True)
+                    continue
                 runs[name].append(result)
                 print(
                     f"{task} seed {seed} {name:18s}: {1e3 * result.time_per_step:7.1f} ms/step, "
@@ -344,10 +408,13 @@ def main() -> None:
                     f"{result.time_to_target}",
                     flush=True,
                 )
-        results[task] = {name: summarize(rs) for name, rs in runs.items()}
-        histories[task] = {name: [asdict(r) for r in rs] for name, rs in runs.items()}
-        memory[task] = statistics_memory(model, width, ds)
-        text = write(args, tasks, seeds, note, start, results, memory, histories)
+            # written after every seed: a long run that is stopped keeps what it measured
+            results[task] = {name: summarize(rs) for name, rs in runs.items() if rs}
+            histories[task] = {name: [asdict(r) for r in rs] for name, rs in runs.items()}
+            if task not in memory:
+                memory[task] = statistics_memory(model, width, ds)
+            done = seeds[: seeds.index(seed) + 1]
+            text = write(args, tasks, done, note, start, results, memory, histories, failures)
     print(text)
 
 

@@ -93,9 +93,9 @@ KLD_WRM_DEFAULTS: dict[str, dict[str, Any]] = {
 #: on the digits autoencoder (benchmarks/kfac_mbf.py, docs/guide/optimizers.md).
 MBF_DEFAULTS: dict[str, Any] = {
     "damping": 0.1,
-    "factor_every": 10,
-    "inverse_every": 10,
-    "block_size": 8,
+    "factor_every": 20,
+    "inverse_every": 20,
+    "block_size": 4,
 }
 
 #: FNGD's and SENG's command-line defaults (``--damping``; SENG's ``--inverse-every`` is its

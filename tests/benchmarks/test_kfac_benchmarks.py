@@ -80,7 +80,8 @@ def test_quick_mbf_interleaved_timing(tmp_path) -> None:
     times = json.loads((tmp_path / "kfac_mbf_timing_quick.json").read_text())["times"]
     assert set(times) == {"cnn"}
     assert {"adam", "mbf", "kfac"} <= set(times["cnn"])
-    assert all(t > 0 for t in times["cnn"].values())
+    assert all(row["time_per_step"] > 0 for row in times["cnn"].values())
+    assert times["cnn"]["adam"]["ratio"] == 1.0
     assert "| cnn |" in (tmp_path / "kfac_mbf_timing_quick.md").read_text()
 
 

@@ -326,6 +326,54 @@ def local(rank: int, world: int, steps: int) -> dict[str, Any]:
     }
 
 
+#: MBF's three applied layouts: swept blocks of 4 (and remainders), one Cholesky block of
+#: 11 or 25 per output neuron, and the SMW path.
+MBF_CONFIGS: dict[str, dict[str, Any]] = {
+    "swept": {"block_size": 4},
+    "cholesky": {"block_size": None, "solver": "cholesky"},
+    "smw": {"block_size": None, "solver": "smw"},
+}
+
+
+def mbf_optimizer(net: nn.Module, layout: str, distributed: Any) -> kfac.MBF:
+    return kfac.MBF(
+        net, lr=0.1, momentum=0.5, damping=0.05, factor_every=2, inverse_every=2,
+        factor_dtype=F64, distributed=distributed, **MBF_CONFIGS[layout],
+    )  # fmt: skip
+
+
+def mbf(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """MBF: ``steps`` steps, the gathered state dict, ``steps`` more; rank 0 also runs one
+    process on the concatenated batch and resumes the gathered state in one process."""
+    out: dict[str, Any] = {}
+    for layout in MBF_CONFIGS:
+        net = model()
+        opt = mbf_optimizer(net, layout, kfac.Distributed(timeout=20.0))
+        batches = data(2 * steps)
+        train(net, opt, batches[:steps], rank, world)
+        saved = copy.deepcopy(opt.state_dict())
+        weights = {k: v.clone() for k, v in net.state_dict().items()}
+        train(net, opt, batches[steps:], rank, world)
+        runtime = opt.preconditioner.engine.dist
+        record: dict[str, Any] = {
+            "params": flat(net),
+            "owners": dict(runtime.owners),
+            "bytes": dict(runtime.bytes),
+        }
+        if rank == 0:
+            ref_net = model()
+            train(ref_net, mbf_optimizer(ref_net, layout, False), batches)
+            record["reference"] = flat(ref_net)
+            resumed = model()
+            resumed.load_state_dict(weights)
+            again = mbf_optimizer(resumed, layout, False)
+            again.load_state_dict(saved)
+            train(resumed, again, batches[steps:])
+            record["resumed"] = flat(resumed)
+        out[layout] = record
+    return out
+
+
 # ------------------------------------------------------------------ per-sample methods
 
 #: Samples of the per-sample methods' dataset: two global batches of BATCH per epoch.
@@ -453,6 +501,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "resume": resume,
     "local": local,
     "quadratic": quadratic,
+    "mbf": mbf,
 }
 
 

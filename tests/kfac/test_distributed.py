@@ -304,9 +304,35 @@ def test_configuration_is_validated() -> None:
 
 def test_blocks_without_the_hooks_refuse_a_process_group() -> None:
     net = W.model()
-    block = kfac.MBF(net, lr=0.1).preconditioner.block
-    with pytest.raises(NotImplementedError, match="'mbf' does not implement `parts`"):
+    block = kfac.FNGD(net, lr=0.1).preconditioner.block
+    with pytest.raises(NotImplementedError, match="'fngd' does not implement `parts`"):
         block.parts(None)
+
+
+MBF_STEPS = 6
+
+
+def test_mbf_equals_one_process_and_its_state_resumes_in_one(tmp: Path) -> None:
+    """MBF at world size 2 (statistics of the global batch, each layer's inverses refreshed
+    by its owner and broadcast) equals one process on the concatenated batch, for the swept,
+    Cholesky and SMW layouts; the gathered state dict continues in one process."""
+    records = ok(spawn(tmp, 2, [("mbf", (MBF_STEPS,))]), "mbf")
+    start = W.flat(W.model())
+    for layout in W.MBF_CONFIGS:
+        ref = records[0][layout]["reference"]
+        assert float((ref - start).norm()) > 1e-2 * float(start.norm())  # the run moved
+        for rank, record in enumerate(records):
+            mine = record[layout]
+            err = float((mine["params"] - ref).norm() / ref.norm())
+            assert err <= 1e-6, f"{layout}, rank {rank}: {err:.2e}"
+            torch.testing.assert_close(
+                mine["params"], records[0][layout]["params"], rtol=0, atol=0
+            )
+            assert mine["owners"] == records[0][layout]["owners"]
+        assert set(records[0][layout]["owners"].values()) == {0, 1}  # three layers, two owners
+        assert records[0][layout]["bytes"]["representations"] > 0
+        resumed = records[0][layout]["resumed"]
+        assert float((resumed - ref).norm() / ref.norm()) <= 1e-6, layout
 
 
 def test_single_process_is_unchanged_by_default() -> None:

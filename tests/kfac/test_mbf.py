@@ -14,6 +14,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import kfac
+from kfac import mbf
 from kfac.mbf import MBFBlock, Segment, chunk_segments
 
 from .conftest import convnet
@@ -284,25 +285,47 @@ def test_a_step_that_refreshes_nothing_reads_nothing_back(monkeypatch) -> None:
     assert all(not torch.equal(b, p.grad) for b, p in zip(before, model.parameters(), strict=True))
 
 
-def test_cholesky_failure_is_retried_in_float64(monkeypatch) -> None:
-    model = nn.Sequential(nn.Linear(4, 3))
-    precond = kfac.MBFPreconditioner(model, block_size=2, factor_every=1, inverse_every=1)
-    original = torch.linalg.cholesky_ex
+@pytest.mark.parametrize(
+    ("features", "block_size", "message"),
+    [(4, 2, "inverting the mini-blocks"), (20, None, "Cholesky of the mini-blocks")],
+)
+def test_a_failed_inverse_is_retried_in_float64(
+    monkeypatch, features, block_size, message
+) -> None:
+    """Blocks of 2 take the Gauss-Jordan sweep, blocks of 21 the batched Cholesky; a float32
+    failure of either is retried in float64 with a warning."""
+    model = nn.Sequential(nn.Linear(features, 3))
+    precond = kfac.MBFPreconditioner(model, block_size=block_size, factor_every=1, inverse_every=1)
+    original_cholesky, original_sweep = torch.linalg.cholesky_ex, mbf._sweep
 
-    def failing(A, *args, **kwargs):
-        L, info = original(A, *args, **kwargs)
+    def failing_cholesky(A, *args, **kwargs):
+        L, info = original_cholesky(A, *args, **kwargs)
         return L, info if A.dtype == torch.float64 else torch.ones_like(info)
 
-    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing)
-    x, y = torch.randn(8, 4), torch.randint(3, (8,))
+    def failing_sweep(A):
+        inverse, ok = original_sweep(A)
+        return inverse, ok if A.dtype == torch.float64 else torch.zeros_like(ok)
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_cholesky)
+    monkeypatch.setattr(mbf, "_sweep", failing_sweep)
+    x, y = torch.randn(8, features), torch.randint(3, (8,))
     nn.functional.cross_entropy(model(x), y).backward()
-    with pytest.warns(
-        RuntimeWarning, match=r"Cholesky of the mini-blocks of layer '0' \(Linear\)"
-    ):
+    with pytest.warns(RuntimeWarning, match=rf"{message} of layer '0' \(Linear\)"):
         precond.step()
     assert precond.state("0").groups[0].inverse.dtype == torch.float64
     assert model[0].weight.grad.dtype == torch.float32
     assert torch.isfinite(model[0].weight.grad).all()
+
+
+def test_the_sweep_inverts_and_reports_a_non_positive_pivot() -> None:
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 6, 9, generator=gen, dtype=torch.float64)
+    A = X @ X.mT / 9 + 0.01 * torch.eye(6, dtype=torch.float64)
+    inverse, ok = mbf._sweep(A.transpose(0, 1))  # interleaved (m, B, m)
+    assert bool(ok)
+    torch.testing.assert_close(inverse.transpose(0, 1), torch.linalg.inv(A), rtol=RTOL, atol=0)
+    A[7] = -A[7]  # negative definite: the first pivot is negative
+    assert not bool(mbf._sweep(A.transpose(0, 1))[1])
 
 
 def test_errors() -> None:
@@ -324,7 +347,7 @@ def test_errors() -> None:
         kfac.MBFPreconditioner(model, block_map=lambda layer: (Segment(1, 1, 4),))
     precond = kfac.MBFPreconditioner(model)
     saved = precond.state_dict()
-    saved["layers"]["0"]["groups"] = []
+    saved["layers"]["0"]["blocks"]["groups"] = []
     with pytest.raises(ValueError, match="does not match its block map"):
         precond.load_state_dict(saved)
 
