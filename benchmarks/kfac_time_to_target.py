@@ -110,7 +110,7 @@ PEER_OPTIMIZERS = [
 #: default); a name without a grid runs at the command line's default rate only.
 GRIDS: dict[str, list[float]] = {
     "adamw": [3e-4, 1e-3, 3e-3],
-    "muon": [5e-3, 2e-2, 5e-2],
+    "muon": [2e-2, 5e-2, 1e-1],
     "soap": [1e-3, 3e-3, 1e-2],
     "psgd-kron": [3e-4, 1e-3, 3e-3],
     "shampoo": [1e-3, 3e-3, 1e-2],
