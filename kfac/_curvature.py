@@ -202,10 +202,10 @@ class LayerBatch:
         """The recorded tensors (for finiteness checks and reductions)."""
         return [t for t in (self.a_sum, self.g_sum, self.a_rows, self.g_rows) if t is not None]
 
-    def finite(self) -> bool:
-        """Whether every recorded entry is finite (reads one flag back to the host)."""
+    def finite(self) -> Tensor:
+        """Whether every recorded entry is finite, as a 0-d bool tensor (no host read)."""
         flags = [all_finite(t) for t in self.tensors()]
-        return bool(torch.stack(flags).all()) if flags else True
+        return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
 
 
 @dataclass(frozen=True)

@@ -293,11 +293,7 @@ class Engine:
             return self._update_distributed(grads, batches, tick)
         # one read of every layer's finiteness: gradient, then statistics
         flags = [all_finite(grads[name]) for name in names]
-        flags += [
-            torch.stack([all_finite(t) for t in batch.tensors()]).all()
-            for name in names
-            if (batch := batches.get(name)) is not None
-        ]
+        flags += [batch.finite() for name in names if (batch := batches.get(name)) is not None]
         values = torch.stack([f.to(flags[0].device) for f in flags]).tolist() if flags else []
         grad_ok = dict(zip(names, values[: len(names)], strict=True))
         with_batch = [name for name in names if batches.get(name) is not None]
@@ -327,10 +323,7 @@ class Engine:
         for name in names:
             checks.append(all_finite(grads[name]) if name in grads else None)
             batch = batches.get(name)
-            tensors = [] if batch is None else batch.tensors()
-            checks.append(torch.stack([all_finite(t) for t in tensors]).all())
-            if not tensors:
-                checks[-1] = None
+            checks.append(None if batch is None else batch.finite())
         for i, check in enumerate(checks):
             if check is not None:
                 flags[i] = int(bool(check))

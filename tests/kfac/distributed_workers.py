@@ -273,6 +273,50 @@ def nonfinite(rank: int, world: int, steps: int) -> dict[str, Any]:
     }
 
 
+class Branchy(nn.Module):
+    """A model whose middle layer runs on even steps only (a branch not taken)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = model()
+        self.extra = nn.Linear(24, 24).double()
+        self.use_extra = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inner[3](self.inner[2](self.inner[1](self.inner[0](x))))
+        if self.use_extra:
+            h = torch.tanh(self.extra(h))
+        return self.inner[4](h)
+
+
+def unused_layer_run(rank: int, world: int, steps: int, distributed: bool) -> torch.Tensor:
+    torch.manual_seed(0)
+    net = Branchy()
+    config = kfac.Distributed(timeout=20.0) if distributed else False
+    opt = kfac.KFAC(net, lr=0.1, **options("eigh", factor_every=1, distributed=config))
+    for step, (x, y) in enumerate(data(steps)):
+        net.use_extra = step % 2 == 0
+        if not distributed:
+            rank, world = 0, 1
+        opt.zero_grad()
+        F.cross_entropy(net(shard(x, rank, world)), shard(y, rank, world)).backward()
+        if distributed:
+            for p in net.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        opt.step()
+    return flat(net)
+
+
+def unused_layer(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """A layer the forward skips on some factor steps (no gradient, no statistics)."""
+    return {
+        "params": unused_layer_run(rank, world, steps, True),
+        "reference": unused_layer_run(rank, world, steps, False) if rank == 0 else None,
+    }
+
+
 def checkpoint(rank: int, world: int, steps: int) -> dict[str, Any]:
     """``steps`` steps, then the (gathered) state dict, then ``steps`` more."""
     out: dict[str, Any] = {}
@@ -502,6 +546,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "local": local,
     "quadratic": quadratic,
     "mbf": mbf,
+    "unused_layer": unused_layer,
 }
 
 

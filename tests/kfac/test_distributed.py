@@ -60,6 +60,7 @@ def world2(tmp: Path) -> list[dict[str, Any]]:
         ("nonfinite", (3,)),
         ("checkpoint", (CHECKPOINT_STEPS,)),
         ("quadratic", (QUADRATIC_STEPS,)),
+        ("unused_layer", (4,)),
     ]
     return spawn(tmp, 2, jobs)
 
@@ -223,6 +224,16 @@ def test_a_nonfinite_batch_on_one_rank_skips_the_update_on_all(
     records = ok(world2, "nonfinite")
     owner = records[0]["owners"][("0", "A")]
     assert records[owner]["updates"]["0"] == 2  # steps 0 and 1; step 2 skipped everywhere
+
+
+def test_a_layer_skipped_on_some_steps_equals_one_process(
+    world2: list[dict[str, Any]],
+) -> None:
+    """A branch not taken leaves its layer without gradient and statistics on that step; the
+    processes agree on it and the run equals one process on the concatenated batch."""
+    records = ok(world2, "unused_layer")
+    torch.testing.assert_close(records[0]["params"], records[0]["reference"], rtol=1e-9, atol=0)
+    torch.testing.assert_close(records[1]["params"], records[0]["params"], rtol=0, atol=0)
 
 
 def test_checkpoint_at_world_size_2_continues_at_1_and_3(
