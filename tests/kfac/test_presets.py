@@ -112,3 +112,15 @@ def test_quadratic_step_turns_the_momentum_and_clip_defaults_off() -> None:
     opt = kfac.KFAC(_model(), lr=0.1, loss_fn=F.cross_entropy, adaptive_damping=True)
     assert opt.param_groups[0]["momentum"] == 0.9
     assert opt.preconditioner.engine.kl_clip is not None
+
+
+def test_command_line_preset_is_the_command_line_defaults() -> None:
+    """The preset restates ``python -m kfac``'s defaults; the two must not drift apart."""
+    from kfac.__main__ import RunConfig
+
+    cli = RunConfig()
+    expected = {key: getattr(cli, key) for key in kfac.preset("command-line") if hasattr(cli, key)}
+    got = kfac.preset("command-line")
+    assert expected == {key: got[key] for key in expected}
+    assert set(got) - set(expected) <= {"factor_init"}  # not a RunConfig field
+    assert got["factor_init"] == kfac.preset("default")["factor_init"]
