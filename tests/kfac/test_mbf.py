@@ -302,8 +302,8 @@ def test_a_failed_inverse_is_retried_in_float64(
         L, info = original_cholesky(A, *args, **kwargs)
         return L, info if A.dtype == torch.float64 else torch.ones_like(info)
 
-    def failing_sweep(A):
-        inverse, ok = original_sweep(A)
+    def failing_sweep(A, overwrite=False):
+        inverse, ok = original_sweep(A, overwrite)
         return inverse, ok if A.dtype == torch.float64 else torch.zeros_like(ok)
 
     monkeypatch.setattr(torch.linalg, "cholesky_ex", failing_cholesky)
@@ -321,11 +321,15 @@ def test_the_sweep_inverts_and_reports_a_non_positive_pivot() -> None:
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(30, 6, 9, generator=gen, dtype=torch.float64)
     A = X @ X.mT / 9 + 0.01 * torch.eye(6, dtype=torch.float64)
-    inverse, ok = mbf._sweep(A.transpose(0, 1))  # interleaved (m, B, m)
+    system = A.permute(1, 2, 0)  # block-last (m, m, B)
+    inverse, ok = mbf._sweep(system)
     assert bool(ok)
-    torch.testing.assert_close(inverse.transpose(0, 1), torch.linalg.inv(A), rtol=RTOL, atol=0)
+    torch.testing.assert_close(inverse.permute(2, 0, 1), torch.linalg.inv(A), rtol=RTOL, atol=0)
+    torch.testing.assert_close(system, A.permute(1, 2, 0), rtol=0, atol=0)  # not overwritten
+    in_place, ok = mbf._sweep(system.clone(), overwrite=True)
+    torch.testing.assert_close(in_place, inverse, rtol=0, atol=0)
     A[7] = -A[7]  # negative definite: the first pivot is negative
-    assert not bool(mbf._sweep(A.transpose(0, 1))[1])
+    assert not bool(mbf._sweep(A.permute(1, 2, 0))[1])
 
 
 def test_errors() -> None:
