@@ -27,13 +27,21 @@ def rms_clip(V: Tensor, kappa: float) -> Tensor:
     return V * torch.clamp(kappa / rms, max=1.0).to(V.dtype)
 
 
+def _dot(V: Tensor, g: Tensor) -> Tensor:
+    """``<V, g>`` as a 0-d tensor: one fused pass without a temporary of their size when
+    both are contiguous and of one dtype, else the sum of the product."""
+    if V.dtype == g.dtype and V.is_contiguous() and g.is_contiguous() and V.shape == g.shape:
+        return torch.dot(V.reshape(-1), g.reshape(-1))
+    return torch.sum(V * g)
+
+
 def kl_clip_scale(terms: Sequence[tuple[Tensor, Tensor, float]], kappa: float) -> Tensor:
     """Global KL clip ``nu = min(1, sqrt(kappa / |sum_l lr_l^2 <V_l, grad_l>|))`` as a 0-d
     tensor (1 when the sum is 0), on the device of the first term.
 
     ``terms`` are ``(direction, gradient, learning rate)`` per layer.
     """
-    sums = [torch.sum(V * g) for V, g, _ in terms]
+    sums = [_dot(V, g) for V, g, _ in terms]
     device = sums[0].device
     dtype = _accumulation_dtype(device)
     parts = [

