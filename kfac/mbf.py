@@ -59,6 +59,9 @@ _TRACE_FLOOR = 1e-12
 #: Elements of the chunk of blocks the Gauss-Jordan sweep inverts at once (4 MiB in float32:
 #: its ``m`` passes then run in cache; measured on one CPU thread).
 _SWEEP_CHUNK = 1 << 20
+#: Elements of the gradient the direction of block-last groups transposes at once (1 MiB in
+#: float32: the transposed rows and their product stay in cache; measured on one CPU thread).
+_DIRECTION_CHUNK = 1 << 18
 #: The one distributable part of a layer: all its mini-blocks, owned by one process.
 PART = "blocks"
 #: Codes of a group's applied representation in a distributed message's header (the SMW
@@ -215,6 +218,7 @@ class MBFBlock(CurvatureBlock[MBFState]):
         self.damping_mode = damping_mode
         self.solver = solver
         self._segments: dict[str, tuple[Segment, ...]] = {}
+        self._work: Tensor | None = None
 
     def relative_damping(self) -> bool:
         """Whether the damping is relative to the curvature's scale."""
@@ -399,19 +403,38 @@ class MBFBlock(CurvatureBlock[MBFState]):
                 y = torch.einsum("brs,bs->br", inverse, torch.einsum("bmr,bm->br", U, v))
                 d = (v - torch.einsum("bmr,br->bm", U, y)) / g.lam.to(inverse.dtype)[:, None]
                 target.copy_(d.view_as(target))
-            elif s.size <= _SWEEP_MAX:  # block-last: m fused multiply-adds of length m B
-                # the gradient's segment as (m, B): row j holds entry j of every block
-                v = inverse.new_empty(s.size, rows, s.blocks)
-                v.copy_(x.permute(2, 0, 1))
-                v = v.view(s.size, -1)
-                y = torch.mul(inverse[0], v[0])  # y[k, b] = sum_j inverse[j, k, b] v[j, b]
-                for j in range(1, s.size):
-                    y.addcmul_(inverse[j], v[j])
-                target.copy_(y.view(s.size, rows, s.blocks).permute(1, 2, 0))
+            elif s.size <= _SWEEP_MAX:  # block-last: m fused multiply-adds of length m b
+                m = s.size
+                step = max(1, _DIRECTION_CHUNK // (m * s.blocks))  # rows at once, in cache
+                for lo in range(0, rows, step):
+                    r = min(rows, lo + step) - lo
+                    # the rows' segment as (m, b): row j holds entry j of every block
+                    v, y = self._workspace(2 * m * r * s.blocks, inverse).view(2, m, -1)
+                    v.view(m, r, s.blocks).copy_(x[lo : lo + r].permute(2, 0, 1))
+                    A = inverse[:, :, lo * s.blocks : (lo + r) * s.blocks]
+                    torch.mul(A[0], v[0], out=y)  # y[k, b] = sum_j A[j, k, b] v[j, b]
+                    for j in range(1, m):
+                        y.addcmul_(A[j], v[j])
+                    target[lo : lo + r].copy_(y.view(m, r, s.blocks).permute(1, 2, 0))
             else:
                 v = x.reshape(-1, s.size, 1)
                 target.copy_((inverse @ v).view_as(target))
         return out
+
+    def _workspace(self, numel: int, like: Tensor) -> Tensor:
+        """``numel`` elements of scratch memory of ``like``'s dtype and device, kept between
+        calls (the directions of all layers share it, one chunk after another; at most
+        ``2 _DIRECTION_CHUNK`` elements but for a block row longer than a chunk): a new
+        buffer on every step costs the CPU its page faults again."""
+        work = self._work
+        if (
+            work is None
+            or work.numel() < numel
+            or work.dtype != like.dtype
+            or work.device != like.device
+        ):
+            work = self._work = like.new_empty(numel)
+        return work[:numel]
 
     def exchange(self, state: MBFState) -> dict[str, Tensor]:
         out = {}

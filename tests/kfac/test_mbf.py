@@ -134,6 +134,16 @@ def test_linear_directions_equal_the_dense_block_diagonal_solve(bias, block_size
     assert block.segments(layer) == chunk_segments(d_A, block_size)
 
 
+def test_directions_in_chunks_of_rows_equal_the_dense_block_diagonal_solve(monkeypatch) -> None:
+    # one row of blocks of 3 per chunk, and the 1-blocks of the bias column 8 rows, then 1
+    monkeypatch.setattr(mbf, "_DIRECTION_CHUNK", 8)
+    model = nn.Sequential(nn.Linear(6, 9), nn.Tanh(), nn.Linear(9, 4))
+    x, y = data(10, (6,), 4)
+    check_against_oracle(
+        model, [x], [y], prefixes={"0": "0.", "2": "2."}, block_size=3, solver="cholesky"
+    )
+
+
 def test_linear_exponential_average_and_relative_damping() -> None:
     model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
     batches = [data(7, (5,), 3, seed) for seed in (1, 2, 3)]
