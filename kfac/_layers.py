@@ -170,13 +170,15 @@ class Layer(abc.ABC):
         ``ok`` holds and otherwise left as it was (a missing one becomes zeros), selected on
         the device: nothing is read back, and an existing ``.grad`` of ``matrix``'s dtype is
         overwritten in place, without a temporary of its size."""
+        # the in-place path multiplies what it selected: by 1 where the gradient stays
+        kept = None if ok is None or scale is None else torch.where(ok, scale, 1.0)
         for p, part in zip(self.params, self.split(matrix), strict=True):
             if not p.requires_grad:
                 continue
             if ok is not None and p.grad is not None and p.grad.dtype == part.dtype:
                 torch.where(ok, part, p.grad, out=p.grad)
-                if scale is not None:  # times 1 where the gradient stays
-                    p.grad.mul_(torch.where(ok, scale, torch.ones_like(scale)))
+                if kept is not None:
+                    p.grad.mul_(kept)
                 continue
             if scale is not None:
                 part = part * scale

@@ -4,6 +4,8 @@ order, deferred reports of non-finite directions, the clock."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import math
 import warnings
 from collections.abc import Iterator
 
@@ -166,6 +168,37 @@ def test_a_non_finite_direction_is_never_written_and_is_reported_later() -> None
         RuntimeWarning, match=r"non-finite direction in layer '5' \(Linear\) at step 4"
     ):
         precond.step()
+
+
+def test_the_kl_clip_is_written_scaled_and_a_nan_keeps_every_gradient() -> None:
+    """The write applies the KL clip's scale to the direction in ``.grad``; with a NaN in one
+    layer the clip's scale is NaN, so no layer is written (each keeps its gradient)."""
+    model, x, y = model_and_batch()
+    twin = copy.deepcopy(model)
+    options = {"factor_every": 1, "inverse_every": 1, "lr": 0.1}
+    precond = kfac.KFACPreconditioner(model, kl_clip=1e-6, **options)
+    unclipped = kfac.KFACPreconditioner(twin, kl_clip=None, **options)
+    backward(model, x, y)
+    backward(twin, x, y)
+    grads = [p.grad.clone() for p in model.parameters()]
+    precond.step()
+    unclipped.step()
+    directions = [p.grad for p in twin.parameters()]
+    pairs = zip(directions, grads, strict=True)
+    total = sum(0.01 * torch.sum(d.double() * g.double()) for d, g in pairs)  # lr^2 <D, g>
+    nu = min(1.0, math.sqrt(1e-6 / abs(float(total))))
+    assert nu < 0.1  # the clip is active
+    for p, d in zip(model.parameters(), directions, strict=True):
+        torch.testing.assert_close(p.grad, d * nu, rtol=1e-5, atol=1e-7)
+    backward(model, x, y)
+    model[5].weight.grad[0, 0] = float("nan")
+    before = [p.grad.clone() for p in model.parameters()]
+    gradient = r"non-finite gradient in layer '5' \(Linear\) at step 1"
+    nan = r"non-finite direction in layer '0' \(Conv2d\), '3' \(Linear\) at step 1"
+    with pytest.warns(RuntimeWarning, match=gradient), pytest.warns(RuntimeWarning, match=nan):
+        precond.step()  # the NaN makes the clip's scale, so every scaled direction, NaN
+    for p, b in zip(model.parameters(), before, strict=True):
+        torch.testing.assert_close(p.grad, b, rtol=0, atol=0, equal_nan=True)
 
 
 def test_report_flushes_pending_warnings() -> None:
