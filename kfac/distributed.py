@@ -49,7 +49,7 @@ STATISTICS_MODES = ("all-reduce", "local")
 #: Where the layers' directions are computed.
 DIRECTION_MODES = ("all", "owner")
 #: Scalars per part in the exchange's header (a changed flag, then the block's header).
-_HEADER = 8
+_HEADER = 9
 #: Entries per layer in the reduce phase's header.
 _FIELDS = 6
 
@@ -216,6 +216,9 @@ class Runtime:
         self.direction_owners = dict(
             zip(self.names, assign_owners(direction_costs, self.world), strict=True)
         )
+        #: The damping value of the last exchange (an owner's prepared inverses are made
+        #: for one value, so a new one is exchanged).
+        self._damping: float | None = None
         kinds = ("statistics", "representations", "directions", "control")
         self.bytes = dict.fromkeys(kinds, 0)
         self.collectives = dict.fromkeys(kinds, 0)
@@ -357,7 +360,7 @@ class Runtime:
             if spec is None:
                 continue
             header[i, 0] = 1
-            header[i, 1] = int(spec.rows)
+            header[i, 1] = int(spec.rows) + int(spec.rows and spec.optional)
             if batch is not None:
                 header[i, 2] = 1
                 header[i, 3] = batch.n
@@ -377,9 +380,16 @@ class Runtime:
                 )
         out: dict[str, LayerBatch | None] = dict(batches)
         present = [i for i in range(len(self.names)) if headers[0, i, 2] == 1]
-        sums = [i for i in present if headers[0, i, 1] == 0]
-        rows = [i for i in present if headers[0, i, 1] == 1]
         totals = {i: (int(headers[:, i, 3].sum()), int(headers[:, i, 4].sum())) for i in present}
+        batches = dict(batches)
+        for i in present:  # optional rows: gathered only when fewer numbers than the sums
+            if headers[0, i, 1] == 2 and not self._gathered(i, totals[i][1]):
+                batch = batches[self.names[i]]
+                assert batch is not None
+                batches[self.names[i]] = _summed(batch)
+                headers[:, i, 1] = 0
+        sums = [i for i in present if headers[0, i, 1] == 0]
+        rows = [i for i in present if headers[0, i, 1] >= 1]
         weight = {}  # each process's output statistics enter as the mean over processes
         for i in present:
             n = int(headers[self.rank, i, 3])
@@ -407,6 +417,12 @@ class Runtime:
         if rows:
             out.update(self._gather_rows(rows, batches, headers, weight))
         return out
+
+    def _gathered(self, i: int, positions: int) -> bool:
+        """Whether layer ``i``'s optional rows, ``positions`` of them over all processes, are
+        fewer numbers than its sums (``N (d_A + d_G)`` against ``d_A^2 + d_G^2``)."""
+        layer = self.layers[self.names[i]]
+        return positions * (layer.dim_A + layer.dim_G) < layer.dim_A**2 + layer.dim_G**2
 
     def _combined(self, batch: LayerBatch, headers: Tensor, i: int, **tensors: Any) -> LayerBatch:
         return replace(
@@ -482,9 +498,11 @@ class Runtime:
     def exchange(
         self, before: Mapping[str, Any], states: dict[str, Any], tick: Tick, ready: bool
     ) -> dict[str, Any]:
-        """Install every representation its owner refreshed (on refresh steps, and while
-        some layer has none yet), then prepare every layer."""
-        if tick.inverse or not ready:
+        """Install every representation (or prepared factor inverse) its owner refreshed (on
+        refresh steps, on a new damping value, and while some layer has none yet), then
+        prepare every layer."""
+        damping, self._damping = self._damping, tick.damping
+        if tick.inverse or not ready or damping != tick.damping:
             device = self._device()
             header = torch.zeros(len(self.parts), _HEADER, dtype=torch.float64)
             messages = {}
@@ -580,6 +598,14 @@ class Runtime:
         for (name, part), owner in self.owners.items():
             out[name][part] = gathered[owner][(name, part)]
         return out
+
+
+def _summed(batch: LayerBatch) -> LayerBatch:
+    """``batch`` with its rows reduced to the sums of their outer products."""
+    a, g = batch.a_rows, batch.g_rows
+    assert a is not None
+    assert g is not None
+    return replace(batch, a_sum=a.T @ a, g_sum=g.T @ g, a_rows=None, g_rows=None)
 
 
 def _to_cpu(value: Any) -> Any:

@@ -364,10 +364,18 @@ def local(rank: int, world: int, steps: int) -> dict[str, Any]:
         "owners": dict(pre.engine.dist.owners),
         "factors": {n: pre.factors(n) for n in pre.layer_names},
         "reps": {n: pre.representations(n) for n in pre.layer_names},
+        "inverse": _inverse(pre.engine.states["0"].A.applied),
         "grads": grads,
         "directions": [p.grad.clone() for p in net.parameters()],
         "bytes": dict(pre.engine.dist.bytes),
     }
+
+
+def _inverse(applied: Any) -> tuple[float, torch.Tensor] | None:
+    """A factor's prepared damped inverse ``(total damping, M)`` (``None``: none held)."""
+    if applied is None or applied.inverse is None:
+        return None
+    return applied.inverse[0], applied.inverse[1].M
 
 
 #: MBF's three applied layouts: swept blocks of 4 (and remainders), one Cholesky block of
