@@ -8,19 +8,25 @@ family: the factors ``A`` and ``G`` of every layer), each owned by one process:
 * **reduce** (``statistics="all-reduce"``, the default): the factor statistics of every
   process are combined so that every factor sees the global batch. Sums of outer products go
   through one all-reduce, per-sample rows (Brand-tracked factors, the rows application)
-  through one all-gather; the combined batch is the one a single process would record on the
+  through one all-gather; a dense rule's optional rows (:class:`~kfac._curvature.CaptureSpec`)
+  are gathered when the rows of all processes are fewer numbers than the sums, and reduced to
+  the sums otherwise; the combined batch is the one a single process would record on the
   concatenated batch (the input factor pooled over all rows, the output factor the mean of the
   processes' output factors, which is the concatenated batch's when the processes hold batches
   of equal size, as ``DistributedSampler`` makes them). With ``statistics="local"`` (the lean
   design of Puiu's thesis) nothing is communicated: each owner keeps its factors from its own
   batch;
 * **update** and **refresh** run for the owned parts only, so the decompositions and Brand
-  updates are split across processes;
-* **exchange**: each owner broadcasts the representations that changed, ``(U, d)`` of rank
-  ``r`` (``D r + r`` numbers; ``D^2 + D`` for a full eigendecomposition), in one flattened
-  buffer per owner, after one small all-reduce of headers that tells every process what comes;
-* every process then prepares the damped inverses and computes every layer's direction from
-  its (identical) gradient.
+  updates are split across processes; a block may prepare what it can from a part alone
+  there too (the K-FAC family: a full-rank factor's dense damped inverse under a factored
+  damping);
+* **exchange**: each owner broadcasts what changed (on refresh steps and when the damping
+  value changes), ``(U, d)`` of rank ``r`` (``D r + r`` numbers) or a full-rank factor's
+  prepared damped inverse (``D^2``), in one flattened buffer per owner, after one small
+  all-reduce of headers that tells every process what comes;
+* every process then prepares the layers' damped inverses from what it holds and computes
+  every layer's direction from its (identical) gradient (or, with ``directions="owner"``,
+  the layers it is given, then broadcasts them).
 
 Owners are assigned by longest-processing-time-first greedy balancing over the block's
 predicted costs (:func:`assign_owners`): deterministic, the same on every process. Every

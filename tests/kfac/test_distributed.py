@@ -61,6 +61,7 @@ def world2(tmp: Path) -> list[dict[str, Any]]:
         ("checkpoint", (CHECKPOINT_STEPS,)),
         ("quadratic", (QUADRATIC_STEPS,)),
         ("unused_layer", (4,)),
+        ("schemes", (6,)),
     ]
     return spawn(tmp, 2, jobs)
 
@@ -157,12 +158,47 @@ def test_exchange_volume_follows_the_representations(world2: list[dict[str, Any]
     # a full-rank factor (rank + oversampling covers the 5-wide one) sends its inverse
     full = [key for key, rank in rsvd["ranks"].items() if rank == dims[key]]
     assert full == ["4G"]
-    sent = sum(
-        dims[key] * rank + rank if key not in full else rank * rank
-        for key, rank in rsvd["ranks"].items()
-    ) * 8
+    sent = (
+        sum(
+            dims[key] * rank + rank if key not in full else rank * rank
+            for key, rank in rsvd["ranks"].items()
+        )
+        * 8
+    )
     assert rsvd["bytes"]["representations"] == sent
     assert sent < 0.5 * eigh["representations"]
+
+
+def test_damping_schemes_and_mixed_statistics_equal_one_process(
+    world2: list[dict[str, Any]],
+) -> None:
+    """eigh on global batches of 24 under three damping schemes, with a new damping value on
+    a step without refresh. The factored schemes gather a Linear layer's rows only where
+    they are fewer numbers than its sums (layer '2': ``24 (25 + 24) < 25^2 + 24^2``; layers
+    '0' and '4' are all-reduced as sums); the eigenbasis scheme takes no rows. A separable
+    scheme's owners send each factor's damped inverse (``D^2`` numbers) at both refreshes and
+    again for the new damping value; the coupled schemes send ``(U, d)`` at the refreshes."""
+    records = ok(world2, "schemes")
+    dims = {"0A": 11, "0G": 24, "2A": 25, "2G": 24, "4A": 25, "4G": 5}
+    squares = sum(d * d for d in dims.values())
+    for scheme in W.SCHEMES:
+        ref = records[0][scheme]["reference"]
+        for record in records:
+            mine = record[scheme]["params"]
+            assert float((mine - ref).norm() / ref.norm()) <= 1e-6, scheme
+            torch.testing.assert_close(mine, records[0][scheme]["params"], rtol=0, atol=0)
+        first, last = records[0][scheme]["bytes"]["first"], records[0][scheme]["bytes"]["last"]
+        if scheme == "eigenbasis":
+            assert first["statistics"] == squares * 8
+        else:
+            assert first["statistics"] == ((11**2 + 24**2) + (25**2 + 5**2) + 24 * 49) * 8
+        if scheme == "factored-relative":
+            assert first["representations"] == squares * 8
+            assert last["representations"] == 3 * squares * 8
+        else:
+            full = sum(d * d + d for d in dims.values())
+            assert first["representations"] == full * 8
+            assert last["representations"] == 2 * full * 8
 
 
 def test_ddp_model_equals_one_process(
