@@ -6,7 +6,9 @@ and one global batch of ``--batch`` samples per step:
 
 1. **bytes** handed to collectives per step, by kind (statistics, representations, control),
    counted exactly by ``kfac.distributed`` at world size 2, and the representation bytes of a
-   refresh against eigh's (``D r + r`` against ``D^2 + D`` per factor);
+   refresh against eigh's (``D r + r`` against ``D^2`` per factor: a full-rank factor's
+   owner broadcasts its dense damped inverse, prepared once, under the factored damping
+   these runs pass explicitly);
 2. **time per step** at world size 1 (one process, no process group) and 2 (gloo on
    loopback), one thread per process, on the same global batches: wall time and process CPU
    time per step (the machine is shared, so CPU time is the steadier measure), medians over
@@ -85,7 +87,7 @@ def _run(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         options["distributed"] = False
     opt = kfac.KFAC(
         net, lr=0.1, momentum=0.9, inverse=cfg["inverse"], factor_every=1, inverse_every=1,
-        damping=3e-3, kl_clip=1e-4, time_phases=True, **options,
+        damping=3e-3, damping_scheme="factored", kl_clip=1e-4, time_phases=True, **options,
     )  # fmt: skip
     gen = torch.Generator().manual_seed(1)
     walls, cpus, losses = [], [], []
@@ -121,6 +123,12 @@ def _run(rank: int, world: int, cfg: dict[str, Any]) -> dict[str, Any]:
         "factors": [(r["layer"], r["factor"], r["dim"], r["rank"], r["kind"]) for r in rows],
         "params": torch.cat([p.detach().reshape(-1) for p in net.parameters()]),
     }
+
+
+def _message(dim: int, rank: int) -> int:
+    """Numbers an owner broadcasts for a refreshed factor under the factored damping: its
+    dense damped inverse (``D^2``) at full rank, else ``(U, d)`` (``D r + r``)."""
+    return dim * dim if rank == dim else dim * rank + rank
 
 
 def _worker(rank: int, world: int, store: str, out: str, cfg: dict[str, Any]) -> None:
@@ -225,15 +233,17 @@ def simulate(coefficients: dict[str, float], rank: int, oversample: int, batch: 
             for c, o in zip(costs, owners, strict=True):
                 loads[o] += c
             compute = max(loads)
-            if strategy == "brand":  # the rows of the global batch, gathered
-                stats = _collective("all-gather", sum(D * batch * dtype_bytes for D in widths),
-                                    world)  # fmt: skip
-            else:  # one all-reduce of every factor's sums
-                stats = _collective("all-reduce", sum(D * D * dtype_bytes for D in widths), world)
+            # the rows of the global batch, gathered (a Brand rule's factors; a dense rule's
+            # where the rows are fewer numbers than the sums), else one all-reduce of the sums
+            gathered = [D for D in widths if strategy == "brand" or batch < D]
+            summed = [D for D in widths if not (strategy == "brand" or batch < D)]
+            stats = _collective("all-gather", sum(D * batch * dtype_bytes for D in gathered),
+                                world)  # fmt: skip
+            stats += _collective("all-reduce", sum(D * D * dtype_bytes for D in summed), world)
             r = [min(rank, D) if strategy != "eigh" else D for D in widths]
             per_owner = [0.0] * world
             for D, k, o in zip(widths, r, owners, strict=True):
-                per_owner[o] += (D * k + k) * dtype_bytes
+                per_owner[o] += _message(D, k) * dtype_bytes
             reps = sum(_collective("broadcast", b, world) for b in per_owner if b)
             rows[world] = {
                 "compute": compute,
@@ -307,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         two = runs["2"][0][0]
         entry["bytes_per_step"] = {k: v / args.steps for k, v in two["bytes"].items()}
         entry["factors"] = two["factors"]
-        rep_bytes = sum(d * k + k for _, _, d, k, _ in two["factors"] if k) * 4
+        rep_bytes = sum(_message(d, k) for _, _, d, k, _ in two["factors"] if k) * 4
         entry["representation_bytes_per_refresh"] = rep_bytes
         entry["directions_bytes_per_step_owner"] = (
             runs["2o"][0][0]["bytes"]["directions"] / args.steps
@@ -320,12 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     for strategy in [s for s in ("rsvd", "brand") if eigh_bytes and s in args.strategies]:
         entry = results["strategies"][strategy]
         factors = entry["factors"]
-        eigh_per = {(n, s): d * d + d for n, s, d, _, _ in factors}
+        eigh_per = {(n, s): _message(d, d) for n, s, d, _, _ in factors}
         entry["representation_ratio_to_eigh"] = (
             entry["representation_bytes_per_refresh"] / eigh_bytes
         )
         entry["per_factor_ratio_over_r_by_D"] = max(
-            ((d * k + k) / eigh_per[(n, s)]) / (k / d) for n, s, d, k, _ in factors if k
+            (_message(d, k) / eigh_per[(n, s)]) / (k / d) for n, s, d, k, _ in factors if k
         )
     dims = [128, 256] if args.quick else [500, 1000, 2000, 3000]
     measured = measure_coefficients(dims, args.rank, oversample, args.batch)
@@ -427,9 +437,12 @@ def report(results: dict[str, Any]) -> str:
             "",
             "Compute: the coefficients above divided by the speed-up, times each factor's "
             "model, owners by LPT. Communication: alpha-beta, NVLink (alpha 5 us, beta 150 "
-            "GB/s) up to 8 GPUs, InfiniBand (alpha 10 us, beta 25 GB/s) beyond; ring "
-            "all-reduce of the sums (eigh, rsvd), all-gather of the rows (brand), one "
-            "broadcast per owner of its representations; float32.",
+            "GB/s) up to 8 GPUs, InfiniBand (alpha 10 us, beta 25 GB/s) beyond; "
+            "all-gather of the global batch's rows for the factors wider than the batch "
+            "(taken as Linear layers' factors: the dense rules gather their rows there too), "
+            "ring all-reduce of the sums for the others, one broadcast per owner of its "
+            "representations (`D r + r` numbers, `D^2` for a full-rank factor's damped "
+            "inverse); float32.",
             "",
             "| strategy | GPUs | compute (s) | statistics (s) | representations (s) | "
             "total (s) | communication share |",

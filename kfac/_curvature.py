@@ -100,9 +100,14 @@ class CaptureSpec:
         Keep the per-sample rows (inputs ``(N, d_A)`` and output gradients ``(N, d_G)``,
         ``O(N (d_A + d_G))``) instead of reducing them to the sums of outer products
         ``sum a a^T`` and ``sum g g^T`` (``O(d_A^2 + d_G^2)``).
+    optional : bool
+        The rows are an optimisation only (a dense rule's rows application): under
+        ``kfac.distributed`` they are gathered across processes when fewer numbers than the
+        sums, and reduced to the sums otherwise.
     """
 
     rows: bool = False
+    optional: bool = False
 
 
 @dataclass(frozen=True)

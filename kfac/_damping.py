@@ -74,7 +74,9 @@ class Applied:
 
     Attributes
     ----------
-    rep : LowRankPSD
+    rep : LowRankPSD or None
+        ``None`` on a process that received only the factor's prepared inverse from the
+        factor's owner (``kfac.distributed``, :attr:`inverse`).
     identity : float
         Weight ``rho^m`` of the identity initialisation when the representation was made.
     top : float
@@ -83,28 +85,37 @@ class Applied:
         ``tr / D = sum(d) / D``.
     bottom : float
         ``min(d)`` (0 for rank 0).
+    dim, rank : int
+        ``D`` and the rank of the representation.
+    inverse : tuple of (float, DenseInverse) or None
+        A full-rank factor's dense damped inverse ``(X + c I)^-1`` prepared ahead (by the
+        factor's owner under ``kfac.distributed``) with the total damping ``c`` it was made
+        for; a scheme that needs this factor with the same ``c`` uses it
+        (:meth:`DampingScheme.prepare_factor`).
     """
 
-    rep: ln.LowRankPSD
+    rep: ln.LowRankPSD | None
     identity: float
     top: float
     mean: float
     bottom: float
+    dim: int = 0
+    rank: int = 0
+    inverse: tuple[float, DenseInverse] | None = None
 
     @classmethod
     def of(cls, rep: ln.LowRankPSD, identity: float) -> Applied:
         """Publish ``rep`` with identity weight ``identity`` (one read of three scalars)."""
         if rep.rank == 0:
-            return cls(rep, identity, 0.0, 0.0, 0.0)
+            return cls(rep, identity, 0.0, 0.0, 0.0, rep.dim, 0)
         d = rep.d
         top, total, bottom = (float(v) for v in (d.max(), d.sum(), d.min()))
-        return cls(rep, identity, top, total / rep.dim, bottom)
+        return cls(rep, identity, top, total / rep.dim, bottom, rep.dim, rep.rank)
 
     def tail(self, continuation: bool) -> float:
         """Complement eigenvalue: ``min(d)`` of a truncated representation with
         continuation, else 0."""
-        rep = self.rep
-        if not continuation or rep.rank == 0 or rep.rank >= rep.dim:
+        if not continuation or self.rank == 0 or self.rank >= self.dim:
             return 0.0
         return self.bottom
 
@@ -251,21 +262,48 @@ class DampingScheme(abc.ABC):
     ) -> Prepared:
         """The prepared inverse; ``validate`` checks the representations (a host read)."""
 
+    def prepare_factor(
+        self, X: Applied, damping: float, *, validate: bool
+    ) -> tuple[float, DenseInverse] | None:
+        """One factor's dense damped inverse with its total damping (``X.inverse`` when it
+        was made for that value), where the scheme's inverse of ``X`` depends on ``X`` alone
+        and is dense and full rank (so it is fewer numbers than ``(U, d)``); ``None``
+        otherwise (default)."""
+        return None
+
+
+def _side(
+    X: Applied, total: float, continuation: bool, validate: bool
+) -> ln.DampedInverse | DenseInverse:
+    """``X``'s damped inverse for the total damping ``total``: the one prepared ahead when it
+    was made for that value, else made from the representation."""
+    if X.inverse is not None and X.inverse[0] == total:
+        return X.inverse[1]
+    if X.rep is None:
+        raise RuntimeError(
+            f"a factor's inverse was prepared for the total damping {X.inverse and X.inverse[0]}"
+            f" and is needed for {total}, but its representation is not held here"
+        )
+    return factor_inverse(X.rep, damping=total, tail=X.tail(continuation), validate=validate)
+
 
 class Factored(DampingScheme):
     """Per-factor Tikhonov damping: ``sqrt(lambda)`` each, or ``lambda max(d_X)``."""
 
     factored: ClassVar[bool] = True
+    #: Whether each factor's damping depends on that factor alone.
+    separable: ClassVar[bool] = True
 
     def __init__(self, relative: bool) -> None:
         self.relative = relative
         self.name = "factored-relative" if relative else "factored"
 
+    def _lam(self, X: Applied, damping: float) -> float:
+        return damping * X.top if self.relative else math.sqrt(damping)
+
     def dampings(self, G: Applied, A: Applied, damping: float) -> tuple[float, float]:
         """``(lambda_G, lambda_A)`` before the identity weights."""
-        if self.relative:
-            return damping * G.top, damping * A.top
-        return math.sqrt(damping), math.sqrt(damping)
+        return self._lam(G, damping), self._lam(A, damping)
 
     def prepare(
         self, G: Applied, A: Applied, damping: float, *, continuation: bool, validate: bool
@@ -273,17 +311,29 @@ class Factored(DampingScheme):
         G, A = _live(G), _live(A)
         lam_g, lam_a = self.dampings(G, A, damping)
         return FactoredInverse(
-            factor_inverse(
-                G.rep, damping=lam_g + G.identity, tail=G.tail(continuation), validate=validate
-            ),
-            factor_inverse(
-                A.rep, damping=lam_a + A.identity, tail=A.tail(continuation), validate=validate
-            ),
+            _side(G, lam_g + G.identity, continuation, validate),
+            _side(A, lam_a + A.identity, continuation, validate),
         )
+
+    def prepare_factor(
+        self, X: Applied, damping: float, *, validate: bool
+    ) -> tuple[float, DenseInverse] | None:
+        if not self.separable or X.rep is None or X.rank < X.dim or X.dim == 0:
+            return None
+        X = _live(X)
+        total = self._lam(X, damping) + X.identity
+        if X.inverse is not None and X.inverse[0] == total:
+            return X.inverse
+        assert X.rep is not None
+        inverse = factor_inverse(X.rep, damping=total, tail=0.0, validate=validate)
+        assert isinstance(inverse, DenseInverse)
+        return total, inverse
 
 
 class PiAdjusted(Factored):
     """Factored with the pi-adjustment (Martens & Grosse 2015, section 6.3)."""
+
+    separable: ClassVar[bool] = False
 
     def __init__(self) -> None:
         self.relative = False
@@ -307,6 +357,8 @@ class Eigenbasis(DampingScheme):
         self, G: Applied, A: Applied, damping: float, *, continuation: bool, validate: bool
     ) -> Prepared:
         G, A = _live(G), _live(A)
+        assert G.rep is not None  # the eigenbasis schemes exchange every representation
+        assert A.rep is not None
         lam = damping * G.top * A.top if self.relative else damping
         inverse = ln.kron_eigenbasis_inverse(
             G.rep,

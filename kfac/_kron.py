@@ -37,7 +37,7 @@ from torch import Tensor
 import lowrank_nla as ln
 
 from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Message, Tick, register_block
-from ._damping import Applied, DampingScheme, Prepared, make_damping
+from ._damping import Applied, DampingScheme, DenseInverse, Prepared, make_damping
 from ._layers import LinearLayer
 from ._schedule import check_bool, check_fraction, check_int_at_least, find_stacklevel
 
@@ -870,12 +870,9 @@ class KronBlock(CurvatureBlock[KronState]):
         )
 
     def _dense_rows(self, layer: Any) -> bool:
-        # in one process only: distributed execution exchanges a dense rule's statistics as
-        # one all-reduce of the sums (the rows would have to be gathered instead)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        return (
-            isinstance(self.rule, DenseRule) and isinstance(layer, LinearLayer) and not distributed
-        )
+        # under kfac.distributed the rows are gathered across processes (or reduced to the
+        # sums where those are fewer numbers: CaptureSpec.optional)
+        return isinstance(self.rule, DenseRule) and isinstance(layer, LinearLayer)
 
     def rows_applied(self, layer: Any, state: KronState) -> bool:
         """Whether the layer's direction may come from its rows (a candidate whose factors
@@ -889,7 +886,10 @@ class KronBlock(CurvatureBlock[KronState]):
     def capture(self, layer: Any, state: KronState, factor_step: bool) -> CaptureSpec | None:
         rows = self.rows_applied(layer, state)
         if factor_step:
-            return CaptureSpec(rows=rows or self.rule.wants_rows(layer))
+            wanted = self.rule.wants_rows(layer)
+            # a dense rule's rows only serve the rows application: optional (distributed
+            # execution reduces them to the sums where those are fewer numbers)
+            return CaptureSpec(rows=rows or wanted, optional=rows and not wanted)
         # a dense rule uses the rows on factor steps only (see _rows)
         dense = isinstance(self.rule, DenseRule)
         return CaptureSpec(rows=True) if rows and not dense else None
@@ -961,7 +961,7 @@ class KronBlock(CurvatureBlock[KronState]):
         return self.update_parts(layer, state, batch, tick, PARTS)
 
     def refresh(self, layer: Any, state: KronState, tick: Tick) -> KronState:
-        return self.prepare(layer, state, self.refresh_parts(layer, state, tick, PARTS), tick)
+        return self.prepare(layer, state, self._refresh_factors(state, tick, PARTS), tick)
 
     # -------------------------------------------------------------- distributed parts
     def parts(self, layer: Any) -> dict[str, float]:
@@ -1001,7 +1001,26 @@ class KronBlock(CurvatureBlock[KronState]):
         return replace(state, A=A, G=G)
 
     def refresh_parts(self, layer: Any, state: KronState, tick: Tick, parts: Any) -> KronState:
-        """The factors named in ``parts`` refreshed; the inverse is left to :meth:`prepare`."""
+        """The factors named in ``parts`` refreshed (distributed execution: the parts this
+        process owns), each with its damped inverse for ``tick.damping`` prepared here when
+        the damping scheme makes it from the factor alone as a dense full-rank matrix
+        (:meth:`DampingScheme.prepare_factor`): the owner then broadcasts that inverse, so
+        the preparation is split between the processes too. The layer's inverse is left to
+        :meth:`prepare`."""
+        state = self._refresh_factors(state, tick, parts)
+        for part in parts:
+            f = getattr(state, part)
+            if f.applied is None:
+                continue
+            made = self.damping_scheme.prepare_factor(
+                f.applied, tick.damping, validate=f.applied.inverse is None
+            )
+            if made is not None and made is not f.applied.inverse:
+                f = replace(f, applied=replace(f.applied, inverse=made))
+                state = replace(state, **{part: f})
+        return state
+
+    def _refresh_factors(self, state: KronState, tick: Tick, parts: Any) -> KronState:
         G = self.rule.refresh(state.G, tick, self.ctx) if "G" in parts else state.G
         A = self.rule.refresh(state.A, tick, self.ctx) if "A" in parts else state.A
         return state if G is state.G and A is state.A else replace(state, A=A, G=G)
@@ -1026,29 +1045,56 @@ class KronBlock(CurvatureBlock[KronState]):
     def publish(
         self, layer: Any, before: KronState, state: KronState, part: str
     ) -> Message | None:
-        """The factor's new representation when it changed since ``before``: the header
-        ``(rank, identity weight, Brand-tracked)`` and the tensors ``(U, d)``."""
+        """The factor's new representation (or its inverse for a new damping value) when it
+        changed since ``before``: the header ``(rank, identity weight, Brand-tracked,
+        kind)``, then for kind 1 ``(max d, mean d, min d, total damping)``, and the tensors
+        ``(U, d)`` (kind 0) or the dense damped inverse ``(M,)`` that :meth:`refresh_parts`
+        prepared (kind 1, a full-rank factor under a separable factored damping: ``D^2``
+        numbers against ``D^2 + D``)."""
         f, old = getattr(state, part), getattr(before, part)
         if f.applied is None or f.applied is old.applied:
             return None
         brand = -1.0 if f.brand is None else float(f.brand)
-        rep = f.applied.rep
-        return Message((float(rep.rank), f.applied.identity, brand), (rep.U, rep.d))
+        a = f.applied
+        if a.inverse is not None:
+            total, inverse = a.inverse
+            header = (float(a.rank), a.identity, brand, 1.0, a.top, a.mean, a.bottom, total)
+            return Message(header, (inverse.M,))
+        rep = a.rep
+        assert rep is not None  # an owner holds the representations it publishes
+        return Message((float(rep.rank), a.identity, brand, 0.0), (rep.U, rep.d))
 
     def message_shapes(self, layer: Any, part: str, header: Any) -> list[tuple[int, ...]]:
         """Shapes of the tensors of a :meth:`publish` message with ``header``."""
         dim = layer.dim_A if part == "A" else layer.dim_G
+        if header[3] == 1:
+            return [(dim, dim)]
         rank = round(header[0])
         return [(dim, rank), (rank,)]
 
     def install(
         self, layer: Any, state: KronState, part: str, header: Any, tensors: Any
     ) -> KronState:
-        """The state with the representation another process published for ``part``."""
-        U, d = tensors
+        """The state with the representation (or inverse) published for ``part``. Every
+        process installs the broadcast buffer, its owner too (the same tensors in the same
+        layout everywhere); the owner keeps its representation ``(U, d)`` beside an inverse,
+        the others hold the inverse only."""
         brand = None if header[2] < 0 else bool(header[2])
-        applied = Applied.of(ln.LowRankPSD(U, d, check=False), float(header[1]))
-        f = replace(getattr(state, part), applied=applied, brand=brand)
+        f = getattr(state, part)
+        if header[3] == 1:
+            (M,) = tensors
+            # only the owner holds a representation together with an inverse prepared
+            # ahead (refresh_parts); the others have one or the other
+            own = f.applied is not None and f.applied.rep is not None
+            rep = f.applied.rep if own and f.applied.inverse is not None else None
+            rank, identity, _, _, top, mean, bottom, total = (float(v) for v in header[:8])
+            applied = Applied(
+                rep, identity, top, mean, bottom, f.dim, round(rank), (total, DenseInverse(M))
+            )
+        else:
+            U, d = tensors
+            applied = Applied.of(ln.LowRankPSD(U, d, check=False), float(header[1]))
+        f = replace(f, applied=applied, brand=brand)
         return replace(state, **{part: f})
 
     def ready(self, state: KronState) -> bool:
@@ -1161,7 +1207,7 @@ class KronBlock(CurvatureBlock[KronState]):
                     "factor": side,
                     "kind": kind,
                     "dim": f.dim,
-                    "rank": None if rep is None else rep.rank,
+                    "rank": None if f.applied is None else f.applied.rank,
                     "target_rank": None if f.rank is None else f.rank.rank,
                     "truncation_ratio": (
                         None if rep is None or rep.rank == 0 else ln.truncation_ratio(rep.d)

@@ -8,19 +8,25 @@ family: the factors ``A`` and ``G`` of every layer), each owned by one process:
 * **reduce** (``statistics="all-reduce"``, the default): the factor statistics of every
   process are combined so that every factor sees the global batch. Sums of outer products go
   through one all-reduce, per-sample rows (Brand-tracked factors, the rows application)
-  through one all-gather; the combined batch is the one a single process would record on the
+  through one all-gather; a dense rule's optional rows (:class:`~kfac._curvature.CaptureSpec`)
+  are gathered when the rows of all processes are fewer numbers than the sums, and reduced to
+  the sums otherwise; the combined batch is the one a single process would record on the
   concatenated batch (the input factor pooled over all rows, the output factor the mean of the
   processes' output factors, which is the concatenated batch's when the processes hold batches
   of equal size, as ``DistributedSampler`` makes them). With ``statistics="local"`` (the lean
   design of Puiu's thesis) nothing is communicated: each owner keeps its factors from its own
   batch;
 * **update** and **refresh** run for the owned parts only, so the decompositions and Brand
-  updates are split across processes;
-* **exchange**: each owner broadcasts the representations that changed, ``(U, d)`` of rank
-  ``r`` (``D r + r`` numbers; ``D^2 + D`` for a full eigendecomposition), in one flattened
-  buffer per owner, after one small all-reduce of headers that tells every process what comes;
-* every process then prepares the damped inverses and computes every layer's direction from
-  its (identical) gradient.
+  updates are split across processes; a block may prepare what it can from a part alone
+  there too (the K-FAC family: a full-rank factor's dense damped inverse under a factored
+  damping);
+* **exchange**: each owner broadcasts what changed (on refresh steps and when the damping
+  value changes), ``(U, d)`` of rank ``r`` (``D r + r`` numbers) or a full-rank factor's
+  prepared damped inverse (``D^2``), in one flattened buffer per owner, after one small
+  all-reduce of headers that tells every process what comes;
+* every process then prepares the layers' damped inverses from what it holds and computes
+  every layer's direction from its (identical) gradient (or, with ``directions="owner"``,
+  the layers it is given, then broadcasts them).
 
 Owners are assigned by longest-processing-time-first greedy balancing over the block's
 predicted costs (:func:`assign_owners`): deterministic, the same on every process. Every
@@ -49,7 +55,7 @@ STATISTICS_MODES = ("all-reduce", "local")
 #: Where the layers' directions are computed.
 DIRECTION_MODES = ("all", "owner")
 #: Scalars per part in the exchange's header (a changed flag, then the block's header).
-_HEADER = 8
+_HEADER = 9
 #: Entries per layer in the reduce phase's header.
 _FIELDS = 6
 
@@ -216,6 +222,9 @@ class Runtime:
         self.direction_owners = dict(
             zip(self.names, assign_owners(direction_costs, self.world), strict=True)
         )
+        #: The damping value of the last exchange (an owner's prepared inverses are made
+        #: for one value, so a new one is exchanged).
+        self._damping: float | None = None
         kinds = ("statistics", "representations", "directions", "control")
         self.bytes = dict.fromkeys(kinds, 0)
         self.collectives = dict.fromkeys(kinds, 0)
@@ -357,7 +366,7 @@ class Runtime:
             if spec is None:
                 continue
             header[i, 0] = 1
-            header[i, 1] = int(spec.rows)
+            header[i, 1] = int(spec.rows) + int(spec.rows and spec.optional)
             if batch is not None:
                 header[i, 2] = 1
                 header[i, 3] = batch.n
@@ -377,9 +386,16 @@ class Runtime:
                 )
         out: dict[str, LayerBatch | None] = dict(batches)
         present = [i for i in range(len(self.names)) if headers[0, i, 2] == 1]
-        sums = [i for i in present if headers[0, i, 1] == 0]
-        rows = [i for i in present if headers[0, i, 1] == 1]
         totals = {i: (int(headers[:, i, 3].sum()), int(headers[:, i, 4].sum())) for i in present}
+        batches = dict(batches)
+        for i in present:  # optional rows: gathered only when fewer numbers than the sums
+            if headers[0, i, 1] == 2 and not self._gathered(i, totals[i][1]):
+                batch = batches[self.names[i]]
+                assert batch is not None
+                batches[self.names[i]] = _summed(batch)
+                headers[:, i, 1] = 0
+        sums = [i for i in present if headers[0, i, 1] == 0]
+        rows = [i for i in present if headers[0, i, 1] >= 1]
         weight = {}  # each process's output statistics enter as the mean over processes
         for i in present:
             n = int(headers[self.rank, i, 3])
@@ -407,6 +423,12 @@ class Runtime:
         if rows:
             out.update(self._gather_rows(rows, batches, headers, weight))
         return out
+
+    def _gathered(self, i: int, positions: int) -> bool:
+        """Whether layer ``i``'s optional rows, ``positions`` of them over all processes, are
+        fewer numbers than its sums (``N (d_A + d_G)`` against ``d_A^2 + d_G^2``)."""
+        layer = self.layers[self.names[i]]
+        return positions * (layer.dim_A + layer.dim_G) < layer.dim_A**2 + layer.dim_G**2
 
     def _combined(self, batch: LayerBatch, headers: Tensor, i: int, **tensors: Any) -> LayerBatch:
         return replace(
@@ -482,9 +504,11 @@ class Runtime:
     def exchange(
         self, before: Mapping[str, Any], states: dict[str, Any], tick: Tick, ready: bool
     ) -> dict[str, Any]:
-        """Install every representation its owner refreshed (on refresh steps, and while
-        some layer has none yet), then prepare every layer."""
-        if tick.inverse or not ready:
+        """Install every representation (or prepared factor inverse) its owner refreshed (on
+        refresh steps, on a new damping value, and while some layer has none yet), then
+        prepare every layer."""
+        damping, self._damping = self._damping, tick.damping
+        if tick.inverse or not ready or damping != tick.damping:
             device = self._device()
             header = torch.zeros(len(self.parts), _HEADER, dtype=torch.float64)
             messages = {}
@@ -580,6 +604,14 @@ class Runtime:
         for (name, part), owner in self.owners.items():
             out[name][part] = gathered[owner][(name, part)]
         return out
+
+
+def _summed(batch: LayerBatch) -> LayerBatch:
+    """``batch`` with its rows reduced to the sums of their outer products."""
+    a, g = batch.a_rows, batch.g_rows
+    assert a is not None
+    assert g is not None
+    return replace(batch, a_sum=a.T @ a, g_sum=g.T @ g, a_rows=None, g_rows=None)
 
 
 def _to_cpu(value: Any) -> Any:

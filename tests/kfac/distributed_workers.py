@@ -289,6 +289,47 @@ class Branchy(nn.Module):
         return self.inner[4](h)
 
 
+#: Damping schemes of the ``schemes`` scenario: separable (inverses prepared by the owners)
+#: and coupled (every process prepares from the broadcast ``(U, d)``).
+SCHEMES = ("factored-relative", "pi", "eigenbasis")
+
+
+def schemes_run(
+    rank: int, world: int, steps: int, scheme: str, distributed: bool
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """eigh with ``scheme`` on global batches of 24 (two of :func:`data`'s), refreshes at
+    steps 0 and 3, the damping changed at step 4 (the prepared inverses are made for one
+    damping value). Returns the parameters and the bytes after step 0 and at the end."""
+    net = model()
+    config = kfac.Distributed(timeout=20.0) if distributed else False
+    opt = kfac.KFAC(
+        net, lr=0.1, **options("eigh", damping_scheme=scheme, inverse_every=3,
+                               distributed=config),
+    )  # fmt: skip
+    pairs = data(2 * steps)
+    first = None
+    for step in range(steps):
+        if step == 4:
+            opt.preconditioner.damping = 0.2
+        (x1, y1), (x2, y2) = pairs[2 * step], pairs[2 * step + 1]
+        x, y = torch.cat([x1, x2]), torch.cat([y1, y2])
+        train(net, opt, [(x, y)], rank, world)
+        if step == 0 and distributed:
+            first = dict(opt.preconditioner.engine.dist.bytes)
+    last = dict(opt.preconditioner.engine.dist.bytes) if distributed else None
+    return flat(net), {"first": first, "last": last}
+
+
+def schemes(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """Each scheme distributed, and one process on the concatenated batch (rank 0)."""
+    out: dict[str, Any] = {}
+    for scheme in SCHEMES:
+        mine, nbytes = schemes_run(rank, world, steps, scheme, True)
+        ref = schemes_run(0, 1, steps, scheme, False)[0] if rank == 0 else None
+        out[scheme] = {"params": mine, "bytes": nbytes, "reference": ref}
+    return out
+
+
 def unused_layer_run(rank: int, world: int, steps: int, distributed: bool) -> torch.Tensor:
     torch.manual_seed(0)
     net = Branchy()
@@ -364,10 +405,18 @@ def local(rank: int, world: int, steps: int) -> dict[str, Any]:
         "owners": dict(pre.engine.dist.owners),
         "factors": {n: pre.factors(n) for n in pre.layer_names},
         "reps": {n: pre.representations(n) for n in pre.layer_names},
+        "inverse": _inverse(pre.engine.states["0"].A.applied),
         "grads": grads,
         "directions": [p.grad.clone() for p in net.parameters()],
         "bytes": dict(pre.engine.dist.bytes),
     }
+
+
+def _inverse(applied: Any) -> tuple[float, torch.Tensor] | None:
+    """A factor's prepared damped inverse ``(total damping, M)`` (``None``: none held)."""
+    if applied is None or applied.inverse is None:
+        return None
+    return applied.inverse[0], applied.inverse[1].M
 
 
 #: MBF's three applied layouts: swept blocks of 4 (and remainders), one Cholesky block of
@@ -547,6 +596,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "quadratic": quadratic,
     "mbf": mbf,
     "unused_layer": unused_layer,
+    "schemes": schemes,
 }
 
 

@@ -61,6 +61,7 @@ def world2(tmp: Path) -> list[dict[str, Any]]:
         ("checkpoint", (CHECKPOINT_STEPS,)),
         ("quadratic", (QUADRATIC_STEPS,)),
         ("unused_layer", (4,)),
+        ("schemes", (6,)),
     ]
     return spawn(tmp, 2, jobs)
 
@@ -143,17 +144,61 @@ def test_directions_computed_by_one_process_each_equal_one_process(
 
 
 def test_exchange_volume_follows_the_representations(world2: list[dict[str, Any]]) -> None:
-    """Representation bytes of the first refresh: ``D r + r`` numbers per factor (``D^2 +
-    D`` for eigh), each factor sent once; the statistics are one all-reduce of the sums."""
+    """Representation bytes of the first refresh: ``D r + r`` numbers per factor, each
+    factor sent once; eigh's full-rank factors travel as their damped inverses, ``D^2``
+    numbers (the owner prepares them). The statistics of these Linear layers are their rows,
+    gathered (``N (d_A + d_G)`` numbers per layer, fewer than the sums' ``d_A^2 + d_G^2``)."""
     record = ok(world2, "equality")[0]
     dims = {"0A": 11, "0G": 24, "2A": 25, "2G": 24, "4A": 25, "4G": 5}
     eigh = record["eigh"]["first"]["bytes"]
-    assert eigh["representations"] == sum(d * d + d for d in dims.values()) * 8
-    assert eigh["statistics"] == sum(d * d for d in dims.values()) * 8
+    assert eigh["representations"] == sum(d * d for d in dims.values()) * 8
+    assert eigh["statistics"] == W.BATCH * sum(dims.values()) * 8
+    assert W.BATCH * sum(dims.values()) < sum(d * d for d in dims.values())
     rsvd = record["rsvd"]["first"]
-    sent = sum(dims[key] * rank + rank for key, rank in rsvd["ranks"].items()) * 8
+    # a full-rank factor (rank + oversampling covers the 5-wide one) sends its inverse
+    full = [key for key, rank in rsvd["ranks"].items() if rank == dims[key]]
+    assert full == ["4G"]
+    sent = (
+        sum(
+            dims[key] * rank + rank if key not in full else rank * rank
+            for key, rank in rsvd["ranks"].items()
+        )
+        * 8
+    )
     assert rsvd["bytes"]["representations"] == sent
     assert sent < 0.5 * eigh["representations"]
+
+
+def test_damping_schemes_and_mixed_statistics_equal_one_process(
+    world2: list[dict[str, Any]],
+) -> None:
+    """eigh on global batches of 24 under three damping schemes, with a new damping value on
+    a step without refresh. The factored schemes gather a Linear layer's rows only where
+    they are fewer numbers than its sums (layer '2': ``24 (25 + 24) < 25^2 + 24^2``; layers
+    '0' and '4' are all-reduced as sums); the eigenbasis scheme takes no rows. A separable
+    scheme's owners send each factor's damped inverse (``D^2`` numbers) at both refreshes and
+    again for the new damping value; the coupled schemes send ``(U, d)`` at the refreshes."""
+    records = ok(world2, "schemes")
+    dims = {"0A": 11, "0G": 24, "2A": 25, "2G": 24, "4A": 25, "4G": 5}
+    squares = sum(d * d for d in dims.values())
+    for scheme in W.SCHEMES:
+        ref = records[0][scheme]["reference"]
+        for record in records:
+            mine = record[scheme]["params"]
+            assert float((mine - ref).norm() / ref.norm()) <= 1e-6, scheme
+            torch.testing.assert_close(mine, records[0][scheme]["params"], rtol=0, atol=0)
+        first, last = records[0][scheme]["bytes"]["first"], records[0][scheme]["bytes"]["last"]
+        if scheme == "eigenbasis":
+            assert first["statistics"] == squares * 8
+        else:
+            assert first["statistics"] == ((11**2 + 24**2) + (25**2 + 5**2) + 24 * 49) * 8
+        if scheme == "factored-relative":
+            assert first["representations"] == squares * 8
+            assert last["representations"] == 3 * squares * 8
+        else:
+            full = sum(d * d + d for d in dims.values())
+            assert first["representations"] == full * 8
+            assert last["representations"] == 2 * full * 8
 
 
 def test_ddp_model_equals_one_process(
@@ -196,7 +241,8 @@ def test_a_rank_that_stalls_times_the_others_out(tmp: Path) -> None:
 
 def test_local_statistics_on_a_hand_checked_case(world2: list[dict[str, Any]]) -> None:
     """Each factor's owner keeps it from its own shard only: ``(1 - rho) a^T a / n`` of its
-    6 rows; the other rank keeps nothing and applies the owner's representation."""
+    6 rows; the other rank keeps nothing and applies the damped inverse the owner prepared
+    from its eigendecomposition and broadcast."""
     local = ok(world2, "local")
     x, _ = W.data(1)[0]
     rho = 0.95
@@ -208,8 +254,15 @@ def test_local_statistics_on_a_hand_checked_case(world2: list[dict[str, Any]]) -
     torch.testing.assert_close(local[owner]["factors"]["0"][0], expected, rtol=0, atol=tol)
     assert local[1 - owner]["factors"]["0"][0] is None  # never updated off its owner
     w = torch.linalg.eigvalsh(expected)
-    d = local[1 - owner]["reps"]["0"][0].d
+    d = local[owner]["reps"]["0"][0].d
     torch.testing.assert_close(d.sort().values, w, rtol=1e-12, atol=1e-15)
+    assert local[1 - owner]["reps"]["0"][0] is None  # the inverse travelled, not (U, d)
+    total, M = local[1 - owner]["inverse"]
+    assert total == math.sqrt(0.05) + rho  # factored damping sqrt(lambda) plus rho^m
+    eye = torch.eye(11, dtype=W.F64)
+    torch.testing.assert_close(M @ (expected + total * eye), eye, rtol=0, atol=1e-12)
+    # both ranks apply the same buffer
+    torch.testing.assert_close(local[owner]["inverse"][1], M, rtol=0, atol=0)
     for a_rank, b_rank in zip(local[0]["directions"], local[1]["directions"], strict=True):
         torch.testing.assert_close(a_rank, b_rank, rtol=0, atol=0)
     assert local[0]["bytes"]["statistics"] == 0
