@@ -473,7 +473,7 @@ class KFAC(PreconditionedSGD):
     model : nn.Module
         The model whose layers are preconditioned.
     lr : float
-        Learning rate (``>= 0``); with the defaults, try 0.1, 0.3 and 1.
+        Learning rate (``>= 0``); with the defaults, try 0.1, 1 and 10.
     momentum : float, optional
         Heavy-ball momentum (``>= 0``); default 0.9 (0 with ``quadratic_step=True``).
     weight_decay : float, default 0

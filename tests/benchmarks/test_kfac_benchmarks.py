@@ -165,6 +165,8 @@ def test_quick_defaults_benchmark(run_quick) -> None:
     for name, row in rows.items():
         assert len(row["losses"]) == 3, name
         assert row["best"] == min(row["losses"].values()), name
+    # the documented grid for the defaults (docs/kfac.md, *Defaults, by measurement*)
+    assert list(rows["KFAC(model, lr) defaults"]["losses"]) == ["0.1", "1.0", "10.0"]
     assert "| mlp (width 0.1) |" in table
     ours, sgd, adam = (
         rows[n]["best"] for n in ("KFAC(model, lr) defaults", "sgd (momentum 0.9)", "adam")
