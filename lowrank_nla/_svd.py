@@ -124,7 +124,13 @@ def randomized_svd(
     Algorithm 2) and the expected range error is bounded by
     :func:`lowrank_nla.krylov_error_bound`, which depends on the gap
     ``sigma_rank / sigma_{rank+1}`` through a Chebyshev polynomial (square-root
-    acceleration over subspace iteration).
+    acceleration over subspace iteration). The basis has ``(q + 1)`` blocks but only
+    ``rank`` directions are kept: when the Gram matrix ``(A^T Q)^T (A^T Q)`` has its
+    ``(rank+1)``-th eigenvalue at least ``sqrt(eps)`` times its largest, those directions
+    are picked from it and only an ``n x rank`` block goes through the QR-based SVD
+    (orthonormal factors to rounding; the squared truncation error changes by a relative
+    ``O(sqrt(eps))`` at most); otherwise (exactly low-rank input, fast decay in float32) the
+    whole ``A^T Q`` does. See docs/algorithms.md, 'Randomized block Krylov'.
 
     A dask array ``A`` with chunks along one dimension only is read in exactly ``q + 1``
     passes (subspace iteration only): each pass reads every block ``A_i`` once and forms
