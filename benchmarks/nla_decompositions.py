@@ -23,13 +23,18 @@ Method (side by side in one process, accuracy before time):
 * Ours: ``randomized_eigh``, ``srevd`` and ``nystrom`` (PSD) and ``randomized_svd`` (general)
   over oversampling p and power iterations q, and the block Krylov option
   (``method="block_krylov"``) of ``randomized_svd`` (general) and ``randomized_eigh`` (PSD)
-  over block sizes (k/2, 3k/4, k + 10) and iterations q, searched on NumPy (q grows per
-  (routine, p) until every peer's error is reached). For each peer, per routine and p the smallest
-  sufficient q is rebuilt on the peer's library with each normalizer and run once; per
-  routine the fastest whose re-measured error still reaches the peer's is timed
+  over block sizes (k/4, 3k/8, k/2, 3k/4, k + 10) and iterations q <= 8, searched on NumPy
+  (q grows per (routine, p) until every peer's error is reached). For each peer, per routine
+  and p the smallest sufficient q is rebuilt on the peer's library with each normalizer and
+  run once; per routine the fastest whose re-measured error still reaches the peer's is timed
   (:func:`candidates_for`).
 * Timing: one process, all timed methods alternating in each round, median of ``--repeats``
-  (>= 5) rounds; the reported ratio is ours/peer on medians.
+  (>= 5) rounds; the reported ratio is ours/peer on medians. ``--clock cpu`` times with the
+  process's CPU time instead of wall time (for a loaded machine; run it with one BLAS
+  thread, ``OMP_NUM_THREADS=1``, where CPU time is the computation's own time).
+* ``--only psd|dense`` and ``--psd-sizes`` run part of the cases; with ``--merge`` their rows
+  replace those of the existing record, the others are kept, and the record lists the runs
+  and says which run each row comes from.
 
 Writes ``benchmarks/results/nla_decompositions.json`` and ``.md``.
 """
