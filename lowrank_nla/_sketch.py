@@ -274,7 +274,8 @@ def _extend_basis(
     norm, so what the first projection left of ``range(Q)`` in the normalized block is far
     below 1 and the second projection removes it to rounding; the second block is then
     orthonormal up to that small remainder and one Cholesky pass orthonormalizes it
-    (:func:`_cholesky_pass`, which falls back to ``normalizer`` otherwise).
+    (:func:`_cholesky_pass`). Should that block still be far from orthonormal, it is
+    orthonormalized, projected twice more and orthonormalized again (``normalizer``).
     """
     if Q is None:
         return orthonormalize(xp, Y, normalizer, subject)
@@ -285,16 +286,20 @@ def _extend_basis(
     if bool(xp.any(bad)):
         fill = _project_out(xp, Q, draw(tuple(Y.shape)))
         Q1 = orthonormalize(xp, xp.where(bad[None, :], fill, Q1), normalizer, subject)
-    return _cholesky_pass(xp, Q1 - Q @ (Q.T @ Q1), normalizer, subject)
+    Z = Q1 - Q @ (Q.T @ Q1)
+    out = _cholesky_pass(xp, Z, subject)
+    if out is None:  # Z far from orthonormal: normalize, then project twice and normalize
+        Z = orthonormalize(xp, Z, normalizer, subject)
+        out = orthonormalize(xp, _project_out(xp, Q, Z), normalizer, subject)
+    return out
 
 
-def _cholesky_pass(xp: Any, Z: Array, normalizer: str, subject: str) -> Array:
-    """Orthonormalize a nearly orthonormal ``Z`` with one Gram-Cholesky pass.
+def _cholesky_pass(xp: Any, Z: Array, subject: str) -> Array | None:
+    """Orthonormalize a nearly orthonormal ``Z`` with one Gram-Cholesky pass, or ``None``.
 
     When ``max|Z^T Z - I| <= 1/2`` (so ``cond(Z) <= sqrt(3)``), ``Z L^{-T}`` with
     ``Z^T Z = L L^T`` is orthonormal to a few ulps (the second pass of CholeskyQR2);
-    otherwise, or when the Cholesky factorization fails, ``Z`` goes through
-    :func:`orthonormalize` with ``normalizer``.
+    otherwise, or when the Cholesky factorization fails, ``None``.
     """
     check_factor(xp, Z, subject, "block to orthonormalize")
     G = Z.T @ Z
@@ -303,7 +308,7 @@ def _cholesky_pass(xp: Any, Z: Array, normalizer: str, subject: str) -> Array:
         L = cholesky_lower(xp, G)
         if L is not None:
             return solve_triangular(xp, L, Z.T, lower=True).T
-    return orthonormalize(xp, Z, normalizer, subject)
+    return None
 
 
 def krylov_range(

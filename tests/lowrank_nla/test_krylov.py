@@ -338,3 +338,28 @@ def test_krylov_basis_stays_orthonormal_in_both_precisions(dtype, normalizer) ->
             A @ A.T, 8, power_iters=3, normalizer=normalizer, method="block_krylov", rng=2
         )
         assert_orthonormal(V)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_extend_basis_fallback_when_the_cholesky_pass_declines(dtype, monkeypatch) -> None:
+    # the fallback path (normalize, project twice, normalize) of the second Gram-Schmidt
+    # pass, forced: the result is still orthonormal and orthogonal to the basis so far
+    from lowrank_nla import _sketch
+    from lowrank_nla._backend import normal_sampler
+
+    xp = _sketch.as_operator(np.eye(2, dtype=dtype), "A").xp
+    gen = np.random.default_rng(5)
+    Q = np.linalg.qr(gen.standard_normal((60, 12)))[0].astype(dtype)
+    # a block mostly inside range(Q): strong cancellation in the projection
+    Y = (Q @ gen.standard_normal((12, 5)) + 1e-3 * gen.standard_normal((60, 5))).astype(dtype)
+    draw = normal_sampler(xp, 0, dtype=Y.dtype, device="cpu")
+    reference = _sketch._extend_basis(xp, Q, Y, "cholqr2", "`A`", draw)
+    monkeypatch.setattr(_sketch, "_cholesky_pass", lambda xp, Z, subject: None)
+    for normalizer in ("qr", "cholqr2"):
+        Qi = _sketch._extend_basis(xp, Q, Y, normalizer, "`A`", draw)
+        assert_orthonormal(np.concatenate([Q, Qi], axis=1))
+        # the same space as the Cholesky pass gives
+        P = Qi @ Qi.T - reference @ reference.T
+        # (the projection cancels ~1e3: the new directions are known to ~1e3 eps)
+        assert np.linalg.norm(P, 2) <= 1e3 * float(np.finfo(dtype).eps)
+    assert_orthonormal(np.concatenate([Q, reference], axis=1))
