@@ -174,7 +174,7 @@ def part_decompositions(device: torch.device, quick: bool, out: Path) -> None:
                         At, k, oversample=p, power_iters=q, normalizer="cholqr2", rng=SEED
                     )
                 )
-            for b, q in ((k + 40, 1), (k // 2 + 50, 2), (k // 2, 3)):
+            for b, q in ((k + 40, 1), (k // 2 + 50, 2), (k // 2, 3), (3 * k // 8, 4)):
                 ours[f"randomized_svd[block_krylov](block={b}, q={q}, cholqr2)"] = (
                     lambda b=b, q=q, At=At: ln.randomized_svd(
                         At,

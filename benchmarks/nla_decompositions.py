@@ -23,13 +23,18 @@ Method (side by side in one process, accuracy before time):
 * Ours: ``randomized_eigh``, ``srevd`` and ``nystrom`` (PSD) and ``randomized_svd`` (general)
   over oversampling p and power iterations q, and the block Krylov option
   (``method="block_krylov"``) of ``randomized_svd`` (general) and ``randomized_eigh`` (PSD)
-  over block sizes (k/2, 3k/4, k + 10) and iterations q, searched on NumPy (q grows per
-  (routine, p) until every peer's error is reached). For each peer, per routine and p the smallest
-  sufficient q is rebuilt on the peer's library with each normalizer and run once; per
-  routine the fastest whose re-measured error still reaches the peer's is timed
+  over block sizes (k/4, 3k/8, k/2, 3k/4, k + 10) and iterations q <= 8, searched on NumPy
+  (q grows per (routine, p) until every peer's error is reached). For each peer, per routine
+  and p the smallest sufficient q is rebuilt on the peer's library with each normalizer and
+  run once; per routine the fastest whose re-measured error still reaches the peer's is timed
   (:func:`candidates_for`).
 * Timing: one process, all timed methods alternating in each round, median of ``--repeats``
-  (>= 5) rounds; the reported ratio is ours/peer on medians.
+  (>= 5) rounds; the reported ratio is ours/peer on medians. ``--clock cpu`` times with the
+  process's CPU time instead of wall time (for a loaded machine; run it with one BLAS
+  thread, ``OMP_NUM_THREADS=1``, where CPU time is the computation's own time).
+* ``--only psd|dense`` and ``--psd-sizes`` run part of the cases; with ``--merge`` their rows
+  replace those of the existing record, the others are kept, and the record lists the runs
+  and says which run each row comes from.
 
 Writes ``benchmarks/results/nla_decompositions.json`` and ``.md``.
 """
@@ -62,6 +67,11 @@ from lowrank_nla.testing import ea_factor, matrix_with_spectrum
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
+# The clock of every timing: wall time by default; --clock cpu uses the process's CPU time,
+# which a loaded machine disturbs far less (meaningful with one BLAS thread, where it is the
+# time the computation itself takes).
+CLOCK = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
 
 
 @dataclass
@@ -312,9 +322,9 @@ def candidates_for(
         normalizers = ("qr", "cholqr2") if "block_krylov" in name else ("qr", "cholqr2", "none")
         for normalizer in normalizers:
             cand = m.remake(library=peer.library, normalizer=normalizer)
-            start = time.perf_counter()
+            start = clock()
             cand.run()
-            options.setdefault(name, []).append((time.perf_counter() - start, cand))
+            options.setdefault(name, []).append((clock() - start, cand))
     out = []
     for opts in options.values():
         for _, cand in sorted(opts, key=lambda o: o[0]):
@@ -337,9 +347,9 @@ def time_alternating(methods: list[Method], repeats: int, *, warmup: bool) -> No
         m.run()
     for _ in range(repeats):
         for m in methods:
-            start = time.perf_counter()
+            start = clock()
             m.run()
-            m.times.append(time.perf_counter() - start)
+            m.times.append(clock() - start)
 
 
 def run_case(
@@ -419,6 +429,7 @@ def environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "lowrank_nla": ln.__version__,
         "OPENBLAS_THREAD_TIMEOUT": os.environ.get("OPENBLAS_THREAD_TIMEOUT"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
     }
 
 
@@ -426,20 +437,45 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def markdown(rows: list[dict[str, Any]], env: dict[str, Any], seconds: float) -> str:
+def _run_line(run: dict[str, Any]) -> str:
+    env, grid = run["environment"], run["grid"]
+    return (
+        f"run {run['id']} ({run['date']}): {run['what']}; {run['seconds']:.0f} s, "
+        f"{run.get('clock', 'wall')} clock, "
+        f"{env['torch_threads']} torch thread(s)"
+        + (f", OMP_NUM_THREADS={env['OMP_NUM_THREADS']}" if env.get("OMP_NUM_THREADS") else "")
+        + "; "
+        f"block Krylov grid: blocks {grid['krylov_block_fractions']} x k, "
+        f"q {grid['power_iters_krylov']}"
+    )
+
+
+def markdown(rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> str:
+    env = runs[-1]["environment"]
+    several = len(runs) > 1
     lines = [
         "# lowrank_nla decompositions vs peers",
         "",
         f"CPU, {env['cpu_count']} cores; numpy {env['numpy']}, scipy {env['scipy']}, "
-        f"scikit-learn {env['sklearn']}, torch {env['torch']}; whole run {seconds:.0f} s.",
+        f"scikit-learn {env['sklearn']}, torch {env['torch']}; "
+        + (
+            f"whole run {runs[0]['seconds']:.0f} s, {runs[0].get('clock', 'wall')} clock."
+            if not several
+            else "rows from several runs, the 'run' column says which:"
+        ),
         "Error: relative spectral error ||A - A_k||_2/||A||_2 (float64, matrix-free Lanczos); "
         "'optimal' is sigma_{k+1}/sigma_1. Time: median of alternating runs. 'ours' is our "
         "fastest configuration whose error is <= the peer's, on the same array library; "
         "ratio = ours / peer (< 1: ours faster).",
         "",
+    ]
+    if several:
+        lines += [f"- {_run_line(run)}" for run in runs] + [""]
+    run_head, run_rule = (" run |", "---|") if several else ("", "")
+    lines += [
         "| case | n | dtype | k | optimal | peer | peer error | peer [s] | ours | ours error "
-        "| ours [s] | ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ours [s] | ratio |" + run_head,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|" + run_rule,
     ]
     for r in rows:
         ours = r["ours"] or "none reaches the peer's error"
@@ -447,7 +483,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], seconds: float) ->
             f"| {r['case']} | {r['n']} | {r['dtype']} | {r['rank']} | {r['optimal_error']:.3e} "
             f"| {r['peer']} | {r['peer_error']:.3e} | {r['peer_time']:.3f} | `{ours}` "
             f"| {_fmt(r['ours_error'], '.3e')} | {_fmt(r['ours_time'], '.3f')} "
-            f"| **{_fmt(r['ratio'], '.2f')}** |"
+            f"| **{_fmt(r['ratio'], '.2f')}** |" + (f" {r['run']} |" if several else "")
         )
     lines += [
         "",
@@ -455,22 +491,23 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], seconds: float) ->
         "that reaches the peer's error, timed in the same alternating rounds; 'chosen' says "
         "whether it is the row's 'ours' above.",
         "",
-        "| case | n | dtype | peer | block Krylov | error | [s] | ratio | chosen |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | n | dtype | peer | block Krylov | error | [s] | ratio | chosen |" + run_head,
+        "|---|---|---|---|---|---|---|---|---|" + run_rule,
     ]
     for r in rows:
+        run_cell = f" {r['run']} |" if several else ""
         kry = [c for c in r["candidates"] if "block_krylov" in c["method"]]
         if not kry:
             lines.append(
                 f"| {r['case']} | {r['n']} | {r['dtype']} | {r['peer']} "
-                "| none reaches the peer's error | - | - | - | no |"
+                "| none reaches the peer's error | - | - | - | no |" + run_cell
             )
             continue
         c = min(kry, key=lambda c: c["time"])
         lines.append(
             f"| {r['case']} | {r['n']} | {r['dtype']} | {r['peer']} | `{c['method']}` "
             f"| {c['error']:.3e} | {c['time']:.3f} | {c['time'] / r['peer_time']:.2f} "
-            f"| {'yes' if c['method'] == r['ours'] else 'no'} |"
+            f"| {'yes' if c['method'] == r['ours'] else 'no'} |" + run_cell
         )
     exact = [r for r in rows if r["exact_times"] and r["peer"] == "sklearn.randomized_svd"]
     if exact:
@@ -479,16 +516,36 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], seconds: float) ->
             "Exact peers on the PSD inputs (time [s], median of the 'runs' column; they reach "
             "the optimal error; scipy.eigsh is left out at n = 4096):",
             "",
-            "| n | dtype | runs | " + " | ".join(exact[0]["exact_times"]) + " |",
-            "|---|---|---|" + "---|" * len(exact[0]["exact_times"]),
+            "| n | dtype | runs | " + " | ".join(exact[0]["exact_times"]) + " |" + run_head,
+            "|---|---|---|" + "---|" * len(exact[0]["exact_times"]) + run_rule,
         ]
         for r in exact:
             times = " | ".join(
                 f"{r['exact_times'].get(name, float('nan')):.3f}"
                 for name in exact[0]["exact_times"]
             )
-            lines.append(f"| {r['n']} | {r['dtype']} | {r['exact_repeats']} | {times} |")
+            lines.append(
+                f"| {r['n']} | {r['dtype']} | {r['exact_repeats']} | {times} |"
+                + (f" {r['run']} |" if several else "")
+            )
     return "\n".join(lines) + "\n"
+
+
+def _load_runs(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Runs and rows of an existing record; a record from before runs were tracked is run 1."""
+    old = json.loads(path.read_text())
+    if "runs" in old:
+        return old["runs"], old["rows"]
+    run = {
+        "id": 1,
+        "date": "earlier record, date not stored",
+        "what": "full run",
+        "seconds": old["seconds"],
+        "repeats": old["repeats"],
+        "grid": old["grid"],
+        "environment": old["environment"],
+    }
+    return [run], [{**r, "run": 1} for r in old["rows"]]
 
 
 def main() -> None:
@@ -496,7 +553,27 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes, smoke run")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--only", choices=("psd", "dense"), help="run only the PSD or only the dense cases"
+    )
+    parser.add_argument(
+        "--psd-sizes", type=int, nargs="+", help="sizes n of the PSD cases (default: all)"
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="replace only the (case, n, dtype) rows this run regenerates in the existing "
+        "record and keep the others; the record then says which run each row comes from",
+    )
+    parser.add_argument(
+        "--clock",
+        choices=tuple(CLOCK),
+        default="wall",
+        help="wall time, or the process's CPU time (for a loaded machine; with one thread)",
+    )
     args = parser.parse_args()
+    global clock
+    clock = CLOCK[args.clock]
     if args.quick:
         psd_sizes, dense_sizes, repeats = [256], [256], 2
         grid = {
@@ -514,9 +591,16 @@ def main() -> None:
             "oversample": [10, 50, 150],
             "power_iters": [0, 1, 2, 3],
             "power_iters_general": [0, 1, 2, 3, 5],
-            "krylov_block_fractions": [0.5, 0.75, 1.0],
-            "power_iters_krylov": [1, 2, 3],
+            # small blocks with more iterations are often cheapest at a given error
+            "krylov_block_fractions": [0.25, 0.375, 0.5, 0.75, 1.0],
+            "power_iters_krylov": [1, 2, 3, 4, 5, 6, 7, 8],
         }
+    if args.psd_sizes:
+        psd_sizes = args.psd_sizes
+    if args.only == "psd":
+        dense_sizes = []
+    elif args.only == "dense":
+        psd_sizes = []
     torch.manual_seed(SEED)
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
@@ -581,15 +665,37 @@ def main() -> None:
     env = environment()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = "nla_decompositions_quick" if args.quick else "nla_decompositions"
-    payload = {
-        "environment": env,
-        "seconds": seconds,
-        "repeats": repeats,
-        "grid": grid,
-        "rows": rows,
-    }
-    (args.out / f"{stem}.json").write_text(json.dumps(payload, indent=1, default=float))
-    table = markdown(rows, env, seconds)
+    path = args.out / f"{stem}.json"
+    partial = bool(args.only or args.psd_sizes)
+    runs: list[dict[str, Any]] = []
+    kept: list[dict[str, Any]] = []
+    if args.merge and path.exists():
+        runs, kept = _load_runs(path)
+        redone = {(r["case"], r["n"], r["dtype"]) for r in rows}
+        kept = [r for r in kept if (r["case"], r["n"], r["dtype"]) not in redone]
+        runs = [run for run in runs if any(r["run"] == run["id"] for r in kept)]
+    run_id = max((run["id"] for run in runs), default=0) + 1
+    cases_run = sorted({f"{r['case']} n={r['n']}" for r in rows})
+    runs.append(
+        {
+            "id": run_id,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "what": ("cases " + "; ".join(cases_run)) if partial else "full run",
+            "seconds": seconds,
+            "repeats": repeats,
+            "grid": grid,
+            "clock": args.clock,
+            "environment": env,
+        }
+    )
+    cases_order = ("EA factor (PSD)", "dense, slow decay", "dense, fast decay")
+    rows = sorted(  # the order of a full run (stable: the peers keep theirs)
+        kept + [{**r, "run": run_id} for r in rows],
+        key=lambda r: (cases_order.index(r["case"]), r["n"], r["dtype"] != "float64"),
+    )
+    payload = {"runs": runs, "rows": rows}
+    path.write_text(json.dumps(payload, indent=1, default=float))
+    table = markdown(rows, runs)
     (args.out / f"{stem}.md").write_text(table)
     print(table)
 

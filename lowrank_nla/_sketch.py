@@ -15,6 +15,7 @@ from array_api_compat import device as _dev
 from ._backend import (
     Operator,
     Sampler,
+    all_finite,
     as_operator,
     check_factor,
     cholesky_lower,
@@ -90,18 +91,80 @@ def orthonormalize(xp: Any, Y: Array, normalizer: str, subject: str = "`A`") -> 
 
 
 def thin_svd(
-    xp: Any, Y: Array, normalizer: str, subject: str = "`A`"
+    xp: Any, Y: Array, normalizer: str, subject: str = "`A`", keep: int | None = None
 ) -> tuple[Array, Array, Array]:
     """Thin SVD of a tall ``Y`` (m x l, m >= l) as ``QR`` then the SVD of the l x l ``R``.
 
     ``Y = Q R = (Q U_R) S V_R^T``: the work on the tall matrix is one QR and one product,
     which is much faster than a direct SVD of ``Y`` (LAPACK ``gesdd`` on the tall matrix).
     ``R`` is checked for NaN/Inf (an overflow of the singular values' dtype) before the SVD.
+    With ``keep``, only the leading ``keep`` left singular vectors are formed (the product
+    ``Q U_R`` shrinks accordingly); ``S`` and ``V_R^T`` are returned whole.
     """
     Q, R = qr_factor(xp, Y, normalizer, subject)
     check_factor(xp, R, subject, "triangular factor of the final SVD")
     U_R, S, Vh = xp.linalg.svd(R, full_matrices=False)
-    return Q @ U_R, S, Vh
+    return Q @ (U_R if keep is None else U_R[:, :keep]), S, Vh
+
+
+def leading_svd(
+    xp: Any, Q: Array, W: Array, rank: int, subject: str = "`A`"
+) -> tuple[Array, Array, Array] | None:
+    """The ``rank`` leading singular triplets of ``Q Q^T A`` from ``W = A^T Q``, via a Gram step.
+
+    ``Q`` (m x l) is orthonormal and ``W = A^T Q = B^T`` (n x l) with ``B = Q^T A``. For a
+    basis much wider than ``rank`` (block Krylov: ``l = b (q + 1)``), the QR-based SVD of
+    the whole ``W`` costs ``O(n l^2)`` twice over (CholeskyQR2, then ``Q_W U_R``). Here:
+
+    1. ``G = W^T W = B B^T`` (l x l) is diagonalized, ``Z_k`` its ``rank`` leading
+       eigenvectors and ``lambda`` their eigenvalues. ``P = Q Z_k`` is orthonormal to
+       rounding (``Q`` and ``Z_k`` are); only the choice of this subspace sees the squared
+       condition number: with ``E`` the rounding of ``G`` and of its eigendecomposition,
+       ``||(I - Z_k Z_k^T) B||_2^2 <= sigma_{k+1}(B)^2 + 2 ||E||_2`` (``(I - P_Z) G
+       (I - P_Z)`` is within ``||E||`` of its computed counterpart, whose norm is the
+       computed ``lambda_{k+1}``), and ``||E||_2`` is of order ``eps lambda_1``.
+    2. ``C^T = W Z_k`` (n x rank) has orthogonal columns of norms ``sqrt(lambda)`` up to
+       that rounding, so ``V_0 = W Z_k diag(lambda)^(-1/2)`` has ``max|V_0^T V_0 - I|`` of
+       order ``eps lambda_1 / lambda_k``, and one Gram-Cholesky pass ``V_0 = Q_V L^T``
+       makes it orthonormal to rounding. Then ``C^T = Q_V M`` with the small
+       ``M = L^T diag(sqrt(lambda))``, whose SVD ``M = U_M S V_M^T`` gives
+       ``Q Q^T A ~ (Q Z_k V_M) S (Q_V U_M)^T``: both factors orthonormal to rounding, and
+       ``S`` the singular values of ``Z_k^T B`` computed from an orthonormal factorization.
+
+    Taken only when the computed ``lambda_{k+1} >= sqrt(eps) lambda_1`` (so the ``||E||``
+    term changes the squared truncation error by a relative ``O(sqrt(eps))`` at most) and
+    the Cholesky pass sees ``max|V_0^T V_0 - I| <= 1/2``; otherwise (fast decay in low
+    precision, exactly low-rank input, ``l == rank``) it returns ``None`` and the caller
+    takes the QR-based SVD of the whole ``W``. ``W`` is scaled by a power of two near
+    ``max|W|`` when its Gram matrix could over- or underflow (exact). Returns
+    ``(U, S, V)`` with ``V`` (n x rank) the right singular vectors as columns.
+    """
+    width = W.shape[1]
+    if width <= rank:
+        return None
+    c = power_of_two_scale(xp, W, gram_rows=W.shape[0])
+    Ws = W if c == 1.0 else W / c
+    G = Ws.T @ Ws
+    check_factor(xp, G, subject, "Gram matrix of the final SVD")
+    lam, Z = xp.linalg.eigh(G)  # ascending
+    top = float(lam[width - 1])
+    if not top > 0.0 or not float(lam[width - 1 - rank]) >= math.sqrt(eps(xp, W.dtype)) * top:
+        return None
+    Zk = xp.flip(Z[:, width - rank :], axis=1)
+    root = xp.sqrt(xp.flip(lam[width - rank :], axis=0))
+    V0 = (Ws @ Zk) / root
+    GV = V0.T @ V0
+    eye = xp.eye(rank, dtype=GV.dtype, device=_dev(GV))
+    if not all_finite(xp, GV) or not float(xp.max(xp.abs(GV - eye))) <= 0.5:
+        return None
+    L = cholesky_lower(xp, GV)
+    if L is None:
+        return None
+    QV = solve_triangular(xp, L, V0.T, lower=True).T
+    M = L.T * root[None, :]
+    check_factor(xp, M, subject, "triangular factor of the final SVD")
+    U_M, S, VMh = xp.linalg.svd(M, full_matrices=False)
+    return Q @ (Zk @ VMh.T), (S if c == 1.0 else S * c), QV @ U_M
 
 
 # Products without an orthonormalization between them (normalizer="none", or srevd's
@@ -201,24 +264,51 @@ def _extend_basis(
 ) -> Array:
     """Orthonormal basis of the part of ``range(Y)`` orthogonal to the orthonormal ``Q``.
 
-    Block Gram-Schmidt with "twice is enough" in both steps: ``Y`` is projected out of
-    ``range(Q)`` twice, orthonormalized, and the result projected and orthonormalized once
-    more. A column whose projected part is at rounding level (``|R_jj| <= 10 m eps`` times
-    the largest column norm of ``Y``: a Krylov space that has saturated on exactly
-    low-rank input) carries no new direction; it is replaced by a Gaussian column, so that
-    the basis stays orthonormal instead of repeating a direction of ``Q``.
+    Block classical Gram-Schmidt with reorthogonalization (BCGS2, Barlow & Smoktunowicz
+    2013): ``Y`` is projected out of ``range(Q)`` and orthonormalized (``normalizer``), and
+    the result is projected and orthonormalized once more. A column whose projected part is
+    at rounding level (``|R_jj| <= 10 m eps`` times the largest column norm of ``Y``: a
+    Krylov space that has saturated on exactly low-rank input) carries no new direction; it
+    is replaced by a Gaussian column, so that the basis stays orthonormal instead of
+    repeating a direction of ``Q``. Every other column kept more than ``10 m eps`` of its
+    norm, so what the first projection left of ``range(Q)`` in the normalized block is far
+    below 1 and the second projection removes it to rounding; the second block is then
+    orthonormal up to that small remainder and one Cholesky pass orthonormalizes it
+    (:func:`_cholesky_pass`). Should that block still be far from orthonormal, it is
+    orthonormalized, projected twice more and orthonormalized again (``normalizer``).
     """
     if Q is None:
         return orthonormalize(xp, Y, normalizer, subject)
-    Yp = _project_out(xp, Q, Y)
-    Q1, R = qr_factor(xp, Yp, normalizer, subject)
+    Q1, R = qr_factor(xp, Y - Q @ (Q.T @ Y), normalizer, subject)
     ref = float(xp.max(safe_norm(xp, Y, axis=0)))
     tol = 10.0 * Y.shape[0] * eps(xp, Y.dtype) * ref
     bad = xp.abs(xp.linalg.diagonal(R)) <= tol
     if bool(xp.any(bad)):
         fill = _project_out(xp, Q, draw(tuple(Y.shape)))
         Q1 = orthonormalize(xp, xp.where(bad[None, :], fill, Q1), normalizer, subject)
-    return orthonormalize(xp, _project_out(xp, Q, Q1), normalizer, subject)
+    Z = Q1 - Q @ (Q.T @ Q1)
+    out = _cholesky_pass(xp, Z, subject)
+    if out is None:  # Z far from orthonormal: normalize, then project twice and normalize
+        Z = orthonormalize(xp, Z, normalizer, subject)
+        out = orthonormalize(xp, _project_out(xp, Q, Z), normalizer, subject)
+    return out
+
+
+def _cholesky_pass(xp: Any, Z: Array, subject: str) -> Array | None:
+    """Orthonormalize a nearly orthonormal ``Z`` with one Gram-Cholesky pass, or ``None``.
+
+    When ``max|Z^T Z - I| <= 1/2`` (so ``cond(Z) <= sqrt(3)``), ``Z L^{-T}`` with
+    ``Z^T Z = L L^T`` is orthonormal to a few ulps (the second pass of CholeskyQR2);
+    otherwise, or when the Cholesky factorization fails, ``None``.
+    """
+    check_factor(xp, Z, subject, "block to orthonormalize")
+    G = Z.T @ Z
+    eye = xp.eye(G.shape[0], dtype=G.dtype, device=_dev(G))
+    if all_finite(xp, G) and float(xp.max(xp.abs(G - eye))) <= 0.5:
+        L = cholesky_lower(xp, G)
+        if L is not None:
+            return solve_triangular(xp, L, Z.T, lower=True).T
+    return None
 
 
 def krylov_range(

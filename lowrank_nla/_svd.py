@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ._backend import as_operator, fp_guarded, is_dask_array, normal_sampler, sign_fix
-from ._sketch import general_range, krylov_range, thin_svd, warn_if_unresolved
+from ._sketch import general_range, krylov_range, leading_svd, thin_svd, warn_if_unresolved
 from ._validation import (
     check_block_size,
     check_int,
@@ -124,7 +124,13 @@ def randomized_svd(
     Algorithm 2) and the expected range error is bounded by
     :func:`lowrank_nla.krylov_error_bound`, which depends on the gap
     ``sigma_rank / sigma_{rank+1}`` through a Chebyshev polynomial (square-root
-    acceleration over subspace iteration).
+    acceleration over subspace iteration). The basis has ``(q + 1)`` blocks but only
+    ``rank`` directions are kept: when the Gram matrix ``(A^T Q)^T (A^T Q)`` has its
+    ``(rank+1)``-th eigenvalue at least ``sqrt(eps)`` times its largest, those directions
+    are picked from it and only an ``n x rank`` block goes through the QR-based SVD
+    (orthonormal factors to rounding; the squared truncation error changes by a relative
+    ``O(sqrt(eps))`` at most); otherwise (exactly low-rank input, fast decay in float32) the
+    whole ``A^T Q`` does. See docs/algorithms.md, 'Randomized block Krylov'.
 
     A dask array ``A`` with chunks along one dimension only is read in exactly ``q + 1``
     passes (subspace iteration only): each pass reads every block ``A_i`` once and forms
@@ -178,6 +184,7 @@ def randomized_svd(
     op.rmatmat_or_raise("A")
     size = min(rank + oversample, min(op.shape)) if block_size is None else block_size
     draw = normal_sampler(xp, rng, dtype=op.dtype, device=op.device)
+    res = None
     if method == "block_krylov":
         Q, AtQ = krylov_range(
             op,
@@ -187,13 +194,19 @@ def randomized_svd(
             draw=draw,
             with_transpose=True,
         )
+        # a basis of (q + 1) blocks: the leading `rank` directions through a Gram step
+        res = leading_svd(xp, Q, AtQ, rank)
     else:
         Q, _ = general_range(op, size, power_iters=power_iters, normalizer=normalizer, draw=draw)
         AtQ = op.checked_rmatmat(Q)
-    # B = Q^T A (size x n) through its transpose: B^T = A^T Q = W S Z^T, so B = Z S W^T.
-    W, S, Zh = thin_svd(xp, AtQ, normalizer)
-    U = Q @ Zh.T[:, :rank]
-    S, Vh = S[:rank], W[:, :rank].T
+    if res is not None:
+        U, S, V = res
+        Vh = V.T
+    else:
+        # B = Q^T A (size x n) through its transpose: B^T = A^T Q = W S Z^T, so B = Z S W^T.
+        W, S, Zh = thin_svd(xp, AtQ, normalizer, keep=rank)
+        U = Q @ Zh.T[:, :rank]
+        S, Vh = S[:rank], W.T
     if normalizer == "none":
         warn_if_unresolved(xp, S, rank, 2 * power_iters + 1, op.dtype, "randomized_svd")
     signs = sign_fix(xp, U)

@@ -228,3 +228,138 @@ def test_basis_is_capped_at_the_smaller_dimension() -> None:
     assert Q.shape == (30, 12)
     assert_orthonormal(Q)
     np.testing.assert_allclose(Q @ (Q.T @ A), A, atol=1e3 * EPS64)
+
+
+# ----------------------------------------------------------------- cheaper orthogonalization
+
+
+def _krylov_basis(A, block, q, seed, normalizer="cholqr2"):
+    from lowrank_nla._backend import as_operator, normal_sampler
+    from lowrank_nla._sketch import krylov_range
+
+    op = as_operator(A, "A")
+    draw = normal_sampler(op.xp, seed, dtype=op.dtype, device=op.device)
+    Q, W = krylov_range(
+        op, block, power_iters=q, normalizer=normalizer, draw=draw, with_transpose=True
+    )
+    return op.xp, Q, W
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("seed", range(3))
+def test_gram_finish_matches_the_qr_finish(dtype, seed) -> None:
+    from lowrank_nla._sketch import leading_svd, thin_svd
+
+    s = 1.0 / np.sqrt(np.arange(1.0, 201.0))
+    A = matrix_with_spectrum(s, m=300, n=200, rng=seed).astype(dtype)
+    xp, Q, W = _krylov_basis(A, 10, 3, seed)
+    k = 20
+    res = leading_svd(xp, Q, W, k)
+    assert res is not None  # slow decay: lambda_{k+1} / lambda_1 = 1 / 21 >> sqrt(eps)
+    U, S, V = res
+    assert U.shape == (300, k)
+    assert V.shape == (200, k)
+    assert U.dtype == S.dtype == dtype
+    assert_orthonormal(U)
+    assert_orthonormal(V)
+    # the QR-based SVD of the whole W (the finish used when the Gram step declines)
+    Wq, Sq, Zh = thin_svd(xp, W, "qr")
+    Uq, Sq, Vq = Q @ Zh.T[:, :k], Sq[:k], Wq[:, :k]
+    eps = float(np.finfo(dtype).eps)
+    np.testing.assert_allclose(S, Sq, rtol=0, atol=100 * eps * Sq[0])
+    A64 = A.astype(np.float64)
+    err = np.linalg.norm(A64 - (U * S) @ V.T, 2)
+    err_qr = np.linalg.norm(A64 - (Uq * Sq) @ Vq.T, 2)
+    assert err <= err_qr + 100 * eps * Sq[0]
+
+
+def test_gram_finish_declines_where_squaring_would_cost_accuracy() -> None:
+    from lowrank_nla._sketch import leading_svd
+
+    # exactly rank 6 < rank + 1: lambda_{k+1} is rounding
+    gen = np.random.default_rng(0)
+    low = gen.standard_normal((80, 6)) @ gen.standard_normal((6, 60))
+    assert leading_svd(*_krylov_basis(low, 10, 2, 0), 8) is None
+    # float32: lambda_{k+1} / lambda_1 = e^-10 = 4.5e-5 < sqrt(eps) = 3.5e-4
+    fast = matrix_with_spectrum(np.exp(-np.arange(60.0) / 4.0), m=80, n=60, rng=0)
+    assert leading_svd(*_krylov_basis(fast.astype(np.float32), 10, 2, 0), 20) is None
+    # the same spectrum in float64 (sqrt(eps) = 1.5e-8): the Gram step is taken
+    assert leading_svd(*_krylov_basis(fast, 10, 2, 0), 20) is not None
+    # nothing to select from: the basis is no wider than the rank
+    xp, Q, W = _krylov_basis(fast, 10, 1, 0)
+    assert leading_svd(xp, Q, W, Q.shape[1]) is None
+
+
+@pytest.mark.parametrize(
+    ("dtype", "exponents"), [(np.float64, (-520, 520)), (np.float32, (-70, 70))]
+)
+def test_gram_finish_is_scale_equivariant(dtype, exponents) -> None:
+    # W^T W of A * 2^520 overflows float64 and of A * 2^-520 underflows: the Gram step works
+    # on W / c, c a power of two, so the result scales with A up to rounding (LAPACK's own
+    # safeguards make it not bit-exact)
+    s = 1.0 / np.sqrt(np.arange(1.0, 61.0))
+    A = matrix_with_spectrum(s, m=70, n=60, rng=3).astype(dtype)
+    base = ln.randomized_svd(A, 8, power_iters=2, method="block_krylov", block_size=6, rng=0)
+    for e in exponents:
+        c = dtype(2.0**e)
+        got = ln.randomized_svd(
+            A * c, 8, power_iters=2, method="block_krylov", block_size=6, rng=0
+        )
+        eps = float(np.finfo(dtype).eps)
+        assert np.all(np.isfinite(got.S))
+        np.testing.assert_allclose(got.S / c, base.S, rtol=100 * eps)
+        np.testing.assert_allclose(got.U, base.U, rtol=0, atol=1e3 * eps)
+        np.testing.assert_allclose(got.Vh, base.Vh, rtol=0, atol=1e3 * eps)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("normalizer", ["qr", "cholqr2"])
+def test_krylov_basis_stays_orthonormal_in_both_precisions(dtype, normalizer) -> None:
+    # one projection per Gram-Schmidt pass and a single Cholesky pass for the second block:
+    # orthonormal to rounding on slowly decaying, fast decaying and exactly low-rank input
+    # (where the Krylov space saturates and blocks are refilled)
+    gen = np.random.default_rng(1)
+    inputs = {
+        "slow": matrix_with_spectrum(1.0 / np.sqrt(np.arange(1.0, 121.0)), m=150, rng=1),
+        "fast": matrix_with_spectrum(np.exp(-np.arange(120.0) / 4.0), m=150, rng=1),
+        "rank 9": gen.standard_normal((150, 9)) @ gen.standard_normal((9, 120)),
+    }
+    for name, A64 in inputs.items():
+        A = A64.astype(dtype)
+        Q = ln.randomized_range_finder(
+            A, 8, power_iters=5, normalizer=normalizer, method="block_krylov", rng=2
+        )
+        assert Q.shape == (150, 48), name
+        assert_orthonormal(Q)
+        if name == "rank 9":  # the whole range is in the basis
+            tol = 1e3 * 150 * float(np.finfo(dtype).eps) * np.linalg.norm(A64, 2)
+            assert np.linalg.norm(A64 - Q @ (Q.T @ A64), 2) <= tol, name
+        _, V = ln.randomized_eigh(
+            A @ A.T, 8, power_iters=3, normalizer=normalizer, method="block_krylov", rng=2
+        )
+        assert_orthonormal(V)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_extend_basis_fallback_when_the_cholesky_pass_declines(dtype, monkeypatch) -> None:
+    # the fallback path (normalize, project twice, normalize) of the second Gram-Schmidt
+    # pass, forced: the result is still orthonormal and orthogonal to the basis so far
+    from lowrank_nla import _sketch
+    from lowrank_nla._backend import normal_sampler
+
+    xp = _sketch.as_operator(np.eye(2, dtype=dtype), "A").xp
+    gen = np.random.default_rng(5)
+    Q = np.linalg.qr(gen.standard_normal((60, 12)))[0].astype(dtype)
+    # a block mostly inside range(Q): strong cancellation in the projection
+    Y = (Q @ gen.standard_normal((12, 5)) + 1e-3 * gen.standard_normal((60, 5))).astype(dtype)
+    draw = normal_sampler(xp, 0, dtype=Y.dtype, device="cpu")
+    reference = _sketch._extend_basis(xp, Q, Y, "cholqr2", "`A`", draw)
+    monkeypatch.setattr(_sketch, "_cholesky_pass", lambda xp, Z, subject: None)
+    for normalizer in ("qr", "cholqr2"):
+        Qi = _sketch._extend_basis(xp, Q, Y, normalizer, "`A`", draw)
+        assert_orthonormal(np.concatenate([Q, Qi], axis=1))
+        # the same space as the Cholesky pass gives
+        P = Qi @ Qi.T - reference @ reference.T
+        # (the projection cancels ~1e3: the new directions are known to ~1e3 eps)
+        assert np.linalg.norm(P, 2) <= 1e3 * float(np.finfo(dtype).eps)
+    assert_orthonormal(np.concatenate([Q, reference], axis=1))
