@@ -11,7 +11,8 @@ Method (accuracy before time, side by side on one cluster):
 * Cluster: ``dask.distributed.LocalCluster`` on 127.0.0.1 with ``--workers`` worker processes
   of one thread each and a memory limit of ``--memory-limit`` per worker.
 * Matrix: ``A = U diag(s) V^T`` (float32, ``m x n``, rank ``r``), generated block by block of
-  ``--block-rows`` rows and never held anywhere whole: block ``b`` is
+  ``--block-rows`` rows (a blockwise ``dask.array.map_blocks`` array, as ``da.random`` or
+  ``da.from_zarr`` give) and never held anywhere whole: block ``b`` is
   ``Q_b diag(s) V^T / sqrt(B)`` with ``Q_b`` the orthonormal factor of a seeded Gaussian
   block, so ``U^T U = (1/B) sum_b Q_b^T Q_b = I`` exactly and the singular values of ``A``
   are exactly ``s`` (``s_j = j^-1/2``). Every pass over ``A`` regenerates its blocks, so
@@ -20,22 +21,25 @@ Method (accuracy before time, side by side on one cluster):
   result, from ``M = U^T U_k`` and ``U_k^T U_k`` (one extra pass over the blocks, not timed):
   ``||A - U_k S_k V_k^T||_2^2`` is the largest eigenvalue of the ``n x n`` matrix
   ``(diag(s) V^T - M S_k V_k^T)^T (...) + V_k S_k (U_k^T U_k - M^T M) S_k V_k^T``.
-  The optimal error is ``s_{k+1} / s_1``.
-* Methods: ``lowrank_nla.randomized_svd(A, k, oversample=10, power_iters=q)`` and
-  ``svd_compressed(A, k, n_oversamples=10, n_power_iter=q, compute=True)`` (dask's setting
-  for data larger than memory: intermediate results are persisted instead of keeping the
-  input's graph alive), for each q in ``--power-iters`` (ours also at the next
-  ``--ours-extra`` values of q, to find our cheapest run at least as accurate). A method's
-  run ends when its tall factor is persisted on the workers and its small factors are in
+  The optimal error is ``s_{k+1} / s_1``. Both methods draw their test matrix from the
+  seed of the round (round ``i`` uses seed ``i`` for every run), so each configuration's
+  error is the mean over the same ``--repeats`` seeds (the spread is reported too): no
+  pairing rests on one draw of either method.
+* Methods: ``lowrank_nla.randomized_svd(A, k, oversample=p, power_iters=q)`` for each
+  ``q:p`` of ``--ours``, and ``svd_compressed(A, k, n_oversamples=p, n_power_iter=q,
+  compute=True)`` for each ``q:p`` of ``--peer`` (dask's setting for data larger than
+  memory: intermediate results are persisted instead of keeping the input's graph alive).
+  A run ends when its tall factor is persisted on the workers and its small factors are in
   the client.
 * Passes: every block generation logs a worker event; passes = generations / blocks.
 * Peak worker memory: the resident set size of each worker process (Python and dask
   baseline included) is sampled every 20 ms during each run; the largest sample is
   reported. Results of the previous run are released before the next one starts.
-* Time: wall clock of each run (the cluster's two processes share the machine's cores),
-  methods alternating in each round, median of ``--repeats`` rounds. Ratio = ours / peer at
-  the same q; the comparison table pairs each peer run with our cheapest configuration at
-  least as accurate.
+* Time: wall clock of each run (the cluster's processes share the machine's cores), runs
+  in order of q within each round (ours then the peer at each q), median over the rounds.
+  The comparison pairs each peer configuration with our fastest configuration whose mean
+  error is at most the peer's; ratio = ours / peer. The load average of the machine at the
+  start and the end is recorded.
 
 Writes ``benchmarks/results/nla_dask.json`` and ``.md``.
 """
@@ -50,6 +54,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -70,19 +75,29 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 0
 
 
-def _block(b: int, rows: int, r: int, C: np.ndarray, scale: float, topic: str) -> np.ndarray:
+def _coefficients(n: int, r: int) -> np.ndarray:
+    """``C = diag(s) V^T`` (``r x n``): ``s_j = j^-1/2``, ``V`` orthonormal from a seeded draw."""
+    V, _ = np.linalg.qr(np.random.default_rng([SEED, 2**31]).standard_normal((n, r)))
+    return (1.0 / np.sqrt(np.arange(1.0, r + 1)))[:, None] * V.T
+
+
+def _block(
+    rows: int, n: int, r: int, scale: float, topic: str, block_id: tuple[int, int]
+) -> np.ndarray:
     """Rows of block ``b``: ``Q_b C / sqrt(B)``, ``Q_b`` orthonormal from a seeded draw."""
-    distributed.get_worker().log_event(topic, b)
-    G = np.random.default_rng([SEED, b]).standard_normal((rows, r))
-    Q, R = np.linalg.qr(G)
-    Q *= np.sign(np.diag(R))  # a deterministic factor
-    return ((Q * scale) @ C).astype(np.float32)
+    worker = distributed.get_worker()
+    b = block_id[0]
+    worker.log_event(topic, b)
+    cache = worker.__dict__.setdefault("lowrank_bench_coefficients", {})
+    if (n, r) not in cache:  # C once per worker process, not shipped with every task
+        cache[(n, r)] = _coefficients(n, r)
+    return (_orthonormal_rows(b, rows, r, scale) @ cache[(n, r)]).astype(np.float32)
 
 
 def _orthonormal_rows(b: int, rows: int, r: int, scale: float) -> np.ndarray:
     G = np.random.default_rng([SEED, b]).standard_normal((rows, r))
     Q, R = np.linalg.qr(G)
-    return Q * np.sign(np.diag(R)) * scale
+    return Q * np.sign(np.diag(R)) * scale  # a deterministic factor
 
 
 class Problem:
@@ -94,22 +109,17 @@ class Problem:
         self.m, self.n, self.r, self.rows = m, n, r, block_rows
         self.blocks = m // block_rows
         self.s = 1.0 / np.sqrt(np.arange(1.0, r + 1))
-        V, _ = np.linalg.qr(np.random.default_rng([SEED, 2**31]).standard_normal((n, r)))
-        self.V = V
-        self.C = self.s[:, None] * V.T  # r x n
+        self.C = _coefficients(n, r)
         self.scale = 1.0 / np.sqrt(self.blocks)
 
     def array(self, topic: str) -> da.Array:
-        C = dask.delayed(self.C)
-        parts = [
-            da.from_delayed(
-                dask.delayed(_block, pure=False)(b, self.rows, self.r, C, self.scale, topic),
-                shape=(self.rows, self.n),
-                dtype=np.float32,
-            )
-            for b in range(self.blocks)
-        ]
-        return da.concatenate(parts, axis=0)
+        return da.map_blocks(
+            functools.partial(_block, self.rows, self.n, self.r, self.scale, topic),
+            chunks=((self.rows,) * self.blocks, (self.n,)),
+            dtype=np.float32,
+            meta=np.empty((0, 0), dtype=np.float32),
+            name=f"matrix-{topic}",  # a new name per run: nothing is shared between runs
+        )
 
     def error(self, U: da.Array, S: np.ndarray, Vh: np.ndarray) -> float:
         """Exact ``||A - U diag(S) Vh||_2 / s_1`` (one pass over the blocks of ``U``)."""
@@ -163,21 +173,27 @@ def _sampler_stop(dask_worker: Any) -> float:
 
 
 def run_method(
-    client: distributed.Client | None, problem: Problem, method: str, q: int, k: int
+    client: distributed.Client | None,
+    problem: Problem,
+    method: str,
+    config: tuple[int, int],
+    k: int,
+    seed: int,
 ) -> dict[str, Any]:
     """One run: wall time, passes, peak worker memory, the result (tall factor persisted)."""
+    q, p = config
     topic = f"read-{uuid.uuid4().hex}"
     if client is not None:
         client.run(_sampler_start)
     A = problem.array(topic)
     start = time.perf_counter()
     if method == "lowrank_nla":
-        U, S, Vh = ln.randomized_svd(A, k, oversample=10, power_iters=q, rng=SEED)
+        U, S, Vh = ln.randomized_svd(A, k, oversample=p, power_iters=q, rng=seed)
         U = U.persist()
         distributed.wait(U) if client is not None else None
     else:
         u, s, v = da.linalg.svd_compressed(
-            A, k, n_oversamples=10, n_power_iter=q, compute=True, seed=SEED
+            A, k, n_oversamples=p, n_power_iter=q, compute=True, seed=seed
         )
         U, s, v = dask.persist(u, s, v)
         S, Vh = dask.compute(s, v)
@@ -189,8 +205,6 @@ def run_method(
     else:
         reads, peaks = -1, []
     return {
-        "method": method,
-        "q": q,
         "seconds": seconds,
         "passes": reads / problem.blocks if reads >= 0 else None,
         "peak_worker_mib": max(peaks) if peaks else None,
@@ -210,50 +224,61 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _config(spec: str) -> tuple[int, int]:
+    """``"q:p"`` -> ``(q, p)`` (power iterations, oversampling)."""
+    q, _, p = spec.partition(":")
+    return int(q), int(p or 10)
+
+
 def markdown(payload: dict[str, Any]) -> str:
     cfg = payload["config"]
+    env = payload["environment"]
     gib = cfg["m"] * cfg["n"] * 4 / 2**30
+    load = payload["load_average"]
     lines = [
         "# Out-of-core randomized SVD on dask: lowrank_nla vs dask's svd_compressed",
         "",
         f"A: {cfg['m']:,} x {cfg['n']:,} float32 ({gib:.2f} GiB, rank {cfg['r']}, "
-        f"s_j = j^-1/2), generated in {cfg['blocks']} blocks of {cfg['block_rows']:,} rows "
-        f"at every pass; rank k = {cfg['rank']}, oversampling 10. Cluster: "
+        f"s_j = j^-1/2), generated blockwise in {cfg['blocks']} blocks of "
+        f"{cfg['block_rows']:,} rows at every pass; rank k = {cfg['rank']}. Cluster: "
         f"{cfg['workers']} worker processes x 1 thread, memory limit {cfg['memory_limit']} "
         f"per worker ({gib * 2**30 / _bytes(cfg['memory_limit']):.1f}x smaller than A), "
-        f"{payload['environment']['cpu_count']} CPU cores shared with other jobs. "
-        f"dask {payload['environment']['dask']}; whole run {payload['seconds']:.0f} s.",
+        f"{env['cpu_count']} CPU cores shared with other jobs (1-minute load average "
+        f"{load['start']:.1f} at the start, {load['end']:.1f} at the end). dask "
+        f"{env['dask']}; whole run {payload['seconds']:.0f} s.",
         "Error: exact relative spectral error ||A - U_k S_k V_k^T||_2 / s_1 (optimal "
-        f"{payload['optimal_error']:.4e}). Time: wall clock, median of {cfg['repeats']} "
-        "alternating rounds. Passes: block generations / blocks. Peak: largest peak RSS of "
-        "a worker process during the run (sampled every 20 ms), baseline included.",
+        f"{payload['optimal_error']:.4e}), mean over the seeds {cfg['seeds']} (the same "
+        "seeds for both methods; min and max in brackets). Time: wall clock, median of "
+        f"{cfg['repeats']} rounds (one per seed, the methods alternating at each q). Passes: "
+        "block generations / blocks. Peak: largest peak RSS of a worker process during the "
+        "runs (sampled every 20 ms), baseline included.",
         "",
-        "| method | q | error | passes | time [s] | peak worker [MiB] |",
-        "|---|---|---|---|---|---|",
+        "| method | q | oversampling | error (min, max) | passes | time [s] | peak worker [MiB] |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in payload["runs"]:
         lines.append(
-            f"| {r['method']} | {r['q']} | {r['error']:.4e} | {r['passes']:g} "
+            f"| {r['method']} | {r['q']} | {r['oversample']} | {r['error']:.4f} "
+            f"({min(r['errors']):.4f}, {max(r['errors']):.4f}) | {r['passes']:g} "
             f"| {r['seconds']:.1f} | {r['peak_worker_mib']:.0f} |"
         )
     lines += [
         "",
-        "Each svd_compressed run against our cheapest run at least as accurate:",
+        "Each svd_compressed configuration against our fastest configuration with a mean "
+        "error at most its own:",
         "",
-        "| svd_compressed q | its error | its passes | ours q | our error | our passes "
+        "| svd_compressed q, p | its error | its passes | ours q, p | our error | our passes "
         "| time ratio ours / theirs |",
         "|---|---|---|---|---|---|---|",
     ]
     for c in payload["comparison"]:
+        peer = f"| {c['peer_q']}, {c['peer_oversample']} | {c['peer_error']:.4f} "
         if c["ours_q"] is None:
-            lines.append(
-                f"| {c['peer_q']} | {c['peer_error']:.4e} | {c['peer_passes']:g} "
-                "| none as accurate | - | - | - |"
-            )
+            lines.append(f"{peer}| {c['peer_passes']:g} | none as accurate | - | - | - |")
             continue
         lines.append(
-            f"| {c['peer_q']} | {c['peer_error']:.4e} | {c['peer_passes']:g} | {c['ours_q']} "
-            f"| {c['ours_error']:.4e} | {c['ours_passes']:g} | **{c['ratio']:.2f}** |"
+            f"{peer}| {c['peer_passes']:g} | {c['ours_q']}, {c['ours_oversample']} "
+            f"| {c['ours_error']:.4f} | {c['ours_passes']:g} | **{c['ratio']:.2f}** |"
         )
     return "\n".join(lines) + "\n"
 
@@ -277,27 +302,32 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory-limit", default="384MiB")
     parser.add_argument(
-        "--power-iters", type=int, nargs="+", default=[0, 1, 2], help="q of both methods"
+        "--ours",
+        nargs="+",
+        default=["0:10", "0:20", "1:10", "2:10", "3:10"],
+        help="our configurations, q:p (power iterations : oversampling)",
     )
     parser.add_argument(
-        "--ours-extra", type=int, default=1, help="ours also runs q = max + 1 ... max + this"
+        "--peer",
+        nargs="+",
+        default=["0:10", "1:10", "2:10"],
+        help="svd_compressed configurations, q:p (p = n_oversamples, dask's default 10)",
     )
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; round i uses seed i")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     if args.quick:
         args.m, args.n, args.r, args.rank, args.block_rows = 8_000, 60, 40, 8, 1_000
-        args.power_iters, args.repeats, args.memory_limit = [0, 1], 1, "1GiB"
-    top = max(args.power_iters)
-    schedule = [
-        (method, q)
-        for q in [*args.power_iters, *range(top + 1, top + 1 + args.ours_extra)]
-        for method in ("lowrank_nla", "svd_compressed")
-        if method == "lowrank_nla" or q <= top
-    ]
+        args.ours, args.peer = ["0:10", "0:20", "1:10", "2:10"], ["0:10", "1:10"]
+        args.repeats, args.memory_limit = 2, "1GiB"
+    configs = [("lowrank_nla", _config(c)) for c in args.ours]
+    configs += [("svd_compressed", _config(c)) for c in args.peer]
+    schedule = sorted(configs, key=lambda mc: (mc[1][0], mc[0] != "lowrank_nla", mc[1][1]))
+    seeds = list(range(args.repeats))
     problem = Problem(args.m, args.n, args.r, args.block_rows)
+    load_start = os.getloadavg()[0]
     start = time.perf_counter()
-    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    runs: dict[tuple[str, tuple[int, int]], list[dict[str, Any]]] = {}
     with (
         distributed.LocalCluster(
             n_workers=args.workers,
@@ -309,28 +339,28 @@ def main() -> None:
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
-        errors: dict[tuple[str, int], float] = {}
-        for _ in range(args.repeats):
-            for method, q in schedule:
-                run = run_method(client, problem, method, q, args.rank)
-                key = (method, q)
-                if key not in errors:  # accuracy of the first run (same seed each run)
-                    errors[key] = problem.error(*run["result"])
-                run.pop("result")
-                runs.setdefault(key, []).append(run)
+        for seed in seeds:
+            for method, config in schedule:
+                run = run_method(client, problem, method, config, args.rank, seed)
+                run["error"] = problem.error(*run.pop("result"))
+                runs.setdefault((method, config), []).append(run)
                 print(
-                    f"{method} q={q}: {run['seconds']:.1f} s, {run['passes']:g} passes, "
-                    f"error {errors[key]:.4e}",
+                    f"seed {seed} {method} q:p={config[0]}:{config[1]}: "
+                    f"{run['seconds']:.1f} s, {run['passes']:g} passes, error "
+                    f"{run['error']:.4e}, peak {run['peak_worker_mib']:.0f} MiB",
                     flush=True,
                 )
     summary = []
-    for (method, q), rs in runs.items():
+    for (method, (q, p)), rs in runs.items():
         summary.append(
             {
                 "method": method,
                 "q": q,
-                "error": errors[(method, q)],
+                "oversample": p,
+                "error": statistics.fmean(r["error"] for r in rs),
+                "errors": [r["error"] for r in rs],
                 "passes": rs[0]["passes"],
+                "all_passes": [r["passes"] for r in rs],
                 "seconds": statistics.median(r["seconds"] for r in rs),
                 "times": [r["seconds"] for r in rs],
                 "peak_worker_mib": max(r["peak_worker_mib"] for r in rs),
@@ -344,9 +374,11 @@ def main() -> None:
         comparison.append(
             {
                 "peer_q": peer["q"],
+                "peer_oversample": peer["oversample"],
                 "peer_error": peer["error"],
                 "peer_passes": peer["passes"],
                 "ours_q": best["q"] if best else None,
+                "ours_oversample": best["oversample"] if best else None,
                 "ours_error": best["error"] if best else None,
                 "ours_passes": best["passes"] if best else None,
                 "ratio": best["seconds"] / peer["seconds"] if best else None,
@@ -363,8 +395,11 @@ def main() -> None:
             "blocks": problem.blocks,
             "workers": args.workers,
             "memory_limit": args.memory_limit,
+            "memory_limit_mib": _bytes(args.memory_limit) / 2**20,
             "repeats": args.repeats,
+            "seeds": seeds,
         },
+        "load_average": {"start": load_start, "end": os.getloadavg()[0]},
         "optimal_error": float(problem.s[args.rank] / problem.s[0]),
         "seconds": time.perf_counter() - start,
         "runs": summary,

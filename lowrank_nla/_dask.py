@@ -87,52 +87,80 @@ def check_dask_matrix(A: Any, name: str = "A", *, rows_only: bool = False) -> tu
     )
 
 
-def _tree_sum(dask: Any, parts: list[Any]) -> Any:
-    """Sum delayed arrays by a tree of ``FAN_IN``-way additions (no task holds them all)."""
-    while len(parts) > 1:
-        parts = [
-            dask.delayed(_add, pure=True)(*parts[i : i + FAN_IN])
-            for i in range(0, len(parts), FAN_IN)
-        ]
-    return parts[0]
-
-
-def _add(*parts: np.ndarray) -> np.ndarray:
-    out = parts[0].copy()
-    for p in parts[1:]:
-        out += p
-    return out
-
-
 def _gram_block(block: np.ndarray, V: np.ndarray) -> np.ndarray:
-    """``A_i^T (A_i V)`` in the block's dtype, returned in float64 for the sum."""
+    """``A_i^T (A_i V)`` in the block's dtype, as a ``1 x n x l`` float64 partial sum."""
     Y = block @ V.astype(block.dtype, copy=False)
-    return (block.T @ Y).astype(np.float64)
-
-
-def _gram_and_product_block(block: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    Y = block @ V.astype(block.dtype, copy=False)
-    return Y, (block.T @ Y).astype(np.float64)
+    return (block.T @ Y).astype(np.float64)[None]
 
 
 def _product_block(block: np.ndarray, X: np.ndarray) -> np.ndarray:
     return block @ X.astype(block.dtype, copy=False)
 
 
-def _product_block64(block: np.ndarray, X: np.ndarray) -> np.ndarray:
-    return (block @ X.astype(block.dtype, copy=False)).astype(np.float64)
-
-
 def _transposed_product_block(block: np.ndarray, X: np.ndarray) -> np.ndarray:
-    return (block.T @ X.astype(block.dtype, copy=False)).astype(np.float64)
+    """``A_i^T X_i`` as a ``1 x n x c`` float64 partial sum."""
+    return (block.T @ X.astype(block.dtype, copy=False)).astype(np.float64)[None]
 
 
-def _blocks(A: Any) -> list[Any]:
-    return list(A.to_delayed().ravel())
+def _meta(dtype: Any, ndim: int) -> np.ndarray:
+    return np.empty((0,) * ndim, dtype=dtype)  # no meta-inference call of the block functions
 
 
-def _offsets(sizes: tuple[int, ...]) -> list[int]:
-    return [0, *np.cumsum(sizes).tolist()]
+def _small(da: Any, X: np.ndarray) -> Any:
+    """A NumPy block as a one-chunk dask array: one key shared by every block's task."""
+    return da.from_array(X, chunks=X.shape)
+
+
+def _products(da: Any, A: Any, X: np.ndarray) -> Any:
+    """``A X`` for row-chunked ``A``: the blocks ``A_i X`` (``A``'s dtype), chunked as ``A``."""
+    return da.blockwise(
+        _product_block,
+        "ik",
+        A,
+        "ij",
+        _small(da, X),
+        "jk",
+        concatenate=True,  # j is one chunk: the function gets the blocks themselves
+        dtype=A.dtype,
+        meta=_meta(A.dtype, 2),
+    )
+
+
+def _sum_of_parts(parts: Any) -> Any:
+    """Sum the ``1 x n x c`` partial sums by a tree of ``FAN_IN``-way additions."""
+    return parts.sum(axis=0, split_every=FAN_IN, dtype=np.float64)
+
+
+def _gram(da: Any, A: Any, V: np.ndarray) -> Any:
+    """``A^T A V`` (float64), each block read once: ``sum_i A_i^T (A_i V)``."""
+    parts = da.blockwise(
+        _gram_block,
+        "ijk",
+        A,
+        "ij",
+        _small(da, V),
+        "jk",
+        adjust_chunks={"i": 1},
+        dtype=np.float64,
+        meta=_meta(np.float64, 3),
+    )
+    return _sum_of_parts(parts)
+
+
+def _transposed_products(da: Any, A: Any, X: Any) -> Any:
+    """``A^T X`` (float64) for row-chunked ``A`` and ``X`` chunked like ``A``'s rows."""
+    parts = da.blockwise(
+        _transposed_product_block,
+        "ijk",
+        A,
+        "ij",
+        X,
+        "ik",
+        adjust_chunks={"i": 1},
+        dtype=np.float64,
+        meta=_meta(np.float64, 3),
+    )
+    return _sum_of_parts(parts)
 
 
 def _check_sum(Z: np.ndarray, dtype: Any, what: str) -> None:
@@ -149,26 +177,17 @@ def gram_pass(A: Any, V: np.ndarray, *, keep_product: bool) -> tuple[Any, np.nda
     ``Y`` (a dask array chunked like ``A``'s rows) is returned persisted, computed in the
     same graph execution as ``Z``, when ``keep_product``; otherwise ``None``. The block
     products run in ``A``'s dtype; the partial sums ``A_i^T Y_i`` are added in float64.
+    The graph is blockwise: the tasks that produce ``A_i`` feed the products directly (and
+    fuse with them where dask's graph optimization allows).
     """
     dask, da = _dask()
-    Vd = dask.delayed(V)
-    blocks = _blocks(A)
     if not keep_product:
-        Z = _tree_sum(dask, [dask.delayed(_gram_block, pure=True)(b, Vd) for b in blocks])
-        (Z,) = dask.compute(Z)
+        Z = np.asarray(_gram(da, A, V).compute())
         _check_sum(Z, A.dtype, "A^T A V")
         return None, Z
-    parts = [dask.delayed(_gram_and_product_block, nout=2, pure=True)(b, Vd) for b in blocks]
-    cols = V.shape[1]
-    Y = da.concatenate(
-        [
-            da.from_delayed(p[0], shape=(rows, cols), dtype=A.dtype)
-            for p, rows in zip(parts, A.chunks[0], strict=True)
-        ],
-        axis=0,
-    )
-    Y, Z = dask.persist(Y, _tree_sum(dask, [p[1] for p in parts]))
-    Z = Z.compute()
+    Y = _products(da, A, V)
+    Y, Z = dask.persist(Y, _transposed_products(da, A, Y))
+    Z = np.asarray(Z.compute())
     _check_sum(Z, A.dtype, "A^T A V")
     return Y, Z
 
@@ -209,21 +228,12 @@ def dask_range_finder(
     ``A``), returned persisted, chunked like ``A``'s rows. ``range(Y)`` equals
     ``range((A A^T)^q A Omega)``: the subspace of the in-memory routine.
     """
-    dask, da = _dask()
+    _, da = _dask()
     A, _ = check_dask_matrix(A, rows_only=True)
     size = check_rank(size, A.shape, "size")
     power_iters, normalizer = _check_common(power_iters, normalizer, method)
     V = _iterate(A, size, power_iters, normalizer, rng)
-    Vd = dask.delayed(V)
-    Y = da.concatenate(
-        [
-            da.from_delayed(
-                dask.delayed(_product_block, pure=True)(b, Vd), shape=(rows, size), dtype=A.dtype
-            )
-            for b, rows in zip(_blocks(A), A.chunks[0], strict=True)
-        ],
-        axis=0,
-    )
+    Y = _products(da, A, V)
     Y = Y.persist()
     if not bool(da.isfinite(Y).all().compute()):
         _check_sum(np.array([np.nan]), A.dtype, "A V")
@@ -317,7 +327,9 @@ def _dask_svd_rows(
         stacklevel=5,
     )
     M = (P @ U_B[:, :rank]).astype(A.dtype)
-    U = Qy @ M  # blockwise on the persisted Q_Y: no pass over A
+    # blockwise on the persisted Q_Y (no pass over A); persisted before the sign fix reads
+    # it, so that the caller's graph of U (signs applied) only multiplies stored blocks
+    U = (Qy @ M).persist()
     return SVDResult(U, S.astype(A.dtype), Vh[:rank].astype(A.dtype))
 
 
@@ -342,22 +354,15 @@ class DaskOperator:
         return DaskOperator(self._A, self._axis, transposed=not self._transposed)
 
     def __matmul__(self, X: Any) -> np.ndarray:
-        dask, _ = _dask()
+        _, da = _dask()
         X = np.asarray(X)
-        blocks = _blocks(self._A)
-        # along the chunked axis the result is stacked; across it the products are summed
-        stacked = (self._axis == 0) != self._transposed
-        if stacked:
-            f = _transposed_product_block if self._transposed else _product_block
-            Xd = dask.delayed(X)
-            parts = dask.compute(*[dask.delayed(f, pure=True)(b, Xd) for b in blocks])
-            return np.concatenate(parts, axis=0).astype(self.dtype, copy=False)
-        off = _offsets(self._A.chunks[self._axis])
-        f = _transposed_product_block if self._transposed else _product_block64
-        parts = [
-            dask.delayed(f, pure=True)(b, X[off[i] : off[i + 1]]) for i, b in enumerate(blocks)
-        ]
-        (out,) = dask.compute(_tree_sum(dask, parts))
+        R = self._A if self._axis == 0 else self._A.T  # row blocks R_i (lazy transpose)
+        # A @ X or A.T @ X is R @ X (stacked along the blocks) or R.T @ X (summed)
+        if (self._axis == 0) != self._transposed:
+            out = _products(da, R, X).compute()
+        else:
+            Xd = da.from_array(X, chunks=(R.chunks[0], X.shape[1:]))
+            out = _transposed_products(da, R, Xd).compute()
         return np.asarray(out).astype(self.dtype, copy=False)
 
 
