@@ -370,6 +370,8 @@ class DaskOperator:
     def __matmul__(self, X: Any) -> np.ndarray:
         _, da = _dask()
         X = np.asarray(X)
+        if X.ndim == 1:  # a vector as a one-column block
+            return (self @ X[:, None])[:, 0]
         R = self._A if self._axis == 0 else self._A.T  # row blocks R_i (lazy transpose)
         # A @ X or A.T @ X is R @ X (stacked along the blocks) or R.T @ X (summed)
         if (self._axis == 0) != self._transposed:

@@ -21,6 +21,8 @@ def test_quick_dask_benchmark_run(run_quick) -> None:
         assert min(r["errors"]) >= payload["optimal_error"] * (1 - 1e-6)
         assert r["error"] == pytest.approx(sum(r["errors"]) / len(seeds))
         assert r["peak_worker_mib"] > 0
+        assert len(r["cpu_times"]) == len(seeds)
+        assert r["cpu_seconds"] > 0
         if method == "lowrank_nla":
             # the documented pass count, counted on the workers, in every round
             assert r["all_passes"] == [q + 1] * len(seeds)
@@ -31,4 +33,7 @@ def test_quick_dask_benchmark_run(run_quick) -> None:
         if c["ours_q"] is not None:
             assert c["ours_error"] <= c["peer_error"]
             assert c["ours_passes"] == c["ours_q"] + 1
+            ours = runs[("lowrank_nla", c["ours_q"], c["ours_oversample"])]
+            peer = runs[("svd_compressed", c["peer_q"], c["peer_oversample"])]
+            assert c["ratio"] == pytest.approx(ours["cpu_seconds"] / peer["cpu_seconds"])
     assert "| lowrank_nla | 0 | 20 |" in table
