@@ -319,7 +319,7 @@ def test_on_a_local_cluster_with_two_worker_processes(tall):
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: another cluster may hold the default
             memory_limit="512MiB",
         ) as cluster,
         distributed.Client(cluster) as client,
