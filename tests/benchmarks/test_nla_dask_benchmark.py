@@ -36,4 +36,15 @@ def test_quick_dask_benchmark_run(run_quick) -> None:
             ours = runs[("lowrank_nla", c["ours_q"], c["ours_oversample"])]
             peer = runs[("svd_compressed", c["peer_q"], c["peer_oversample"])]
             assert c["ratio"] == pytest.approx(ours["cpu_seconds"] / peer["cpu_seconds"])
+    # the error study on the factor reproduces the measured errors of the same seeds
+    assert len(payload["draws"]) == len(runs)
+    for d in payload["draws"]:
+        assert d["draws"] == 10
+        assert d["max_deviation"] < 1e-4
+        assert d["min"] <= d["mean"] <= d["max"]
+    expected = {(d["method"], d["q"], d["oversample"]): d["mean"] for d in payload["draws"]}
+    for c in payload["comparison_by_draws"]:
+        if c["ours_q"] is not None:
+            assert c["ours_error"] == expected[("lowrank_nla", c["ours_q"], c["ours_oversample"])]
+            assert c["ours_error"] <= c["peer_error"]
     assert "| lowrank_nla | 0 | 20 |" in table
