@@ -8,7 +8,8 @@ one execution of a graph that reads every block of ``A`` once; the routines belo
 written so that each pass does as much as one read of a block allows:
 
 * :func:`gram_pass` forms ``A_i V`` and ``A_i^T (A_i V)`` from one read of ``A_i``, so a
-  subspace iteration step ``V <- orth(A^T A V)`` costs one pass instead of two;
+  subspace iteration step ``V <- orth(A^T A V)`` costs one pass instead of two (the last
+  pass of :func:`dask_svd` also feeds ``A_i V`` to the tall-skinny QR);
 * :class:`DaskOperator` presents ``A`` to the generic (operator) algorithms: each product
   ``A @ X`` or ``A.T @ X`` with a NumPy block is one pass and returns NumPy.
 
@@ -87,52 +88,80 @@ def check_dask_matrix(A: Any, name: str = "A", *, rows_only: bool = False) -> tu
     )
 
 
-def _tree_sum(dask: Any, parts: list[Any]) -> Any:
-    """Sum delayed arrays by a tree of ``FAN_IN``-way additions (no task holds them all)."""
-    while len(parts) > 1:
-        parts = [
-            dask.delayed(_add, pure=True)(*parts[i : i + FAN_IN])
-            for i in range(0, len(parts), FAN_IN)
-        ]
-    return parts[0]
-
-
-def _add(*parts: np.ndarray) -> np.ndarray:
-    out = parts[0].copy()
-    for p in parts[1:]:
-        out += p
-    return out
-
-
 def _gram_block(block: np.ndarray, V: np.ndarray) -> np.ndarray:
-    """``A_i^T (A_i V)`` in the block's dtype, returned in float64 for the sum."""
+    """``A_i^T (A_i V)`` in the block's dtype, as a ``1 x n x l`` float64 partial sum."""
     Y = block @ V.astype(block.dtype, copy=False)
-    return (block.T @ Y).astype(np.float64)
-
-
-def _gram_and_product_block(block: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    Y = block @ V.astype(block.dtype, copy=False)
-    return Y, (block.T @ Y).astype(np.float64)
+    return (block.T @ Y).astype(np.float64)[None]
 
 
 def _product_block(block: np.ndarray, X: np.ndarray) -> np.ndarray:
     return block @ X.astype(block.dtype, copy=False)
 
 
-def _product_block64(block: np.ndarray, X: np.ndarray) -> np.ndarray:
-    return (block @ X.astype(block.dtype, copy=False)).astype(np.float64)
-
-
 def _transposed_product_block(block: np.ndarray, X: np.ndarray) -> np.ndarray:
-    return (block.T @ X.astype(block.dtype, copy=False)).astype(np.float64)
+    """``A_i^T X_i`` as a ``1 x n x c`` float64 partial sum."""
+    return (block.T @ X.astype(block.dtype, copy=False)).astype(np.float64)[None]
 
 
-def _blocks(A: Any) -> list[Any]:
-    return list(A.to_delayed().ravel())
+def _meta(dtype: Any, ndim: int) -> np.ndarray:
+    return np.empty((0,) * ndim, dtype=dtype)  # no meta-inference call of the block functions
 
 
-def _offsets(sizes: tuple[int, ...]) -> list[int]:
-    return [0, *np.cumsum(sizes).tolist()]
+def _small(da: Any, X: np.ndarray) -> Any:
+    """A NumPy block as a one-chunk dask array: one key shared by every block's task."""
+    return da.from_array(X, chunks=X.shape)
+
+
+def _products(da: Any, A: Any, X: np.ndarray) -> Any:
+    """``A X`` for row-chunked ``A``: the blocks ``A_i X`` (``A``'s dtype), chunked as ``A``."""
+    return da.blockwise(
+        _product_block,
+        "ik",
+        A,
+        "ij",
+        _small(da, X),
+        "jk",
+        concatenate=True,  # j is one chunk: the function gets the blocks themselves
+        dtype=A.dtype,
+        meta=_meta(A.dtype, 2),
+    )
+
+
+def _sum_of_parts(parts: Any) -> Any:
+    """Sum the ``1 x n x c`` partial sums by a tree of ``FAN_IN``-way additions."""
+    return parts.sum(axis=0, split_every=FAN_IN, dtype=np.float64)
+
+
+def _gram(da: Any, A: Any, V: np.ndarray) -> Any:
+    """``A^T A V`` (float64), each block read once: ``sum_i A_i^T (A_i V)``."""
+    parts = da.blockwise(
+        _gram_block,
+        "ijk",
+        A,
+        "ij",
+        _small(da, V),
+        "jk",
+        adjust_chunks={"i": 1},
+        dtype=np.float64,
+        meta=_meta(np.float64, 3),
+    )
+    return _sum_of_parts(parts)
+
+
+def _transposed_products(da: Any, A: Any, X: Any) -> Any:
+    """``A^T X`` (float64) for row-chunked ``A`` and ``X`` chunked like ``A``'s rows."""
+    parts = da.blockwise(
+        _transposed_product_block,
+        "ijk",
+        A,
+        "ij",
+        X,
+        "ik",
+        adjust_chunks={"i": 1},
+        dtype=np.float64,
+        meta=_meta(np.float64, 3),
+    )
+    return _sum_of_parts(parts)
 
 
 def _check_sum(Z: np.ndarray, dtype: Any, what: str) -> None:
@@ -143,34 +172,17 @@ def _check_sum(Z: np.ndarray, dtype: Any, what: str) -> None:
         )
 
 
-def gram_pass(A: Any, V: np.ndarray, *, keep_product: bool) -> tuple[Any, np.ndarray]:
-    """One pass over the row blocks of ``A``: ``Z = A^T A V`` (NumPy) and ``Y = A V``.
+def gram_pass(A: Any, V: np.ndarray) -> np.ndarray:
+    """One pass over the row blocks of ``A``: ``Z = A^T A V`` (NumPy, float64).
 
-    ``Y`` (a dask array chunked like ``A``'s rows) is returned persisted, computed in the
-    same graph execution as ``Z``, when ``keep_product``; otherwise ``None``. The block
-    products run in ``A``'s dtype; the partial sums ``A_i^T Y_i`` are added in float64.
+    The block products run in ``A``'s dtype; the partial sums ``A_i^T (A_i V)`` are added in
+    float64. The graph is blockwise: the task that produces ``A_i`` feeds the products
+    directly (and fuses with them where dask's graph optimization allows).
     """
-    dask, da = _dask()
-    Vd = dask.delayed(V)
-    blocks = _blocks(A)
-    if not keep_product:
-        Z = _tree_sum(dask, [dask.delayed(_gram_block, pure=True)(b, Vd) for b in blocks])
-        (Z,) = dask.compute(Z)
-        _check_sum(Z, A.dtype, "A^T A V")
-        return None, Z
-    parts = [dask.delayed(_gram_and_product_block, nout=2, pure=True)(b, Vd) for b in blocks]
-    cols = V.shape[1]
-    Y = da.concatenate(
-        [
-            da.from_delayed(p[0], shape=(rows, cols), dtype=A.dtype)
-            for p, rows in zip(parts, A.chunks[0], strict=True)
-        ],
-        axis=0,
-    )
-    Y, Z = dask.persist(Y, _tree_sum(dask, [p[1] for p in parts]))
-    Z = Z.compute()
+    _, da = _dask()
+    Z = np.asarray(_gram(da, A, V).compute())
     _check_sum(Z, A.dtype, "A^T A V")
-    return Y, Z
+    return Z
 
 
 def _draw(rng: Any) -> Any:
@@ -183,7 +195,7 @@ def _iterate(A: Any, size: int, power_iters: int, normalizer: str, rng: Any) -> 
     np_xp = _np_namespace()
     V = _draw(rng)((A.shape[1], size))
     for _ in range(power_iters):
-        _, Z = gram_pass(A, V, keep_product=False)
+        Z = gram_pass(A, V)
         V = _normalize_between(np_xp, Z, normalizer, "`A`")
     return V
 
@@ -205,8 +217,8 @@ def dask_range_finder(
     """:func:`~lowrank_nla.randomized_range_finder` of a row-chunked dask ``A``.
 
     ``q`` passes build ``V = orth((A^T A)^q Omega)`` in memory; pass ``q + 1`` computes
-    ``Y = A V`` (persisted); ``Q`` is the tall-skinny QR of ``Y`` (which reads ``Y``, not
-    ``A``), returned persisted, chunked like ``A``'s rows. ``range(Y)`` equals
+    ``Y = A V`` and its tall-skinny QR ``Y = Q R`` together (``Y`` is not kept); ``Q`` is
+    returned persisted, chunked like ``A``'s rows. ``range(Y)`` equals
     ``range((A A^T)^q A Omega)``: the subspace of the in-memory routine.
     """
     dask, da = _dask()
@@ -214,21 +226,10 @@ def dask_range_finder(
     size = check_rank(size, A.shape, "size")
     power_iters, normalizer = _check_common(power_iters, normalizer, method)
     V = _iterate(A, size, power_iters, normalizer, rng)
-    Vd = dask.delayed(V)
-    Y = da.concatenate(
-        [
-            da.from_delayed(
-                dask.delayed(_product_block, pure=True)(b, Vd), shape=(rows, size), dtype=A.dtype
-            )
-            for b, rows in zip(_blocks(A), A.chunks[0], strict=True)
-        ],
-        axis=0,
-    )
-    Y = Y.persist()
-    if not bool(da.isfinite(Y).all().compute()):
-        _check_sum(np.array([np.nan]), A.dtype, "A V")
-    Q, _ = da.linalg.tsqr(Y)
-    return Q.persist()  # Y is released with this frame once Q is computed
+    # one pass: each Y_i = A_i V goes straight into the first level of the tall-skinny QR
+    Q, R = dask.persist(*da.linalg.tsqr(_products(da, A, V)))
+    _check_sum(np.asarray(R.compute()), A.dtype, "A V")  # a NaN/Inf in Y reaches R
+    return Q
 
 
 def dask_svd(
@@ -245,8 +246,8 @@ def dask_svd(
     """:func:`~lowrank_nla.randomized_svd` of a dask ``A`` in ``q + 1`` passes.
 
     Row blocks (column blocks are handled as the row blocks of ``A^T``): ``q`` passes of
-    ``V <- orth(A^T A V)``; pass ``q + 1`` forms ``Y = A V`` (persisted) and
-    ``Z = A^T Y = (Y^T A)^T`` together. With the tall-skinny QR ``Y = Q_Y R`` and the SVD
+    ``V <- orth(A^T A V)``; pass ``q + 1`` forms ``Y = A V``, ``Z = A^T Y = (Y^T A)^T`` and
+    the tall-skinny QR ``Y = Q_Y R`` together (``Q_Y`` persisted, ``Y`` not kept). With the SVD
     ``R = P Sigma W^T``, ``Q = Q_Y P`` is an orthonormal basis of ``range(Y)`` and
     ``Q^T A = Sigma^-1 W^T Z^T`` for the directions with ``Sigma_j > sqrt(eps) Sigma_1``
     (the others are at the rounding level of ``Y``: their rows are set to zero). Then
@@ -266,15 +267,30 @@ def dask_svd(
         U, S, Vh = T.Vh.T, T.S, T.U.T
         signs = sign_fix(_np_namespace(), U)
         return SVDResult(U * signs, S, Vh * signs[:, None])
-    res = _dask_svd_rows(dask, da, A, rank, oversample, power_iters, normalizer, rng)
-    signs = _dask_sign_fix(da, res.U)
-    return SVDResult(res.U * signs, res.S, res.Vh * signs[:, None])
+    return _dask_svd_rows(
+        dask, da, A, rank, oversample, power_iters, normalizer, rng, fix_signs=True
+    )
 
 
-def _dask_sign_fix(da: Any, U: Any) -> np.ndarray:
-    """:func:`~lowrank_nla._backend.sign_fix` of a dask ``U`` (reads ``U``, not ``A``)."""
-    vmax, vmin = da.compute(U.max(axis=0), U.min(axis=0))
-    return np.where(vmax >= -vmin, 1.0, -1.0).astype(U.dtype)
+def _column_extremes(block: np.ndarray) -> np.ndarray:
+    """The largest and the negated smallest entry of each column (``1 x 2 x k``)."""
+    return np.stack([block.max(axis=0), -block.min(axis=0)])[None]
+
+
+def _dask_sign_fix(da: Any, Qy: Any, M: np.ndarray) -> np.ndarray:
+    """:func:`~lowrank_nla._backend.sign_fix` of ``U = Q_Y M`` (reads ``Q_Y``, not ``A``)."""
+    parts = da.blockwise(
+        _column_extremes,
+        "ijk",
+        _products(da, Qy, M),
+        "ik",
+        new_axes={"j": 2},
+        adjust_chunks={"i": 1},
+        dtype=M.dtype,
+        meta=_meta(M.dtype, 3),
+    )
+    vmax, neg_vmin = np.asarray(parts.max(axis=0).compute())
+    return np.where(vmax >= neg_vmin, 1.0, -1.0).astype(M.dtype)
 
 
 def _dask_svd_rows(
@@ -286,16 +302,22 @@ def _dask_svd_rows(
     power_iters: int,
     normalizer: str,
     rng: Any,
+    *,
+    fix_signs: bool = False,
 ) -> Any:
     from ._svd import SVDResult
 
     m, n = A.shape
     size = min(rank + oversample, m, n)
     V = _iterate(A, size, power_iters, normalizer, rng)
-    Y, Z = gram_pass(A, V, keep_product=True)
+    # the last pass: A_i feeds Y_i = A_i V, which feeds both A_i^T Y_i and the first level of
+    # the tall-skinny QR of Y; only Q_Y (persisted), R and Z are kept, never Y itself
+    Y = _products(da, A, V)
     Qy, R = da.linalg.tsqr(Y)
-    Qy, R = dask.persist(Qy, R)
-    del Y  # the workers release A V once Q_Y is computed: one tall block at a time held
+    Qy, R, Z = dask.persist(Qy, R, _transposed_products(da, A, Y))
+    del Y
+    Z = np.asarray(Z.compute())
+    _check_sum(Z, A.dtype, "A^T A V")
     R = np.asarray(R.compute(), dtype=np.float64)
     P, sigma, Wt = np.linalg.svd(R)
     keep = sigma > math.sqrt(float(np.finfo(A.dtype).eps)) * sigma[0]
@@ -317,8 +339,12 @@ def _dask_svd_rows(
         stacklevel=5,
     )
     M = (P @ U_B[:, :rank]).astype(A.dtype)
+    Vh = Vh[:rank].astype(A.dtype)
+    if fix_signs:  # the sign convention of the in-memory routine, folded into M and Vh
+        signs = _dask_sign_fix(da, Qy, M)
+        M, Vh = M * signs, Vh * signs[:, None]
     U = Qy @ M  # blockwise on the persisted Q_Y: no pass over A
-    return SVDResult(U, S.astype(A.dtype), Vh[:rank].astype(A.dtype))
+    return SVDResult(U, S.astype(A.dtype), Vh)
 
 
 class DaskOperator:
@@ -342,22 +368,17 @@ class DaskOperator:
         return DaskOperator(self._A, self._axis, transposed=not self._transposed)
 
     def __matmul__(self, X: Any) -> np.ndarray:
-        dask, _ = _dask()
+        _, da = _dask()
         X = np.asarray(X)
-        blocks = _blocks(self._A)
-        # along the chunked axis the result is stacked; across it the products are summed
-        stacked = (self._axis == 0) != self._transposed
-        if stacked:
-            f = _transposed_product_block if self._transposed else _product_block
-            Xd = dask.delayed(X)
-            parts = dask.compute(*[dask.delayed(f, pure=True)(b, Xd) for b in blocks])
-            return np.concatenate(parts, axis=0).astype(self.dtype, copy=False)
-        off = _offsets(self._A.chunks[self._axis])
-        f = _transposed_product_block if self._transposed else _product_block64
-        parts = [
-            dask.delayed(f, pure=True)(b, X[off[i] : off[i + 1]]) for i, b in enumerate(blocks)
-        ]
-        (out,) = dask.compute(_tree_sum(dask, parts))
+        if X.ndim == 1:  # a vector as a one-column block
+            return (self @ X[:, None])[:, 0]
+        R = self._A if self._axis == 0 else self._A.T  # row blocks R_i (lazy transpose)
+        # A @ X or A.T @ X is R @ X (stacked along the blocks) or R.T @ X (summed)
+        if (self._axis == 0) != self._transposed:
+            out = _products(da, R, X).compute()
+        else:
+            Xd = da.from_array(X, chunks=(R.chunks[0], X.shape[1:]))
+            out = _transposed_products(da, R, Xd).compute()
         return np.asarray(out).astype(self.dtype, copy=False)
 
 

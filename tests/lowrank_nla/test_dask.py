@@ -163,6 +163,27 @@ def test_operator_routines_accept_dask_input(tall):
     assert counted.passes == 2 * 10  # one pass per product with A and with A^T
 
 
+@pytest.mark.parametrize("chunks", [(100, 60), (600, 25)], ids=["row-blocks", "column-blocks"])
+def test_operator_products_are_one_pass_each_for_blocks_and_vectors(tall, chunks):
+    from lowrank_nla._dask import dask_operator
+
+    counted = PassCounter(tall, chunks)
+    op = dask_operator(counted.array)
+    gen = np.random.default_rng(5)
+    for M, X in [
+        (op, gen.standard_normal((60, 3))),
+        (op.T, gen.standard_normal((600, 4))),
+        (op, gen.standard_normal(60)),
+        (op.T, gen.standard_normal(600)),
+    ]:
+        counted.reset()
+        out = M @ X
+        assert counted.passes == 1
+        ref = (tall if M is op else tall.T) @ X
+        assert out.shape == ref.shape
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e3 * EPS64 * np.abs(ref).max())
+
+
 def test_float32_beyond_the_square_root_of_eps_warns():
     s = np.logspace(0, -5, 40)  # s_10 / s_1 = 5e-2 ... s_30 = 1e-4: squared below eps32
     A = matrix_with_spectrum(s, m=200, n=40, rng=0).astype(np.float32)
@@ -298,7 +319,7 @@ def test_on_a_local_cluster_with_two_worker_processes(tall):
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: another cluster may hold the default
             memory_limit="512MiB",
         ) as cluster,
         distributed.Client(cluster) as client,
