@@ -653,6 +653,14 @@ def _damped_block_last(F: Tensor, lam: Tensor, dtype: torch.dtype) -> Tensor:
     return system
 
 
+def _not_positive_definite(layer: Layer) -> torch.linalg.LinAlgError:
+    """The error for damped mini-blocks that stay indefinite in float64."""
+    return torch.linalg.LinAlgError(
+        f"MBF: the damped mini-blocks of layer {layer.describe()} are not positive "
+        "definite in float64 (increase the damping)"
+    )
+
+
 def _swept_inverse(F: Tensor, lam: Tensor, layer: Layer) -> Tensor:
     """The inverse of ``F + diag(lam)`` by :func:`_sweep` in the system's own memory, with
     the float64 retry of :func:`_damped_inverse` (reads one flag)."""
@@ -661,10 +669,7 @@ def _swept_inverse(F: Tensor, lam: Tensor, layer: Layer) -> Tensor:
     if bool(ok):
         return inverse
     if system.dtype == torch.float64:
-        raise torch.linalg.LinAlgError(
-            f"MBF: the damped mini-blocks of layer {layer.describe()} are not positive "
-            "definite in float64 (increase the damping)"
-        )
+        raise _not_positive_definite(layer)
     warnings.warn(
         f"MBF: inverting the mini-blocks of layer {layer.describe()} failed in "
         f"{system.dtype}; retrying in float64",
@@ -673,10 +678,7 @@ def _swept_inverse(F: Tensor, lam: Tensor, layer: Layer) -> Tensor:
     )
     inverse, ok = _sweep(_damped_block_last(F, lam, torch.float64), overwrite=True)
     if not bool(ok):
-        raise torch.linalg.LinAlgError(
-            f"MBF: the damped mini-blocks of layer {layer.describe()} are not positive "
-            "definite in float64 (increase the damping)"
-        )
+        raise _not_positive_definite(layer)
     return inverse
 
 
@@ -685,10 +687,7 @@ def _damped_inverse(system: Tensor, layer: Layer) -> Tensor:
     L, info = torch.linalg.cholesky_ex(system)
     if bool((info != 0).any()):
         if system.dtype == torch.float64:
-            raise torch.linalg.LinAlgError(
-                f"MBF: the damped mini-blocks of layer {layer.describe()} are not positive "
-                "definite in float64 (increase the damping)"
-            )
+            raise _not_positive_definite(layer)
         warnings.warn(
             f"MBF: Cholesky of the mini-blocks of layer {layer.describe()} failed in "
             f"{system.dtype}; retrying in float64",
