@@ -432,7 +432,7 @@ def main() -> None:
     parser.add_argument(
         "--ours",
         nargs="+",
-        default=["0:10", "0:20", "1:10", "2:10", "3:10"],
+        default=["0:10", "0:20", "1:10", "1:20", "2:10", "3:10"],
         help="our configurations, q:p (power iterations : oversampling)",
     )
     parser.add_argument(
