@@ -20,6 +20,7 @@ library has been seen, at which point it is already in ``sys.modules``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
@@ -50,14 +51,27 @@ def fp_guarded(func: F) -> F:
     and reported as a ``ValueError`` naming the argument, so the warning would only precede
     the same information, or, with warnings as errors, replace it by a kernel-dependent
     ``RuntimeWarning``. The error state is thread-local and restored on return.
+
+    Once torch is loaded the call also runs under ``torch.no_grad()``: a tensor that
+    requires grad is data, not a graph input. The routines read scalars back (norms,
+    scales, convergence tests), which torch reports with a ``UserWarning`` on such a
+    tensor, and several steps run outside autograd (host LAPACK paths, in-place
+    re-orthonormalization), so a recorded graph would give wrong gradients silently;
+    results carry no autograd history instead.
     """
 
     @functools.wraps(func)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"), _no_autograd():
             return func(*args, **kwargs)
 
     return cast(F, guarded)
+
+
+def _no_autograd() -> Any:
+    """``torch.no_grad()`` if torch is loaded (never imported here), else a null context."""
+    torch = sys.modules.get("torch")
+    return contextlib.nullcontext() if torch is None else torch.no_grad()
 
 
 def all_finite(xp: Namespace, x: Array) -> bool:

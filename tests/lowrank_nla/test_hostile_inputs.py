@@ -964,6 +964,79 @@ def test_mixed_libraries_name_the_arguments() -> None:
         ln.kron_inverse_apply_factored(STATE, STATE, t, np.ones((6, 2)), damping=1.0)
 
 
+@pytest.fixture
+def torch_warns_always():
+    """Torch warns once per process about reading a scalar from a grad-requiring tensor."""
+    before = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    yield
+    torch.set_warn_always(before)
+
+
+def _requires_grad(x: np.ndarray, dtype=torch.float64) -> torch.Tensor:
+    return torch.tensor(x, dtype=dtype, requires_grad=True)
+
+
+@pytest.mark.usefixtures("torch_warns_always")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "name",
+    # These two cases pair `A` with a NumPy array; they are covered in the next test.
+    [n for n in DECOMPOSITIONS if n not in ("posterior_error_estimate", "relative_error")],
+)
+def test_tensors_that_require_grad_are_data(name, dtype) -> None:
+    # They used to raise torch's "Converting a tensor with requires_grad=True to a scalar"
+    # UserWarning (an error under warnings-as-errors) and return results with an autograd
+    # graph whose gradients were wrong for srevd (57 vs the exact eigenvector projector).
+    sym, call = DECOMPOSITIONS[name]
+    A = PSD if sym else GENERAL
+    got = call(_requires_grad(A, dtype))
+    want = call(torch.tensor(A, dtype=dtype))
+    for g, w in zip(
+        got if isinstance(got, tuple) else (got,),
+        want if isinstance(want, tuple) else (want,),
+        strict=True,
+    ):
+        assert not g.requires_grad
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("torch_warns_always")
+def test_states_updates_and_inverses_accept_tensors_that_require_grad() -> None:
+    U, d = _requires_grad(STATE.U), _requires_grad(STATE.d)
+    state = ln.LowRankPSD(U, d)
+    X = _requires_grad(RNG.standard_normal((6, 3)))
+    new = ln.brand_update(state, X, decay=0.5).state
+    want = 0.5 * STATE.to_dense() + 0.5 * to_numpy(X) @ to_numpy(X).T
+    np.testing.assert_allclose(
+        to_numpy(new.to_dense()), want, atol=100 * EPS64 * np.abs(want).max()
+    )
+    assert not new.U.requires_grad
+    V = _requires_grad(np.ones((6, 2)))
+    out = ln.damped_inverse_apply(state, V, damping=1.0)
+    np.testing.assert_allclose(
+        to_numpy(out),
+        np.linalg.solve(STATE.to_dense() + np.eye(6), np.ones((6, 2))),
+        rtol=100 * EPS64,
+    )
+    assert not out.requires_grad
+    J = _requires_grad(RNG.standard_normal((3, 6)))
+    x = ln.woodbury_solve(J, _requires_grad(np.ones(6)), 0.5)
+    Jn = to_numpy(J)
+    np.testing.assert_allclose(
+        to_numpy(x), np.linalg.solve(0.5 * np.eye(6) + Jn.T @ Jn, np.ones(6)), rtol=1e-12
+    )
+    assert not x.requires_grad
+    A = _requires_grad(GENERAL)
+    Q = torch.tensor(np.linalg.qr(GENERAL)[0][:, :2])
+    est = ln.posterior_error_estimate(A, Q, rng=0)
+    assert not est.requires_grad
+    assert float(est) == float(ln.posterior_error_estimate(A.detach(), Q, rng=0))
+    err = ln.relative_error(A, A.detach() * 0.5)
+    assert not err.requires_grad
+    assert float(err) == pytest.approx(0.5, rel=100 * EPS64)
+
+
 # =========================================================================== 7. operator kind
 
 
