@@ -288,7 +288,9 @@ def host_values(x: Any, name: str) -> np.ndarray:
     """A 1-D float64 NumPy copy of the array-like ``x`` (any library), validated.
 
     Masked arrays, ``numpy.matrix`` and meta tensors raise ``TypeError``
-    (:func:`~lowrank_nla._backend.check_array_kind`), as do non-numeric values.
+    (:func:`~lowrank_nla._backend.check_array_kind`), as do non-numeric values. A scalar
+    is one value; anything of two or more dimensions raises ``ValueError`` (a matrix passed
+    where its spectrum belongs must not be read as a list of values).
     """
     check_array_kind(x, name)
     try:
@@ -299,6 +301,8 @@ def host_values(x: Any, name: str) -> np.ndarray:
         np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
     ):
         raise TypeError(f"`{name}` must hold real numbers, got dtype {values.dtype}")
+    if values.ndim > 1:
+        raise ValueError(f"`{name}` must be 1-D (a vector of values), got shape {values.shape}")
     return values.astype(np.float64).ravel()
 
 

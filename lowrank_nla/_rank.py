@@ -34,7 +34,7 @@ def truncation_ratio(d: Any) -> float:
     Raises
     ------
     ValueError
-        Empty, negative or non-finite ``d``.
+        Empty, negative or non-finite ``d``; a ``d`` of two or more dimensions.
     TypeError
         Non-numeric ``d``, masked arrays, ``numpy.matrix``, meta tensors.
 

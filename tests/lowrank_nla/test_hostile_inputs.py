@@ -932,6 +932,25 @@ def test_unsupported_kinds_in_host_vectors_and_columns() -> None:
         ln.hmt_error_bound(np.array(["a"]), 1, 2)
 
 
+def test_host_vectors_of_two_or_more_dimensions_are_rejected() -> None:
+    # A matrix passed where its spectrum belongs was flattened and read as values:
+    # truncation_ratio(ones((2, 2))) gave 1.0, hmt_error_bound(diag(s), ...) a bound for
+    # the spectrum s plus zeros.
+    for f, name in (
+        (ln.truncation_ratio, "d"),
+        (lambda x: ln.hmt_error_bound(x, 1, 2), "singular_values"),
+        (lambda x: ln.krylov_error_bound(x, 1, 2), "singular_values"),
+        (lambda x: ln.brand_drift_bound(x, 0.5), "dropped_max"),
+    ):
+        for bad in (np.ones((2, 2)), torch.ones(3, 1, dtype=torch.float64), [[1.0], [2.0]]):
+            with pytest.raises(ValueError, match=rf"`{name}` must be 1-D \(a vector of values\)"):
+                f(bad)
+    # Scalars and lists of 0-d results (BrandUpdate.dropped_max) are still one value each.
+    assert ln.brand_drift_bound(np.float64(0.5), 0.5) == 0.5
+    assert ln.brand_drift_bound([np.array(0.5), np.array(1.0)], 0.5) == 1.25
+    assert ln.truncation_ratio([4.0, 1.0]) == 0.25
+
+
 def test_torch_sparse_tensors_are_linear_operators() -> None:
     dense = torch.asarray(PSD)
     sparse = dense.to_sparse()
