@@ -55,9 +55,13 @@ class DampedInverse(NamedTuple):
         (``side="right"``, ``V`` of shape ``(m, D)``), ``O(D k m)``.
 
         Unchecked: ``V`` must be finite, of the factor's library, device and dtype (the
-        hot-path kernel; :func:`lowrank_nla.damped_inverse_apply` is the checked form).
+        hot-path kernel; :func:`lowrank_nla.damped_inverse_apply` is the checked form). Only
+        ``side`` is validated: any value but ``"left"`` or ``"right"`` raises
+        ``ValueError``.
         """
         U, coeff = self.U, self.coeff
+        if side not in ("left", "right"):
+            raise ValueError(f"`side` must be 'left' or 'right', got {side!r}")
         if side == "left":
             proj = U.T @ V
             scaled = coeff * proj if V.ndim == 1 else coeff[:, None] * proj
