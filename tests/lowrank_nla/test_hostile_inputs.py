@@ -1195,6 +1195,39 @@ def test_rayleigh_ritz_refresh_rejects_a_non_symmetric_matrix() -> None:
             ValueError,
             r"`error` must be finite and >= 0, got -0\.5",
         ),
+        # Malformed states (a checkpoint restored by hand) used to fail inside the rule with
+        # Python's own messages ("unsupported operand type(s) for -: 'str' and 'int'") or to
+        # run: a float rank 10.5 and a NaN error were accepted.
+        (
+            lambda: ln.RankController().update(ln.RankState("20", (), 0), 0.1),
+            TypeError,
+            "`state.rank` must be an integer, got str",
+        ),
+        (
+            lambda: ln.RankController().update(ln.RankState(10.5, (), 0), 0.1),  # type: ignore[arg-type]
+            TypeError,
+            "`state.rank` must be an integer, got float",
+        ),
+        (
+            lambda: ln.RankController().update(ln.RankState(0, (), 0), 0.1),
+            ValueError,
+            "`state.rank` must be >= 1, got 0",
+        ),
+        (
+            lambda: ln.RankController().update(ln.RankState(20, [0.1], 0), 0.1),  # type: ignore[arg-type]
+            TypeError,
+            "`state.errors` must be a tuple, got list",
+        ),
+        (
+            lambda: ln.RankController().update(ln.RankState(20, (0.1, float("nan")), 2), 0.1),
+            ValueError,
+            r"`state.errors\[1\]` must be finite and >= 0, got nan",
+        ),
+        (
+            lambda: ln.RankController().update(ln.RankState(20, (), -1), 0.1),
+            ValueError,
+            "`state.observations` must be >= 0, got -1",
+        ),
         (
             lambda: ln.inverse_perturbation_bound(1.0, 1e-200),
             ValueError,
@@ -1312,6 +1345,12 @@ def test_rayleigh_ritz_refresh_rejects_a_non_symmetric_matrix() -> None:
     ],
     ids=[
         "RankController.update-negative",
+        "RankState-rank-str",
+        "RankState-rank-float",
+        "RankState-rank-zero",
+        "RankState-errors-list",
+        "RankState-errors-nan",
+        "RankState-observations-negative",
         "inverse_perturbation_bound-overflow",
         "brand_drift_bound-overflow",
         "randomized_eigh-check_symmetric",
