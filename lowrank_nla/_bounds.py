@@ -28,7 +28,7 @@ from ._backend import (
 from ._eigh import EighResult
 from ._sketch import HMT_PROBE_FACTOR
 from ._svd import SVDResult
-from ._validation import check_bool, check_decay, check_int, check_real
+from ._validation import check_bool, check_decay, check_int, check_real, check_square
 
 __all__ = [
     "estimate_spectral_norm",
@@ -331,7 +331,8 @@ def estimate_spectral_norm(
     Raises
     ------
     ValueError
-        NaN/Inf in ``A`` or its products, ``n_iter < 1``, a product that overflows the dtype.
+        NaN/Inf in ``A`` or its products, ``n_iter < 1``, a product that overflows the dtype,
+        a non-square ``A`` with ``symmetric=True``.
     TypeError
         Unsupported input type or dtype; an operator without a transpose (unless
         ``symmetric=True``).
@@ -362,7 +363,10 @@ def estimate_spectral_norm(
     >>> round(float(ln.estimate_spectral_norm(A, rng=0)), 12)
     3.0
     """
-    op = as_operator(A, "A", symmetric=check_bool(symmetric, "symmetric"))
+    symmetric = check_bool(symmetric, "symmetric")
+    op = as_operator(A, "A", symmetric=symmetric)
+    if symmetric:
+        check_square(op.shape)
     n_iter = check_int(n_iter, "n_iter", minimum=1)
     return _gk_lanczos_norm(op, n_iter, rng, "A")
 

@@ -1244,6 +1244,12 @@ def test_rayleigh_ritz_refresh_rejects_a_non_symmetric_matrix() -> None:
             "`check_symmetric` must be a bool, got str",
         ),
         (
+            # it reached NumPy's matmul ("mismatch in its core dimension 0")
+            lambda: ln.estimate_spectral_norm(GENERAL, symmetric=True),
+            ValueError,
+            r"`A` must be square for a symmetric routine, got shape \(9, 7\)",
+        ),
+        (
             lambda: ln.estimate_spectral_norm(PSD, symmetric=1),
             TypeError,
             "`symmetric` must be a bool, got int",
@@ -1354,6 +1360,7 @@ def test_rayleigh_ritz_refresh_rejects_a_non_symmetric_matrix() -> None:
         "inverse_perturbation_bound-overflow",
         "brand_drift_bound-overflow",
         "randomized_eigh-check_symmetric",
+        "estimate_spectral_norm-symmetric-non-square",
         "estimate_spectral_norm-symmetric",
         "hmt_error_bound-symmetric",
         "kron-relative",
