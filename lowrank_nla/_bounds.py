@@ -26,6 +26,7 @@ from ._backend import (
     safe_norm,
 )
 from ._eigh import EighResult
+from ._lowrank import ORTHONORMALITY_TOL, orthonormality_estimate
 from ._sketch import HMT_PROBE_FACTOR
 from ._svd import SVDResult
 from ._validation import check_bool, check_decay, check_int, check_real, check_square
@@ -395,7 +396,9 @@ def posterior_error_estimate(A: Any, Q: Any, *, n_probes: int = 10, rng: Any = N
     Raises
     ------
     ValueError
-        Shape mismatch, NaN/Inf, or a bound that overflows the dtype.
+        Shape mismatch, NaN/Inf, a ``Q`` whose columns are not orthonormal
+        (``||Q^T Q - I||_F > 0.01``, estimated in ``O(m k)`` as for :class:`LowRankPSD`), or
+        a bound that overflows the dtype.
     TypeError
         ``A`` and ``Q`` from different array libraries or of different dtypes.
 
@@ -426,6 +429,12 @@ def posterior_error_estimate(A: Any, Q: Any, *, n_probes: int = 10, rng: Any = N
     if q_dtype != op.dtype:
         raise TypeError(f"`Q` must have the dtype of `A` ({op.dtype}), got {Q.dtype}")
     Q = Q if Q.dtype == q_dtype else xp.astype(Q, q_dtype)
+    defect = orthonormality_estimate(xp, Q)
+    if not defect <= ORTHONORMALITY_TOL:
+        raise ValueError(
+            f"`Q` must have orthonormal columns: ||Q^T Q - I||_F is about {defect:.3e} > "
+            f"{ORTHONORMALITY_TOL:g}; orthonormalize it (e.g. QR) first"
+        )
     Y = op.checked_matmat(draw((op.shape[1], n_probes)))
     for _ in range(2):
         Y = Y - Q @ (Q.T @ Y)

@@ -1244,6 +1244,18 @@ def test_rayleigh_ritz_refresh_rejects_a_non_symmetric_matrix() -> None:
             "`check_symmetric` must be a bool, got str",
         ),
         (
+            # a scaled basis gave a silently wrong bound (5829 where the orthonormal Q gives
+            # 221 for a 30 x 20 Gaussian matrix)
+            lambda: ln.posterior_error_estimate(GENERAL, 3.0 * np.eye(9)[:, :2], rng=0),
+            ValueError,
+            r"`Q` must have orthonormal columns: \|\|Q\^T Q - I\|\|_F is about 1\.131e\+01 > 0\.01",
+        ),
+        (
+            lambda: ln.posterior_error_estimate(GENERAL, np.eye(9, 12), rng=0),
+            ValueError,
+            r"`Q` must have orthonormal columns",
+        ),
+        (
             # it reached NumPy's matmul ("mismatch in its core dimension 0")
             lambda: ln.estimate_spectral_norm(GENERAL, symmetric=True),
             ValueError,
@@ -1360,6 +1372,8 @@ def test_rayleigh_ritz_refresh_rejects_a_non_symmetric_matrix() -> None:
         "inverse_perturbation_bound-overflow",
         "brand_drift_bound-overflow",
         "randomized_eigh-check_symmetric",
+        "posterior_error_estimate-scaled-Q",
+        "posterior_error_estimate-too-many-columns",
         "estimate_spectral_norm-symmetric-non-square",
         "estimate_spectral_norm-symmetric",
         "hmt_error_bound-symmetric",
