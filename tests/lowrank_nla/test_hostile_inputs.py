@@ -1248,7 +1248,8 @@ def test_rayleigh_ritz_refresh_rejects_a_non_symmetric_matrix() -> None:
             # 221 for a 30 x 20 Gaussian matrix)
             lambda: ln.posterior_error_estimate(GENERAL, 3.0 * np.eye(9)[:, :2], rng=0),
             ValueError,
-            r"`Q` must have orthonormal columns: \|\|Q\^T Q - I\|\|_F is about 1\.131e\+01 > 0\.01",
+            r"`Q` must have orthonormal columns: "
+            r"\|\|Q\^T Q - I\|\|_F is about 1\.131e\+01 > 0\.01",
         ),
         (
             lambda: ln.posterior_error_estimate(GENERAL, np.eye(9, 12), rng=0),
