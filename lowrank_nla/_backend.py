@@ -557,6 +557,11 @@ def normal_sampler(xp: Namespace, rng: Any, *, dtype: Any, device: Any) -> Sampl
         elif rng is None:
             gen = None
         else:
+            if int(rng) >= 2**64:  # torch seeds are 64-bit; NumPy's take any size
+                raise ValueError(
+                    f"`rng` seed must be < 2**64 for torch arrays (a torch.Generator seed "
+                    f"has 64 bits), got {rng}"
+                )
             gen = torch.Generator(device=device).manual_seed(int(rng))
         return lambda shape: torch.randn(shape, generator=gen, dtype=dtype, device=device)
 

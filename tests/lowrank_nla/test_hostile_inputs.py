@@ -1199,6 +1199,13 @@ def test_rayleigh_ritz_refresh_rejects_a_non_symmetric_matrix() -> None:
         # Python's own messages ("unsupported operand type(s) for -: 'str' and 'int'") or to
         # run: a float rank 10.5 and a NaN error were accepted.
         (
+            # torch's own "Overflow when unpacking long long" (NumPy takes any size)
+            lambda: ln.randomized_svd(torch.asarray(GENERAL), 2, rng=2**64),
+            ValueError,
+            r"`rng` seed must be < 2\*\*64 for torch arrays \(a torch.Generator seed has 64 "
+            r"bits\), got 18446744073709551616",
+        ),
+        (
             lambda: ln.RankController().update(ln.RankState("20", (), 0), 0.1),
             TypeError,
             "`state.rank` must be an integer, got str",
@@ -1364,6 +1371,7 @@ def test_rayleigh_ritz_refresh_rejects_a_non_symmetric_matrix() -> None:
     ],
     ids=[
         "RankController.update-negative",
+        "torch-seed-beyond-64-bits",
         "RankState-rank-str",
         "RankState-rank-float",
         "RankState-rank-zero",
