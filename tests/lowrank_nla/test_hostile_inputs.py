@@ -1199,6 +1199,33 @@ def test_rayleigh_ritz_refresh_rejects_a_non_symmetric_matrix() -> None:
         # Python's own messages ("unsupported operand type(s) for -: 'str' and 'int'") or to
         # run: a float rank 10.5 and a NaN error were accepted.
         (
+            # Python's "'NoneType' object is not subscriptable" (an IndexError for np.int64)
+            lambda: ln.kron_eigenbasis_inverse(STATE, STATE, damping=1.0, tails=None),  # type: ignore[arg-type]
+            TypeError,
+            r"`tails` must be a pair \(tail_G, tail_A\) of non-negative numbers, got None",
+        ),
+        (
+            lambda: ln.kron_eigenbasis_inverse(STATE, STATE, damping=1.0, tails=np.int64(3)),  # type: ignore[arg-type]
+            TypeError,
+            r"`tails` must be a pair \(tail_G, tail_A\) of non-negative numbers, got np.int64",
+        ),
+        (
+            lambda: ln.kron_eigenbasis_inverse(STATE, STATE, damping=1.0, shift=(1.0,)),  # type: ignore[arg-type]
+            TypeError,
+            r"`shift` must be a pair \(shift_G, shift_A\) of non-negative numbers, got \(1.0,\)",
+        ),
+        (
+            # any value was taken for its truth: "no" validated, None skipped the checks
+            lambda: ln.damped_inverse(STATE, damping=1.0, validate=None),  # type: ignore[arg-type]
+            TypeError,
+            "`validate` must be a bool, got NoneType",
+        ),
+        (
+            lambda: ln.kron_eigenbasis_inverse(STATE, STATE, damping=1.0, validate="no"),  # type: ignore[arg-type]
+            TypeError,
+            "`validate` must be a bool, got str",
+        ),
+        (
             # torch's own "Overflow when unpacking long long" (NumPy takes any size)
             lambda: ln.randomized_svd(torch.asarray(GENERAL), 2, rng=2**64),
             ValueError,
@@ -1371,6 +1398,11 @@ def test_rayleigh_ritz_refresh_rejects_a_non_symmetric_matrix() -> None:
     ],
     ids=[
         "RankController.update-negative",
+        "kron_eigenbasis_inverse-tails-None",
+        "kron_eigenbasis_inverse-tails-scalar",
+        "kron_eigenbasis_inverse-shift-length",
+        "damped_inverse-validate-None",
+        "kron_eigenbasis_inverse-validate-str",
         "torch-seed-beyond-64-bits",
         "RankState-rank-str",
         "RankState-rank-float",
