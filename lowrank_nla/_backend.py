@@ -406,11 +406,28 @@ def _operator_dtype(xp: Namespace, dtype: Any, name: str, device: Any) -> Any:
 
 
 def _product(xp: Namespace, Y: Any, shape: tuple[int, int], dtype: Any, product: str) -> Array:
-    """The result of an operator's ``@``: a ``shape`` array of the working ``dtype``."""
+    """The result of an operator's ``@``: a ``shape`` array of the working ``dtype``.
+
+    It must come from the operator's own library (``xp``), hold real or integer values
+    (a complex product would lose its imaginary part in the cast) and not be a
+    :func:`check_array_kind` reject such as ``numpy.matrix``.
+    """
+    check_array_kind(Y, product)
     if not _is_array(Y) or tuple(Y.shape) != shape:
         got = f"shape {tuple(Y.shape)}" if hasattr(Y, "shape") else type(Y).__name__
         raise ValueError(f"`{product}` must return an array of shape {shape}, got {got}")
+    if array_api_compat.array_namespace(Y) is not xp:
+        raise TypeError(
+            f"`{product}` must return an array of the operator's library "
+            f"({_library_name(xp)}), got {type(Y).__module__}.{type(Y).__name__}"
+        )
+    if Y.dtype != dtype and not xp.isdtype(Y.dtype, ("real floating", "integral")):
+        raise TypeError(f"`{product}` must return real values, got dtype {Y.dtype}")
     return Y if Y.dtype == dtype else xp.astype(Y, dtype)
+
+
+def _library_name(xp: Namespace) -> str:
+    return str(getattr(xp, "__name__", xp)).replace("array_api_compat.", "")
 
 
 def as_operator(

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import array_api_strict as xs
@@ -1086,6 +1087,50 @@ def test_operator_results_of_another_dtype_are_cast_and_bad_shapes_rejected() ->
         ValueError, match=r"`A @ X` must return an array of shape \(9, 7\), got shape \(4, 7\)"
     ):
         ln.randomized_svd(_Dense(GENERAL, out_shape=4), 3, rng=0)
+
+
+class _Returns:
+    """A symmetric NumPy operator whose ``@`` passes its product through ``wrap``."""
+
+    dtype = np.float64
+
+    def __init__(self, wrap) -> None:
+        self.shape, self.wrap = PSD.shape, wrap
+
+    def __matmul__(self, X):
+        return self.wrap(PSD @ X)
+
+
+def _matrix(Y):
+    with warnings.catch_warnings():  # the matrix class warns on construction
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.asmatrix(Y)
+
+
+@pytest.mark.parametrize(
+    ("wrap", "message"),
+    [
+        # ComplexWarning (an error under warnings-as-errors), else the imaginary part dropped
+        (lambda Y: Y + 1j, r"`A @ X` must return real values, got dtype complex128"),
+        (lambda Y: Y > 0, r"`A @ X` must return real values, got dtype bool"),
+        # AttributeError: 'Tensor' object has no attribute 'astype' (after a cast attempt)
+        (
+            lambda Y: torch.asarray(Y, dtype=torch.float32),
+            r"`A @ X` must return an array of the operator's library \(numpy\), got "
+            r"torch.Tensor",
+        ),
+        # "must return an array of shape (8, 8), got shape (8, 8)"
+        (_matrix, r"`A @ X` is a numpy.matrix, which is not supported"),
+    ],
+    ids=["complex", "bool", "torch", "numpy.matrix"],
+)
+def test_operator_results_of_another_kind_are_rejected(wrap, message) -> None:
+    with pytest.raises(TypeError, match=message):
+        ln.randomized_eigh(_Returns(wrap), 2, rng=0)
+    w = np.linalg.eigvalsh(PSD)[::-1][:2]
+    np.testing.assert_allclose(
+        ln.randomized_eigh(_Returns(lambda Y: Y), 2, rng=0).eigenvalues, w, rtol=1e-12
+    )
 
 
 def test_matvec_only_linear_operator() -> None:
