@@ -29,7 +29,14 @@ from ._eigh import EighResult
 from ._lowrank import ORTHONORMALITY_TOL, orthonormality_estimate
 from ._sketch import HMT_PROBE_FACTOR
 from ._svd import SVDResult
-from ._validation import check_bool, check_decay, check_int, check_real, check_square
+from ._validation import (
+    check_bool,
+    check_decay,
+    check_int,
+    check_power_iters,
+    check_real,
+    check_square,
+)
 
 __all__ = [
     "estimate_spectral_norm",
@@ -162,7 +169,8 @@ def krylov_error_bound(
     oversample : int
         Oversampling ``p >= 2`` of the block: the Krylov block has ``k + p`` columns.
     power_iters : int, default 0
-        Krylov iterations ``q >= 0`` (``method="block_krylov"`` with ``power_iters=q``).
+        Krylov iterations ``0 <= q <= 100`` (``method="block_krylov"`` with
+        ``power_iters=q``; the decompositions accept the same range).
     symmetric : bool, default False
         ``False``: the space ``[A W, (A A^T) A W, ..., (A A^T)^q A W]`` of
         :func:`randomized_range_finder` and :func:`randomized_svd`. ``True``: the space
@@ -173,6 +181,15 @@ def krylov_error_bound(
     float
         Upper bound on ``E ||A - Q Q^T A||_2`` for the block Krylov basis ``Q``; never
         larger than :func:`hmt_error_bound` with the same arguments.
+
+    Raises
+    ------
+    ValueError
+        ``rank < 1``, ``oversample < 2``, ``power_iters`` outside ``[0, 100]`` (the bound
+        minimizes over ``q + 1`` filters, so a count like ``10**9`` would run for hours),
+        NaN/Inf or a ``singular_values`` of two or more dimensions.
+    TypeError
+        Non-integer counts, a non-bool ``symmetric``, non-numeric ``singular_values``.
 
     Notes
     -----
@@ -216,6 +233,7 @@ def krylov_error_bound(
     >>> round(ln.hmt_error_bound(s, 20, 5, 5), 3), round(ln.krylov_error_bound(s, 20, 5, 5), 3)
     (1.179, 1.027)
     """
+    power_iters = check_power_iters(power_iters)
     hmt = hmt_error_bound(singular_values, rank, oversample, power_iters, symmetric=symmetric)
     sigma = np.sort(np.abs(host_values(singular_values, "singular_values")))[::-1]
     k, p = rank, oversample

@@ -233,6 +233,9 @@ _HANG_SCRIPT = textwrap.dedent(
             lambda: ln.adaptive_range_finder(np.eye(5), 0.1, block=big, rng=0).shape,
         "estimate_spectral_norm-n_iter":
             lambda: float(ln.estimate_spectral_norm(np.diag([3.0, 1.0]), n_iter=big, rng=0)),
+        # one filter per iteration: 7.6 s at 10**6, hours at 10**9
+        "krylov_error_bound-power_iters":
+            lambda: ln.krylov_error_bound(np.linspace(1.0, 0.1, 5), 1, 2, big),
     }
     out = {}
     for name, case in cases.items():
@@ -269,6 +272,7 @@ HANG_CASES = {
             "nystrom",
             "randomized_range_finder",
             "adaptive_range_finder",
+            "krylov_error_bound",
         )
     },
     "adaptive_range_finder-block": ("ok", r"\(5, 5\)"),  # block reduced to max(min(m, n), 10)
