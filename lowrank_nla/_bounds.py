@@ -462,6 +462,38 @@ def posterior_error_estimate(A: Any, Q: Any, *, n_probes: int = 10, rng: Any = N
     return bound
 
 
+def _approx_names(approx: Any) -> tuple[str, ...]:
+    if isinstance(approx, SVDResult | EighResult):
+        return tuple(f"approx.{field}" for field in approx._fields)
+    return ("approx",)
+
+
+def _approx_shape(approx: Any) -> tuple[int, ...]:
+    """The shape of the matrix ``approx`` stands for; malformed factors raise ``ValueError``."""
+    if isinstance(approx, SVDResult):
+        U, S, Vh = approx
+        if (
+            U.ndim != 2
+            or S.ndim != 1
+            or Vh.ndim != 2
+            or not U.shape[1] == S.shape[0] == Vh.shape[0]
+        ):
+            raise ValueError(
+                "`approx` must be an SVDResult with U of shape (m, k), S (k,) and Vh (k, n), "
+                f"got {tuple(U.shape)}, {tuple(S.shape)} and {tuple(Vh.shape)}"
+            )
+        return (int(U.shape[0]), int(Vh.shape[1]))
+    if isinstance(approx, EighResult):
+        w, V = approx
+        if w.ndim != 1 or V.ndim != 2 or V.shape[1] != w.shape[0]:
+            raise ValueError(
+                "`approx` must be an EighResult with eigenvalues of shape (k,) and "
+                f"eigenvectors (n, k), got {tuple(w.shape)} and {tuple(V.shape)}"
+            )
+        return (int(V.shape[0]), int(V.shape[0]))
+    return tuple(int(n) for n in approx.shape)
+
+
 def _dense_approx(xp: Any, approx: Any) -> Array:
     if isinstance(approx, SVDResult):
         return (approx.U * approx.S) @ approx.Vh
@@ -537,7 +569,8 @@ def relative_error(A: Any, approx: Any, *, ord: Any = 2, method: str = "auto") -
     Raises
     ------
     ValueError
-        Unknown ``ord``/``method``, shape mismatch, ``ord="fro"`` with Lanczos, zero ``A``,
+        Unknown ``ord``/``method``, shape mismatch (also between the factors of an
+        ``SVDResult``/``EighResult``), ``ord="fro"`` with Lanczos, zero ``A``,
         NaN/Inf in ``A`` or ``approx``, a residual or ratio that overflows the dtype.
     TypeError
         Arguments from different array libraries or of different dtypes.
@@ -564,7 +597,10 @@ def relative_error(A: Any, approx: Any, *, ord: Any = 2, method: str = "auto") -
     op = as_operator(A, "A")
     xp = op.xp
     parts = tuple(approx) if isinstance(approx, SVDResult | EighResult) else (approx,)
-    namespace(*parts, names=("approx",) if len(parts) == 1 else None)
+    namespace(*parts, names=_approx_names(approx))
+    shape = _approx_shape(approx)
+    if shape != op.shape:
+        raise ValueError(f"`approx` must have the shape of `A` {op.shape}, got {shape}")
     if op.array is not None:
         namespace(op.array, parts[0], names=("A", "approx"))
     for part in parts:
@@ -584,10 +620,7 @@ def relative_error(A: Any, approx: Any, *, ord: Any = 2, method: str = "auto") -
         M = op.array
         if M is None:
             M = op.checked_matmat(xp.eye(op.shape[1], dtype=op.dtype, device=op.device))
-        D = _dense_approx(xp, approx)
-        if tuple(D.shape) != op.shape:
-            raise ValueError(f"`approx` must have the shape of `A` {op.shape}, got {D.shape}")
-        residual = M - D
+        residual = M - _dense_approx(xp, approx)
         check_factor(xp, residual, "`approx`", "residual A - approx")
 
         def norm(X: Array) -> Array:

@@ -976,6 +976,28 @@ def test_array_api_strict_and_torch_give_the_numpy_result(name) -> None:
         np.testing.assert_allclose(to_numpy(call(convert(PSD))[0]), want, rtol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_relative_error_names_malformed_factors(method) -> None:
+    # NumPy's "operands could not be broadcast together with shapes (8,3) (2,)" before
+    res = ln.randomized_svd(GENERAL, 3, rng=0)
+    U, S, Vh = res
+    for bad in (ln.SVDResult(U, S[:2], Vh), ln.SVDResult(U, np.diag(S), Vh)):
+        with pytest.raises(ValueError, match=r"`approx` must be an SVDResult with U of shape"):
+            ln.relative_error(GENERAL, bad, method=method)
+    with pytest.raises(ValueError, match=r"`approx` must have the shape of `A` \(9, 7\), got"):
+        ln.relative_error(GENERAL, ln.SVDResult(U[:5], S, Vh), method=method)
+    w, V = ln.randomized_eigh(PSD, 3, rng=0)
+    with pytest.raises(ValueError, match=r"`approx` must be an EighResult with eigenvalues"):
+        ln.relative_error(PSD, ln.EighResult(w, V[:, :2]), method=method)
+    with pytest.raises(ValueError, match=r"`approx` must have the shape of `A` \(8, 8\), got"):
+        ln.relative_error(PSD, np.ones((8, 7)), method=method)
+    with pytest.raises(TypeError, match=r"`approx.U`, `approx.S`, `approx.Vh` must all come"):
+        ln.relative_error(GENERAL, ln.SVDResult(torch.asarray(U), S, Vh), method=method)
+    # well-formed factors: GENERAL has rank 3, the rank-3 result is exact
+    assert float(ln.relative_error(GENERAL, res, method=method)) <= 100 * EPS64
+    assert float(ln.relative_error(PSD, ln.EighResult(w, V), method=method)) <= 100 * EPS64
+
+
 def test_mixed_libraries_name_the_arguments() -> None:
     t = torch.ones(6, 2, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"`J`, `v` must all come from one array library"):
