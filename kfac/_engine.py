@@ -281,7 +281,9 @@ class Engine:
         reported for a non-finite gradient."""
         names = list(grads)
         for name in names:
-            if name in self.capture.plan and batches.get(name) is None:
+            # a layer not used by this loss has a zero gradient after zero_grad(set_to_none=
+            # False): it has no statistics to fold in (one read, only for such layers)
+            if name in self.capture.plan and batches.get(name) is None and bool(grads[name].any()):
                 raise RuntimeError(
                     f"layer {self.layers[name].describe()} has a gradient but its hooks never "
                     f"fired on factor-update step {tick.step}: K-FAC records a layer through "

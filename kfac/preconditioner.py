@@ -337,7 +337,7 @@ class Preconditioner:
         Raises
         ------
         RuntimeError
-            A layer with a gradient whose hooks never fired on a factor-update step.
+            A layer with a non-zero gradient whose hooks never fired on a factor-update step.
         """
         with contextlib.ExitStack() as stack:
             # a step called inside torch.autocast still computes in the factors' dtype

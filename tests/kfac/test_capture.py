@@ -134,6 +134,38 @@ def test_layer_without_gradient_is_left_alone() -> None:
     assert precond.factors("layers.unused") == (None, None)
 
 
+def test_layer_unused_after_zero_grad_without_set_to_none_is_left_alone() -> None:
+    """``zero_grad(set_to_none=False)`` leaves a zero ``.grad`` on a layer this step's loss
+    does not use. Before: a ``RuntimeError`` claimed its hooks never fired."""
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+            h = torch.tanh(self.a(x))
+            return self.head(torch.tanh(self.b(h)) if use_b else h)
+
+    model = Branchy()
+    opt = kfac.KFAC(model, lr=0.1, momentum=0.0, factor_every=1, inverse_every=1)
+    x, y = torch.randn(8, 5), torch.randint(3, (8,))
+    for use_b in (True, False, False):
+        opt.zero_grad(set_to_none=False)
+        nn.functional.cross_entropy(model(x, use_b), y).backward()
+        before = model.b.weight.detach().clone()
+        opt.step()
+        if not use_b:  # a zero gradient, no weight decay, no momentum: b does not move
+            assert torch.equal(model.b.weight, before)
+    assert opt.preconditioner.state("b").A.updates == 1
+    # a non-zero gradient that the hooks did not see is still an error
+    opt.zero_grad(set_to_none=False)
+    nn.functional.cross_entropy(model(x, False), y).backward()
+    model.b.weight.grad.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"layer 'b' \(Linear\) has a gradient but its hooks"):
+        opt.step()
+
+
 def test_nan_batch_does_not_poison_the_factors() -> None:
     model = mlp().double()
     precond = exact_preconditioner(model, factor_decay=0.5)
