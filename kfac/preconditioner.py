@@ -24,6 +24,7 @@ from ._schedule import (
     check_bool,
     check_decay,
     check_int_at_least,
+    check_integer,
     check_nonnegative,
     check_positive,
     optional_schedule,
@@ -157,7 +158,7 @@ class Preconditioner:
         check_bool(time_phases, "time_phases")
         config = _distributed_config(distributed)
         self.distributed = config
-        self.seed = int(seed)
+        self.seed = check_integer(seed, "seed")
         self.fisher = fisher
         self.grad_scaler = grad_scaler
         if isinstance(block, str):

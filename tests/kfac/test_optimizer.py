@@ -221,6 +221,9 @@ def test_preconditioner_composes_with_adam() -> None:
         ({"lr": 0.1, "factor_dtype": torch.float16}, "Invalid factor_dtype"),
         ({"lr": 0.1, "skip_layers": ["nothing.*"]}, "pattern 'nothing.*' matches no module"),
         ({"lr": 0.1, "skip_layers": [3]}, "Invalid skip_layers entry: 3"),
+        # before: int() parsed a string or truncated a float without naming `seed`
+        ({"lr": 0.1, "seed": "a"}, r"Invalid seed: 'a' \(must be an integer\)"),
+        ({"lr": 0.1, "seed": 1.5}, r"Invalid seed: 1.5 \(must be an integer\)"),
         ({"lr": 0.1, "skip_layers": [nn.Linear]}, "Invalid model: no nn.Linear, nn.Conv1d"),
     ],
 )

@@ -159,6 +159,8 @@ def test_errors() -> None:
     ):
         with pytest.raises(ValueError, match=message):
             kfac.SENGPreconditioner(model, **options)
+    with pytest.raises(ValueError, match=r"Invalid seed: 1.5 \(must be an integer\)"):
+        SENGBlock(seed=1.5)  # before: truncated to 1
     with pytest.raises(ValueError, match=r"Invalid fisher: 'mc'; SENG's U holds"):
         kfac.Preconditioner(model, "seng", fisher="mc", loss="cross_entropy")
     precond = kfac.SENGPreconditioner(model)
