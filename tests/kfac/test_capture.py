@@ -188,6 +188,52 @@ def test_nan_batch_does_not_poison_the_factors() -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+_PERIODS = {"factor_every": 1, "inverse_every": 1}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: kfac.KFAC(m, lr=0.1, **_PERIODS),
+        lambda m: kfac.KFAC(m, lr=0.1, factored_apply=False, **_PERIODS),
+        lambda m: kfac.KFAC(m, lr=0.1, inverse="rsvd", rank=3, **_PERIODS),
+        lambda m: kfac.KFAC(m, lr=0.1, inverse="brand", rank=2, rank_cap=2, brand_every=1),
+        lambda m: kfac.MBF(m, lr=0.1, **_PERIODS),
+        lambda m: kfac.FNGD(m, lr=0.1, store="slot", steps_per_epoch=2),
+        lambda m: kfac.SENG(m, lr=0.1, update_freq=1),
+    ],
+    ids=["eigh-rows", "eigh-sums", "rsvd", "brand", "mbf", "fngd", "seng"],
+)
+def test_finite_gradients_whose_statistics_overflow_leave_the_state_alone(make) -> None:
+    """Gradients of ``1e19`` are finite in float32, their squares are not. Before: the
+    overflowing outer products entered the averages (every later refresh then raised, e.g.
+    "`A` must not contain NaN or Inf"; MBF, FNGD and SENG failed their factorisations)."""
+    model = mlp()
+    opt = make(model)
+    x, y = torch.randn(8, 5), torch.randint(3, (8,))
+
+    def step(scale: float) -> None:
+        opt.zero_grad()
+        (nn.functional.cross_entropy(model(x), y) * scale).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+
+    step(1.0)
+    kron = isinstance(opt.preconditioner, kfac.KFACPreconditioner)
+    before = opt.preconditioner.factors("2") if kron else ()
+    with pytest.warns(RuntimeWarning, match=r"non-finite statistics in layer .*'2' \(Linear\)"):
+        step(1e20)
+    if kron:  # the dense averages (absent for a factor a Brand rule tracks) are unchanged
+        after = opt.preconditioner.factors("2")
+        for new, old in zip(after, before, strict=True):
+            assert (new is None and old is None) or torch.equal(new, old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            step(1.0)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_kfac_skips_a_nan_step_entirely() -> None:
     model = mlp()
     opt = kfac.KFAC(model, lr=0.1, momentum=0.9, factor_every=1, inverse_every=1)
