@@ -27,6 +27,11 @@ forward hook: unlike ``register_full_backward_hook`` it keeps working when an in
 operation (``nn.ReLU(inplace=True)``) modifies the output afterwards, because a tensor hook
 registered before an in-place change receives the gradient of the value it was registered on.
 
+The model outlives the optimizers built on it, so its hooks hold the capture weakly
+(:class:`WeakHook`): an optimizer dropped by its owner is collected, and its hooks are removed
+then (as by :meth:`Capture.remove`); until then they do nothing. A deepcopy or a pickle of the
+model (``torch.save(model)``) carries hooks that do nothing: the copy is not preconditioned.
+
 Monte-Carlo Fisher (``fisher="mc"``): a forward hook on the model samples targets from the
 model's predictive distribution and runs one extra backward (``torch.autograd.grad`` with
 ``retain_graph=True``, so the caller's backward still works and no ``.grad`` is touched); the
@@ -36,6 +41,7 @@ output tensor hooks record only during that pass.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,7 +54,7 @@ from torch.utils.hooks import RemovableHandle
 from ._attention import restore
 from ._curvature import CaptureSpec, LayerBatch
 
-__all__ = ["LOSSES", "Capture", "sampled_loss"]
+__all__ = ["LOSSES", "Capture", "WeakHook", "sampled_loss"]
 
 LOSSES = ("cross_entropy", "mse")
 
@@ -118,6 +124,38 @@ class Record:
     handles: list[Any] = field(default_factory=list)
 
 
+class WeakHook:
+    """A module hook that calls ``getattr(owner, method)(*args, module, ...)`` through a weak
+    reference to ``owner``: it does nothing once ``owner`` is gone.
+
+    Copied (``copy.deepcopy`` of the model) or pickled (``torch.save(model)``), it becomes a
+    hook that does nothing, since the copy's modules are not the ones ``owner`` hooked.
+    """
+
+    def __init__(self, owner: Any, method: str, *args: Any) -> None:
+        self._owner = None if owner is None else weakref.ref(owner)
+        self._method = method
+        self._args = args
+
+    def __call__(self, *hook_args: Any) -> Any:
+        owner = None if self._owner is None else self._owner()
+        if owner is None:
+            return None
+        return getattr(owner, self._method)(*self._args, *hook_args)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (WeakHook, (None, self._method))
+
+
+def _detach(handles: list[RemovableHandle], owners: list[nn.Module]) -> None:
+    """Remove ``handles`` and give the attention modules ``owners`` their own forward."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+    for owner in owners:
+        restore(owner)
+
+
 def _in_backward() -> bool:
     """Whether autograd is running a backward pass now (a checkpoint recomputation)."""
     task = getattr(torch._C, "_current_graph_task_id", None)
@@ -174,9 +212,17 @@ class Capture:
         self._mc_pass = False
         self._handles: list[RemovableHandle] = []
         for name, layer in self.layers.items():
-            self._handles.append(layer.module.register_forward_hook(self._forward_hook(name)))
+            hook = WeakHook(self, "_on_forward", name)
+            self._handles.append(layer.module.register_forward_hook(hook))
         if fisher == "mc":
-            self._handles.append(model.register_forward_hook(self._on_model_output))
+            self._handles.append(model.register_forward_hook(WeakHook(self, "_on_model_output")))
+        owners = {
+            id(owner): owner
+            for layer in self.layers.values()
+            if (owner := getattr(layer, "owner_module", None)) is not None
+        }
+        # the hooks go when the capture does (its optimizer was dropped)
+        self._detach = weakref.finalize(self, _detach, self._handles, list(owners.values()))
 
     def arm(self, plan: Mapping[str, CaptureSpec], *, statistics: bool) -> None:
         """Set what each layer records on the coming step; ``statistics`` says whether the
@@ -186,13 +232,7 @@ class Capture:
 
     def remove(self) -> None:
         """Remove every hook (and give attention modules back their own forward)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for layer in self.layers.values():
-            owner = getattr(layer, "owner_module", None)
-            if owner is not None:
-                restore(owner)
+        self._detach()
         self.reset()
 
     def reset(self) -> None:
@@ -206,32 +246,31 @@ class Capture:
         layer = self.layers[name]
         return torch.is_grad_enabled() and layer.module.training and name in self.plan
 
-    def _forward_hook(self, name: str) -> Callable[..., None]:
+    def _on_forward(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any
+    ) -> None:
+        """The forward hook of layer ``name``."""
         layer = self.layers[name]
-
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not self._recording(name) or not isinstance(output, Tensor):
-                return
-            if not output.requires_grad or not layer.trainable():
-                return
-            record = self.records[name]
-            keep = self.plan[name].rows
-            half = not (_exact(args[0]) and _exact(output))
-            with torch.no_grad(), _full_precision(output):
-                rows, n = layer.input_rows(args[0].detach())
-                rows = rows.to(self.dtype).clone() if keep else rows.to(self.dtype)
-                value = rows if keep else rows.T @ rows
-            call = record.calls
-            record.calls += 1
-            count = rows.shape[0]
-            if _in_backward():
-                record.pending[call] = (value, count, n, half)
-            else:
-                record.outside.add(call)
-                self._commit(name, call, value, count, n, half)
-            record.handles.append(output.register_hook(self._grad_hook(name, call, n)))
-
-        return hook
+        if not self._recording(name) or not isinstance(output, Tensor):
+            return
+        if not output.requires_grad or not layer.trainable():
+            return
+        record = self.records[name]
+        keep = self.plan[name].rows
+        half = not (_exact(args[0]) and _exact(output))
+        with torch.no_grad(), _full_precision(output):
+            rows, n = layer.input_rows(args[0].detach())
+            rows = rows.to(self.dtype).clone() if keep else rows.to(self.dtype)
+            value = rows if keep else rows.T @ rows
+        call = record.calls
+        record.calls += 1
+        count = rows.shape[0]
+        if _in_backward():
+            record.pending[call] = (value, count, n, half)
+        else:
+            record.outside.add(call)
+            self._commit(name, call, value, count, n, half)
+        record.handles.append(output.register_hook(self._grad_hook(name, call, n)))
 
     def _commit(self, name: str, call: int, value: Tensor, count: int, n: int, half: bool) -> None:
         """Count one call's inputs (``count`` rows of ``n`` samples, or their outer product)

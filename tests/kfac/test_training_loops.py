@@ -5,6 +5,8 @@ layers, loss scale. Each test names the silent failure it guards against."""
 from __future__ import annotations
 
 import copy
+import gc
+import io
 import warnings
 from typing import Any
 
@@ -662,3 +664,103 @@ def test_an_empty_batch_leaves_the_factors_and_parameters_alone(inverse: str) ->
     assert len(saved) >= 4
     for key, value in saved.items():
         assert torch.equal(value, now[key]), key
+
+
+# --------------------------------------------------------------------------- model copies
+
+
+class SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x)[0].mean(1))
+
+
+def hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+COPIED = {
+    "kfac-mc": (mlp, lambda m: kfac.KFAC(m, lr=0.1, fisher="mc", loss="cross_entropy")),
+    "qekldwrm": (mlp, lambda m: kfac.QEKLDWRM(m, lr=0.1, factor_every=1, inverse_every=1)),
+    "attention": (SelfAttention, lambda m: kfac.KFAC(m, lr=0.1, factor_every=1)),
+}
+
+
+def example(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (4, 5, 8) if isinstance(model, SelfAttention) else (4, 5)
+    return torch.randn(*shape), torch.randint(3, (4,))
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("case", list(COPIED))
+def test_a_dropped_optimizer_takes_its_hooks_with_it(case: str) -> None:
+    """Before: the model held every optimizer ever built on it (its hooks kept recording,
+    their rows accumulating, and an attention module kept the replaced forward)."""
+    build, make = COPIED[case]
+    model = build()
+    x, y = example(model)
+    opt = make(model)
+    train(model, opt, x, y)
+    assert hooks(model) > 0
+    del opt
+    gc.collect()
+    assert hooks(model) == 0
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    train(model, make(model), x, y)  # a new optimizer on the same model trains as usual
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "torch.save"])
+@pytest.mark.parametrize("case", list(COPIED))
+def test_copies_of_a_hooked_model_are_plain_models(case: str, copier: str) -> None:
+    """``copy.deepcopy(model)`` (an EMA or teacher model) and ``torch.save(model)``. Before:
+    the copy's forwards were recorded by the original's optimizer (a training forward of the
+    copy made the next step raise), QE-KLD-WRM's copied hook called a broken copy of the
+    optimizer, an attention copy computed with the original's weights, and ``torch.save``
+    failed (local hook functions cannot be pickled)."""
+    build, make = COPIED[case]
+    model = build()
+    x, y = example(model)
+    opt = make(model)
+    train(model, opt, x, y)
+
+    def saved_and_loaded() -> nn.Module:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+
+    other = copy.deepcopy(model) if copier == "deepcopy" else saved_and_loaded()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(2.0)
+    expected = other(x)
+    if isinstance(other, SelfAttention):  # the copy's attention uses the copy's weights
+        with torch.no_grad():
+            original = model.attn(x, x, x)[0]
+        assert not torch.allclose(other.attn(x, x, x)[0], original)
+    other.eval()
+    torch.testing.assert_close(other(x), expected)  # its own weights, torch's forward
+    other.train()
+    sgd = torch.optim.SGD(other.parameters(), lr=0.1)
+    sgd.zero_grad()
+    F.cross_entropy(other(x), y).backward()
+    sgd.step()
+    other(x)  # a training forward without a backward: nothing of the original's
+    reference = build()
+    reference.load_state_dict(model.state_dict())
+    reference_opt = make(reference)
+    reference_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # no shared buffers
+    train(model, opt, x, y)
+    train(reference, reference_opt, x, y)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)
