@@ -275,6 +275,22 @@ def test_eval_forwards_never_touch_the_statistics(fisher: str) -> None:
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_training_in_eval_mode_is_an_error_that_says_so() -> None:
+    """Before: the error blamed a ``torch.nn.functional`` call (hooks that never fired)."""
+    model = mlp()
+    opt = kfac.KFAC(model, lr=0.1, factor_every=1)
+    model.eval()
+    x, y = torch.randn(8, 5), torch.randint(3, (8,))
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"layer '0' \(Linear\) has a gradient but is in eval"):
+        opt.step()
+    model.train()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.preconditioner.state("0").A.updates == 1
+
+
 def test_training_forward_after_backward_is_reported() -> None:
     model = mlp()
     precond = kfac.KFACPreconditioner(model, factor_every=1, inverse_every=1)
