@@ -77,6 +77,9 @@ def sampled_loss(output: Tensor, loss: str, generator: torch.Generator) -> Tenso
             )
         probs = torch.softmax(logits, dim=1).movedim(1, -1)
         flat = probs.reshape(-1, probs.shape[-1])
+        # a non-finite output (a NaN in the batch) draws from the uniform distribution: its
+        # sampled loss and statistics are non-finite, which the step's checks then skip
+        flat = torch.where(torch.isfinite(flat).all(dim=1, keepdim=True), flat, 1.0)
         labels = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
         return F.cross_entropy(output, labels)
     per_sample = output[0].numel() if output.ndim > 1 else output.numel()
@@ -309,7 +312,7 @@ class Capture:
             with torch.no_grad(), _full_precision(grad):
                 rows = layer.output_rows(grad.detach()).to(self.dtype)
                 scale = self.grad_scale()
-                if self._mc_pass:
+                if self._mc_pass and n:
                     # the sampled loss is a mean over this micro-batch's n samples: keep
                     # per-sample gradients, divided by the step's samples in batch()
                     scale /= n
@@ -371,7 +374,7 @@ class Capture:
         g_sum, g_rows = record.g_sum, None
         if record.g_blocks:
             g_rows = torch.cat([record.g_blocks[call] for call in calls])
-        if self.fisher == "mc":
+        if self.fisher == "mc" and record.n:  # (a batch of no samples has no statistics)
             g_sum = None if g_sum is None else g_sum / record.n**2
             g_rows = None if g_rows is None else g_rows / record.n
         return LayerBatch(

@@ -638,6 +638,35 @@ def test_a_step_called_inside_autocast_computes_in_the_factor_dtype() -> None:
         assert torch.equal(a, b)
 
 
+def test_mc_fisher_skips_a_nan_batch_and_an_empty_batch() -> None:
+    """Before: a NaN in the batch made the sampler raise inside the model's forward
+    ("probability tensor contains either `inf`, `nan` or element < 0"), and an empty batch
+    raised ZeroDivisionError in the sampled backward."""
+    model = mlp()
+    opt = kfac.KFAC(model, lr=0.1, momentum=0.0, fisher="mc", loss="cross_entropy", factor_every=1)
+    x, y = torch.randn(8, 5), torch.randint(3, (8,))
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        opt.step()
+
+    step(x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite gradient; step skipped"):
+        step(bad, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(x[:0], y[:0])
+        assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
+        assert opt.preconditioner.state("0").A.updates == 1
+        step(x, y)
+    assert opt.preconditioner.state("0").A.updates == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("inverse", ["eigh", "brand"])
 def test_an_empty_batch_leaves_the_factors_and_parameters_alone(inverse: str) -> None:
     """Before: ZeroDivisionError in the statistics' scaling (no samples)."""
