@@ -156,6 +156,13 @@ class Preconditioner:
             raise ValueError(f"Invalid loss: {loss!r}; valid names are {list(LOSSES)}")
         _check_dtype(factor_dtype, "factor_dtype")
         check_bool(time_phases, "time_phases")
+        if grad_scaler is not None and not all(
+            callable(getattr(grad_scaler, method, None)) for method in ("is_enabled", "get_scale")
+        ):
+            raise TypeError(
+                "`grad_scaler` must be a torch.amp.GradScaler (or None), got "
+                f"{type(grad_scaler).__name__}"
+            )
         config = _distributed_config(distributed)
         self.distributed = config
         self.seed = check_integer(seed, "seed")

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from . import _persample as ps
 from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick, register_block
 from ._layers import BatchNorm2dLayer, Layer
-from ._schedule import check_integer
+from ._schedule import check_int_at_least, check_integer
 from .optimizer import PreconditionedSGD
 from .preconditioner import Preconditioner
 
@@ -419,6 +419,8 @@ class SENGPreconditioner(Preconditioner):
                     f"Invalid option {key!r}: SENG rebuilds U and its inverse from one batch "
                     "every `update_freq` steps"
                 )
+        if not callable(update_freq):  # (else validated at each step, as factor_every)
+            check_int_at_least(1)(update_freq, "update_freq")
         super().__init__(
             model,
             "seng",

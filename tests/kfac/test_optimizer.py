@@ -232,6 +232,12 @@ def test_invalid_hyperparameters_raise(kwargs: dict, message: str) -> None:
         kfac.KFAC(mlp(), **kwargs)
 
 
+def test_grad_scaler_that_is_not_one_is_a_type_error() -> None:
+    """Before: accepted, then an AttributeError at the first step."""
+    with pytest.raises(TypeError, match=r"`grad_scaler` must be a torch.amp.GradScaler .*int"):
+        kfac.KFAC(mlp(), lr=0.1, grad_scaler=3)
+
+
 def test_scheduled_hyperparameter_is_validated_when_called() -> None:
     model = mlp()
     opt = kfac.KFAC(model, lr=0.1, damping=lambda step: -1.0, factor_every=1, inverse_every=1)
