@@ -423,8 +423,9 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
         self, layer: Layer, state: FNGDState, grad: Tensor, batch: LayerBatch | None, tick: Tick
     ) -> Tensor:
         assert state.alpha is not None
-        if batch is None:  # a weighted-loss step: .grad is sum_i alpha_i grad l_i already
-            assert self.weighted
+        if batch is None:
+            # a weighted-loss step (.grad is sum_i alpha_i grad l_i already), or a layer this
+            # step's loss did not use (the zero .grad of zero_grad(set_to_none=False))
             return grad
         if state.alpha.shape[0] != batch.n:
             raise ValueError(
