@@ -216,7 +216,7 @@ class Capture:
         self._handles: list[RemovableHandle] = []
         for name, layer in self.layers.items():
             hook = WeakHook(self, "_on_forward", name)
-            self._handles.append(layer.module.register_forward_hook(hook))
+            self._handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
         if fisher == "mc":
             self._handles.append(model.register_forward_hook(WeakHook(self, "_on_model_output")))
         owners = {
@@ -250,11 +250,20 @@ class Capture:
         return torch.is_grad_enabled() and layer.module.training and name in self.plan
 
     def _on_forward(
-        self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any
+        self,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
     ) -> None:
-        """The forward hook of layer ``name``."""
+        """The forward hook of layer ``name`` (its input given by position or by keyword,
+        ``layer(input=x)``)."""
         layer = self.layers[name]
         if not self._recording(name) or not isinstance(output, Tensor):
+            return
+        args = args or tuple(kwargs.values())
+        if not args or not isinstance(args[0], Tensor):
             return
         if not output.requires_grad or not layer.trainable():
             return

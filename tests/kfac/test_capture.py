@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -40,6 +41,26 @@ def test_inplace_activation_after_layer_is_captured() -> None:
     for (A1, G1), (A2, G2) in zip(*results, strict=True):
         torch.testing.assert_close(A1, A2, rtol=0, atol=0)
         torch.testing.assert_close(G1, G2, rtol=0, atol=0)
+
+
+def test_layer_called_with_its_input_by_keyword_is_captured() -> None:
+    """``layer(input=x)``. Before: ``IndexError`` in the forward hook (no positional input)."""
+
+    class Keywords(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self[2](input=self[1](self[0](input=x)))
+
+    model = mlp().double()
+    twin = Keywords(*copy.deepcopy(list(model)))
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(3, (6,))
+    factors = []
+    for net in (model, twin):
+        precond = exact_preconditioner(net)
+        nn.functional.cross_entropy(net(x), y).backward()
+        precond.step()
+        factors.append([f for name in precond.layer_names for f in precond.factors(name)])
+    for a, b in zip(*factors, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_skip_layers_by_pattern_and_type() -> None:
