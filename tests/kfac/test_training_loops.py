@@ -577,8 +577,12 @@ def test_embedding_is_left_to_the_base_update() -> None:
         ),
         (lambda: nn.LazyLinear(3), r"its weight is not initialized yet \(a lazy module\)"),
         (lambda: nn.ConvTranspose2d(4, 3, 2), r"no K-FAC layer helper for this type"),
+        (  # before: trained with the imaginary parts silently dropped from the factors
+            lambda: nn.Linear(4, 3, dtype=torch.complex64),
+            r"its weight is torch.complex64; K-FAC's factors are real",
+        ),
     ],
-    ids=["weight_norm", "spectral_norm", "old-spectral_norm", "lazy", "conv-transpose"],
+    ids=["weight_norm", "spectral_norm", "old-spectral_norm", "lazy", "conv-transpose", "complex"],
 )
 def test_layers_kfac_cannot_describe_are_rejected_with_what_to_do(make, message: str) -> None:
     """Before: misleading errors, a silently changed bias gradient, an obscure reshape
