@@ -273,7 +273,13 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
         if indices is None:
             self.indices = None
             return
-        idx = torch.as_tensor(indices)
+        try:
+            idx = torch.as_tensor(indices)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"Invalid indices: must be a 1-D integer tensor, got {type(indices).__name__} "
+                f"({error})"
+            ) from None
         if idx.ndim != 1 or idx.dtype in (torch.bool,) or idx.is_floating_point():
             raise ValueError(
                 f"Invalid indices: must be a 1-D integer tensor, got dtype {idx.dtype} and "

@@ -346,6 +346,9 @@ def test_errors() -> None:
     ):
         with pytest.raises(ValueError, match=message):
             precond.set_indices(bad)
+    # before: torch's "new(): invalid data type 'str'", not naming `indices`
+    with pytest.raises(TypeError, match=r"Invalid indices: must be a 1-D integer tensor, got str"):
+        precond.set_indices("abc")
     other = kfac.FNGDPreconditioner(make_case("linear")[0], coefficients="shared")
     with pytest.raises(ValueError, match=r"saved with coefficients='shared'"):
         precond.load_state_dict(other.state_dict())
