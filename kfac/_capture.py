@@ -59,7 +59,9 @@ __all__ = ["LOSSES", "Capture", "WeakHook", "sampled_loss"]
 LOSSES = ("cross_entropy", "mse")
 
 
-def sampled_loss(output: Tensor, loss: str, generator: torch.Generator) -> Tensor:
+def sampled_loss(
+    output: Tensor, loss: str, generator: torch.Generator, samples: int | None = None
+) -> Tensor:
     """The batch-mean loss of ``output`` against targets drawn from the model's distribution.
 
     ``"cross_entropy"``: ``y ~ Categorical(softmax(output, dim=1))`` and
@@ -67,6 +69,8 @@ def sampled_loss(output: Tensor, loss: str, generator: torch.Generator) -> Tenso
     ``y ~ N(output, k/2 I)``, ``k`` the number of output entries per sample, the Gaussian whose
     negative log-likelihood ``||f - y||^2 / k`` is this per-sample loss; the expected outer
     product of the sampled gradients is then the generalized Gauss-Newton matrix of the loss.
+    A 1-D output is one entry per sample when it has ``samples`` entries (the samples the
+    layers saw: a regression output squeezed to ``(n,)``), else one sample's entries.
     """
     logits = output.detach().float()
     if loss == "cross_entropy":
@@ -82,7 +86,12 @@ def sampled_loss(output: Tensor, loss: str, generator: torch.Generator) -> Tenso
         flat = torch.where(torch.isfinite(flat).all(dim=1, keepdim=True), flat, 1.0)
         labels = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
         return F.cross_entropy(output, labels)
-    per_sample = output[0].numel() if output.ndim > 1 else output.numel()
+    if output.ndim > 1:
+        per_sample = output[0].numel()
+    elif samples is not None and output.shape[0] == samples:
+        per_sample = 1
+    else:
+        per_sample = output.numel()
     noise = torch.randn(
         logits.shape, generator=generator, device=logits.device, dtype=logits.dtype
     )
@@ -354,7 +363,9 @@ class Capture:
         assert self.loss is not None
         assert self.generator is not None
         weights = [layer.params[0] for layer in self.layers.values() if layer.trainable()]
-        loss = sampled_loss(output, self.loss, self.generator) * self.grad_scale()
+        # the samples of this forward, as the layers' calls counted them
+        samples = next((r.call_n for r in self.records.values() if r.call_n is not None), None)
+        loss = sampled_loss(output, self.loss, self.generator, samples) * self.grad_scale()
         self._mc_pass = True
         try:
             torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)

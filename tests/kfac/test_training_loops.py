@@ -642,6 +642,31 @@ def test_a_step_called_inside_autocast_computes_in_the_factor_dtype() -> None:
         assert torch.equal(a, b)
 
 
+def test_mc_fisher_of_a_squeezed_regression_output_is_per_sample() -> None:
+    """A model returning ``(n,)`` (a regression output squeezed inside its forward) and the
+    same model returning ``(n, 1)`` have one MC Fisher. Before: the 1-D output was read as
+    one sample of ``n`` entries, its targets' variance ``n / 2``: G ``n`` times too large."""
+
+    class Squeezed(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x).squeeze(-1)
+
+    base = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).double()
+    x, y = torch.randn(16, 5, dtype=F64), torch.randn(16, 1, dtype=F64)
+    factors = []
+    for model, target in ((base, y), (Squeezed(copy.deepcopy(base)), y.squeeze(-1))):
+        precond = exact_preconditioner(model, fisher="mc", loss="mse")
+        F.mse_loss(model(x), target).backward()
+        precond.step()
+        factors.append([f for name in precond.layer_names for f in precond.factors(name)])
+    for a, b in zip(*factors, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
 def test_mc_fisher_skips_a_nan_batch_and_an_empty_batch() -> None:
     """Before: a NaN in the batch made the sampler raise inside the model's forward
     ("probability tensor contains either `inf`, `nan` or element < 0"), and an empty batch
