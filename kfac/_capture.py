@@ -19,8 +19,10 @@ Accumulation. Everything recorded between two ``step()`` calls counts (docs/kfac
   et al., 2023), each call adds rows for the same ``n`` samples, so ``tau`` counts rows per
   sample over all calls.
 
-A forward recorded with no backward before ``step()`` is an error naming the layer (an
-evaluation forward in training mode with gradients enabled, most often).
+A forward recorded with no backward before ``step()`` is an error naming the layer when
+other calls of the layer got their output gradient (an evaluation forward in training mode
+with gradients enabled, most often); a layer none of whose calls got one (an output the
+step's loss left out) records nothing.
 
 Output gradients are captured with a *tensor* hook registered on the layer's output in the
 forward hook: unlike ``register_full_backward_hook`` it keeps working when an in-place
@@ -374,12 +376,14 @@ class Capture:
 
     def batch(self, name: str) -> LayerBatch | None:
         """What layer ``name`` recorded since the last step, or ``None`` when it recorded
-        nothing (not in the plan, or no training forward with gradients through it); raises
-        when a forward recorded outside a backward got no output gradient."""
+        nothing (not in the plan, or no training forward with gradients through it, or no
+        output gradient for any of its calls: an output this step's loss did not use);
+        raises when some calls recorded outside a backward got an output gradient and
+        others did not (a forward after the last backward, most often)."""
         record = self.records[name]
         layer = self.layers[name]
         missing = record.outside - record.grads
-        if missing:
+        if missing and record.grads:
             raise RuntimeError(
                 f"layer {layer.describe()} recorded {len(record.outside)} forward call(s) in "
                 f"training mode with gradients enabled since the last step, and {len(missing)} "

@@ -291,6 +291,36 @@ def test_training_in_eval_mode_is_an_error_that_says_so() -> None:
     assert opt.preconditioner.state("0").A.updates == 1
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_head_whose_loss_is_left_out_on_some_steps_is_left_alone(set_to_none: bool) -> None:
+    """An auxiliary head computed on every step, its loss added on every other step. Before:
+    each step without its loss raised ("got no output gradient before step()")."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.main, self.aux = nn.Linear(5, 7), nn.Linear(7, 3), nn.Linear(7, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = torch.tanh(self.body(x))
+            return self.main(h), self.aux(h)
+
+    model = TwoHeads()
+    opt = kfac.KFAC(model, lr=0.1, momentum=0.0, factor_every=1, inverse_every=1)
+    x, y = torch.randn(8, 5), torch.randint(3, (8,))
+    for step in range(4):
+        opt.zero_grad(set_to_none=set_to_none)
+        main, aux = model(x)
+        with_aux = step % 2 == 0
+        loss = F.cross_entropy(main, y) + (F.cross_entropy(aux, y) if with_aux else 0.0)
+        loss.backward()
+        before = model.aux.weight.detach().clone()
+        opt.step()
+        assert torch.equal(model.aux.weight, before) != with_aux
+    assert opt.preconditioner.state("aux").A.updates == 2
+    assert opt.preconditioner.state("main").A.updates == 4
+
+
 def test_training_forward_after_backward_is_reported() -> None:
     model = mlp()
     precond = kfac.KFACPreconditioner(model, factor_every=1, inverse_every=1)
