@@ -476,7 +476,7 @@ def main() -> None:
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port (None still takes the default 8787)
             memory_limit=args.memory_limit,
         ) as cluster,
         distributed.Client(cluster) as client,
