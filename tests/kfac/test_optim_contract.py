@@ -10,7 +10,9 @@ same parameter groups, step for step and bit for bit; then the usual contract: c
 
 from __future__ import annotations
 
+import copy
 import io
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -353,3 +355,16 @@ def test_every_exported_optimizer_is_in_the_registry() -> None:
     )
     registered = {info.options.get("block") for info in OPTIM_DB}
     assert set(kfac.block_names()) <= registered
+
+
+@pytest.mark.parametrize("info", OPTIM_DB, ids=IDS)
+def test_copying_or_pickling_the_optimizer_is_refused_with_what_to_do(info: OptimInfo) -> None:
+    """Before: torch's ``Optimizer.__getstate__`` kept only the groups and state, so a copy
+    or a pickle lost the preconditioner silently and failed steps later."""
+    model = make_model()
+    opt = info.make(model)
+    name = type(opt).__name__
+    message = rf"a {name} optimizer cannot be pickled or copied: .* Save `state_dict\(\)`"
+    for copy_it in (copy.deepcopy, pickle.dumps, lambda o: torch.save(o, io.BytesIO())):
+        with pytest.raises(TypeError, match=message):
+            copy_it(opt)
