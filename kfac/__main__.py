@@ -611,6 +611,40 @@ def _clip(text: str) -> float | None:
     return value or None
 
 
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _finite(low: float | None = None, high: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite number, ``> low`` and ``<= high`` where given."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        if low is not None and value <= low:
+            raise argparse.ArgumentTypeError(f"must be > {low:g}, got {text!r}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high:g}, got {text!r}")
+        return value
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     formatter = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
@@ -622,7 +656,10 @@ def _parser() -> argparse.ArgumentParser:
         if command == "train":
             p.add_argument("--optimizer", default="kfac", choices=optimizer_names())
             p.add_argument(
-                "--lr", type=float, default=None, help="learning rate (default per optimizer)"
+                "--lr",
+                type=_finite(0.0),
+                default=None,
+                help="learning rate (default per optimizer)",
             )
         else:
             p.add_argument(
@@ -639,10 +676,10 @@ def _parser() -> argparse.ArgumentParser:
                 help="per-optimizer learning rates",
             )
         p.add_argument("--model", default="autoencoder", choices=list(models.MODELS))
-        p.add_argument("--epochs", type=int, default=RunConfig.epochs)
-        p.add_argument("--batch-size", type=int, default=RunConfig.batch_size)
+        p.add_argument("--epochs", type=_int_at_least(1), default=RunConfig.epochs)
+        p.add_argument("--batch-size", type=_int_at_least(1), default=RunConfig.batch_size)
         p.add_argument(
-            "--width", type=float, default=RunConfig.width, help="hidden-width multiplier"
+            "--width", type=_finite(0.0), default=RunConfig.width, help="hidden-width multiplier"
         )
         p.add_argument("--momentum", type=float, default=RunConfig.momentum)
         p.add_argument(
@@ -690,23 +727,28 @@ def _parser() -> argparse.ArgumentParser:
             help="learning rate and momentum from the exact quadratic model each step "
             "(turns the KL clip and --momentum off)",
         )
-        p.add_argument("--seed", type=int, default=RunConfig.seed)
+        p.add_argument("--seed", type=_int_at_least(0), default=RunConfig.seed)
         p.add_argument(
             "--data", default=None, help="MNIST IDX dir, CIFAR-10 dir or .npz (default: digits28)"
         )
         p.add_argument("--device", default="cpu")
-        p.add_argument("--evals-per-epoch", type=int, default=RunConfig.evals_per_epoch)
         p.add_argument(
-            "--max-train", type=int, default=None, help="use the first N training samples"
+            "--evals-per-epoch", type=_int_at_least(1), default=RunConfig.evals_per_epoch
+        )
+        p.add_argument(
+            "--max-train",
+            type=_int_at_least(1),
+            default=None,
+            help="use the first N training samples",
         )
         p.add_argument(
             "--max-time",
-            type=float,
+            type=_finite(0.0),
             default=None,
             help="stop each run after this many seconds of training steps",
         )
-        p.add_argument("--target-loss", type=float, default=None)
-        p.add_argument("--target-accuracy", type=float, default=None)
+        p.add_argument("--target-loss", type=_finite(), default=None)
+        p.add_argument("--target-accuracy", type=_finite(None, 1.0), default=None)
         p.add_argument("--plot", default=None, help="PNG path for loss/accuracy vs wall time")
         p.add_argument("--json", default=None, help="write the histories as JSON")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -724,13 +766,31 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def _learning_rates(specs: Sequence[str], names: Sequence[str]) -> dict[str, float]:
+    """``--lr NAME=LR ...`` of ``compare``; :class:`ValueError` for a malformed one."""
     lrs: dict[str, float] = {}
     for spec in specs:
         name, sep, value = spec.partition("=")
         if not sep or name not in names:
-            raise SystemExit(f"--lr expects NAME=LR with NAME in {list(names)}, got {spec!r}")
-        lrs[name] = float(value)
+            raise ValueError(f"--lr expects NAME=LR with NAME in {list(names)}, got {spec!r}")
+        try:
+            lrs[name] = _finite(0.0)(value)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"--lr {spec}: {exc}") from None
     return lrs
+
+
+def _writable(option: str, path: str) -> None:
+    """:class:`ValueError` unless ``path`` can be written (checked before any training)."""
+    target = os.path.abspath(path)
+    parent = os.path.dirname(target)
+    if os.path.isdir(target):
+        raise ValueError(f"{option} {path}: is a directory")
+    if not os.path.isdir(parent):
+        raise ValueError(f"{option} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (
+        os.path.exists(target) and not os.access(target, os.W_OK)
+    ):
+        raise ValueError(f"{option} {path}: not writable")
 
 
 def _periods(args: argparse.Namespace, name: str) -> dict[str, Any]:
@@ -760,8 +820,18 @@ def _periods(args: argparse.Namespace, name: str) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        parser.error(f"--device {args.device!r}: {exc}")
+    if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    for option, path in (("--plot", args.plot), ("--json", args.json)):
+        if path is not None:
+            try:
+                _writable(option, path)
+            except ValueError as exc:
+                parser.error(str(exc))
     args.device = _init_distributed(args.device)
     try:
         return _main(parser, args)
@@ -800,12 +870,21 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             )
         ]
     else:
-        lrs = _learning_rates(args.lr, args.optimizers)
+        repeated = sorted({name for name in args.optimizers if args.optimizers.count(name) > 1})
+        if repeated:
+            parser.error(f"--optimizers: {repeated} given more than once")
+        try:
+            lrs = _learning_rates(args.lr, args.optimizers)
+        except ValueError as exc:
+            parser.error(str(exc))
         configs = [
             RunConfig(optimizer=name, lr=lrs.get(name), **common, **_periods(args, name))
             for name in args.optimizers
         ]
-    dataset = datasets.load(args.data)
+    try:
+        dataset = datasets.load(args.data)
+    except (OSError, ValueError) as exc:  # missing, unreadable or malformed files
+        parser.error(f"--data {args.data}: {exc}")
     for cfg in configs:  # every configuration is checked before any training starts
         try:
             _build(cfg, dataset)

@@ -412,3 +412,86 @@ def test_quadratic_step_and_adaptive_damping_from_the_command_line(
     with pytest.raises(SystemExit):
         main([*args, "--damping-scheme", "factored-relative"])
     assert "needs an absolute damping" in capsys.readouterr().err
+
+
+_TINY = ["--quiet", "--model", "mlp", "--width", "0.25", "--epochs", "1", "--max-train", "64"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got '0'"),
+        (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1, got '0'"),
+        (["--batch-size", "-5"], "argument --batch-size: must be an integer >= 1, got '-5'"),
+        (["--batch-size", "2.5"], "argument --batch-size: expected an integer, got '2.5'"),
+        (["--evals-per-epoch", "0"], "argument --evals-per-epoch: must be an integer >= 1"),
+        (["--max-train", "0"], "argument --max-train: must be an integer >= 1, got '0'"),
+        (["--max-train", "-10"], "argument --max-train: must be an integer >= 1, got '-10'"),
+        (["--seed", "-1"], "argument --seed: must be an integer >= 0, got '-1'"),
+        (["--width", "nan"], "argument --width: must be finite, got 'nan'"),
+        (["--width", "-1"], "argument --width: must be > 0, got '-1'"),
+        (["--lr", "nan"], "argument --lr: must be finite, got 'nan'"),
+        (["--lr", "0"], "argument --lr: must be > 0, got '0'"),
+        (["--max-time", "-1"], "argument --max-time: must be > 0, got '-1'"),
+        (["--max-time", "inf"], "argument --max-time: must be finite, got 'inf'"),
+        (["--target-loss", "nan"], "argument --target-loss: must be finite, got 'nan'"),
+        (["--target-accuracy", "2"], "argument --target-accuracy: must be <= 1, got '2'"),
+        (["--target-accuracy", "x"], "argument --target-accuracy: expected a number, got 'x'"),
+    ],
+)
+def test_cli_rejects_bad_numbers_with_a_usage_error(args, message, capsys) -> None:
+    """Before: ``--batch-size 0`` raised ZeroDivisionError, ``--max-train 0`` a RuntimeError
+    from ``max()`` of an empty tensor; ``--batch-size -5``, ``--epochs 0``, ``--max-train -10``
+    (all but the last 10 samples), ``--max-time -1``, ``--lr nan`` (SGD) ran and exited 0."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *_TINY, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err
+    assert message in err, err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--optimizers", "sgd", "--lr", "sgd=abc"], "--lr sgd=abc: expected a number"),
+        (["--optimizers", "sgd", "--lr", "sgd=nan"], "--lr sgd=nan: must be finite"),
+        (["--optimizers", "sgd", "--lr", "adam=0.1"], "--lr expects NAME=LR with NAME in"),
+        (["--optimizers", "sgd", "adam", "sgd"], r"--optimizers: ['sgd'] given more than once"),
+    ],
+)
+def test_compare_rejects_bad_learning_rates_and_repeats(args, message, capsys) -> None:
+    """Before: ``sgd=abc`` raised ValueError with a traceback, ``adam=0.1`` exited with status
+    1 and no usage line, ``sgd=nan`` trained, and a repeated optimizer trained twice."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", *_TINY, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err
+    assert message in err, err
+
+
+def test_cli_checks_paths_and_device_before_training(tmp_path: Path, capsys, monkeypatch) -> None:
+    """Before: a bad ``--data`` or ``--device`` was a traceback, and an unwritable ``--plot``
+    or ``--json`` a traceback after the whole training run."""
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr("kfac.__main__.train", no_training)
+    cases = [
+        (["--data", str(tmp_path / "nowhere")], "nowhere: expected an .npz file"),
+        (["--data", str(tmp_path)], "missing train-images-idx3-ubyte"),
+        (["--plot", str(tmp_path / "no" / "x.png")], "x.png: directory"),
+        (["--json", str(tmp_path / "no" / "x.json")], "x.json: directory"),
+        (["--json", str(tmp_path)], f"--json {tmp_path}: is a directory"),
+        (["--device", "bogus"], "--device 'bogus':"),
+        (["--device", ""], "--device '':"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", *_TINY, *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "usage:" in err
+        assert message in err, err
