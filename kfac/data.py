@@ -6,15 +6,20 @@ digits (1797 images of 8x8) resized to 28x28, so the MNIST-shaped models run unc
 pickles, or an ``.npz`` with ``x_train``, ``y_train``, ``x_test``, ``y_test``.
 
 Every loader returns a :class:`Dataset` of float32 images in ``[0, 1]`` with shape
-``(N, C, H, W)`` and int64 labels.
+``(N, C, H, W)`` and int64 labels. Malformed files (corrupt or truncated IDX, gzip, pickle or
+``.npz`` data, label and image counts that differ, empty splits, train and test images of
+different shapes, NaN images, labels that are not non-negative integers) raise
+:class:`ValueError` naming the file; missing files :class:`FileNotFoundError`.
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import pickle
+import zlib
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -43,6 +48,10 @@ class Dataset(NamedTuple):
 
 def _images(x: np.ndarray, name: str) -> torch.Tensor:
     x = np.asarray(x)
+    if x.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: images must be booleans, integers or floats, not {x.dtype}")
+    if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+        raise ValueError(f"{name}: images contain NaN or infinite values")
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim != 4:
@@ -56,9 +65,17 @@ def _images(x: np.ndarray, name: str) -> torch.Tensor:
 
 
 def _labels(y: np.ndarray, n: int, name: str) -> torch.Tensor:
-    y = np.asarray(y).reshape(-1)
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise ValueError(f"{name}: labels must be one class index per image, got shape {y.shape}")
     if y.shape[0] != n:
         raise ValueError(f"{name}: {y.shape[0]} labels for {n} images")
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(f"{name}: labels must be integers, got dtype {y.dtype}")
+    if np.issubdtype(y.dtype, np.floating) and not (np.isfinite(y) & (y == np.round(y))).all():
+        raise ValueError(f"{name}: labels must be integers, got non-integer values")
+    if y.size and y.min() < 0:
+        raise ValueError(f"{name}: labels must be >= 0, got {y.min()}")
     return torch.from_numpy(y.astype(np.int64))
 
 
@@ -80,30 +97,38 @@ def digits28(test_fraction: float = 1 / 6, seed: int = 0) -> Dataset:
 
 
 def _read_idx(path: Path) -> np.ndarray:
-    opener: Any = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    """The array of an IDX file, gzip-compressed or not (told apart by the content, not the
+    name); :class:`ValueError` naming ``path`` for a corrupt or truncated one."""
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":  # the gzip magic number
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ValueError(f"{path}: corrupt or truncated gzip data ({exc})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"{path}: not an IDX file (bad magic number)")
     if data[2] != 0x08:
         raise ValueError(f"{path}: IDX type code {data[2]:#x} is not unsigned byte (0x08)")
     ndim = data[3]
-    dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(int)
+    if ndim == 0 or len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header ({ndim} dimensions)")
+    dims = [int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4)]
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != int(np.prod(dims)):
-        raise ValueError(f"{path}: expected {int(np.prod(dims))} values, found {body.size}")
+    if body.size != math.prod(dims):
+        raise ValueError(f"{path}: expected {math.prod(dims)} values, found {body.size}")
     return body.reshape(dims).copy()  # frombuffer is read-only
 
 
 def _find(root: Path, stem: str) -> Path:
     for candidate in (root / stem, root / f"{stem}.gz"):
-        if candidate.exists():
+        if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"{root}: missing {stem} (or {stem}.gz)")
 
 
 def load_mnist_idx(root: str | Path) -> Dataset:
-    """MNIST (or Fashion-MNIST) from the four IDX files in ``root`` (plain or ``.gz``)."""
+    """MNIST (or Fashion-MNIST) from the four IDX files in ``root`` (plain or ``.gz``;
+    gzip data is recognised by its content, whatever the name)."""
     root = Path(root)
     arrays = {
         key: _read_idx(_find(root, stem))
@@ -127,10 +152,19 @@ def load_cifar10(root: str | Path) -> Dataset:
         path = root / name
         if not path.exists():
             raise FileNotFoundError(f"{root}: missing CIFAR-10 batch {name}")
-        with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-        x = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        return x, np.asarray(batch[b"labels"])
+        try:
+            with open(path, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")
+            x = np.asarray(batch[b"data"], dtype=np.uint8)
+            y = np.asarray(batch[b"labels"])
+        except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(
+                f"{path}: not a CIFAR-10 batch (a pickled dict with b'data' and b'labels'): "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
+        if x.ndim != 2 or x.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{path}: data must have shape (N, 3072), got {x.shape}")
+        return x.reshape(-1, 3, 32, 32), y
 
     train = [read(f"data_batch_{i}") for i in range(1, 6)]
     x_test, y_test = read("test_batch")
@@ -146,17 +180,34 @@ def load_cifar10(root: str | Path) -> Dataset:
 def load_npz(path: str | Path) -> Dataset:
     """An ``.npz`` with ``x_train``, ``y_train``, ``x_test``, ``y_test`` (uint8 images are
     scaled by 1/255, float images used as they are)."""
-    with np.load(path) as f:
+    try:
+        f = np.load(path)
+    except (OSError, EOFError, ValueError) as exc:  # empty, corrupt or a pickle
+        raise ValueError(f"{path}: not a readable .npz file ({exc})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: a single .npy array, not an .npz archive")
+    with f:
         missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
         if missing:
             raise ValueError(f"{path}: missing arrays {missing}")
-        arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+        try:
+            arrays = {k: f[k] for k in ("x_train", "y_train", "x_test", "y_test")}
+        except (OSError, EOFError, ValueError) as exc:  # e.g. object arrays, bad members
+            raise ValueError(f"{path}: unreadable array ({exc})") from None
     return _from_arrays(Path(path).stem, arrays, str(path))
 
 
 def _from_arrays(name: str, arrays: dict[str, np.ndarray], where: str) -> Dataset:
     x_train = _images(arrays["x_train"], where)
     x_test = _images(arrays["x_test"], where)
+    for split, x in (("training", x_train), ("test", x_test)):
+        if x.shape[0] == 0:
+            raise ValueError(f"{where}: no {split} images")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise ValueError(
+            f"{where}: training images of shape {tuple(x_train.shape[1:])} but test images "
+            f"of shape {tuple(x_test.shape[1:])}"
+        )
     return Dataset(
         name,
         x_train,
@@ -172,12 +223,12 @@ def load(path: str | Path | None = None) -> Dataset:
     if path is None:
         return digits28()
     p = Path(path)
-    if p.is_file() and p.suffix == ".npz":
+    if p.is_file() and p.suffix.lower() == ".npz":
         return load_npz(p)
     if p.is_dir():
         if (p / "data_batch_1").exists() or (p / "cifar-10-batches-py").is_dir():
             return load_cifar10(p)
         return load_mnist_idx(p)
     raise FileNotFoundError(
-        f"--data {path}: expected an .npz file, a CIFAR-10 directory or an MNIST IDX directory"
+        f"{path}: expected an .npz file, a CIFAR-10 directory or an MNIST IDX directory"
     )

@@ -495,3 +495,153 @@ def test_cli_checks_paths_and_device_before_training(tmp_path: Path, capsys, mon
         err = capsys.readouterr().err
         assert "usage:" in err
         assert message in err, err
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+    return header + struct.pack(f">{array.ndim}I", *array.shape) + array.astype(np.uint8).tobytes()
+
+
+@pytest.mark.parametrize(
+    ("payload", "name", "message"),
+    [
+        (b"\x00\x00\x08\x03\x00\x00", "", "truncated IDX header"),
+        (b"\x00\x00\x08\x00", "", r"truncated IDX header \(0 dimensions\)"),
+        (b"", "", "not an IDX file"),
+        (b"\x1f\x8b garbage", ".gz", "corrupt or truncated gzip data"),
+        ("truncated-gzip", ".gz", "corrupt or truncated gzip data"),
+        (
+            b"\x00\x00\x08\x03" + struct.pack(">3I", 2**31, 2**31, 2**31),
+            "",
+            "expected 9903520314283042199192993792 values, found 0",
+        ),
+    ],
+    ids=["short-header", "no-dims", "empty", "bad-gzip", "truncated-gzip", "huge-dims"],
+)
+def test_corrupt_idx_files_are_value_errors_naming_the_file(
+    mnist_dir: Path, payload, name: str, message: str
+) -> None:
+    """Before: a short header raised numpy's 'buffer is smaller than requested size', corrupt
+    or truncated gzip data BadGzipFile / EOFError without the file, and dimensions whose
+    product overflows int64 a reshape error."""
+    (mnist_dir / "train-images-idx3-ubyte.gz").unlink()
+    if payload == "truncated-gzip":
+        payload = gzip.compress(_idx_bytes(np.zeros((20, 28, 28))))[:-30]
+    path = mnist_dir / f"train-images-idx3-ubyte{name}"
+    path.write_bytes(payload)
+    with pytest.raises(ValueError, match=f"train-images-idx3-ubyte{name}: {message}"):
+        data.load(mnist_dir)
+
+
+def test_idx_compression_is_told_by_content(mnist_dir: Path) -> None:
+    """Before: a plain IDX file named ``.gz`` raised BadGzipFile and a gzipped one without
+    the suffix 'bad magic number'."""
+    expected = data.load(mnist_dir)
+    plain = gzip.decompress((mnist_dir / "train-images-idx3-ubyte.gz").read_bytes())
+    (mnist_dir / "train-images-idx3-ubyte.gz").write_bytes(plain)
+    labels = mnist_dir / "train-labels-idx1-ubyte"
+    labels.write_bytes(gzip.compress(labels.read_bytes()))
+    ds = data.load(mnist_dir)
+    assert torch.equal(ds.x_train, expected.x_train)
+    assert torch.equal(ds.y_train, expected.y_train)
+
+
+def test_a_directory_in_place_of_an_idx_file_is_missing(mnist_dir: Path) -> None:
+    """Before: IsADirectoryError."""
+    (mnist_dir / "t10k-labels-idx1-ubyte.gz").unlink()
+    (mnist_dir / "t10k-labels-idx1-ubyte").mkdir()
+    with pytest.raises(FileNotFoundError, match="missing t10k-labels-idx1-ubyte"):
+        data.load(mnist_dir)
+
+
+_X = np.random.default_rng(0).random((6, 12, 12)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"x_train": _X[:0], "y_train": np.zeros(0, int)}, "no training images"),
+        ({"x_test": _X[:0], "y_test": np.zeros(0, int)}, "no test images"),
+        ({"x_test": _X[:2, :8, :8]}, r"training images of shape \(1, 12, 12\) but test images"),
+        ({"x_train": _X * np.nan}, "images contain NaN or infinite values"),
+        ({"x_train": _X.astype(complex)}, "images must be booleans, integers or floats"),
+        ({"y_train": np.arange(6) / 2}, "labels must be integers, got non-integer values"),
+        ({"y_train": np.arange(6) - 3}, "labels must be >= 0, got -3"),
+        ({"y_train": np.eye(6)[:, :2]}, r"labels must be one class index per image, got shape"),
+        ({"y_train": np.array(list("abcdef"))}, "labels must be integers, got dtype <U1"),
+    ],
+    ids=["no-train", "no-test", "shapes", "nan", "complex", "fractional", "negative",
+         "one-hot", "strings"],
+)  # fmt: skip
+def test_npz_content_errors(tmp_path: Path, arrays: dict, message: str) -> None:
+    """Before: empty splits raised RuntimeError from ``max()``, mismatched train/test shapes,
+    NaN images and fractional or negative labels loaded (labels truncated to int, -3 a
+    class index that crashes the loss), and one-hot labels reported '12 labels for 6
+    images'."""
+    full = {"x_train": _X, "y_train": np.arange(6) % 2, "x_test": _X[:2], "y_test": np.arange(2)}
+    np.savez(tmp_path / "d.npz", **{**full, **arrays})
+    with pytest.raises(ValueError, match=message):
+        data.load(tmp_path / "d.npz")
+
+
+def test_npz_file_errors(tmp_path: Path) -> None:
+    """Before: EOFError for an empty file, numpy's allow_pickle advice for a non-npz file
+    and for object arrays (neither naming the file), and an ``.NPZ`` file was 'expected an
+    .npz file'."""
+    path = tmp_path / "d.npz"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"d.npz: not a readable .npz file"):
+        data.load(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"d.npz: not a readable .npz file"):
+        data.load(path)
+    np.save(tmp_path / "a.npy", _X)
+    (tmp_path / "a.npy").rename(path)
+    with pytest.raises(ValueError, match=r"d.npz: a single .npy array, not an .npz archive"):
+        data.load(path)
+    objects = np.empty(2, dtype=object)
+    np.savez(path, x_train=objects, y_train=np.arange(2), x_test=_X[:2], y_test=np.arange(2))
+    with pytest.raises(ValueError, match=r"d.npz: unreadable array \(Object arrays"):
+        data.load(path)
+    upper = tmp_path / "d2.NPZ"
+    np.savez(tmp_path / "d2.npz", x_train=_X, y_train=np.arange(6), x_test=_X, y_test=np.arange(6))
+    (tmp_path / "d2.npz").rename(upper)
+    assert data.load(upper).x_train.shape == (6, 1, 12, 12)
+
+
+def _cifar_dir(root: Path, **override: bytes) -> Path:
+    root.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 3]}
+        (root / name).write_bytes(override.get(name, pickle.dumps(batch)))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("payload", "message"),
+    [
+        (b"junk", "data_batch_2: not a CIFAR-10 batch .* UnpicklingError"),
+        (pickle.dumps({b"x": 1}), r"data_batch_2: not a CIFAR-10 batch .* KeyError: b'data'"),
+        (
+            pickle.dumps({b"data": np.zeros((4, 100), np.uint8), b"labels": [0, 1, 2, 3]}),
+            r"data_batch_2: data must have shape \(N, 3072\), got \(4, 100\)",
+        ),
+    ],
+    ids=["not-a-pickle", "missing-key", "wrong-row-length"],
+)
+def test_corrupt_cifar_batches_are_value_errors_naming_the_file(
+    tmp_path: Path, payload: bytes, message: str
+) -> None:
+    """Before: UnpicklingError, KeyError and numpy's reshape error, none naming the file."""
+    root = _cifar_dir(tmp_path / "cifar", data_batch_2=payload)
+    with pytest.raises(ValueError, match=message):
+        data.load(root)
+
+
+def test_corrupt_data_is_a_usage_error_on_the_command_line(mnist_dir: Path, capsys) -> None:
+    (mnist_dir / "train-labels-idx1-ubyte").write_bytes(_idx_bytes(np.arange(19) % 10))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *_TINY, "--data", str(mnist_dir)])
+    assert exit_info.value.code == 2
+    assert "19 labels for 20 images" in capsys.readouterr().err
