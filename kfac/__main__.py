@@ -313,6 +313,27 @@ def _shard(idx: torch.Tensor) -> torch.Tensor:
     return idx if world == 1 else torch.tensor_split(idx, world)[_rank()]
 
 
+def _check_distributed(cfg: RunConfig, n: int) -> None:
+    """:class:`ValueError` for a run that cannot be split over the processes: ``max_time``,
+    or a global batch (the last one included) with fewer samples than processes, whose empty
+    shard would give a NaN loss on one rank only."""
+    world = _world()
+    if world == 1:
+        return
+    if cfg.max_time is not None:
+        raise ValueError(
+            "max_time is not supported under torchrun: each rank measures its own time, so "
+            "the ranks would stop at different steps"
+        )
+    smallest = min(cfg.batch_size, n % cfg.batch_size or cfg.batch_size)
+    if smallest < world:
+        raise ValueError(
+            f"a global batch of {smallest} samples cannot be split over {world} processes "
+            f"({n} training samples, batch_size {cfg.batch_size}); choose a batch size and "
+            f"a max_train whose last batch has at least {world} samples"
+        )
+
+
 def _average_gradients(model: nn.Module) -> None:
     """The mean of the processes' gradients, in one all-reduce of one flat buffer."""
     if _world() == 1:
@@ -486,11 +507,7 @@ def train(
         if result.time_to_target is None and _reached(cfg, value, accuracy):
             result.time_to_target = elapsed
 
-    if cfg.max_time is not None and _world() > 1:
-        raise ValueError(
-            "max_time is not supported under torchrun: each rank measures its own time, so "
-            "the ranks would stop at different steps"
-        )
+    _check_distributed(cfg, n)
     record(0.0, 0)
     bar = None
     if progress and _rank() == 0:
@@ -888,7 +905,9 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     for cfg in configs:  # every configuration is checked before any training starts
         try:
             _build(cfg, dataset)
-        except ConfigError as exc:
+            n = dataset.x_train.shape[0]
+            _check_distributed(cfg, n if cfg.max_train is None else min(n, cfg.max_train))
+        except ValueError as exc:  # ConfigError included
             parser.error(str(exc))
     results = [train(cfg, dataset, progress=not args.quiet) for cfg in configs]
     world = _world()

@@ -645,3 +645,21 @@ def test_corrupt_data_is_a_usage_error_on_the_command_line(mnist_dir: Path, caps
         main(["train", *_TINY, "--data", str(mnist_dir)])
     assert exit_info.value.code == 2
     assert "19 labels for 20 images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("world", "max_train", "batch_size", "smallest"),
+    [(2, 65, 64, 1), (2, 64, 1, 1), (3, 66, 64, 2)],
+)
+def test_a_global_batch_smaller_than_the_processes_is_refused(
+    monkeypatch, world: int, max_train: int, batch_size: int, smallest: int
+) -> None:
+    """Before: under torchrun with 2 processes, 65 samples in batches of 64 left rank 1 an
+    empty last shard, whose NaN loss stopped that rank alone ('the training loss diverged')
+    while rank 0 waited in the all-reduce until gloo closed the connection."""
+    monkeypatch.setattr("kfac.__main__._world", lambda: world)
+    cfg = RunConfig(optimizer="sgd", model="mlp", width=0.25, epochs=1,
+                    batch_size=batch_size, max_train=max_train)  # fmt: skip
+    message = f"global batch of {smallest} samples cannot be split over {world} processes"
+    with pytest.raises(ValueError, match=message):
+        train(cfg, progress=False)

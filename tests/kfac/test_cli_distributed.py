@@ -88,3 +88,19 @@ def test_two_nodes_meet_through_a_c10d_rendezvous(tmp_path: Path, single: list[f
     assert len(written) == 1
     losses = json.loads(written[0].read_text())["results"][0]["train_loss"]
     assert losses == pytest.approx(single, rel=1e-5)
+
+
+def test_torchrun_refuses_a_last_batch_smaller_than_the_processes() -> None:
+    """Before: 65 samples in batches of 64 left rank 1 an empty last shard; its NaN loss
+    stopped it alone and rank 0 failed in the all-reduce with a gloo connection error."""
+    command = [*_torchrun(), "--nproc-per-node", "2", "--master-port", str(_free_port())]
+    task = ["train", "--optimizer", "sgd", "--model", "mlp", "--width", "0.25", "--epochs",
+            "1", "--max-train", "65", "--batch-size", "64", "--quiet"]  # fmt: skip
+    run = subprocess.run(
+        [*command, "-m", "kfac", *task],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert run.returncode != 0
+    assert "usage:" in run.stderr
+    assert "global batch of 1 samples cannot be split over 2 processes" in run.stderr
+    assert "diverged" not in run.stderr
