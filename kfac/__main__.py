@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 import sys
 import time
@@ -480,6 +481,12 @@ def train(
     (an optimizer from another package; ``cfg.optimizer`` then only names the run).
     ``timer`` measures the training steps (``time.process_time`` for the process's CPU time
     on a loaded machine); ``cfg.max_time`` (in the timer's seconds) stops the run early."""
+    for key, low in (("epochs", 0), ("batch_size", 1), ("evals_per_epoch", 1), ("max_train", 1)):
+        value = getattr(cfg, key)
+        if value is None and key == "max_train":
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+            raise ValueError(f"Invalid {key}: {value!r} (must be an integer >= {low})")
     ds = dataset if dataset is not None else datasets.load(cfg.data)
     if cfg.max_train is not None:
         ds = ds._replace(x_train=ds.x_train[: cfg.max_train], y_train=ds.y_train[: cfg.max_train])

@@ -663,3 +663,20 @@ def test_a_global_batch_smaller_than_the_processes_is_refused(
     message = f"global batch of {smallest} samples cannot be split over {world} processes"
     with pytest.raises(ValueError, match=message):
         train(cfg, progress=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "low"),
+    [("batch_size", 0, 1), ("batch_size", -5, 1), ("batch_size", 2.0, 1), ("epochs", -1, 0),
+     ("evals_per_epoch", 0, 1), ("max_train", 0, 1), ("max_train", -10, 1)],
+)  # fmt: skip
+def test_train_rejects_bad_sizes(field: str, value, low: int) -> None:
+    """Before: ``batch_size=0`` raised ZeroDivisionError, ``max_train=0`` a RuntimeError from
+    ``max()``, ``max_train=-10`` dropped the last 10 samples and ``batch_size=-5`` trained
+    for zero steps."""
+    cfg = RunConfig(optimizer="sgd", model="mlp", width=0.25, epochs=1, max_train=64)
+    setattr(cfg, field, value)
+    with pytest.raises(
+        ValueError, match=rf"Invalid {field}: {value!r} \(must be an integer >= {low}\)"
+    ):
+        train(cfg, progress=False)
