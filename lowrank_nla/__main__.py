@@ -77,11 +77,17 @@ def _print_table(rows: Sequence[tuple[str, str, int, float, float]]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lowrank_nla")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_demo = sub.add_parser("demo", help="decompose generated matrices and compare with NumPy")
-    p_demo.add_argument("--n", type=int, default=1500, help="matrix size (default 1500)")
-    p_demo.add_argument("--rank", type=int, default=100, help="target rank (default 100)")
-    p_demo.add_argument("--dtype", choices=("float32", "float64"), default="float64")
-    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo = sub.add_parser(
+        "demo",
+        help="decompose generated matrices and compare with NumPy",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p_demo.add_argument("--n", type=int, default=1500, help="matrix size")
+    p_demo.add_argument("--rank", type=int, default=100, help="target rank")
+    p_demo.add_argument(
+        "--dtype", choices=("float32", "float64"), default="float64", help="working precision"
+    )
+    p_demo.add_argument("--seed", type=int, default=0, help="random seed (>= 0)")
     args = parser.parse_args(argv)
     if not 1 <= args.rank < args.n:
         parser.error(f"--rank must be in [1, n), got {args.rank} with n = {args.n}")

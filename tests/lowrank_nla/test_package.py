@@ -112,3 +112,15 @@ def test_demo_rejects_a_negative_seed() -> None:
     assert out.returncode == 2
     assert "--seed must be a non-negative integer, got -1" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_demo_help_shows_every_default(capsys) -> None:
+    """Before: ``--dtype`` and ``--seed`` were listed without their defaults."""
+    from lowrank_nla.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--help"])
+    assert exit_info.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("(default: 1500)", "(default: 100)", "(default: float64)", "(default: 0)"):
+        assert text in out, out
