@@ -856,6 +856,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _writable(option, path)
             except ValueError as exc:
                 parser.error(str(exc))
+    if args.plot is not None:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        formats = FigureCanvasAgg.get_supported_filetypes()
+        suffix = os.path.splitext(args.plot)[1].lower().lstrip(".")
+        if suffix and suffix not in formats:
+            parser.error(
+                f"--plot {args.plot}: matplotlib cannot write .{suffix} files; use one of "
+                f"{sorted(formats)}"
+            )
     args.device = _init_distributed(args.device)
     try:
         return _main(parser, args)

@@ -473,7 +473,8 @@ def test_compare_rejects_bad_learning_rates_and_repeats(args, message, capsys) -
 
 def test_cli_checks_paths_and_device_before_training(tmp_path: Path, capsys, monkeypatch) -> None:
     """Before: a bad ``--data`` or ``--device`` was a traceback, and an unwritable ``--plot``
-    or ``--json`` a traceback after the whole training run."""
+    or ``--json`` (or a ``--plot`` format matplotlib cannot write) a traceback after the
+    whole training run, with no JSON written."""
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
@@ -485,6 +486,7 @@ def test_cli_checks_paths_and_device_before_training(tmp_path: Path, capsys, mon
         (["--plot", str(tmp_path / "no" / "x.png")], "x.png: directory"),
         (["--json", str(tmp_path / "no" / "x.json")], "x.json: directory"),
         (["--json", str(tmp_path)], f"--json {tmp_path}: is a directory"),
+        (["--plot", str(tmp_path / "x.txt")], "x.txt: matplotlib cannot write .txt files"),
         (["--device", "bogus"], "--device 'bogus':"),
         (["--device", ""], "--device '':"),
     ]
