@@ -8,7 +8,8 @@ pickles, or an ``.npz`` with ``x_train``, ``y_train``, ``x_test``, ``y_test``.
 Every loader returns a :class:`Dataset` of float32 images in ``[0, 1]`` with shape
 ``(N, C, H, W)`` and int64 labels. Malformed files (corrupt or truncated IDX, gzip, pickle or
 ``.npz`` data, label and image counts that differ, empty splits, train and test images of
-different shapes, NaN images, labels that are not non-negative integers) raise
+different shapes, NaN images, integer images outside [0, 255], labels that are not
+non-negative integers) raise
 :class:`ValueError` naming the file; missing files :class:`FileNotFoundError`.
 """
 
@@ -57,6 +58,11 @@ def _images(x: np.ndarray, name: str) -> torch.Tensor:
     if x.ndim != 4:
         raise ValueError(
             f"{name}: images must have shape (N, H, W) or (N, C, H, W), got {x.shape}"
+        )
+    if x.dtype.kind in "iu" and x.size and (x.min() < 0 or x.max() > 255):
+        raise ValueError(
+            f"{name}: integer images must be in [0, 255] (they are scaled by 1/255), got "
+            f"values in [{x.min()}, {x.max()}]"
         )
     t = torch.from_numpy(np.ascontiguousarray(x)).float()
     if np.issubdtype(x.dtype, np.integer):

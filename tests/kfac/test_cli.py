@@ -567,19 +567,20 @@ _X = np.random.default_rng(0).random((6, 12, 12)).astype(np.float32)
         ({"x_test": _X[:2, :8, :8]}, r"training images of shape \(1, 12, 12\) but test images"),
         ({"x_train": _X * np.nan}, "images contain NaN or infinite values"),
         ({"x_train": _X.astype(complex)}, "images must be booleans, integers or floats"),
+        ({"x_train": (_X * 1000).astype(np.int16)}, r"integer images must be in \[0, 255\]"),
         ({"y_train": np.arange(6) / 2}, "labels must be integers, got non-integer values"),
         ({"y_train": np.arange(6) - 3}, "labels must be >= 0, got -3"),
         ({"y_train": np.eye(6)[:, :2]}, r"labels must be one class index per image, got shape"),
         ({"y_train": np.array(list("abcdef"))}, "labels must be integers, got dtype <U1"),
     ],
-    ids=["no-train", "no-test", "shapes", "nan", "complex", "fractional", "negative",
-         "one-hot", "strings"],
+    ids=["no-train", "no-test", "shapes", "nan", "complex", "int16", "fractional",
+         "negative", "one-hot", "strings"],
 )  # fmt: skip
 def test_npz_content_errors(tmp_path: Path, arrays: dict, message: str) -> None:
     """Before: empty splits raised RuntimeError from ``max()``, mismatched train/test shapes,
-    NaN images and fractional or negative labels loaded (labels truncated to int, -3 a
-    class index that crashes the loss), and one-hot labels reported '12 labels for 6
-    images'."""
+    NaN images, int16 images up to 999 (scaled to 3.9) and fractional or negative labels
+    loaded (labels truncated to int, -3 a class index that crashes the loss), and one-hot
+    labels reported '12 labels for 6 images'."""
     full = {"x_train": _X, "y_train": np.arange(6) % 2, "x_test": _X[:2], "y_test": np.arange(2)}
     np.savez(tmp_path / "d.npz", **{**full, **arrays})
     with pytest.raises(ValueError, match=message):
