@@ -9,8 +9,8 @@ Every loader returns a :class:`Dataset` of float32 images in ``[0, 1]`` with sha
 ``(N, C, H, W)`` and int64 labels. Malformed files (corrupt or truncated IDX, gzip, pickle or
 ``.npz`` data, label and image counts that differ, empty splits, train and test images of
 different shapes, NaN images, integer images outside [0, 255], labels that are not
-non-negative integers) raise
-:class:`ValueError` naming the file; missing files :class:`FileNotFoundError`.
+non-negative integers) raise :class:`ValueError` naming the file; missing files
+:class:`FileNotFoundError`.
 """
 
 from __future__ import annotations
