@@ -856,6 +856,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _writable(option, path)
             except ValueError as exc:
                 parser.error(str(exc))
+    if args.target_accuracy is not None and models.MODELS[args.model][0] != "classification":
+        parser.error(
+            f"--target-accuracy: --model {args.model} is not a classifier (it has no test "
+            "accuracy); use --target-loss"
+        )
     if args.plot is not None:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 

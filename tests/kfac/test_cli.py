@@ -474,7 +474,8 @@ def test_compare_rejects_bad_learning_rates_and_repeats(args, message, capsys) -
 def test_cli_checks_paths_and_device_before_training(tmp_path: Path, capsys, monkeypatch) -> None:
     """Before: a bad ``--data`` or ``--device`` was a traceback, and an unwritable ``--plot``
     or ``--json`` (or a ``--plot`` format matplotlib cannot write) a traceback after the
-    whole training run, with no JSON written."""
+    whole training run, with no JSON written; ``--target-accuracy`` on the autoencoder was
+    silently never reached."""
 
     def no_training(*args, **kwargs):
         raise AssertionError("training started")
@@ -488,6 +489,10 @@ def test_cli_checks_paths_and_device_before_training(tmp_path: Path, capsys, mon
         (["--json", str(tmp_path)], f"--json {tmp_path}: is a directory"),
         (["--plot", str(tmp_path / "x.txt")], "x.txt: matplotlib cannot write .txt files"),
         (["--device", "bogus"], "--device 'bogus':"),
+        (
+            ["--model", "autoencoder", "--target-accuracy", "0.9"],
+            "--target-accuracy: --model autoencoder is not a classifier",
+        ),
         (["--device", ""], "--device '':"),
     ]
     for args, message in cases:
