@@ -902,6 +902,26 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             "quadratic_step",
         )
     }
+    if args.command == "train" and args.optimizer in ("sgd", "adam", "adamw", *PEERS):
+        given = [
+            option
+            for option, value in (
+                ("--damping", args.damping),
+                ("--damping-scheme", args.damping_scheme),
+                ("--factor-decay", args.factor_decay),
+                ("--factor-every", args.factor_every),
+                ("--inverse-every", args.inverse_every),
+                ("--rms-clip", args.rms_clip),
+                ("--inverse-options", args.inverse_options or None),
+                ("--adaptive-damping", args.adaptive_damping or None),
+                ("--quadratic-step", args.quadratic_step or None),
+            )
+            if value is not None
+        ]
+        if given:
+            parser.error(
+                f"--optimizer {args.optimizer} takes no preconditioner options, got {given}"
+            )
     if args.command == "train":
         configs = [
             RunConfig(

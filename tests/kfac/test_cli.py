@@ -688,3 +688,19 @@ def test_train_rejects_bad_sizes(field: str, value, low: int) -> None:
         ValueError, match=rf"Invalid {field}: {value!r} \(must be an integer >= {low}\)"
     ):
         train(cfg, progress=False)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--damping", "0.1"], ["--inverse-options", '{"rank": 5}'], ["--quadratic-step"],
+     ["--factor-every", "5"], ["--rms-clip", "1"]],
+)  # fmt: skip
+def test_train_refuses_preconditioner_options_for_sgd_and_adam(args, capsys) -> None:
+    """Before: ``train --optimizer sgd --quadratic-step`` (or ``--damping``, or
+    ``--inverse-options``) trained plain SGD, the option silently ignored."""
+    for name in ("sgd", "adam"):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["train", *_TINY, "--optimizer", name, *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--optimizer {name} takes no preconditioner options, got ['{args[0]}']" in err
