@@ -850,6 +850,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--device {args.device!r}: {exc}")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    if device.type == "meta":
+        parser.error(f"--device {args.device}: the meta device holds no data to train on")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, NotImplementedError) as exc:
+        reason = (
+            str(exc).strip().split(". ")[0].splitlines()[0]
+            if str(exc).strip()
+            else type(exc).__name__
+        )
+        parser.error(f"--device {args.device}: not available here ({reason})")
     for option, path in (("--plot", args.plot), ("--json", args.json)):
         if path is not None:
             try:

@@ -494,6 +494,8 @@ def test_cli_checks_paths_and_device_before_training(tmp_path: Path, capsys, mon
             "--target-accuracy: --model autoencoder is not a classifier",
         ),
         (["--device", ""], "--device '':"),
+        (["--device", "meta"], "--device meta: the meta device holds no data"),
+        (["--device", "xla"], "--device xla: not available here"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:
