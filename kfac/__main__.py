@@ -852,8 +852,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--device {args.device}: CUDA is not available on this machine")
     if device.type == "meta":
         parser.error(f"--device {args.device}: the meta device holds no data to train on")
-    try:
-        torch.empty(0, device=device)
+    try:  # not on CUDA: under torchrun every rank would open a context on GPU 0
+        if device.type != "cuda":
+            torch.empty(0, device=device)
     except (RuntimeError, NotImplementedError) as exc:
         reason = (
             str(exc).strip().split(". ")[0].splitlines()[0]
