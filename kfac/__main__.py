@@ -19,9 +19,11 @@ steps: the evaluations between them are excluded.
 Under ``torchrun`` (``WORLD_SIZE > 1``) the process group is initialised (gloo, or NCCL with
 a CUDA ``--device``, one GPU per local rank), every global batch of ``--batch-size`` samples is
 split into one contiguous shard per process (so the global batches are the single-process
-run's), the gradients are averaged with one all-reduce, the preconditioners run distributed
-(:mod:`kfac.distributed`), rank 0 alone evaluates and prints, and a table of every rank's
-phase times closes the run.
+run's), the gradients are averaged with one all-reduce (each weighted by its shard's share
+of the global batch, so uneven shards give the global batch's gradient too), the
+preconditioners run distributed (:mod:`kfac.distributed`), rank 0 alone evaluates and prints,
+and a table of every rank's phase times closes the run. Every global batch, the last one
+included, needs at least one sample per process.
 """
 
 from __future__ import annotations
@@ -335,14 +337,19 @@ def _check_distributed(cfg: RunConfig, n: int) -> None:
         )
 
 
-def _average_gradients(model: nn.Module) -> None:
-    """The mean of the processes' gradients, in one all-reduce of one flat buffer."""
+def _average_gradients(model: nn.Module, share: float = 1.0) -> None:
+    """The global batch's gradient from the processes' gradients of their shard's mean loss,
+    in one all-reduce of one flat buffer: each weighted by its ``share`` of the global batch
+    (``1 / world`` each for equal shards, the plain mean)."""
     if _world() == 1:
         return
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
+    weight = share * _world()
+    if weight != 1.0:  # uneven shards (exactly 1 for equal ones)
+        flat *= weight
     dist.all_reduce(flat)
     flat /= _world()
     offset = 0
@@ -527,7 +534,8 @@ def train(
         if cfg.max_time is not None and elapsed >= cfg.max_time:
             break
         for i in range(0, n, cfg.batch_size):
-            idx = _shard(perm[i : i + cfg.batch_size])
+            batch = perm[i : i + cfg.batch_size]
+            idx = _shard(batch)
             x, y = ds.x_train[idx].to(cfg.device), ds.y_train[idx].to(cfg.device)
             if cfg.device.startswith("cuda"):
                 torch.cuda.synchronize()
@@ -537,7 +545,7 @@ def train(
             if weights is None:
                 batch_loss = loss(model(x), x, y)
                 batch_loss.backward()
-                _average_gradients(model)
+                _average_gradients(model, idx.numel() / batch.numel())
             else:  # the gradient of the weighted loss is FNGD's direction
                 losses = per_sample_loss(model(x), x, y)
                 (weights * losses).sum().backward()
