@@ -804,6 +804,8 @@ def _learning_rates(specs: Sequence[str], names: Sequence[str]) -> dict[str, flo
         name, sep, value = spec.partition("=")
         if not sep or name not in names:
             raise ValueError(f"--lr expects NAME=LR with NAME in {list(names)}, got {spec!r}")
+        if name in lrs:
+            raise ValueError(f"--lr {name}: given more than once")
         try:
             lrs[name] = _finite(0.0)(value)
         except argparse.ArgumentTypeError as exc:

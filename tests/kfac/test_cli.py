@@ -457,12 +457,14 @@ def test_cli_rejects_bad_numbers_with_a_usage_error(args, message, capsys) -> No
         (["--optimizers", "sgd", "--lr", "sgd=abc"], "--lr sgd=abc: expected a number"),
         (["--optimizers", "sgd", "--lr", "sgd=nan"], "--lr sgd=nan: must be finite"),
         (["--optimizers", "sgd", "--lr", "adam=0.1"], "--lr expects NAME=LR with NAME in"),
+        (["--optimizers", "sgd", "--lr", "sgd=0.1", "sgd=0.2"], "--lr sgd: given more than once"),
         (["--optimizers", "sgd", "adam", "sgd"], r"--optimizers: ['sgd'] given more than once"),
     ],
 )
 def test_compare_rejects_bad_learning_rates_and_repeats(args, message, capsys) -> None:
     """Before: ``sgd=abc`` raised ValueError with a traceback, ``adam=0.1`` exited with status
-    1 and no usage line, ``sgd=nan`` trained, and a repeated optimizer trained twice."""
+    1 and no usage line, ``sgd=nan`` trained, a repeated learning rate silently replaced the
+    first, and a repeated optimizer trained twice."""
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", *_TINY, *args])
     assert exit_info.value.code == 2
