@@ -992,16 +992,16 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if phases:
         print("\nseconds per phase on each rank (payload bytes per step, every rank alike)\n")
         print(_phase_table(sorted(phases, key=lambda row: (row[0], row[1]))))
-    if args.plot:
-        plot(results, args.plot, title)
-        print(f"\nplot written to {args.plot}")
-    if args.json:
+    if args.json:  # first: the histories survive a failing plot
         payload = {
             "configs": [asdict(c) for c in configs],
             "results": [asdict(r) for r in results],
         }
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=1)
+    if args.plot:
+        plot(results, args.plot, title)
+        print(f"\nplot written to {args.plot}")
     return 0
 
 

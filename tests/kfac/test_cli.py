@@ -708,3 +708,18 @@ def test_train_refuses_preconditioner_options_for_sgd_and_adam(args, capsys) -> 
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert f"--optimizer {name} takes no preconditioner options, got ['{args[0]}']" in err
+
+
+def test_the_json_is_written_before_the_plot(tmp_path: Path, monkeypatch) -> None:
+    """Before: a plot that failed after training (a full disk, a matplotlib error) lost the
+    histories too, the JSON being written after it."""
+
+    def failing_plot(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("kfac.__main__.plot", failing_plot)
+    out = tmp_path / "h.json"
+    with pytest.raises(OSError, match="disk full"):
+        main(["train", *_TINY, "--optimizer", "sgd", "--plot", str(tmp_path / "p.png"),
+              "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text())["results"][0]["steps"] == 1
