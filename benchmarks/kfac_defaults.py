@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kfac import KFAC, _engine, data, models, preset
+from kfac import KFAC, InverseDecay, _engine, data, models, preset
 from kfac.__main__ import RunConfig, train
 
 TASKS = {
@@ -127,9 +127,25 @@ def _trace(curve: list[float], scales: list[list[float]], per_epoch: int) -> dic
     }
 
 
-def _criterion(rows: dict[str, Any]) -> str:
-    """The defaults' loss over SGD's and over Adam's, and whether the criterion holds."""
-    names = ("KFAC(model, lr) defaults", "sgd (momentum 0.9)", "adam")
+def _from_json(value: Any) -> Any:
+    """An option's JSON value as ``KFAC`` takes it: a mapping with ``"start"`` is a schedule."""
+    if isinstance(value, dict) and "start" in value:
+        unknown = sorted(set(value) - {"start", "scale", "power"})
+        if unknown:
+            raise SystemExit(f"schedule {value}: unknown keys {unknown}")
+        return InverseDecay(**value)
+    return value
+
+
+def _last(curve: list[float], k: int = 5) -> float:
+    """The mean loss over the last ``k`` evaluations (an oscillating run's final value is
+    partly luck); infinite for a diverged run."""
+    return sum(curve[-k:]) / len(curve[-k:]) if curve else math.inf
+
+
+def _criterion(rows: dict[str, Any], config: str = "KFAC(model, lr) defaults") -> str:
+    """``config``'s loss over SGD's and over Adam's, and whether the criterion holds."""
+    names = (config, "sgd (momentum 0.9)", "adam")
     if not all(n in rows for n in names):
         return "-"
     ours, sgd, adam = (rows[n]["best"] for n in names)
@@ -160,6 +176,15 @@ def main() -> None:
         help="an extra KFAC(model, lr, **JSON) configuration (repeatable); the JSON's optional "
         '"lr_grid" (three values) replaces the grid 0.1, 1, 10',
     )
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="NAME=LR[,LR...]",
+        help="replace the named configuration's learning-rate grid (repeatable), e.g. a "
+        "seed's check at each optimizer's best learning rate of seed 0; the table says 'one "
+        "value' for a grid of one",
+    )
     parser.add_argument("--tasks", nargs="+", default=None, choices=list(TASKS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -169,21 +194,35 @@ def main() -> None:
         "the clip's scale (median and minimum over each epoch's steps) in the JSON",
     )
     parser.add_argument(
+        "--per-lr",
+        action="store_true",
+        help="add a table of every run (each learning rate's final loss and mean of the last "
+        "five epochs) and each configuration's criterion against SGD's and Adam's rows",
+    )
+    parser.add_argument(
         "--middle",
         action="store_true",
         help="run only the middle value of each grid (a long run's budget); the table says so",
     )
     args = parser.parse_args()
     configs = dict(CONFIGS)
+    specs: dict[str, str] = {}
     for spec in args.config:
         name, sep, text = spec.partition("=")
+        specs[name] = text
         if not sep:
             parser.error(f"--config {spec!r}: expected NAME=JSON")
         options = json.loads(text)
         grid = [float(v) for v in options.pop("lr_grid", [0.1, 1.0, 10.0])]
         if len(grid) != 3:
             parser.error(f"--config {name!r}: lr_grid needs three values")
+        options = {key: _from_json(value) for key, value in options.items()}
         configs[name] = (grid, lambda m, lr, loss, o=options: KFAC(m, lr=lr, **o))
+    for spec in args.grid:
+        name, sep, text = spec.partition("=")
+        if not sep or name not in configs:
+            parser.error(f"--grid {spec!r}: expected NAME=LR[,LR...] with NAME a configuration")
+        configs[name] = ([float(v) for v in text.split(",")], configs[name][1])
     ds = data.digits28()
     epochs = 1 if args.quick else args.epochs
     tasks = {"mlp": ("mlp", 0.1)} if args.quick else TASKS
@@ -208,13 +247,14 @@ def main() -> None:
                     f"--only: {stem}.json has (epochs, seed) {kept}, not {(epochs, args.seed)}"
                 )
             results = previous["results"]
+            specs = {**previous.get("configs", {}), **specs}
     for task, (model, width) in tasks.items():
         results.setdefault(task, {})
         loss_fn = F.mse_loss if models.MODELS[model][1] == "mse" else F.cross_entropy
         for name, (grid, make) in configs.items():
             if only is not None and name not in only:
                 continue
-            runs, traces = {}, {}
+            runs, lasts, traces = {}, {}, {}
             for lr in grid[1:2] if args.middle else grid:
                 cfg = RunConfig(
                     optimizer="sgd", model=model, width=width, epochs=epochs, seed=args.seed,
@@ -234,19 +274,31 @@ def main() -> None:
                 except FloatingPointError:
                     loss, curve = math.inf, []
                 runs[str(lr)] = loss
+                lasts[str(lr)] = _last(curve)
                 if args.trace:
                     traces[str(lr)] = _trace(curve, scales, math.ceil(len(ds.x_train) / 128))
-                print(f"{task:12s} {name:30s} lr {lr:<7g} final loss {loss:.4g}", flush=True)
+                print(
+                    f"{task:12s} {name:30s} lr {lr:<7g} final loss {loss:.4g} "
+                    f"last 5 {lasts[str(lr)]:.4g}",
+                    flush=True,
+                )
                 if args.trace:
                     for key, values in traces[str(lr)].items():
                         print(f"  {key:11s}", " ".join(f"{v:.2g}" for v in values), flush=True)
             best = min(runs, key=lambda k: runs[k])
-            results[task][name] = {"losses": runs, "best_lr": float(best), "best": runs[best]}
+            results[task][name] = {
+                "losses": runs,
+                "last5": lasts,
+                "best_lr": float(best),
+                "best": runs[best],
+            }
             if args.trace:
                 results[task][name]["trace"] = traces
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(
-        json.dumps({"epochs": epochs, "seed": args.seed, "results": results}, indent=1)
+        json.dumps(
+            {"epochs": epochs, "seed": args.seed, "configs": specs, "results": results}, indent=1
+        )
     )
     shown = [n for n in configs if any(n in rows for rows in results.values())]
     lines = [
@@ -279,6 +331,27 @@ def main() -> None:
             + " | ".join(cells)
             + f" | {_criterion(rows)} |"
         )
+    if args.per_lr:
+        lines += [
+            "",
+            "Every run: final loss / mean of the last five epochs' losses, per learning rate "
+            "(a schedule `InverseDecay(start, scale, power)` is `start / (1 + step / scale) ** "
+            "power`); the last column is the criterion for the configuration's best final loss.",
+            "",
+            "| task | configuration | runs (lr: final / last 5) | / SGD, / Adam |",
+            "|---|---|---|---|",
+        ]
+        for task, rows in results.items():
+            for n in shown:
+                if n not in rows or n in ("sgd (momentum 0.9)", "adam"):
+                    continue
+                row = rows[n]
+                runs = "; ".join(
+                    f"{float(lr):g}: {loss:.3g}"
+                    + (f" / {row['last5'][lr]:.3g}" if "last5" in row else "")
+                    for lr, loss in row["losses"].items()
+                )
+                lines.append(f"| {task} | {n} | {runs} | {_criterion(rows, n)} |")
     text = "\n".join(lines) + "\n"
     (out / f"{stem}.md").write_text(text)
     print(text)
