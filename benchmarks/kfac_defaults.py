@@ -4,7 +4,8 @@ tasks (the record behind the defaults discussion in docs/kfac.md).
 
 Configurations: SGD (momentum 0.9), Adam, ``KFAC(model, lr)`` with the library defaults
 (``kfac.preset("default")``: factors every step, inverses every 10, absolute factored
-damping 0.1, KL clip 1e-3, momentum 0.9), ``KFAC`` with ``kfac.preset("thesis")`` (the
+damping 0.1, KL clip ``InverseDecay(1e-3, scale=50, power=2)``, i.e.
+``1e-3 / (1 + step / 50) ** 2``, momentum 0.9), ``KFAC`` with ``kfac.preset("thesis")`` (the
 thesis' long-run settings, the defaults before they were measured: factors every 20 steps,
 inverses every 100, relative damping 0.1, no momentum, no clip), with
 ``kfac.preset("command-line")`` (relative damping 3e-3, KL clip 1e-4, momentum 0.9), and
@@ -19,6 +20,15 @@ counts as infinite).
     # the search behind the defaults: extra configurations, their loss curves and clip scale
     python benchmarks/kfac_defaults.py --epochs 30 --tasks mlp --only --trace \
         --config 'mine={"damping": 1e-2, "lr_grid": [0.1, 0.3, 1]}'
+    # the search behind the default KL clip's schedule ({"start", "scale", "power"} in the
+    # JSON is kfac.InverseDecay); --per-lr adds every run's final loss and last-5-epoch mean
+    python benchmarks/kfac_defaults.py --epochs 30 --stem kfac_clip_search_long --tasks cnn \
+        transformer --only --per-lr --trace \
+        --config 'T50p2={"kl_clip": {"start": 1e-3, "scale": 50, "power": 2}}'
+    # another seed at each optimizer's best learning rate of seed 0
+    python benchmarks/kfac_defaults.py --epochs 30 --seed 1 --stem kfac_defaults_long_seeds_1 \
+        --tasks cnn --only "KFAC(model, lr) defaults" "sgd (momentum 0.9)" adam \
+        --grid "KFAC(model, lr) defaults=10" --grid "sgd (momentum 0.9)=0.1" --grid adam=0.01
 
 Writes benchmarks/results/kfac_defaults.{json,md}.
 """
@@ -352,6 +362,10 @@ def main() -> None:
                     for lr, loss in row["losses"].items()
                 )
                 lines.append(f"| {task} | {n} | {runs} | {_criterion(rows, n)} |")
+        extra = [n for n in shown if n in specs]
+        if extra:
+            lines += ["", "Configurations of `--config` (keyword arguments of `KFAC`):", ""]
+            lines += [f"- {n}: `{specs[n]}`" for n in extra]
     text = "\n".join(lines) + "\n"
     (out / f"{stem}.md").write_text(text)
     print(text)
