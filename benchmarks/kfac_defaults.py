@@ -174,8 +174,9 @@ def main() -> None:
         default=None,
         metavar="CONFIG",
         help="run only these configurations (and those of --config; `--only` alone: only "
-        "those); the others' rows are kept from the existing JSON of the same epochs and seed "
-        "(same batches and code for them), if there is one",
+        "those, or none: the tables are rewritten from the JSON); the others' rows are kept "
+        "from the existing JSON of the same epochs and seed (same batches and code for them), "
+        "if there is one",
     )
     parser.add_argument("--stem", default="kfac_defaults")
     parser.add_argument(
@@ -310,7 +311,9 @@ def main() -> None:
             {"epochs": epochs, "seed": args.seed, "configs": specs, "results": results}, indent=1
         )
     )
-    shown = [n for n in configs if any(n in rows for rows in results.values())]
+    # the configurations of this run, then those of earlier --config runs kept in the JSON
+    names = [*configs, *(n for n in specs if n not in configs)]
+    shown = [n for n in names if any(n in rows for rows in results.values())]
     lines = [
         "# `KFAC(model, lr)` defaults against SGD and Adam",
         "",
