@@ -432,7 +432,7 @@ def main() -> None:
     parser.add_argument(
         "--ours",
         nargs="+",
-        default=["0:10", "0:20", "1:10", "2:10", "3:10"],
+        default=["0:10", "0:20", "1:10", "1:20", "2:10", "3:10"],
         help="our configurations, q:p (power iterations : oversampling)",
     )
     parser.add_argument(
@@ -476,7 +476,7 @@ def main() -> None:
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port (None still takes the default 8787)
             memory_limit=args.memory_limit,
         ) as cluster,
         distributed.Client(cluster) as client,

@@ -26,8 +26,6 @@ are taken batch-major, so ``n`` counts sequences and ``tau`` positions.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -117,7 +115,7 @@ def attention_layers(name: str, module: nn.MultiheadAttention) -> dict[str, Line
     for layer in layers.values():
         layer.owner_module = module
     module.__dict__["_kfac_projections"] = projections
-    module.__dict__["forward"] = _forward(name, module, projections)
+    module.__dict__["forward"] = _UnfusedForward(name, module, projections)
     return dict(layers)
 
 
@@ -127,13 +125,20 @@ def restore(module: nn.Module) -> None:
     module.__dict__.pop("_kfac_projections", None)
 
 
-def _forward(
-    name: str, module: nn.MultiheadAttention, projections: dict[str, AttentionProjection]
-) -> Any:
-    original = type(module).forward
-    E = module.embed_dim
+class _UnfusedForward:
+    """The training forward of an attention module while a preconditioner is attached (an
+    object, not a closure: a deepcopy or a pickle of the model carries one bound to the
+    copy's own module and projections, whose hooks do nothing)."""
 
-    def forward(
+    def __init__(
+        self, name: str, module: nn.MultiheadAttention, projections: dict[str, AttentionProjection]
+    ) -> None:
+        self.name = name
+        self.module = module
+        self.projections = projections
+
+    def __call__(
+        self,
         query: Tensor,
         key: Tensor,
         value: Tensor,
@@ -143,9 +148,11 @@ def _forward(
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
+        name, module, projections = self.name, self.module, self.projections
+        E = module.embed_dim
         arguments = (key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
         if not (module.training and torch.is_grad_enabled()):
-            return original(module, query, key, value, *arguments)
+            return type(module).forward(module, query, key, value, *arguments)
         if module._qkv_same_embed_dim:
             if not (query is key and key is value):
                 raise RuntimeError(
@@ -194,5 +201,3 @@ def _forward(
         else:
             out = module.out_proj(attn.unsqueeze(0)).squeeze(0)  # one sample
         return out, weights
-
-    return forward

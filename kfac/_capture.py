@@ -19,13 +19,20 @@ Accumulation. Everything recorded between two ``step()`` calls counts (docs/kfac
   et al., 2023), each call adds rows for the same ``n`` samples, so ``tau`` counts rows per
   sample over all calls.
 
-A forward recorded with no backward before ``step()`` is an error naming the layer (an
-evaluation forward in training mode with gradients enabled, most often).
+A forward recorded with no backward before ``step()`` is an error naming the layer when
+other calls of the layer got their output gradient (an evaluation forward in training mode
+with gradients enabled, most often); a layer none of whose calls got one (an output the
+step's loss left out) records nothing.
 
 Output gradients are captured with a *tensor* hook registered on the layer's output in the
 forward hook: unlike ``register_full_backward_hook`` it keeps working when an in-place
 operation (``nn.ReLU(inplace=True)``) modifies the output afterwards, because a tensor hook
 registered before an in-place change receives the gradient of the value it was registered on.
+
+The model outlives the optimizers built on it, so its hooks hold the capture weakly
+(:class:`WeakHook`): an optimizer dropped by its owner is collected, and its hooks are removed
+then (as by :meth:`Capture.remove`); until then they do nothing. A deepcopy or a pickle of the
+model (``torch.save(model)``) carries hooks that do nothing: the copy is not preconditioned.
 
 Monte-Carlo Fisher (``fisher="mc"``): a forward hook on the model samples targets from the
 model's predictive distribution and runs one extra backward (``torch.autograd.grad`` with
@@ -36,6 +43,7 @@ output tensor hooks record only during that pass.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,12 +56,14 @@ from torch.utils.hooks import RemovableHandle
 from ._attention import restore
 from ._curvature import CaptureSpec, LayerBatch
 
-__all__ = ["LOSSES", "Capture", "sampled_loss"]
+__all__ = ["LOSSES", "Capture", "WeakHook", "sampled_loss"]
 
 LOSSES = ("cross_entropy", "mse")
 
 
-def sampled_loss(output: Tensor, loss: str, generator: torch.Generator) -> Tensor:
+def sampled_loss(
+    output: Tensor, loss: str, generator: torch.Generator, samples: int | None = None
+) -> Tensor:
     """The batch-mean loss of ``output`` against targets drawn from the model's distribution.
 
     ``"cross_entropy"``: ``y ~ Categorical(softmax(output, dim=1))`` and
@@ -61,6 +71,8 @@ def sampled_loss(output: Tensor, loss: str, generator: torch.Generator) -> Tenso
     ``y ~ N(output, k/2 I)``, ``k`` the number of output entries per sample, the Gaussian whose
     negative log-likelihood ``||f - y||^2 / k`` is this per-sample loss; the expected outer
     product of the sampled gradients is then the generalized Gauss-Newton matrix of the loss.
+    A 1-D output is one entry per sample when it has ``samples`` entries (the samples the
+    layers saw: a regression output squeezed to ``(n,)``), else one sample's entries.
     """
     logits = output.detach().float()
     if loss == "cross_entropy":
@@ -71,9 +83,17 @@ def sampled_loss(output: Tensor, loss: str, generator: torch.Generator) -> Tenso
             )
         probs = torch.softmax(logits, dim=1).movedim(1, -1)
         flat = probs.reshape(-1, probs.shape[-1])
+        # a non-finite output (a NaN in the batch) draws from the uniform distribution: its
+        # sampled loss and statistics are non-finite, which the step's checks then skip
+        flat = torch.where(torch.isfinite(flat).all(dim=1, keepdim=True), flat, 1.0)
         labels = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
         return F.cross_entropy(output, labels)
-    per_sample = output[0].numel() if output.ndim > 1 else output.numel()
+    if output.ndim > 1:
+        per_sample = output[0].numel()
+    elif samples is not None and output.shape[0] == samples:
+        per_sample = 1
+    else:
+        per_sample = output.numel()
     noise = torch.randn(
         logits.shape, generator=generator, device=logits.device, dtype=logits.dtype
     )
@@ -116,6 +136,38 @@ class Record:
     g_rows: int = 0
     half: bool = False
     handles: list[Any] = field(default_factory=list)
+
+
+class WeakHook:
+    """A module hook that calls ``getattr(owner, method)(*args, module, ...)`` through a weak
+    reference to ``owner``: it does nothing once ``owner`` is gone.
+
+    Copied (``copy.deepcopy`` of the model) or pickled (``torch.save(model)``), it becomes a
+    hook that does nothing, since the copy's modules are not the ones ``owner`` hooked.
+    """
+
+    def __init__(self, owner: Any, method: str, *args: Any) -> None:
+        self._owner = None if owner is None else weakref.ref(owner)
+        self._method = method
+        self._args = args
+
+    def __call__(self, *hook_args: Any) -> Any:
+        owner = None if self._owner is None else self._owner()
+        if owner is None:
+            return None
+        return getattr(owner, self._method)(*self._args, *hook_args)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (WeakHook, (None, self._method))
+
+
+def _detach(handles: list[RemovableHandle], owners: list[nn.Module]) -> None:
+    """Remove ``handles`` and give the attention modules ``owners`` their own forward."""
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+    for owner in owners:
+        restore(owner)
 
 
 def _in_backward() -> bool:
@@ -174,9 +226,17 @@ class Capture:
         self._mc_pass = False
         self._handles: list[RemovableHandle] = []
         for name, layer in self.layers.items():
-            self._handles.append(layer.module.register_forward_hook(self._forward_hook(name)))
+            hook = WeakHook(self, "_on_forward", name)
+            self._handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
         if fisher == "mc":
-            self._handles.append(model.register_forward_hook(self._on_model_output))
+            self._handles.append(model.register_forward_hook(WeakHook(self, "_on_model_output")))
+        owners = {
+            id(owner): owner
+            for layer in self.layers.values()
+            if (owner := getattr(layer, "owner_module", None)) is not None
+        }
+        # the hooks go when the capture does (its optimizer was dropped)
+        self._detach = weakref.finalize(self, _detach, self._handles, list(owners.values()))
 
     def arm(self, plan: Mapping[str, CaptureSpec], *, statistics: bool) -> None:
         """Set what each layer records on the coming step; ``statistics`` says whether the
@@ -186,13 +246,7 @@ class Capture:
 
     def remove(self) -> None:
         """Remove every hook (and give attention modules back their own forward)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for layer in self.layers.values():
-            owner = getattr(layer, "owner_module", None)
-            if owner is not None:
-                restore(owner)
+        self._detach()
         self.reset()
 
     def reset(self) -> None:
@@ -206,32 +260,40 @@ class Capture:
         layer = self.layers[name]
         return torch.is_grad_enabled() and layer.module.training and name in self.plan
 
-    def _forward_hook(self, name: str) -> Callable[..., None]:
+    def _on_forward(
+        self,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
+    ) -> None:
+        """The forward hook of layer ``name`` (its input given by position or by keyword,
+        ``layer(input=x)``)."""
         layer = self.layers[name]
-
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not self._recording(name) or not isinstance(output, Tensor):
-                return
-            if not output.requires_grad or not layer.trainable():
-                return
-            record = self.records[name]
-            keep = self.plan[name].rows
-            half = not (_exact(args[0]) and _exact(output))
-            with torch.no_grad(), _full_precision(output):
-                rows, n = layer.input_rows(args[0].detach())
-                rows = rows.to(self.dtype).clone() if keep else rows.to(self.dtype)
-                value = rows if keep else rows.T @ rows
-            call = record.calls
-            record.calls += 1
-            count = rows.shape[0]
-            if _in_backward():
-                record.pending[call] = (value, count, n, half)
-            else:
-                record.outside.add(call)
-                self._commit(name, call, value, count, n, half)
-            record.handles.append(output.register_hook(self._grad_hook(name, call, n)))
-
-        return hook
+        if not self._recording(name) or not isinstance(output, Tensor):
+            return
+        args = args or tuple(kwargs.values())
+        if not args or not isinstance(args[0], Tensor):
+            return
+        if not output.requires_grad or not layer.trainable():
+            return
+        record = self.records[name]
+        keep = self.plan[name].rows
+        half = not (_exact(args[0]) and _exact(output))
+        with torch.no_grad(), _full_precision(output):
+            rows, n = layer.input_rows(args[0].detach())
+            rows = rows.to(self.dtype).clone() if keep else rows.to(self.dtype)
+            value = rows if keep else rows.T @ rows
+        call = record.calls
+        record.calls += 1
+        count = rows.shape[0]
+        if _in_backward():
+            record.pending[call] = (value, count, n, half)
+        else:
+            record.outside.add(call)
+            self._commit(name, call, value, count, n, half)
+        record.handles.append(output.register_hook(self._grad_hook(name, call, n)))
 
     def _commit(self, name: str, call: int, value: Tensor, count: int, n: int, half: bool) -> None:
         """Count one call's inputs (``count`` rows of ``n`` samples, or their outer product)
@@ -270,7 +332,7 @@ class Capture:
             with torch.no_grad(), _full_precision(grad):
                 rows = layer.output_rows(grad.detach()).to(self.dtype)
                 scale = self.grad_scale()
-                if self._mc_pass:
+                if self._mc_pass and n:
                     # the sampled loss is a mean over this micro-batch's n samples: keep
                     # per-sample gradients, divided by the step's samples in batch()
                     scale /= n
@@ -303,7 +365,9 @@ class Capture:
         assert self.loss is not None
         assert self.generator is not None
         weights = [layer.params[0] for layer in self.layers.values() if layer.trainable()]
-        loss = sampled_loss(output, self.loss, self.generator) * self.grad_scale()
+        # the samples of this forward, as the layers' calls counted them
+        samples = next((r.call_n for r in self.records.values() if r.call_n is not None), None)
+        loss = sampled_loss(output, self.loss, self.generator, samples) * self.grad_scale()
         self._mc_pass = True
         try:
             torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
@@ -312,12 +376,14 @@ class Capture:
 
     def batch(self, name: str) -> LayerBatch | None:
         """What layer ``name`` recorded since the last step, or ``None`` when it recorded
-        nothing (not in the plan, or no training forward with gradients through it); raises
-        when a forward recorded outside a backward got no output gradient."""
+        nothing (not in the plan, or no training forward with gradients through it, or no
+        output gradient for any of its calls: an output this step's loss did not use);
+        raises when some calls recorded outside a backward got an output gradient and
+        others did not (a forward after the last backward, most often)."""
         record = self.records[name]
         layer = self.layers[name]
         missing = record.outside - record.grads
-        if missing:
+        if missing and record.grads:
             raise RuntimeError(
                 f"layer {layer.describe()} recorded {len(record.outside)} forward call(s) in "
                 f"training mode with gradients enabled since the last step, and {len(missing)} "
@@ -332,7 +398,7 @@ class Capture:
         g_sum, g_rows = record.g_sum, None
         if record.g_blocks:
             g_rows = torch.cat([record.g_blocks[call] for call in calls])
-        if self.fisher == "mc":
+        if self.fisher == "mc" and record.n:  # (a batch of no samples has no statistics)
             g_sum = None if g_sum is None else g_sum / record.n**2
             g_rows = None if g_rows is None else g_rows / record.n
         return LayerBatch(

@@ -208,8 +208,23 @@ class LayerBatch:
         return [t for t in (self.a_sum, self.g_sum, self.a_rows, self.g_rows) if t is not None]
 
     def finite(self) -> Tensor:
-        """Whether every recorded entry is finite, as a 0-d bool tensor (no host read)."""
+        """Whether every recorded entry is finite, and so is every entry of the two
+        instantaneous factors, as a 0-d bool tensor (no host read).
+
+        Finite rows (a gradient of ``1e20`` in float32) can still overflow the factors,
+        whose scaled products would then poison the averages: an entry of a Gram matrix is
+        at most its largest diagonal entry, so the scaled diagonals are checked."""
         flags = [all_finite(t) for t in self.tensors()]
+        if self.n > 0:
+            tau, n = self.tau, self.n
+            if self.a_rows is not None:
+                flags.append(all_finite((self.a_rows / (tau * math.sqrt(n))).square().sum(0)))
+            if self.a_sum is not None:
+                flags.append(all_finite(self.a_sum.diagonal() / (n * tau * tau)))
+            if self.g_rows is not None:
+                flags.append(all_finite((self.g_rows * math.sqrt(tau * n)).square().sum(0)))
+            if self.g_sum is not None:
+                flags.append(all_finite(self.g_sum.diagonal() * (tau * n)))
         return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool)
 
 

@@ -281,9 +281,21 @@ class Engine:
         reported for a non-finite gradient."""
         names = list(grads)
         for name in names:
-            if name in self.capture.plan and batches.get(name) is None:
+            # a layer not used by this loss has a zero gradient after zero_grad(set_to_none=
+            # False): it has no statistics to fold in (one read, only for such layers)
+            if name in self.capture.plan and batches.get(name) is None and bool(grads[name].any()):
+                layer = self.layers[name]
+                module = getattr(layer, "owner_module", None) or layer.module
+                if not module.training:
+                    raise RuntimeError(
+                        f"layer {layer.describe()} has a gradient but is in eval mode on "
+                        f"factor-update step {tick.step}: K-FAC records only training-mode "
+                        "forwards (an evaluation forward must not change the curvature), so "
+                        "train with model.train() (switch dropout off by other means), or "
+                        "exclude the layer with `skip_layers`"
+                    )
                 raise RuntimeError(
-                    f"layer {self.layers[name].describe()} has a gradient but its hooks never "
+                    f"layer {layer.describe()} has a gradient but its hooks never "
                     f"fired on factor-update step {tick.step}: K-FAC records a layer through "
                     "its forward and output-gradient hooks, so it must be called as a module "
                     "in a forward with gradients enabled (not through torch.nn.functional with "

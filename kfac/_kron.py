@@ -597,7 +597,10 @@ class BrandRule(FactorRule):
         gen = f.generator(U.device)
         perm = torch.randperm(k, generator=gen, device=U.device)
         columns = perm[:size].sort().values
-        online = ln.rayleigh_ritz_refresh(f.online, f.matrix.to(ctx.decomposition_dtype), columns)
+        # the exponential average of outer products is symmetric by construction
+        online = ln.rayleigh_ritz_refresh(
+            f.online, f.matrix.to(ctx.decomposition_dtype), columns, check_symmetric=False
+        )
         return replace(f.drawn(gen), online=online)
 
     def refresh(self, f: FactorState, tick: Tick, ctx: RuleContext) -> FactorState:

@@ -417,6 +417,12 @@ def _check_registrable(name: str, module: nn.Module) -> None:
                 "computed tensor, not a Parameter (torch.nn.utils.weight_norm or "
                 f"spectral_norm?); {skip}"
             )
+        if value is not None and (value.is_complex() or not value.is_floating_point()):
+            raise ValueError(
+                f"Unsupported layer '{name}' ({type(module).__name__}): its {attr} is "
+                f"{value.dtype}; K-FAC's factors are real (a complex weight would lose its "
+                f"imaginary part); {skip}"
+            )
 
 
 def _check_shared(
@@ -458,9 +464,9 @@ def discover(
     ``BatchNorm2d``); a module of such a type joins when it has a trainable weight.
 
     Raises ``ValueError`` for a layer K-FAC cannot describe unless it is skipped: a
-    parametrized or computed weight (``weight_norm``, ``spectral_norm``, ``parametrize``), an
-    uninitialized lazy layer, a parameter shared with another module, or a layer type with a
-    weight but no helper (transposed and 3-d convolutions, ``nn.Bilinear``)."""
+    parametrized or computed weight (``weight_norm``, ``spectral_norm``, ``parametrize``), a
+    complex weight, an uninitialized lazy layer, a parameter shared with another module, or a
+    layer type with a weight but no helper (transposed and 3-d convolutions, ``nn.Bilinear``)."""
     patterns, types = _parse_skip(model, skip_layers)
 
     def skipped(name: str, module: nn.Module) -> bool:

@@ -18,6 +18,7 @@ __all__ = [
     "check_decay",
     "check_fraction",
     "check_int_at_least",
+    "check_integer",
     "check_nonnegative",
     "check_positive",
     "optional_schedule",
@@ -65,6 +66,14 @@ def check_fraction(value: Any, name: str) -> float:
     if not 0.0 < value < 1.0:
         raise ValueError(f"Invalid {name}: {value} (must be in (0, 1))")
     return value
+
+
+def check_integer(value: Any, name: str) -> int:
+    """An integer of any sign (a seed); ``ValueError("Invalid <name>: ...")`` otherwise (a
+    float or a string is not silently truncated or parsed)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer)")
+    return int(value)
 
 
 def check_int_at_least(minimum: int) -> Callable[[Any, str], int]:

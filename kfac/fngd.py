@@ -273,7 +273,13 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
         if indices is None:
             self.indices = None
             return
-        idx = torch.as_tensor(indices)
+        try:
+            idx = torch.as_tensor(indices)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"Invalid indices: must be a 1-D integer tensor, got {type(indices).__name__} "
+                f"({error})"
+            ) from None
         if idx.ndim != 1 or idx.dtype in (torch.bool,) or idx.is_floating_point():
             raise ValueError(
                 f"Invalid indices: must be a 1-D integer tensor, got dtype {idx.dtype} and "
@@ -423,8 +429,9 @@ class FNGDBlock(CurvatureBlock[FNGDState]):
         self, layer: Layer, state: FNGDState, grad: Tensor, batch: LayerBatch | None, tick: Tick
     ) -> Tensor:
         assert state.alpha is not None
-        if batch is None:  # a weighted-loss step: .grad is sum_i alpha_i grad l_i already
-            assert self.weighted
+        if batch is None:
+            # a weighted-loss step (.grad is sum_i alpha_i grad l_i already), or a layer this
+            # step's loss did not use (the zero .grad of zero_grad(set_to_none=False))
             return grad
         if state.alpha.shape[0] != batch.n:
             raise ValueError(

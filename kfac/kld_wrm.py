@@ -29,6 +29,7 @@ derivation was not available.
 from __future__ import annotations
 
 import abc
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, NamedTuple
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.optim.sgd import sgd as sgd_kernel
 
+from ._capture import WeakHook
 from ._clip import rms_clip
 from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick, register_block
 from ._kron import BrandRule, FactorState, KronBlock, KronState, kron_block
@@ -938,7 +940,11 @@ class QEKLDWRM(PreconditionedSGD):
         self._snapshots: list[dict[str, Tensor]] = [self._snapshot()]
         self._inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
         self._refining = False
-        self._hook = model.register_forward_pre_hook(self._record_inputs, with_kwargs=True)
+        # held weakly by the model (which outlives the optimizer), removed with the optimizer
+        self._hook = model.register_forward_pre_hook(
+            WeakHook(self, "_record_inputs"), with_kwargs=True
+        )
+        weakref.finalize(self, self._hook.remove)
 
     # ------------------------------------------------------------------ helpers
     def _params(self) -> list[Tensor]:

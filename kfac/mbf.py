@@ -694,7 +694,9 @@ def _damped_inverse(system: Tensor, layer: Layer) -> Tensor:
             RuntimeWarning,
             stacklevel=4,
         )
-        L = torch.linalg.cholesky(system.double())
+        L, info = torch.linalg.cholesky_ex(system.double())
+        if bool((info != 0).any()):
+            raise _not_positive_definite(layer)
     return torch.cholesky_inverse(L)
 
 

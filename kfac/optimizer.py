@@ -185,6 +185,16 @@ class PreconditionedSGD(torch.optim.SGD):
         self.quadratic_model = QuadraticModel(model, loss_fn, named_params(model, params))
         self.preconditioner.engine.timings.setdefault("quadratic", 0.0)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Refused: ``torch.optim.Optimizer`` pickles only its groups and state, so a copy
+        would silently lose the preconditioner (and its hooks belong to the model)."""
+        name = type(self).__name__
+        raise TypeError(
+            f"a {name} optimizer cannot be pickled or copied: its preconditioner hooks the "
+            f"model's layers. Save `state_dict()` (with the model's) and load it into a new "
+            f"{name} built on the (copied) model"
+        )
+
     def _group_lrs(self) -> dict[torch.Tensor, float]:
         return {p: float(group["lr"]) for group in self.param_groups for p in group["params"]}
 

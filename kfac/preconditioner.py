@@ -24,6 +24,7 @@ from ._schedule import (
     check_bool,
     check_decay,
     check_int_at_least,
+    check_integer,
     check_nonnegative,
     check_positive,
     optional_schedule,
@@ -155,9 +156,16 @@ class Preconditioner:
             raise ValueError(f"Invalid loss: {loss!r}; valid names are {list(LOSSES)}")
         _check_dtype(factor_dtype, "factor_dtype")
         check_bool(time_phases, "time_phases")
+        if grad_scaler is not None and not all(
+            callable(getattr(grad_scaler, method, None)) for method in ("is_enabled", "get_scale")
+        ):
+            raise TypeError(
+                "`grad_scaler` must be a torch.amp.GradScaler (or None), got "
+                f"{type(grad_scaler).__name__}"
+            )
         config = _distributed_config(distributed)
         self.distributed = config
-        self.seed = int(seed)
+        self.seed = check_integer(seed, "seed")
         self.fisher = fisher
         self.grad_scaler = grad_scaler
         if isinstance(block, str):
@@ -337,7 +345,7 @@ class Preconditioner:
         Raises
         ------
         RuntimeError
-            A layer with a gradient whose hooks never fired on a factor-update step.
+            A layer with a non-zero gradient whose hooks never fired on a factor-update step.
         """
         with contextlib.ExitStack() as stack:
             # a step called inside torch.autocast still computes in the factors' dtype

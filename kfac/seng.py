@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from . import _persample as ps
 from ._curvature import CaptureSpec, CurvatureBlock, LayerBatch, Tick, register_block
 from ._layers import BatchNorm2dLayer, Layer
+from ._schedule import check_int_at_least, check_integer
 from .optimizer import PreconditionedSGD
 from .preconditioner import Preconditioner
 
@@ -134,7 +135,7 @@ class SENGBlock(CurvatureBlock[SENGState]):
             if not _positive_int(value):
                 raise ValueError(f"Invalid {key}: {value!r} (must be an int >= 1)")
         self.dtype = dtype
-        self.seed = int(seed)
+        self.seed = check_integer(seed, "seed")
         self.col_sample_size = col_sample_size
         self.scaling = scaling
         self.explicit_max = explicit_max
@@ -418,6 +419,8 @@ class SENGPreconditioner(Preconditioner):
                     f"Invalid option {key!r}: SENG rebuilds U and its inverse from one batch "
                     "every `update_freq` steps"
                 )
+        if not callable(update_freq):  # (else validated at each step, as factor_every)
+            check_int_at_least(1)(update_freq, "update_freq")
         super().__init__(
             model,
             "seng",

@@ -85,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.rank < args.n:
         parser.error(f"--rank must be in [1, n), got {args.rank} with n = {args.n}")
+    if args.seed < 0:
+        parser.error(f"--seed must be a non-negative integer, got {args.seed}")
     print(f"lowrank_nla demo: n = {args.n}, rank = {args.rank}, {args.dtype}, seed {args.seed}\n")
     _print_table(demo(args.n, args.rank, args.dtype, args.seed))
     return 0

@@ -20,6 +20,7 @@ library has been seen, at which point it is already in ``sys.modules``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import sys
@@ -50,14 +51,27 @@ def fp_guarded(func: F) -> F:
     and reported as a ``ValueError`` naming the argument, so the warning would only precede
     the same information, or, with warnings as errors, replace it by a kernel-dependent
     ``RuntimeWarning``. The error state is thread-local and restored on return.
+
+    Once torch is loaded the call also runs under ``torch.no_grad()``: a tensor that
+    requires grad is data, not a graph input. The routines read scalars back (norms,
+    scales, convergence tests), which torch reports with a ``UserWarning`` on such a
+    tensor, and several steps run outside autograd (host LAPACK paths, in-place
+    re-orthonormalization), so a recorded graph would give wrong gradients silently;
+    results carry no autograd history instead.
     """
 
     @functools.wraps(func)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"), _no_autograd():
             return func(*args, **kwargs)
 
     return cast(F, guarded)
+
+
+def _no_autograd() -> Any:
+    """``torch.no_grad()`` if torch is loaded (never imported here), else a null context."""
+    torch = sys.modules.get("torch")
+    return contextlib.nullcontext() if torch is None else torch.no_grad()
 
 
 def all_finite(xp: Namespace, x: Array) -> bool:
@@ -274,7 +288,9 @@ def host_values(x: Any, name: str) -> np.ndarray:
     """A 1-D float64 NumPy copy of the array-like ``x`` (any library), validated.
 
     Masked arrays, ``numpy.matrix`` and meta tensors raise ``TypeError``
-    (:func:`~lowrank_nla._backend.check_array_kind`), as do non-numeric values.
+    (:func:`~lowrank_nla._backend.check_array_kind`), as do non-numeric values. A scalar
+    is one value; anything of two or more dimensions raises ``ValueError`` (a matrix passed
+    where its spectrum belongs must not be read as a list of values).
     """
     check_array_kind(x, name)
     try:
@@ -285,6 +301,8 @@ def host_values(x: Any, name: str) -> np.ndarray:
         np.issubdtype(values.dtype, np.integer) or np.issubdtype(values.dtype, np.floating)
     ):
         raise TypeError(f"`{name}` must hold real numbers, got dtype {values.dtype}")
+    if values.ndim > 1:
+        raise ValueError(f"`{name}` must be 1-D (a vector of values), got shape {values.shape}")
     return values.astype(np.float64).ravel()
 
 
@@ -388,11 +406,28 @@ def _operator_dtype(xp: Namespace, dtype: Any, name: str, device: Any) -> Any:
 
 
 def _product(xp: Namespace, Y: Any, shape: tuple[int, int], dtype: Any, product: str) -> Array:
-    """The result of an operator's ``@``: a ``shape`` array of the working ``dtype``."""
+    """The result of an operator's ``@``: a ``shape`` array of the working ``dtype``.
+
+    It must come from the operator's own library (``xp``), hold real or integer values
+    (a complex product would lose its imaginary part in the cast) and not be a
+    :func:`check_array_kind` reject such as ``numpy.matrix``.
+    """
+    check_array_kind(Y, product)
     if not _is_array(Y) or tuple(Y.shape) != shape:
         got = f"shape {tuple(Y.shape)}" if hasattr(Y, "shape") else type(Y).__name__
         raise ValueError(f"`{product}` must return an array of shape {shape}, got {got}")
+    if array_api_compat.array_namespace(Y) is not xp:
+        raise TypeError(
+            f"`{product}` must return an array of the operator's library "
+            f"({_library_name(xp)}), got {type(Y).__module__}.{type(Y).__name__}"
+        )
+    if Y.dtype != dtype and not xp.isdtype(Y.dtype, ("real floating", "integral")):
+        raise TypeError(f"`{product}` must return real values, got dtype {Y.dtype}")
     return Y if Y.dtype == dtype else xp.astype(Y, dtype)
+
+
+def _library_name(xp: Namespace) -> str:
+    return str(getattr(xp, "__name__", xp)).replace("array_api_compat.", "")
 
 
 def as_operator(
@@ -539,6 +574,11 @@ def normal_sampler(xp: Namespace, rng: Any, *, dtype: Any, device: Any) -> Sampl
         elif rng is None:
             gen = None
         else:
+            if int(rng) >= 2**64:  # torch seeds are 64-bit; NumPy's take any size
+                raise ValueError(
+                    f"`rng` seed must be < 2**64 for torch arrays (a torch.Generator seed "
+                    f"has 64 bits), got {rng}"
+                )
             gen = torch.Generator(device=device).manual_seed(int(rng))
         return lambda shape: torch.randn(shape, generator=gen, dtype=dtype, device=device)
 

@@ -26,9 +26,17 @@ from ._backend import (
     safe_norm,
 )
 from ._eigh import EighResult
+from ._lowrank import ORTHONORMALITY_TOL, orthonormality_estimate
 from ._sketch import HMT_PROBE_FACTOR
 from ._svd import SVDResult
-from ._validation import check_bool, check_decay, check_int, check_real
+from ._validation import (
+    check_bool,
+    check_decay,
+    check_int,
+    check_power_iters,
+    check_real,
+    check_square,
+)
 
 __all__ = [
     "estimate_spectral_norm",
@@ -161,7 +169,8 @@ def krylov_error_bound(
     oversample : int
         Oversampling ``p >= 2`` of the block: the Krylov block has ``k + p`` columns.
     power_iters : int, default 0
-        Krylov iterations ``q >= 0`` (``method="block_krylov"`` with ``power_iters=q``).
+        Krylov iterations ``0 <= q <= 100`` (``method="block_krylov"`` with
+        ``power_iters=q``; the decompositions accept the same range).
     symmetric : bool, default False
         ``False``: the space ``[A W, (A A^T) A W, ..., (A A^T)^q A W]`` of
         :func:`randomized_range_finder` and :func:`randomized_svd`. ``True``: the space
@@ -172,6 +181,15 @@ def krylov_error_bound(
     float
         Upper bound on ``E ||A - Q Q^T A||_2`` for the block Krylov basis ``Q``; never
         larger than :func:`hmt_error_bound` with the same arguments.
+
+    Raises
+    ------
+    ValueError
+        ``rank < 1``, ``oversample < 2``, ``power_iters`` outside ``[0, 100]`` (the bound
+        minimizes over ``q + 1`` filters, so a count like ``10**9`` would run for hours),
+        NaN/Inf or a ``singular_values`` of two or more dimensions.
+    TypeError
+        Non-integer counts, a non-bool ``symmetric``, non-numeric ``singular_values``.
 
     Notes
     -----
@@ -215,6 +233,7 @@ def krylov_error_bound(
     >>> round(ln.hmt_error_bound(s, 20, 5, 5), 3), round(ln.krylov_error_bound(s, 20, 5, 5), 3)
     (1.179, 1.027)
     """
+    power_iters = check_power_iters(power_iters)
     hmt = hmt_error_bound(singular_values, rank, oversample, power_iters, symmetric=symmetric)
     sigma = np.sort(np.abs(host_values(singular_values, "singular_values")))[::-1]
     k, p = rank, oversample
@@ -331,7 +350,8 @@ def estimate_spectral_norm(
     Raises
     ------
     ValueError
-        NaN/Inf in ``A`` or its products, ``n_iter < 1``, a product that overflows the dtype.
+        NaN/Inf in ``A`` or its products, ``n_iter < 1``, a product that overflows the dtype,
+        a non-square ``A`` with ``symmetric=True``.
     TypeError
         Unsupported input type or dtype; an operator without a transpose (unless
         ``symmetric=True``).
@@ -362,7 +382,10 @@ def estimate_spectral_norm(
     >>> round(float(ln.estimate_spectral_norm(A, rng=0)), 12)
     3.0
     """
-    op = as_operator(A, "A", symmetric=check_bool(symmetric, "symmetric"))
+    symmetric = check_bool(symmetric, "symmetric")
+    op = as_operator(A, "A", symmetric=symmetric)
+    if symmetric:
+        check_square(op.shape)
     n_iter = check_int(n_iter, "n_iter", minimum=1)
     return _gk_lanczos_norm(op, n_iter, rng, "A")
 
@@ -391,7 +414,9 @@ def posterior_error_estimate(A: Any, Q: Any, *, n_probes: int = 10, rng: Any = N
     Raises
     ------
     ValueError
-        Shape mismatch, NaN/Inf, or a bound that overflows the dtype.
+        Shape mismatch, NaN/Inf, a ``Q`` whose columns are not orthonormal
+        (``||Q^T Q - I||_F > 0.01``, estimated in ``O(m k)`` as for :class:`LowRankPSD`), or
+        a bound that overflows the dtype.
     TypeError
         ``A`` and ``Q`` from different array libraries or of different dtypes.
 
@@ -422,6 +447,12 @@ def posterior_error_estimate(A: Any, Q: Any, *, n_probes: int = 10, rng: Any = N
     if q_dtype != op.dtype:
         raise TypeError(f"`Q` must have the dtype of `A` ({op.dtype}), got {Q.dtype}")
     Q = Q if Q.dtype == q_dtype else xp.astype(Q, q_dtype)
+    defect = orthonormality_estimate(xp, Q)
+    if not defect <= ORTHONORMALITY_TOL:
+        raise ValueError(
+            f"`Q` must have orthonormal columns: ||Q^T Q - I||_F is about {defect:.3e} > "
+            f"{ORTHONORMALITY_TOL:g}; orthonormalize it (e.g. QR) first"
+        )
     Y = op.checked_matmat(draw((op.shape[1], n_probes)))
     for _ in range(2):
         Y = Y - Q @ (Q.T @ Y)
@@ -429,6 +460,38 @@ def posterior_error_estimate(A: Any, Q: Any, *, n_probes: int = 10, rng: Any = N
     if not bool(xp.isfinite(bound)):  # within a factor 8 of the dtype's largest number
         raise overflow_error("`A`", "probabilistic error bound", op.dtype)
     return bound
+
+
+def _approx_names(approx: Any) -> tuple[str, ...]:
+    if isinstance(approx, SVDResult | EighResult):
+        return tuple(f"approx.{field}" for field in approx._fields)
+    return ("approx",)
+
+
+def _approx_shape(approx: Any) -> tuple[int, ...]:
+    """The shape of the matrix ``approx`` stands for; malformed factors raise ``ValueError``."""
+    if isinstance(approx, SVDResult):
+        U, S, Vh = approx
+        if (
+            U.ndim != 2
+            or S.ndim != 1
+            or Vh.ndim != 2
+            or not U.shape[1] == S.shape[0] == Vh.shape[0]
+        ):
+            raise ValueError(
+                "`approx` must be an SVDResult with U of shape (m, k), S (k,) and Vh (k, n), "
+                f"got {tuple(U.shape)}, {tuple(S.shape)} and {tuple(Vh.shape)}"
+            )
+        return (int(U.shape[0]), int(Vh.shape[1]))
+    if isinstance(approx, EighResult):
+        w, V = approx
+        if w.ndim != 1 or V.ndim != 2 or V.shape[1] != w.shape[0]:
+            raise ValueError(
+                "`approx` must be an EighResult with eigenvalues of shape (k,) and "
+                f"eigenvectors (n, k), got {tuple(w.shape)} and {tuple(V.shape)}"
+            )
+        return (int(V.shape[0]), int(V.shape[0]))
+    return tuple(int(n) for n in approx.shape)
 
 
 def _dense_approx(xp: Any, approx: Any) -> Array:
@@ -506,7 +569,8 @@ def relative_error(A: Any, approx: Any, *, ord: Any = 2, method: str = "auto") -
     Raises
     ------
     ValueError
-        Unknown ``ord``/``method``, shape mismatch, ``ord="fro"`` with Lanczos, zero ``A``,
+        Unknown ``ord``/``method``, shape mismatch (also between the factors of an
+        ``SVDResult``/``EighResult``), ``ord="fro"`` with Lanczos, zero ``A``,
         NaN/Inf in ``A`` or ``approx``, a residual or ratio that overflows the dtype.
     TypeError
         Arguments from different array libraries or of different dtypes.
@@ -533,7 +597,10 @@ def relative_error(A: Any, approx: Any, *, ord: Any = 2, method: str = "auto") -
     op = as_operator(A, "A")
     xp = op.xp
     parts = tuple(approx) if isinstance(approx, SVDResult | EighResult) else (approx,)
-    namespace(*parts, names=("approx",) if len(parts) == 1 else None)
+    namespace(*parts, names=_approx_names(approx))
+    shape = _approx_shape(approx)
+    if shape != op.shape:
+        raise ValueError(f"`approx` must have the shape of `A` {op.shape}, got {shape}")
     if op.array is not None:
         namespace(op.array, parts[0], names=("A", "approx"))
     for part in parts:
@@ -553,10 +620,7 @@ def relative_error(A: Any, approx: Any, *, ord: Any = 2, method: str = "auto") -
         M = op.array
         if M is None:
             M = op.checked_matmat(xp.eye(op.shape[1], dtype=op.dtype, device=op.device))
-        D = _dense_approx(xp, approx)
-        if tuple(D.shape) != op.shape:
-            raise ValueError(f"`approx` must have the shape of `A` {op.shape}, got {D.shape}")
-        residual = M - D
+        residual = M - _dense_approx(xp, approx)
         check_factor(xp, residual, "`approx`", "residual A - approx")
 
         def norm(X: Array) -> Array:

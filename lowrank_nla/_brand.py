@@ -21,12 +21,14 @@ from ._backend import (
     floating_dtype,
     fp_guarded,
     namespace,
+    normal_sampler,
     to_numpy,
 )
 from ._lowrank import LowRankPSD, check_state
+from ._sketch import check_symmetric as symmetry_probe
 from ._sketch import qr_factor
 from ._svd import SVDResult
-from ._validation import check_decay, check_int, check_real
+from ._validation import check_bool, check_decay, check_int, check_real
 
 __all__ = ["BrandUpdate", "brand_update", "rayleigh_ritz_refresh", "svd_update"]
 
@@ -373,7 +375,9 @@ def svd_update(U: Any, S: Any, Vh: Any, A: Any, B: Any, rank: int | None = None)
 
 
 @fp_guarded
-def rayleigh_ritz_refresh(state: LowRankPSD, dense: Any, columns: Any) -> LowRankPSD:
+def rayleigh_ritz_refresh(
+    state: LowRankPSD, dense: Any, columns: Any, *, check_symmetric: bool = True
+) -> LowRankPSD:
     """Partial Rayleigh-Ritz correction of ``state`` on a subset of its columns (BC-KFAC).
 
     Parameters
@@ -385,6 +389,10 @@ def rayleigh_ritz_refresh(state: LowRankPSD, dense: Any, columns: Any) -> LowRan
     columns : sequence of int or integer array
         Distinct column indices ``S`` of ``U`` (``1 <= len(S) <= k``), as Python/NumPy
         integers or a 1-D integer array of any library (floats and bools are rejected).
+    check_symmetric : bool, keyword-only, default True
+        Test ``dense`` for symmetry with two fixed Gaussian probes (one product with a
+        two-column block, the test of :func:`randomized_eigh`); a non-symmetric matrix
+        raises instead of being replaced silently by its symmetric part.
 
     Returns
     -------
@@ -395,9 +403,10 @@ def rayleigh_ritz_refresh(state: LowRankPSD, dense: Any, columns: Any) -> LowRan
     Raises
     ------
     ValueError
-        Out-of-range or repeated columns, shape mismatch, NaN/Inf.
+        Out-of-range or repeated columns, shape mismatch, NaN/Inf, a ``dense`` that is not
+        symmetric (with ``check_symmetric``).
     TypeError
-        Mixed array libraries; ``columns`` not integers.
+        Mixed array libraries; ``columns`` not integers; a non-bool ``check_symmetric``.
 
     Notes
     -----
@@ -433,6 +442,9 @@ def rayleigh_ritz_refresh(state: LowRankPSD, dense: Any, columns: Any) -> LowRan
         raise ValueError(
             f"`columns` must be distinct indices in [0, {k}) (at least one), got {idx}"
         )
+    if check_bool(check_symmetric, "check_symmetric"):
+        # fixed probes: the check is deterministic and leaves every generator alone
+        symmetry_probe(op, normal_sampler(xp, 0, dtype=op.dtype, device=op.device), "dense")
     chosen = xp.asarray(idx, device=device(U))
     rest = xp.asarray(
         [i for i in range(k) if i not in set(idx)], dtype=chosen.dtype, device=device(U)

@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from ._backend import all_finite, fp_guarded, namespace
 from ._lowrank import LowRankPSD, check_state
-from ._validation import check_real
+from ._validation import check_bool, check_pair, check_real
 
 __all__ = [
     "DampedInverse",
@@ -55,9 +55,13 @@ class DampedInverse(NamedTuple):
         (``side="right"``, ``V`` of shape ``(m, D)``), ``O(D k m)``.
 
         Unchecked: ``V`` must be finite, of the factor's library, device and dtype (the
-        hot-path kernel; :func:`lowrank_nla.damped_inverse_apply` is the checked form).
+        hot-path kernel; :func:`lowrank_nla.damped_inverse_apply` is the checked form). Only
+        ``side`` is validated: any value but ``"left"`` or ``"right"`` raises
+        ``ValueError``.
         """
         U, coeff = self.U, self.coeff
+        if side not in ("left", "right"):
+            raise ValueError(f"`side` must be 'left' or 'right', got {side!r}")
         if side == "left":
             proj = U.T @ V
             scaled = coeff * proj if V.ndim == 1 else coeff[:, None] * proj
@@ -118,7 +122,8 @@ def damped_inverse(
         small that the inverse overflows the dtype (with ``validate=False`` only the
         complement's ``1/(tail + damping)`` is checked: nothing is read from the device).
     TypeError
-        ``state`` is not a :class:`LowRankPSD`, mixed libraries or dtypes.
+        ``state`` is not a :class:`LowRankPSD`, mixed libraries or dtypes, a non-bool
+        ``validate``.
 
     Notes
     -----
@@ -135,7 +140,7 @@ def damped_inverse(
     >>> inv.apply(np.ones(3)).tolist()
     [0.25, 1.0, 1.0]
     """
-    if validate:
+    if check_bool(validate, "validate"):
         check_state(state)
     damping = check_real(damping, "damping", minimum=0.0, strict=True)
     tail = check_real(tail, "tail", minimum=0.0)
@@ -220,7 +225,8 @@ def kron_eigenbasis_inverse(
     ValueError
         ``damping <= 0``, a negative tail or shift, a malformed or non-finite factor.
     TypeError
-        Not :class:`LowRankPSD` values, mixed libraries or dtypes.
+        Not :class:`LowRankPSD` values, mixed libraries or dtypes; ``tails`` or ``shift`` not
+        a pair; a non-bool ``validate``.
 
     Notes
     -----
@@ -245,14 +251,12 @@ def kron_eigenbasis_inverse(
     >>> ln.kron_eigenbasis_inverse(G, A, damping=1.0).apply(np.ones((2, 3)))[:, 0].tolist()
     [0.25, 0.5]
     """
-    if validate:
+    if check_bool(validate, "validate"):
         check_state(G, "G")
         check_state(A, "A")
         if G.U.dtype != A.U.dtype:
             raise TypeError(f"`G` and `A` must share a dtype, got {G.U.dtype} and {A.U.dtype}")
     damping = check_real(damping, "damping", minimum=0.0, strict=True)
-    t_g = check_real(tails[0], "tails[0]", minimum=0.0)
-    t_a = check_real(tails[1], "tails[1]", minimum=0.0)
-    s_g = check_real(shift[0], "shift[0]", minimum=0.0)
-    s_a = check_real(shift[1], "shift[1]", minimum=0.0)
+    t_g, t_a = check_pair(tails, "tails", ("tail_G", "tail_A"))
+    s_g, s_a = check_pair(shift, "shift", ("shift_G", "shift_A"))
     return KronEigenbasisInverse(G.U, G.d + s_g, t_g + s_g, A.U, A.d + s_a, t_a + s_a, damping)

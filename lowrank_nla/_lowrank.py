@@ -186,7 +186,17 @@ class LowRankPSD(_LowRankPSDFields):
         return (self.U * self.d) @ self.U.T
 
     def matvec(self, V: Array) -> Array:
-        """``U diag(d) U^T V`` for ``V`` of shape ``(D,)`` or ``(D, m)``, in ``O(D k m)``."""
+        """``U diag(d) U^T V`` for ``V`` of shape ``(D,)`` or ``(D, m)``, in ``O(D k m)``.
+
+        Only the shape of ``V`` is checked (a ``ValueError`` naming ``V``); its values are
+        not read (no host synchronisation).
+        """
+        shape = tuple(getattr(V, "shape", ()))
+        if len(shape) not in (1, 2) or shape[0] != self.U.shape[0]:
+            raise ValueError(
+                f"`V` must have shape ({self.dim},) or ({self.dim}, m) to match the state, "
+                f"got {shape}"
+            )
         coeff = self.U.T @ V
         scaled = self.d * coeff if V.ndim == 1 else self.d[:, None] * coeff
         return self.U @ scaled
@@ -196,7 +206,9 @@ class LowRankPSD(_LowRankPSDFields):
 
     def truncate(self, rank: int) -> LowRankPSD:
         """Keep the ``rank`` largest eigenpairs (``rank >= self.rank`` keeps everything)."""
-        if isinstance(rank, bool) or not isinstance(rank, int | np.integer) or rank < 0:
+        if isinstance(rank, bool) or not isinstance(rank, int | np.integer):
+            raise TypeError(f"`rank` must be a non-negative integer, got {rank!r}")
+        if rank < 0:
             raise ValueError(f"`rank` must be a non-negative integer, got {rank!r}")
         keep = min(int(rank), self.rank)  # array-API slicing must stay in bounds
         return LowRankPSD(self.U[:, :keep], self.d[:keep], check=False)

@@ -34,7 +34,7 @@ def truncation_ratio(d: Any) -> float:
     Raises
     ------
     ValueError
-        Empty, negative or non-finite ``d``.
+        Empty, negative or non-finite ``d``; a ``d`` of two or more dimensions.
     TypeError
         Non-numeric ``d``, masked arrays, ``numpy.matrix``, meta tensors.
 
@@ -66,6 +66,18 @@ class RankState(NamedTuple):
     rank: int
     errors: tuple[float, ...]
     observations: int
+
+
+def _check_rank_state(state: Any) -> None:
+    """A :class:`RankState` whose fields have the types and ranges :meth:`update` needs."""
+    if not isinstance(state, RankState):
+        raise TypeError(f"`state` must be a RankState, got {type(state).__name__}")
+    check_int(state.rank, "state.rank", minimum=1)
+    check_int(state.observations, "state.observations", minimum=0)
+    if not isinstance(state.errors, tuple):
+        raise TypeError(f"`state.errors` must be a tuple, got {type(state.errors).__name__}")
+    for i, e in enumerate(state.errors):
+        check_real(e, f"state.errors[{i}]", minimum=0.0)
 
 
 @dataclass(frozen=True)
@@ -152,10 +164,11 @@ class RankController:
         """Record one truncation ratio; re-evaluate the rank every ``every`` observations.
 
         ``error`` is a truncation ratio (:func:`truncation_ratio`): a finite number
-        ``>= 0``, else ``ValueError``; ``state`` must be a :class:`RankState`.
+        ``>= 0``, else ``ValueError``; ``state`` must be a :class:`RankState` with an
+        integer ``rank >= 1``, a tuple of finite ``errors >= 0`` and an integer
+        ``observations >= 0`` (a state restored from a checkpoint is checked here).
         """
-        if not isinstance(state, RankState):
-            raise TypeError(f"`state` must be a RankState, got {type(state).__name__}")
+        _check_rank_state(state)
         error = check_real(error, "error", minimum=0.0)
         errors = (*state.errors, error)[-self.history :]
         count = state.observations + 1

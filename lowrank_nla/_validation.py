@@ -71,6 +71,19 @@ def check_real(
     return value
 
 
+def check_pair(value: Any, name: str, labels: tuple[str, str]) -> tuple[float, float]:
+    """A pair of finite numbers ``>= 0`` (``(G, A)`` options such as shifts and tails)."""
+    if isinstance(value, str) or not hasattr(value, "__len__") or len(value) != 2:
+        raise TypeError(
+            f"`{name}` must be a pair ({labels[0]}, {labels[1]}) of non-negative numbers, "
+            f"got {value!r}"
+        )
+    return (
+        check_real(value[0], f"{name}[0]", minimum=0.0),
+        check_real(value[1], f"{name}[1]", minimum=0.0),
+    )
+
+
 def check_decay(decay: Any) -> float:
     """An exponential-average decay ``rho`` in ``[0, 1)``."""
     value = check_real(decay, "decay")

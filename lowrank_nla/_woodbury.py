@@ -28,7 +28,7 @@ from ._backend import (
 )
 from ._kernels import DampedInverse, KronEigenbasisInverse, inverse_coefficients
 from ._lowrank import LowRankPSD, check_state
-from ._validation import check_bool, check_real
+from ._validation import check_bool, check_pair, check_real
 
 __all__ = [
     "damped_inverse_apply",
@@ -150,13 +150,7 @@ def _check_factored_options(
     pi_adjusted = check_bool(pi_adjusted, "pi_adjusted")
     if pi_adjusted and (relative or not factored):
         raise ValueError("`pi_adjusted` applies to absolute factored damping only")
-    if isinstance(shift, str) or not hasattr(shift, "__len__") or len(shift) != 2:
-        raise TypeError(
-            f"`shift` must be a pair (shift_G, shift_A) of non-negative numbers, got {shift!r}"
-        )
-    s_g = check_real(shift[0], "shift[0]", minimum=0.0)
-    s_a = check_real(shift[1], "shift[1]", minimum=0.0)
-    return damping, (s_g, s_a)
+    return damping, check_pair(shift, "shift", ("shift_G", "shift_A"))
 
 
 def _factored_inverses(

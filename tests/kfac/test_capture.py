@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -40,6 +41,26 @@ def test_inplace_activation_after_layer_is_captured() -> None:
     for (A1, G1), (A2, G2) in zip(*results, strict=True):
         torch.testing.assert_close(A1, A2, rtol=0, atol=0)
         torch.testing.assert_close(G1, G2, rtol=0, atol=0)
+
+
+def test_layer_called_with_its_input_by_keyword_is_captured() -> None:
+    """``layer(input=x)``. Before: ``IndexError`` in the forward hook (no positional input)."""
+
+    class Keywords(nn.Sequential):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self[2](input=self[1](self[0](input=x)))
+
+    model = mlp().double()
+    twin = Keywords(*copy.deepcopy(list(model)))
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(3, (6,))
+    factors = []
+    for net in (model, twin):
+        precond = exact_preconditioner(net)
+        nn.functional.cross_entropy(net(x), y).backward()
+        precond.step()
+        factors.append([f for name in precond.layer_names for f in precond.factors(name)])
+    for a, b in zip(*factors, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_skip_layers_by_pattern_and_type() -> None:
@@ -134,6 +155,38 @@ def test_layer_without_gradient_is_left_alone() -> None:
     assert precond.factors("layers.unused") == (None, None)
 
 
+def test_layer_unused_after_zero_grad_without_set_to_none_is_left_alone() -> None:
+    """``zero_grad(set_to_none=False)`` leaves a zero ``.grad`` on a layer this step's loss
+    does not use. Before: a ``RuntimeError`` claimed its hooks never fired."""
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+            h = torch.tanh(self.a(x))
+            return self.head(torch.tanh(self.b(h)) if use_b else h)
+
+    model = Branchy()
+    opt = kfac.KFAC(model, lr=0.1, momentum=0.0, factor_every=1, inverse_every=1)
+    x, y = torch.randn(8, 5), torch.randint(3, (8,))
+    for use_b in (True, False, False):
+        opt.zero_grad(set_to_none=False)
+        nn.functional.cross_entropy(model(x, use_b), y).backward()
+        before = model.b.weight.detach().clone()
+        opt.step()
+        if not use_b:  # a zero gradient, no weight decay, no momentum: b does not move
+            assert torch.equal(model.b.weight, before)
+    assert opt.preconditioner.state("b").A.updates == 1
+    # a non-zero gradient that the hooks did not see is still an error
+    opt.zero_grad(set_to_none=False)
+    nn.functional.cross_entropy(model(x, False), y).backward()
+    model.b.weight.grad.add_(1.0)
+    with pytest.raises(RuntimeError, match=r"layer 'b' \(Linear\) has a gradient but its hooks"):
+        opt.step()
+
+
 def test_nan_batch_does_not_poison_the_factors() -> None:
     model = mlp().double()
     precond = exact_preconditioner(model, factor_decay=0.5)
@@ -154,6 +207,52 @@ def test_nan_batch_does_not_poison_the_factors() -> None:
         warnings.simplefilter("error")
         precond.step()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+_PERIODS = {"factor_every": 1, "inverse_every": 1}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda m: kfac.KFAC(m, lr=0.1, **_PERIODS),
+        lambda m: kfac.KFAC(m, lr=0.1, factored_apply=False, **_PERIODS),
+        lambda m: kfac.KFAC(m, lr=0.1, inverse="rsvd", rank=3, **_PERIODS),
+        lambda m: kfac.KFAC(m, lr=0.1, inverse="brand", rank=2, rank_cap=2, brand_every=1),
+        lambda m: kfac.MBF(m, lr=0.1, **_PERIODS),
+        lambda m: kfac.FNGD(m, lr=0.1, store="slot", steps_per_epoch=2),
+        lambda m: kfac.SENG(m, lr=0.1, update_freq=1),
+    ],
+    ids=["eigh-rows", "eigh-sums", "rsvd", "brand", "mbf", "fngd", "seng"],
+)
+def test_finite_gradients_whose_statistics_overflow_leave_the_state_alone(make) -> None:
+    """Gradients of ``1e19`` are finite in float32, their squares are not. Before: the
+    overflowing outer products entered the averages (every later refresh then raised, e.g.
+    "`A` must not contain NaN or Inf"; MBF, FNGD and SENG failed their factorisations)."""
+    model = mlp()
+    opt = make(model)
+    x, y = torch.randn(8, 5), torch.randint(3, (8,))
+
+    def step(scale: float) -> None:
+        opt.zero_grad()
+        (nn.functional.cross_entropy(model(x), y) * scale).backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+
+    step(1.0)
+    kron = isinstance(opt.preconditioner, kfac.KFACPreconditioner)
+    before = opt.preconditioner.factors("2") if kron else ()
+    with pytest.warns(RuntimeWarning, match=r"non-finite statistics in layer .*'2' \(Linear\)"):
+        step(1e20)
+    if kron:  # the dense averages (absent for a factor a Brand rule tracks) are unchanged
+        after = opt.preconditioner.factors("2")
+        for new, old in zip(after, before, strict=True):
+            assert (new is None and old is None) or torch.equal(new, old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            step(1.0)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_kfac_skips_a_nan_step_entirely() -> None:

@@ -346,6 +346,9 @@ def test_errors() -> None:
     ):
         with pytest.raises(ValueError, match=message):
             precond.set_indices(bad)
+    # before: torch's "new(): invalid data type 'str'", not naming `indices`
+    with pytest.raises(TypeError, match=r"Invalid indices: must be a 1-D integer tensor, got str"):
+        precond.set_indices("abc")
     other = kfac.FNGDPreconditioner(make_case("linear")[0], coefficients="shared")
     with pytest.raises(ValueError, match=r"saved with coefficients='shared'"):
         precond.load_state_dict(other.state_dict())
@@ -461,3 +464,30 @@ def test_a_reusing_step_reads_nothing_back(monkeypatch) -> None:
     assert calls == []
     assert all(not torch.equal(b, p.grad) for b, p in zip(before, model.parameters(), strict=True))
     assert [row["reused"] for row in precond.diagnostics()] == [2, 2, 2]
+
+
+def test_a_layer_unused_on_a_reusing_step_keeps_its_zero_gradient() -> None:
+    """A branch this step's loss does not use, after ``zero_grad(set_to_none=False)`` (a zero
+    ``.grad``, no rows), on a step reusing the coefficients its slot stored earlier. Before:
+    an ``AssertionError`` in the direction."""
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+        def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+            h = torch.tanh(self.a(x))
+            return self.head(torch.tanh(self.b(h)) if use_b else h)
+
+    model = Branchy()
+    opt = kfac.FNGD(model, lr=0.1, store="slot", steps_per_epoch=2)
+    x, y = torch.randn(8, 5), torch.randint(3, (8,))
+    for use_b in (True, True, False, True):  # step 2 reuses slot 0, stored with b used
+        opt.zero_grad(set_to_none=False)
+        nn.functional.cross_entropy(model(x, use_b), y).backward()
+        before = model.b.weight.detach().clone()
+        opt.step()
+        if not use_b:
+            assert torch.equal(model.b.weight, before)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -4,7 +4,9 @@ dense path, the state round trip, the hot path's host reads and the errors."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 import io
 import warnings
 
@@ -394,3 +396,32 @@ def test_a_custom_block_map_plugs_in() -> None:
         check_against_oracle(
             model, [x], [y], prefixes={"0": "0.", "2": "2."}, block_map=weights_then_bias
         )
+
+
+class _Named:
+    """A stand-in for a registered layer: the error messages only ask for its description."""
+
+    def describe(self) -> str:
+        return "'fc' (Linear)"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("solver", ["sweep", "cholesky"])
+def test_indefinite_damped_blocks_raise_naming_the_layer(solver: str, dtype: torch.dtype) -> None:
+    """Mini-blocks that stay indefinite after damping raise, in float64 after a float32 retry."""
+    eye = torch.eye(3, dtype=dtype)
+    F = torch.stack([eye, -4 * eye], dim=-1)  # block-last (m, m, B): the second is indefinite
+    lam = torch.full((2,), 0.1, dtype=dtype)
+    message = r"MBF: the damped mini-blocks of layer 'fc' \(Linear\) are not positive definite"
+    retry = (
+        pytest.warns(RuntimeWarning, match="retrying in float64")
+        if dtype == torch.float32
+        else contextlib.nullcontext()
+    )
+    if solver == "sweep":
+        invert = functools.partial(mbf._swept_inverse, F, lam, _Named())
+    else:
+        batch = mbf._damped_block_last(F, lam, dtype).permute(2, 0, 1)
+        invert = functools.partial(mbf._damped_inverse, batch, _Named())
+    with retry, pytest.raises(torch.linalg.LinAlgError, match=message):
+        invert()

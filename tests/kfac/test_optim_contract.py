@@ -10,7 +10,9 @@ same parameter groups, step for step and bit for bit; then the usual contract: c
 
 from __future__ import annotations
 
+import copy
 import io
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -257,6 +259,24 @@ def test_step_hooks_run_once_per_step(info: OptimInfo) -> None:
 
 
 @pytest.mark.parametrize("info", OPTIM_DB, ids=IDS)
+def test_step_is_a_no_op_for_zero_gradients(info: OptimInfo) -> None:
+    """Zero gradients set by hand (no forward), as torch's own optimizer tests do. Before:
+    on a factor-update step, "has a gradient but its hooks never fired"."""
+    model = make_model()
+    opt = info.make(model, momentum=0.0, weight_decay=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    for step in range(2):
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        if info.refines and step == 1:  # QE's refinement evaluates the wake on the step's inputs
+            with pytest.raises(RuntimeError, match="no training forward of the model"):
+                opt.step()
+            return
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("info", OPTIM_DB, ids=IDS)
 def test_lr_scheduler_drives_every_group(info: OptimInfo) -> None:
     model = make_model()
     opt = info.make(model, params=groups(model))
@@ -335,3 +355,16 @@ def test_every_exported_optimizer_is_in_the_registry() -> None:
     )
     registered = {info.options.get("block") for info in OPTIM_DB}
     assert set(kfac.block_names()) <= registered
+
+
+@pytest.mark.parametrize("info", OPTIM_DB, ids=IDS)
+def test_copying_or_pickling_the_optimizer_is_refused_with_what_to_do(info: OptimInfo) -> None:
+    """Before: torch's ``Optimizer.__getstate__`` kept only the groups and state, so a copy
+    or a pickle lost the preconditioner silently and failed steps later."""
+    model = make_model()
+    opt = info.make(model)
+    name = type(opt).__name__
+    message = rf"a {name} optimizer cannot be pickled or copied: .* Save `state_dict\(\)`"
+    for copy_it in (copy.deepcopy, pickle.dumps, lambda o: torch.save(o, io.BytesIO())):
+        with pytest.raises(TypeError, match=message):
+            copy_it(opt)

@@ -221,12 +221,21 @@ def test_preconditioner_composes_with_adam() -> None:
         ({"lr": 0.1, "factor_dtype": torch.float16}, "Invalid factor_dtype"),
         ({"lr": 0.1, "skip_layers": ["nothing.*"]}, "pattern 'nothing.*' matches no module"),
         ({"lr": 0.1, "skip_layers": [3]}, "Invalid skip_layers entry: 3"),
+        # before: int() parsed a string or truncated a float without naming `seed`
+        ({"lr": 0.1, "seed": "a"}, r"Invalid seed: 'a' \(must be an integer\)"),
+        ({"lr": 0.1, "seed": 1.5}, r"Invalid seed: 1.5 \(must be an integer\)"),
         ({"lr": 0.1, "skip_layers": [nn.Linear]}, "Invalid model: no nn.Linear, nn.Conv1d"),
     ],
 )
 def test_invalid_hyperparameters_raise(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         kfac.KFAC(mlp(), **kwargs)
+
+
+def test_grad_scaler_that_is_not_one_is_a_type_error() -> None:
+    """Before: accepted, then an AttributeError at the first step."""
+    with pytest.raises(TypeError, match=r"`grad_scaler` must be a torch.amp.GradScaler .*int"):
+        kfac.KFAC(mlp(), lr=0.1, grad_scaler=3)
 
 
 def test_scheduled_hyperparameter_is_validated_when_called() -> None:

@@ -155,10 +155,13 @@ def test_errors() -> None:
         ({"explicit_max": 0.5}, r"Invalid explicit_max: 0.5 \(must be an int >= 1\)"),
         ({"svd_rank": True}, r"Invalid svd_rank: True \(must be an int >= 1\)"),
         ({"inverse_every": 3}, r"Invalid option 'inverse_every': SENG rebuilds"),
-        ({"update_freq": 0}, r"Invalid factor_every"),
+        # before: "Invalid factor_every: 0", an option SENG does not take
+        ({"update_freq": 0}, r"Invalid update_freq: 0 \(must be an integer >= 1\)"),
     ):
         with pytest.raises(ValueError, match=message):
             kfac.SENGPreconditioner(model, **options)
+    with pytest.raises(ValueError, match=r"Invalid seed: 1.5 \(must be an integer\)"):
+        SENGBlock(seed=1.5)  # before: truncated to 1
     with pytest.raises(ValueError, match=r"Invalid fisher: 'mc'; SENG's U holds"):
         kfac.Preconditioner(model, "seng", fisher="mc", loss="cross_entropy")
     precond = kfac.SENGPreconditioner(model)

@@ -5,6 +5,8 @@ layers, loss scale. Each test names the silent failure it guards against."""
 from __future__ import annotations
 
 import copy
+import gc
+import io
 import warnings
 from typing import Any
 
@@ -271,6 +273,52 @@ def test_eval_forwards_never_touch_the_statistics(fisher: str) -> None:
     for name in p1.layer_names:
         for a, b in zip(p1.factors(name), p2.factors(name), strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_training_in_eval_mode_is_an_error_that_says_so() -> None:
+    """Before: the error blamed a ``torch.nn.functional`` call (hooks that never fired)."""
+    model = mlp()
+    opt = kfac.KFAC(model, lr=0.1, factor_every=1)
+    model.eval()
+    x, y = torch.randn(8, 5), torch.randint(3, (8,))
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"layer '0' \(Linear\) has a gradient but is in eval"):
+        opt.step()
+    model.train()
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    assert opt.preconditioner.state("0").A.updates == 1
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_head_whose_loss_is_left_out_on_some_steps_is_left_alone(set_to_none: bool) -> None:
+    """An auxiliary head computed on every step, its loss added on every other step. Before:
+    each step without its loss raised ("got no output gradient before step()")."""
+
+    class TwoHeads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.main, self.aux = nn.Linear(5, 7), nn.Linear(7, 3), nn.Linear(7, 3)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = torch.tanh(self.body(x))
+            return self.main(h), self.aux(h)
+
+    model = TwoHeads()
+    opt = kfac.KFAC(model, lr=0.1, momentum=0.0, factor_every=1, inverse_every=1)
+    x, y = torch.randn(8, 5), torch.randint(3, (8,))
+    for step in range(4):
+        opt.zero_grad(set_to_none=set_to_none)
+        main, aux = model(x)
+        with_aux = step % 2 == 0
+        loss = F.cross_entropy(main, y) + (F.cross_entropy(aux, y) if with_aux else 0.0)
+        loss.backward()
+        before = model.aux.weight.detach().clone()
+        opt.step()
+        assert torch.equal(model.aux.weight, before) != with_aux
+    assert opt.preconditioner.state("aux").A.updates == 2
+    assert opt.preconditioner.state("main").A.updates == 4
 
 
 def test_training_forward_after_backward_is_reported() -> None:
@@ -559,8 +607,12 @@ def test_embedding_is_left_to_the_base_update() -> None:
         ),
         (lambda: nn.LazyLinear(3), r"its weight is not initialized yet \(a lazy module\)"),
         (lambda: nn.ConvTranspose2d(4, 3, 2), r"no K-FAC layer helper for this type"),
+        (  # before: trained with the imaginary parts silently dropped from the factors
+            lambda: nn.Linear(4, 3, dtype=torch.complex64),
+            r"its weight is torch.complex64; K-FAC's factors are real",
+        ),
     ],
-    ids=["weight_norm", "spectral_norm", "old-spectral_norm", "lazy", "conv-transpose"],
+    ids=["weight_norm", "spectral_norm", "old-spectral_norm", "lazy", "conv-transpose", "complex"],
 )
 def test_layers_kfac_cannot_describe_are_rejected_with_what_to_do(make, message: str) -> None:
     """Before: misleading errors, a silently changed bias gradient, an obscure reshape
@@ -620,6 +672,60 @@ def test_a_step_called_inside_autocast_computes_in_the_factor_dtype() -> None:
         assert torch.equal(a, b)
 
 
+def test_mc_fisher_of_a_squeezed_regression_output_is_per_sample() -> None:
+    """A model returning ``(n,)`` (a regression output squeezed inside its forward) and the
+    same model returning ``(n, 1)`` have one MC Fisher. Before: the 1-D output was read as
+    one sample of ``n`` entries, its targets' variance ``n / 2``: G ``n`` times too large."""
+
+    class Squeezed(nn.Module):
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x).squeeze(-1)
+
+    base = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 1)).double()
+    x, y = torch.randn(16, 5, dtype=F64), torch.randn(16, 1, dtype=F64)
+    factors = []
+    for model, target in ((base, y), (Squeezed(copy.deepcopy(base)), y.squeeze(-1))):
+        precond = exact_preconditioner(model, fisher="mc", loss="mse")
+        F.mse_loss(model(x), target).backward()
+        precond.step()
+        factors.append([f for name in precond.layer_names for f in precond.factors(name)])
+    for a, b in zip(*factors, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_mc_fisher_skips_a_nan_batch_and_an_empty_batch() -> None:
+    """Before: a NaN in the batch made the sampler raise inside the model's forward
+    ("probability tensor contains either `inf`, `nan` or element < 0"), and an empty batch
+    raised ZeroDivisionError in the sampled backward."""
+    model = mlp()
+    opt = kfac.KFAC(model, lr=0.1, momentum=0.0, fisher="mc", loss="cross_entropy", factor_every=1)
+    x, y = torch.randn(8, 5), torch.randint(3, (8,))
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+        opt.step()
+
+    step(x, y)
+    before = [p.detach().clone() for p in model.parameters()]
+    bad = x.clone()
+    bad[2, 1] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite gradient; step skipped"):
+        step(bad, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        step(x[:0], y[:0])
+        assert all(torch.equal(p, q) for p, q in zip(before, model.parameters(), strict=True))
+        assert opt.preconditioner.state("0").A.updates == 1
+        step(x, y)
+    assert opt.preconditioner.state("0").A.updates == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("inverse", ["eigh", "brand"])
 def test_an_empty_batch_leaves_the_factors_and_parameters_alone(inverse: str) -> None:
     """Before: ZeroDivisionError in the statistics' scaling (no samples)."""
@@ -662,3 +768,103 @@ def test_an_empty_batch_leaves_the_factors_and_parameters_alone(inverse: str) ->
     assert len(saved) >= 4
     for key, value in saved.items():
         assert torch.equal(value, now[key]), key
+
+
+# --------------------------------------------------------------------------- model copies
+
+
+class SelfAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.attn(x, x, x)[0].mean(1))
+
+
+def hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+COPIED = {
+    "kfac-mc": (mlp, lambda m: kfac.KFAC(m, lr=0.1, fisher="mc", loss="cross_entropy")),
+    "qekldwrm": (mlp, lambda m: kfac.QEKLDWRM(m, lr=0.1, factor_every=1, inverse_every=1)),
+    "attention": (SelfAttention, lambda m: kfac.KFAC(m, lr=0.1, factor_every=1)),
+}
+
+
+def example(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (4, 5, 8) if isinstance(model, SelfAttention) else (4, 5)
+    return torch.randn(*shape), torch.randint(3, (4,))
+
+
+def train(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("case", list(COPIED))
+def test_a_dropped_optimizer_takes_its_hooks_with_it(case: str) -> None:
+    """Before: the model held every optimizer ever built on it (its hooks kept recording,
+    their rows accumulating, and an attention module kept the replaced forward)."""
+    build, make = COPIED[case]
+    model = build()
+    x, y = example(model)
+    opt = make(model)
+    train(model, opt, x, y)
+    assert hooks(model) > 0
+    del opt
+    gc.collect()
+    assert hooks(model) == 0
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    train(model, make(model), x, y)  # a new optimizer on the same model trains as usual
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "torch.save"])
+@pytest.mark.parametrize("case", list(COPIED))
+def test_copies_of_a_hooked_model_are_plain_models(case: str, copier: str) -> None:
+    """``copy.deepcopy(model)`` (an EMA or teacher model) and ``torch.save(model)``. Before:
+    the copy's forwards were recorded by the original's optimizer (a training forward of the
+    copy made the next step raise), QE-KLD-WRM's copied hook called a broken copy of the
+    optimizer, an attention copy computed with the original's weights, and ``torch.save``
+    failed (local hook functions cannot be pickled)."""
+    build, make = COPIED[case]
+    model = build()
+    x, y = example(model)
+    opt = make(model)
+    train(model, opt, x, y)
+
+    def saved_and_loaded() -> nn.Module:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        return torch.load(buffer, weights_only=False)
+
+    other = copy.deepcopy(model) if copier == "deepcopy" else saved_and_loaded()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(2.0)
+    expected = other(x)
+    if isinstance(other, SelfAttention):  # the copy's attention uses the copy's weights
+        with torch.no_grad():
+            original = model.attn(x, x, x)[0]
+        assert not torch.allclose(other.attn(x, x, x)[0], original)
+    other.eval()
+    torch.testing.assert_close(other(x), expected)  # its own weights, torch's forward
+    other.train()
+    sgd = torch.optim.SGD(other.parameters(), lr=0.1)
+    sgd.zero_grad()
+    F.cross_entropy(other(x), y).backward()
+    sgd.step()
+    other(x)  # a training forward without a backward: nothing of the original's
+    reference = build()
+    reference.load_state_dict(model.state_dict())
+    reference_opt = make(reference)
+    reference_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # no shared buffers
+    train(model, opt, x, y)
+    train(reference, reference_opt, x, y)
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        assert torch.equal(p, q)

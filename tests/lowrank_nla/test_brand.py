@@ -170,6 +170,15 @@ def test_low_rank_psd_value(backend: Backend) -> None:
         s.U = U  # a frozen value
     with pytest.raises(ValueError, match="`rank` must be a non-negative integer, got -1"):
         s.truncate(-1)
+    # A non-integer rank is a TypeError like every other rank argument (it was ValueError).
+    for bad in (1.0, True, "2"):
+        with pytest.raises(TypeError, match="`rank` must be a non-negative integer, got"):
+            s.truncate(bad)
+    assert s.truncate(np.int64(2)).rank == 2
+    # A V of the wrong shape is named (it was NumPy's/torch's own matmul error).
+    for bad in (np.ones(4), np.ones((6, 2)), np.ones((5, 2, 1)), np.float64(1.0)):
+        with pytest.raises(ValueError, match=r"`V` must have shape \(5,\) or \(5, m\) to match"):
+            s.matvec(backend.asarray(bad) if np.ndim(bad) else bad)
 
 
 @pytest.mark.parametrize(

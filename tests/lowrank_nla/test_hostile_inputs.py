@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import array_api_strict as xs
@@ -232,6 +233,9 @@ _HANG_SCRIPT = textwrap.dedent(
             lambda: ln.adaptive_range_finder(np.eye(5), 0.1, block=big, rng=0).shape,
         "estimate_spectral_norm-n_iter":
             lambda: float(ln.estimate_spectral_norm(np.diag([3.0, 1.0]), n_iter=big, rng=0)),
+        # one filter per iteration: 7.6 s at 10**6, hours at 10**9
+        "krylov_error_bound-power_iters":
+            lambda: ln.krylov_error_bound(np.linspace(1.0, 0.1, 5), 1, 2, big),
     }
     out = {}
     for name, case in cases.items():
@@ -268,6 +272,7 @@ HANG_CASES = {
             "nystrom",
             "randomized_range_finder",
             "adaptive_range_finder",
+            "krylov_error_bound",
         )
     },
     "adaptive_range_finder-block": ("ok", r"\(5, 5\)"),  # block reduced to max(min(m, n), 10)
@@ -932,6 +937,25 @@ def test_unsupported_kinds_in_host_vectors_and_columns() -> None:
         ln.hmt_error_bound(np.array(["a"]), 1, 2)
 
 
+def test_host_vectors_of_two_or_more_dimensions_are_rejected() -> None:
+    # A matrix passed where its spectrum belongs was flattened and read as values:
+    # truncation_ratio(ones((2, 2))) gave 1.0, hmt_error_bound(diag(s), ...) a bound for
+    # the spectrum s plus zeros.
+    for f, name in (
+        (ln.truncation_ratio, "d"),
+        (lambda x: ln.hmt_error_bound(x, 1, 2), "singular_values"),
+        (lambda x: ln.krylov_error_bound(x, 1, 2), "singular_values"),
+        (lambda x: ln.brand_drift_bound(x, 0.5), "dropped_max"),
+    ):
+        for bad in (np.ones((2, 2)), torch.ones(3, 1, dtype=torch.float64), [[1.0], [2.0]]):
+            with pytest.raises(ValueError, match=rf"`{name}` must be 1-D \(a vector of values\)"):
+                f(bad)
+    # Scalars and lists of 0-d results (BrandUpdate.dropped_max) are still one value each.
+    assert ln.brand_drift_bound(np.float64(0.5), 0.5) == 0.5
+    assert ln.brand_drift_bound([np.array(0.5), np.array(1.0)], 0.5) == 1.25
+    assert ln.truncation_ratio([4.0, 1.0]) == 0.25
+
+
 def test_torch_sparse_tensors_are_linear_operators() -> None:
     dense = torch.asarray(PSD)
     sparse = dense.to_sparse()
@@ -952,6 +976,28 @@ def test_array_api_strict_and_torch_give_the_numpy_result(name) -> None:
         np.testing.assert_allclose(to_numpy(call(convert(PSD))[0]), want, rtol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["exact", "lanczos"])
+def test_relative_error_names_malformed_factors(method) -> None:
+    # NumPy's "operands could not be broadcast together with shapes (8,3) (2,)" before
+    res = ln.randomized_svd(GENERAL, 3, rng=0)
+    U, S, Vh = res
+    for bad in (ln.SVDResult(U, S[:2], Vh), ln.SVDResult(U, np.diag(S), Vh)):
+        with pytest.raises(ValueError, match=r"`approx` must be an SVDResult with U of shape"):
+            ln.relative_error(GENERAL, bad, method=method)
+    with pytest.raises(ValueError, match=r"`approx` must have the shape of `A` \(9, 7\), got"):
+        ln.relative_error(GENERAL, ln.SVDResult(U[:5], S, Vh), method=method)
+    w, V = ln.randomized_eigh(PSD, 3, rng=0)
+    with pytest.raises(ValueError, match=r"`approx` must be an EighResult with eigenvalues"):
+        ln.relative_error(PSD, ln.EighResult(w, V[:, :2]), method=method)
+    with pytest.raises(ValueError, match=r"`approx` must have the shape of `A` \(8, 8\), got"):
+        ln.relative_error(PSD, np.ones((8, 7)), method=method)
+    with pytest.raises(TypeError, match=r"`approx.U`, `approx.S`, `approx.Vh` must all come"):
+        ln.relative_error(GENERAL, ln.SVDResult(torch.asarray(U), S, Vh), method=method)
+    # well-formed factors: GENERAL has rank 3, the rank-3 result is exact
+    assert float(ln.relative_error(GENERAL, res, method=method)) <= 100 * EPS64
+    assert float(ln.relative_error(PSD, ln.EighResult(w, V), method=method)) <= 100 * EPS64
+
+
 def test_mixed_libraries_name_the_arguments() -> None:
     t = torch.ones(6, 2, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"`J`, `v` must all come from one array library"):
@@ -962,6 +1008,79 @@ def test_mixed_libraries_name_the_arguments() -> None:
         ln.LowRankPSD(np.eye(6)[:, :1], torch.ones(1, dtype=torch.float64))
     with pytest.raises(TypeError, match=r"`G\.U`, `grad_outputs`, `inputs` must all come from"):
         ln.kron_inverse_apply_factored(STATE, STATE, t, np.ones((6, 2)), damping=1.0)
+
+
+@pytest.fixture
+def torch_warns_always():
+    """Torch warns once per process about reading a scalar from a grad-requiring tensor."""
+    before = torch.is_warn_always_enabled()
+    torch.set_warn_always(True)
+    yield
+    torch.set_warn_always(before)
+
+
+def _requires_grad(x: np.ndarray, dtype=torch.float64) -> torch.Tensor:
+    return torch.tensor(x, dtype=dtype, requires_grad=True)
+
+
+@pytest.mark.usefixtures("torch_warns_always")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize(
+    "name",
+    # These two cases pair `A` with a NumPy array; they are covered in the next test.
+    [n for n in DECOMPOSITIONS if n not in ("posterior_error_estimate", "relative_error")],
+)
+def test_tensors_that_require_grad_are_data(name, dtype) -> None:
+    # They used to raise torch's "Converting a tensor with requires_grad=True to a scalar"
+    # UserWarning (an error under warnings-as-errors) and return results with an autograd
+    # graph whose gradients were wrong for srevd (57 vs the exact eigenvector projector).
+    sym, call = DECOMPOSITIONS[name]
+    A = PSD if sym else GENERAL
+    got = call(_requires_grad(A, dtype))
+    want = call(torch.tensor(A, dtype=dtype))
+    for g, w in zip(
+        got if isinstance(got, tuple) else (got,),
+        want if isinstance(want, tuple) else (want,),
+        strict=True,
+    ):
+        assert not g.requires_grad
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+
+
+@pytest.mark.usefixtures("torch_warns_always")
+def test_states_updates_and_inverses_accept_tensors_that_require_grad() -> None:
+    U, d = _requires_grad(STATE.U), _requires_grad(STATE.d)
+    state = ln.LowRankPSD(U, d)
+    X = _requires_grad(RNG.standard_normal((6, 3)))
+    new = ln.brand_update(state, X, decay=0.5).state
+    want = 0.5 * STATE.to_dense() + 0.5 * to_numpy(X) @ to_numpy(X).T
+    np.testing.assert_allclose(
+        to_numpy(new.to_dense()), want, atol=100 * EPS64 * np.abs(want).max()
+    )
+    assert not new.U.requires_grad
+    V = _requires_grad(np.ones((6, 2)))
+    out = ln.damped_inverse_apply(state, V, damping=1.0)
+    np.testing.assert_allclose(
+        to_numpy(out),
+        np.linalg.solve(STATE.to_dense() + np.eye(6), np.ones((6, 2))),
+        rtol=100 * EPS64,
+    )
+    assert not out.requires_grad
+    J = _requires_grad(RNG.standard_normal((3, 6)))
+    x = ln.woodbury_solve(J, _requires_grad(np.ones(6)), 0.5)
+    Jn = to_numpy(J)
+    np.testing.assert_allclose(
+        to_numpy(x), np.linalg.solve(0.5 * np.eye(6) + Jn.T @ Jn, np.ones(6)), rtol=1e-12
+    )
+    assert not x.requires_grad
+    A = _requires_grad(GENERAL)
+    Q = torch.tensor(np.linalg.qr(GENERAL)[0][:, :2])
+    est = ln.posterior_error_estimate(A, Q, rng=0)
+    assert not est.requires_grad
+    assert float(est) == float(ln.posterior_error_estimate(A.detach(), Q, rng=0))
+    err = ln.relative_error(A, A.detach() * 0.5)
+    assert not err.requires_grad
+    assert float(err) == pytest.approx(0.5, rel=100 * EPS64)
 
 
 # =========================================================================== 7. operator kind
@@ -994,6 +1113,50 @@ def test_operator_results_of_another_dtype_are_cast_and_bad_shapes_rejected() ->
         ValueError, match=r"`A @ X` must return an array of shape \(9, 7\), got shape \(4, 7\)"
     ):
         ln.randomized_svd(_Dense(GENERAL, out_shape=4), 3, rng=0)
+
+
+class _Returns:
+    """A symmetric NumPy operator whose ``@`` passes its product through ``wrap``."""
+
+    dtype = np.float64
+
+    def __init__(self, wrap) -> None:
+        self.shape, self.wrap = PSD.shape, wrap
+
+    def __matmul__(self, X):
+        return self.wrap(PSD @ X)
+
+
+def _matrix(Y):
+    with warnings.catch_warnings():  # the matrix class warns on construction
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        return np.asmatrix(Y)
+
+
+@pytest.mark.parametrize(
+    ("wrap", "message"),
+    [
+        # ComplexWarning (an error under warnings-as-errors), else the imaginary part dropped
+        (lambda Y: Y + 1j, r"`A @ X` must return real values, got dtype complex128"),
+        (lambda Y: Y > 0, r"`A @ X` must return real values, got dtype bool"),
+        # AttributeError: 'Tensor' object has no attribute 'astype' (after a cast attempt)
+        (
+            lambda Y: torch.asarray(Y, dtype=torch.float32),
+            r"`A @ X` must return an array of the operator's library \(numpy\), got "
+            r"torch.Tensor",
+        ),
+        # "must return an array of shape (8, 8), got shape (8, 8)"
+        (_matrix, r"`A @ X` is a numpy.matrix, which is not supported"),
+    ],
+    ids=["complex", "bool", "torch", "numpy.matrix"],
+)
+def test_operator_results_of_another_kind_are_rejected(wrap, message) -> None:
+    with pytest.raises(TypeError, match=message):
+        ln.randomized_eigh(_Returns(wrap), 2, rng=0)
+    w = np.linalg.eigvalsh(PSD)[::-1][:2]
+    np.testing.assert_allclose(
+        ln.randomized_eigh(_Returns(lambda Y: Y), 2, rng=0).eigenvalues, w, rtol=1e-12
+    )
 
 
 def test_matvec_only_linear_operator() -> None:
@@ -1068,6 +1231,31 @@ def test_rayleigh_ritz_refresh_accepts_integer_indices(columns) -> None:
     np.testing.assert_allclose(np.sort(out.d)[::-1][0], 3.0)
 
 
+def test_rayleigh_ritz_refresh_rejects_a_non_symmetric_matrix() -> None:
+    # It used to take the symmetric part of U_S^T X U_S without a word (Ritz value 0.78 for
+    # a random 10 x 10 X), unlike the other symmetric routines.
+    X = np.random.default_rng(5).standard_normal((6, 6))
+    with pytest.raises(ValueError, match=r"`dense` is not symmetric: the probe"):
+        ln.rayleigh_ritz_refresh(STATE, X, [0])
+    with pytest.raises(ValueError, match=r"`dense` is not symmetric"):
+        ln.rayleigh_ritz_refresh(
+            ln.LowRankPSD(torch.asarray(STATE.U), torch.asarray(STATE.d)), torch.asarray(X), [0]
+        )
+    with pytest.raises(TypeError, match="`check_symmetric` must be a bool, got int"):
+        ln.rayleigh_ritz_refresh(STATE, X + X.T, [0], check_symmetric=1)
+    # opting out keeps the former behaviour: the Ritz value of the symmetric part
+    u = STATE.U[:, :1]
+    out = ln.rayleigh_ritz_refresh(STATE, X, [0], check_symmetric=False)
+    want = float(u[:, 0] @ ((X + X.T) / 2) @ u[:, 0])
+    assert np.isclose(out.d, max(want, 0.0), rtol=100 * EPS64, atol=100 * EPS64).any()
+    # symmetric input of any scale passes, and the check consumes no generator state
+    P = PSD[:6, :6]
+    for scale in (1e-300, 1.0, 1e300):
+        ref = ln.rayleigh_ritz_refresh(STATE, P * scale, [0, 1], check_symmetric=False)
+        got = ln.rayleigh_ritz_refresh(STATE, P * scale, [0, 1])
+        np.testing.assert_array_equal(got.d, ref.d)
+
+
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
@@ -1077,6 +1265,73 @@ def test_rayleigh_ritz_refresh_accepts_integer_indices(columns) -> None:
             ),
             ValueError,
             r"`error` must be finite and >= 0, got -0\.5",
+        ),
+        # Malformed states (a checkpoint restored by hand) used to fail inside the rule with
+        # Python's own messages ("unsupported operand type(s) for -: 'str' and 'int'") or to
+        # run: a float rank 10.5 and a NaN error were accepted.
+        (
+            # Python's "'NoneType' object is not subscriptable" (an IndexError for np.int64)
+            lambda: ln.kron_eigenbasis_inverse(STATE, STATE, damping=1.0, tails=None),  # type: ignore[arg-type]
+            TypeError,
+            r"`tails` must be a pair \(tail_G, tail_A\) of non-negative numbers, got None",
+        ),
+        (
+            lambda: ln.kron_eigenbasis_inverse(STATE, STATE, damping=1.0, tails=np.int64(3)),  # type: ignore[arg-type]
+            TypeError,
+            r"`tails` must be a pair \(tail_G, tail_A\) of non-negative numbers, got np.int64",
+        ),
+        (
+            lambda: ln.kron_eigenbasis_inverse(STATE, STATE, damping=1.0, shift=(1.0,)),  # type: ignore[arg-type]
+            TypeError,
+            r"`shift` must be a pair \(shift_G, shift_A\) of non-negative numbers, got \(1.0,\)",
+        ),
+        (
+            # any value was taken for its truth: "no" validated, None skipped the checks
+            lambda: ln.damped_inverse(STATE, damping=1.0, validate=None),  # type: ignore[arg-type]
+            TypeError,
+            "`validate` must be a bool, got NoneType",
+        ),
+        (
+            lambda: ln.kron_eigenbasis_inverse(STATE, STATE, damping=1.0, validate="no"),  # type: ignore[arg-type]
+            TypeError,
+            "`validate` must be a bool, got str",
+        ),
+        (
+            # torch's own "Overflow when unpacking long long" (NumPy takes any size)
+            lambda: ln.randomized_svd(torch.asarray(GENERAL), 2, rng=2**64),
+            ValueError,
+            r"`rng` seed must be < 2\*\*64 for torch arrays \(a torch.Generator seed has 64 "
+            r"bits\), got 18446744073709551616",
+        ),
+        (
+            lambda: ln.RankController().update(ln.RankState("20", (), 0), 0.1),
+            TypeError,
+            "`state.rank` must be an integer, got str",
+        ),
+        (
+            lambda: ln.RankController().update(ln.RankState(10.5, (), 0), 0.1),  # type: ignore[arg-type]
+            TypeError,
+            "`state.rank` must be an integer, got float",
+        ),
+        (
+            lambda: ln.RankController().update(ln.RankState(0, (), 0), 0.1),
+            ValueError,
+            "`state.rank` must be >= 1, got 0",
+        ),
+        (
+            lambda: ln.RankController().update(ln.RankState(20, [0.1], 0), 0.1),  # type: ignore[arg-type]
+            TypeError,
+            "`state.errors` must be a tuple, got list",
+        ),
+        (
+            lambda: ln.RankController().update(ln.RankState(20, (0.1, float("nan")), 2), 0.1),
+            ValueError,
+            r"`state.errors\[1\]` must be finite and >= 0, got nan",
+        ),
+        (
+            lambda: ln.RankController().update(ln.RankState(20, (), -1), 0.1),
+            ValueError,
+            "`state.observations` must be >= 0, got -1",
         ),
         (
             lambda: ln.inverse_perturbation_bound(1.0, 1e-200),
@@ -1092,6 +1347,25 @@ def test_rayleigh_ritz_refresh_accepts_integer_indices(columns) -> None:
             lambda: ln.randomized_eigh(PSD, 2, check_symmetric="no"),
             TypeError,
             "`check_symmetric` must be a bool, got str",
+        ),
+        (
+            # a scaled basis gave a silently wrong bound (5829 where the orthonormal Q gives
+            # 221 for a 30 x 20 Gaussian matrix)
+            lambda: ln.posterior_error_estimate(GENERAL, 3.0 * np.eye(9)[:, :2], rng=0),
+            ValueError,
+            r"`Q` must have orthonormal columns: "
+            r"\|\|Q\^T Q - I\|\|_F is about 1\.131e\+01 > 0\.01",
+        ),
+        (
+            lambda: ln.posterior_error_estimate(GENERAL, np.eye(9, 12), rng=0),
+            ValueError,
+            r"`Q` must have orthonormal columns",
+        ),
+        (
+            # it reached NumPy's matmul ("mismatch in its core dimension 0")
+            lambda: ln.estimate_spectral_norm(GENERAL, symmetric=True),
+            ValueError,
+            r"`A` must be square for a symmetric routine, got shape \(9, 7\)",
         ),
         (
             lambda: ln.estimate_spectral_norm(PSD, symmetric=1),
@@ -1195,9 +1469,24 @@ def test_rayleigh_ritz_refresh_accepts_integer_indices(columns) -> None:
     ],
     ids=[
         "RankController.update-negative",
+        "kron_eigenbasis_inverse-tails-None",
+        "kron_eigenbasis_inverse-tails-scalar",
+        "kron_eigenbasis_inverse-shift-length",
+        "damped_inverse-validate-None",
+        "kron_eigenbasis_inverse-validate-str",
+        "torch-seed-beyond-64-bits",
+        "RankState-rank-str",
+        "RankState-rank-float",
+        "RankState-rank-zero",
+        "RankState-errors-list",
+        "RankState-errors-nan",
+        "RankState-observations-negative",
         "inverse_perturbation_bound-overflow",
         "brand_drift_bound-overflow",
         "randomized_eigh-check_symmetric",
+        "posterior_error_estimate-scaled-Q",
+        "posterior_error_estimate-too-many-columns",
+        "estimate_spectral_norm-symmetric-non-square",
         "estimate_spectral_norm-symmetric",
         "hmt_error_bound-symmetric",
         "kron-relative",

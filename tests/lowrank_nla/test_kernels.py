@@ -55,6 +55,20 @@ def test_kron_eigenbasis_inverse_equals_kron_inverse_apply(backend: Backend, ran
     np.testing.assert_array_equal(to_numpy(prepared), to_numpy(checked))
 
 
+def test_prepared_inverse_rejects_an_unknown_side() -> None:
+    # Anything but "left" used to run the right-side product: side="Left" on a square V
+    # returned V X^-1 instead of X^-1 V without a word.
+    U, d = _factor(5, 2, 0)
+    inv = ln.damped_inverse(ln.LowRankPSD(U, d), damping=0.5)
+    V = np.random.default_rng(1).standard_normal((5, 5))
+    X = (U * d) @ U.T + 0.5 * np.eye(5)
+    np.testing.assert_allclose(inv.apply(V, "left"), np.linalg.solve(X, V), rtol=1e-12)
+    np.testing.assert_allclose(inv.apply(V, "right"), np.linalg.solve(X.T, V.T).T, rtol=1e-12)
+    for bad in ("Left", "up", None):
+        with pytest.raises(ValueError, match=r"`side` must be 'left' or 'right', got"):
+            inv.apply(V, bad)  # type: ignore[arg-type]
+
+
 def test_prepared_inverses_validate_once() -> None:
     U, d = _factor(5, 2, 0)
     bad = ln.LowRankPSD(U, np.array([1.0, np.nan]), check=False)

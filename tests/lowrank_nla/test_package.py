@@ -100,3 +100,15 @@ def test_demo_rejects_bad_rank() -> None:
     )
     assert out.returncode == 2
     assert "--rank must be in [1, n)" in out.stderr
+
+
+def test_demo_rejects_a_negative_seed() -> None:
+    # It ended in NumPy's traceback ("expected non-negative integer") after the banner.
+    out = subprocess.run(
+        [sys.executable, "-m", "lowrank_nla", "demo", "--n", "50", "--rank", "5", "--seed", "-1"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 2
+    assert "--seed must be a non-negative integer, got -1" in out.stderr
+    assert "Traceback" not in out.stderr
