@@ -29,6 +29,7 @@ from ._curvature import (
 from ._kron import inverse_names
 from ._layers import Layer, register_layer
 from ._quadratic import AdaptiveDamping
+from ._schedule import InverseDecay
 from .distributed import Distributed
 from .fngd import FNGD, FNGDPreconditioner
 from .kld_wrm import (
@@ -51,6 +52,7 @@ __all__ = [
     "Distributed",
     "FNGD",
     "FNGDPreconditioner",
+    "InverseDecay",
     "KFAC",
     "KFACPreconditioner",
     "Layer",

@@ -8,9 +8,11 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 __all__ = [
+    "InverseDecay",
     "Schedule",
     "check_bool",
     "check_decay",
@@ -108,6 +110,54 @@ class Schedule(Generic[T]):
         if self._fn is None:
             return self._const  # type: ignore[return-value]
         return self._check(self._fn(step), f"{self.name} (schedule at step {step})")
+
+
+@dataclass(frozen=True)
+class InverseDecay:
+    """A hyperparameter that decays as an inverse power of the step:
+    ``start / (1 + step / scale) ** power``.
+
+    The value halves (``power=1``) or quarters (``power=2``) after ``scale`` steps and keeps
+    falling without an end, so the schedule needs no run length. ``KFAC``'s default KL clip
+    is ``InverseDecay(1e-3, scale=..., power=...)`` (docs/kfac.md, *Defaults, by
+    measurement*); any option that takes a ``callable(step)`` takes one. It is a frozen value
+    of the step alone: it pickles, compares by value, and a checkpoint resumes it exactly,
+    since the optimizer's ``state_dict`` holds the step.
+
+    Parameters
+    ----------
+    start : float
+        The value at step 0 (``> 0``).
+    scale : float
+        The number of steps ``T`` over which ``1 + step / T`` doubles (``> 0``).
+    power : float, default 1
+        The exponent ``p`` (``> 0``).
+
+    Raises
+    ------
+    ValueError
+        A non-finite, non-real or non-positive ``start``, ``scale`` or ``power``.
+
+    Examples
+    --------
+    >>> import kfac
+    >>> clip = kfac.InverseDecay(1e-3, scale=100, power=2)
+    >>> clip
+    InverseDecay(start=0.001, scale=100.0, power=2.0)
+    >>> clip(0), clip(100), clip(300)
+    (0.001, 0.00025, 6.25e-05)
+    """
+
+    start: float
+    scale: float
+    power: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("start", "scale", "power"):
+            object.__setattr__(self, name, check_positive(getattr(self, name), name))
+
+    def __call__(self, step: int) -> float:
+        return self.start / (1.0 + step / self.scale) ** self.power
 
 
 def check_bool(value: Any, name: str) -> bool:

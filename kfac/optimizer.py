@@ -19,6 +19,7 @@ from ._curvature import CurvatureBlock, all_finite
 from ._quadratic import AdaptiveDamping, QuadraticModel, named_params, solve_step
 from ._schedule import check_bool, check_int_at_least, check_nonnegative, check_positive
 from .preconditioner import KFACPreconditioner, Preconditioner
+from .presets import PRESETS
 
 __all__ = ["KFAC", "PreconditionedSGD"]
 
@@ -498,7 +499,9 @@ class KFAC(PreconditionedSGD):
         ``skip_layers``, ``fisher``, ``loss``, ``factor_dtype``, ``decomposition_dtype``,
         ``grad_scaler``, ``seed``, ``distributed`` and the inverse strategy's options), and
         :class:`PreconditionedSGD`'s ``loss_fn``, ``adaptive_damping`` and
-        ``quadratic_step``. ``kl_clip`` defaults to 1e-3 here (off with
+        ``quadratic_step``. ``kl_clip`` defaults here to
+        ``kfac.InverseDecay(1e-3, scale=50, power=2)``, a clip ``1e-3 / (1 + step / 50) ** 2``
+        that decays with the step so that the clipped steps of a long run shrink (off with
         ``quadratic_step=True``); the other defaults are :class:`KFACPreconditioner`'s.
         Together they are ``kfac.preset("default")``, chosen by measurement on four tasks
         over short and long runs (docs/kfac.md); ``kfac.preset("thesis")`` gives the
@@ -556,7 +559,7 @@ class KFAC(PreconditionedSGD):
         if momentum is None:
             momentum = 0.0 if quadratic else 0.9
         if "kl_clip" not in kwargs:
-            kwargs["kl_clip"] = None if quadratic else 1e-3
+            kwargs["kl_clip"] = None if quadratic else PRESETS["default"]["kl_clip"]
         super().__init__(
             model,
             lr,

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._schedule import InverseDecay
+
 __all__ = ["PRESETS", "preset"]
 
 #: Each named configuration: the keyword arguments of ``KFAC(model, lr, **kwargs)``.
@@ -23,7 +25,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "factor_every": 1,
         "inverse_every": 10,
         "factor_init": "identity",
-        "kl_clip": 1e-3,
+        # a KL clip that decays with the step, so that a long run's steps shrink
+        "kl_clip": InverseDecay(1e-3, scale=50, power=2),
         "momentum": 0.9,
     },
     # the thesis' long-run settings (the library defaults before they were measured)
@@ -64,7 +67,8 @@ def preset(name: str, *, optimizer: bool = True) -> dict[str, Any]:
     ----------
     name : {"default", "thesis", "command-line"}
         ``"default"``: what ``KFAC(model, lr)`` uses (factors every step, inverses every
-        10, absolute factored damping 0.1, KL clip 1e-3, momentum 0.9). ``"thesis"``: the
+        10, absolute factored damping 0.1, KL clip ``InverseDecay(1e-3, scale=50, power=2)``,
+        that is ``1e-3 / (1 + step / 50) ** 2``, momentum 0.9). ``"thesis"``: the
         thesis' long-run settings (factors every 20 steps, inverses every 100, relative
         factored damping 0.1, no clip, no momentum). ``"command-line"``: the settings of
         ``python -m kfac --optimizer kfac`` (relative damping 3e-3, KL clip 1e-4, momentum
@@ -94,6 +98,8 @@ def preset(name: str, *, optimizer: bool = True) -> dict[str, Any]:
     >>> opt = kfac.KFAC(model, lr=0.3, **kfac.preset("thesis"))
     >>> opt.preconditioner.engine.clock.factor_every(0), opt.param_groups[0]["momentum"]
     (20, 0.0)
+    >>> kfac.preset("default")["kl_clip"]  # 1e-3 / (1 + step / 50) ** 2
+    InverseDecay(start=0.001, scale=50.0, power=2.0)
     >>> sorted(kfac.preset("default", optimizer=False))  # doctest: +NORMALIZE_WHITESPACE
     ['damping', 'damping_scheme', 'factor_decay', 'factor_every', 'factor_init',
      'inverse_every', 'kl_clip']

@@ -176,24 +176,36 @@ def test_quick_defaults_benchmark(run_quick) -> None:
 
 @pytest.mark.slow
 def test_quick_defaults_search_options(tmp_path) -> None:
-    """--config adds a configuration with its grid, --only runs just it, --trace keeps the
-    loss curve and the KL clip's scale."""
+    """--config adds a configuration with its grid (a {"start", "scale", "power"} value is an
+    InverseDecay schedule), --only runs just it (and the named ones), --grid replaces a
+    grid, --trace keeps the loss curve and the KL clip's scale, --per-lr lists every run."""
     import json
     import subprocess
     import sys
 
     script = Path(__file__).parents[2] / "benchmarks" / "kfac_defaults.py"
-    config = 'mine={"damping": 0.01, "kl_clip": 0.01, "lr_grid": [0.01, 0.02, 0.05]}'
+    spec = (
+        '{"damping": 0.01, "kl_clip": {"start": 0.01, "scale": 1, "power": 2}, '
+        '"lr_grid": [0.01, 0.02, 0.05]}'
+    )
     subprocess.run(
-        [sys.executable, str(script), "--quick", "--out", str(tmp_path), "--only", "--trace",
-         "--seed", "3", "--config", config],
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path), "--only", "adam",
+         "--trace", "--per-lr", "--seed", "3", "--config", f"mine={spec}",
+         "--grid", "adam=0.001"],
         check=True, capture_output=True, text=True, env=_env(),
     )  # fmt: skip
     payload = json.loads((tmp_path / "kfac_defaults_quick.json").read_text())
     assert payload["seed"] == 3
+    assert payload["configs"] == {"mine": spec}
+    assert list(payload["results"]["mlp"]) == ["adam", "mine"]
+    assert list(payload["results"]["mlp"]["adam"]["losses"]) == ["0.001"]
     row = payload["results"]["mlp"]["mine"]
-    assert list(payload["results"]["mlp"]) == ["mine"]
     assert list(row["losses"]) == ["0.01", "0.02", "0.05"]
+    assert set(row["last5"]) == set(row["losses"])
+    table = (tmp_path / "kfac_defaults_quick.md").read_text()
+    assert "(0.001, one value)" in table
+    assert "| mlp | mine | 0.01: " in table
+    assert f"- mine: `{spec}`" in table
     trace = row["trace"]["0.02"]
     assert len(trace["loss"]) == 2  # before training and after the one epoch
     assert trace["loss"][-1] == row["losses"]["0.02"]
@@ -205,6 +217,19 @@ def test_quick_defaults_search_options(tmp_path) -> None:
     )  # fmt: skip
     assert bad.returncode == 2
     assert "expected NAME=JSON" in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path), "--only",
+         "--config", 'mine={"kl_clip": {"start": 0.01, "decay": 2}}'],
+        capture_output=True, text=True, env=_env(),
+    )  # fmt: skip
+    assert bad.returncode != 0
+    assert "unknown keys ['decay']" in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(tmp_path), "--grid", "nadam=1"],
+        capture_output=True, text=True, env=_env(),
+    )  # fmt: skip
+    assert bad.returncode == 2
+    assert "--grid 'nadam=1': expected NAME=LR" in bad.stderr
 
 
 def _env() -> dict[str, str]:

@@ -52,6 +52,7 @@ def test_classes_are_documented_with_numpydoc(name: str) -> None:
         "kfac.seng",
         "kfac._quadratic",
         "kfac.presets",
+        "kfac._schedule",
     ],
 )
 def test_doctests(module: str) -> None:

@@ -45,7 +45,9 @@ def test_default_preset_is_the_signatures_defaults() -> None:
     assert opt.param_groups[0]["momentum"] == kfac.preset("default")["momentum"] == 0.9
     engine = opt.preconditioner.engine
     assert engine.kl_clip is not None
-    assert engine.kl_clip(0) == kfac.preset("default")["kl_clip"] == 1e-3
+    # the measured clip decays with the step, with no run length (docs/kfac.md)
+    assert kfac.preset("default")["kl_clip"] == kfac.InverseDecay(1e-3, scale=50, power=2)
+    assert [engine.kl_clip(s) for s in (0, 50, 150)] == [1e-3, 2.5e-4, 6.25e-5]
     assert kfac.KFACPreconditioner(_model()).engine.kl_clip is None
 
 
