@@ -30,6 +30,18 @@ def convnet(stride: int = 1, padding: int = 1, dilation: int = 1) -> nn.Sequenti
     return nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(3 * out * out, 4))
 
 
+class Branchy(nn.Module):
+    """Two Linear layers and a head; ``b`` is used only when the forward is asked to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        return self.head(torch.tanh(self.b(h)) if use_b else h)
+
+
 def exact_preconditioner(model: nn.Module, **kwargs: Any) -> kfac.KFACPreconditioner:
     """Factors of the latest batch only (decay 0), refreshed every step, in float64, with the
     thesis' relative damping 0.1 (the tests' references are written for it)."""

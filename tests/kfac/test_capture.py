@@ -12,7 +12,7 @@ from torch import nn
 import kfac
 import lowrank_nla as ln
 
-from .conftest import exact_preconditioner, mlp
+from .conftest import Branchy, exact_preconditioner, mlp
 
 
 def backward(model: nn.Module, x: torch.Tensor, classes: int = 3) -> None:
@@ -158,15 +158,6 @@ def test_layer_without_gradient_is_left_alone() -> None:
 def test_layer_unused_after_zero_grad_without_set_to_none_is_left_alone() -> None:
     """``zero_grad(set_to_none=False)`` leaves a zero ``.grad`` on a layer this step's loss
     does not use. Before: a ``RuntimeError`` claimed its hooks never fired."""
-
-    class Branchy(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b, self.head = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
-
-        def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
-            h = torch.tanh(self.a(x))
-            return self.head(torch.tanh(self.b(h)) if use_b else h)
 
     model = Branchy()
     opt = kfac.KFAC(model, lr=0.1, momentum=0.0, factor_every=1, inverse_every=1)

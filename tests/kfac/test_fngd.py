@@ -15,7 +15,7 @@ import kfac
 from kfac import _persample as ps
 from kfac.fngd import FNGDBlock
 
-from .conftest import convnet
+from .conftest import Branchy, convnet
 from .test_mbf import Positions, data, layer_matrix, per_sample_grads
 
 RTOL = 1e-8
@@ -470,15 +470,6 @@ def test_a_layer_unused_on_a_reusing_step_keeps_its_zero_gradient() -> None:
     """A branch this step's loss does not use, after ``zero_grad(set_to_none=False)`` (a zero
     ``.grad``, no rows), on a step reusing the coefficients its slot stored earlier. Before:
     an ``AssertionError`` in the direction."""
-
-    class Branchy(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b, self.head = nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 3)
-
-        def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
-            h = torch.tanh(self.a(x))
-            return self.head(torch.tanh(self.b(h)) if use_b else h)
 
     model = Branchy()
     opt = kfac.FNGD(model, lr=0.1, store="slot", steps_per_epoch=2)
