@@ -75,7 +75,8 @@ class Distributed:
     group : ProcessGroup, optional
         The process group (default: the default group, which must be initialised).
     timeout : float, default 300
-        Seconds any collective of a step may wait before it raises ``RuntimeError``.
+        Seconds any collective of a step may wait before it raises ``RuntimeError``
+        (finite: for practically no limit, pass a large number such as ``1e9``).
     directions : {"all", "owner"}, default "all"
         ``"all"``: every process computes every layer's direction from the broadcast
         representations (no more communication). ``"owner"``: each layer's direction is
@@ -108,6 +109,18 @@ class Distributed:
         timeout = self.timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
             raise ValueError(f"Invalid timeout: {timeout!r} (must be a number of seconds > 0)")
+        try:  # every wait builds this timedelta: an infinite or huge value would fail mid-step
+            timedelta(seconds=timeout)
+        except OverflowError:
+            raise ValueError(
+                f"Invalid timeout: {timeout!r} (must be a finite number of seconds, at most "
+                f"{timedelta.max.total_seconds():.0f})"
+            ) from None
+        if self.group is not None and not isinstance(self.group, dist.ProcessGroup):
+            raise TypeError(
+                "`group` must be a torch.distributed.ProcessGroup or None, got "
+                f"{type(self.group).__name__}"
+            )
 
 
 def assign_owners(costs: Sequence[float], world: int) -> list[int]:

@@ -165,6 +165,9 @@ class Preconditioner:
             )
         config = _distributed_config(distributed)
         self.distributed = config
+        #: ``distributed`` left to its default with no process group yet: one initialised
+        #: later must not go unnoticed (see :meth:`step`)
+        self._alone_by_default = distributed is None and config is None
         self.seed = check_integer(seed, "seed")
         self.fisher = fisher
         self.grad_scaler = grad_scaler
@@ -345,8 +348,19 @@ class Preconditioner:
         Raises
         ------
         RuntimeError
-            A layer with a non-zero gradient whose hooks never fired on a factor-update step.
+            A layer with a non-zero gradient whose hooks never fired on a factor-update step;
+            a process group of more than one process initialised after the constructor ran
+            with the default ``distributed=None``.
         """
+        if self._alone_by_default and _group_started():
+            # each process would precondition with its own shard's curvature while the
+            # gradients are averaged: the replicas would silently drift apart
+            raise RuntimeError(
+                "this preconditioner was built before torch.distributed.init_process_group, "
+                "so it would run each process on its own and the model replicas would drift "
+                "apart; build it after init_process_group (it then runs distributed), or pass "
+                "`distributed=False` to run each process on its own deliberately"
+            )
         with contextlib.ExitStack() as stack:
             # a step called inside torch.autocast still computes in the factors' dtype
             for kind in {
@@ -459,15 +473,18 @@ class Preconditioner:
         self._prepare_load(state_dict)()
 
 
+def _group_started() -> bool:
+    """Whether a default process group of more than one process is initialised."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _distributed_config(distributed: Any) -> Distributed | None:
     """The distributed configuration of ``distributed=`` (``None``: one process)."""
     if isinstance(distributed, Distributed):
         return distributed
     if distributed is None:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return Distributed()
-        return None
+        return Distributed() if _group_started() else None
     if distributed is True:
         return Distributed()
     if distributed is False:
@@ -631,7 +648,8 @@ class KFACPreconditioner(Preconditioner):
             grad_scaler=grad_scaler,
             seed=seed,
             time_phases=time_phases,
-            distributed=False if config is None else config,
+            # None stays None: the base class then refuses a process group started later
+            distributed=config if config is not None or distributed is None else False,
             inverse=inverse,
             damping_scheme=damping_scheme,
             continuation=continuation,

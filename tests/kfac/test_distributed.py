@@ -7,6 +7,7 @@ records checked against one process on the concatenated batch.
 from __future__ import annotations
 
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -359,11 +360,48 @@ def test_configuration_is_validated() -> None:
         kfac.Distributed(directions="some")
     with pytest.raises(ValueError, match="Invalid timeout: 0"):
         kfac.Distributed(timeout=0)
+    for timeout in (math.inf, 1e30):  # each wait builds a timedelta: refused up front
+        message = re.escape(f"Invalid timeout: {timeout!r} (must be a finite")
+        with pytest.raises(ValueError, match=message):
+            kfac.Distributed(timeout=timeout)
+    assert kfac.Distributed(timeout=1e9).timeout == 1e9
+    with pytest.raises(TypeError, match=r"`group` must be a torch\.distributed\.ProcessGroup"):
+        kfac.Distributed(group="gloo")
     net = W.model()
     with pytest.raises(TypeError, match=r"`distributed` must be a kfac\.Distributed"):
         kfac.KFACPreconditioner(net, distributed="yes")
     with pytest.raises(RuntimeError, match="needs an initialised process group"):
         kfac.KFACPreconditioner(net, distributed=True)
+
+
+@pytest.mark.parametrize("method", ["KFAC", "MBF"])
+def test_a_process_group_started_after_construction_is_refused(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Built with the default ``distributed=None`` before ``init_process_group``, the
+    optimizer ran each process on its own curvature under DDP and the replicas drifted apart
+    silently; its step now refuses, and ``distributed=False`` keeps the deliberate choice."""
+    x, y = W.data(1)[0]
+    opts = {}
+    for distributed in (None, False):
+        net = W.model()
+        opt = getattr(kfac, method)(net, lr=0.1, distributed=distributed)
+        F.cross_entropy(net(x), y).backward()
+        opt.step()  # no process group yet: one process
+        with monkeypatch.context() as patch:  # a group of two processes started since
+            patch.setattr(torch.distributed, "is_initialized", lambda: True)
+            patch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            if distributed is None:
+                before = W.flat(net)
+                with pytest.raises(RuntimeError, match=r"built before torch\.distributed"):
+                    opt.step()
+                assert torch.equal(W.flat(net), before)
+            else:
+                opt.step()
+        opts[distributed] = opt
+    assert opts[None].preconditioner.distributed is None
 
 
 def test_blocks_without_the_hooks_refuse_a_process_group() -> None:
