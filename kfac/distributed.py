@@ -37,6 +37,7 @@ error on the others instead of a hang.
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
@@ -331,6 +332,24 @@ class Runtime:
         self._wait(work, what)
         return out
 
+    def all_gather_objects(self, value: Any, what: str) -> list[Any]:
+        """``value`` of every process, pickled, through two all-gathers (the sizes, then the
+        padded bytes) that wait at most ``timeout`` like a step's; not counted in
+        :attr:`bytes` (construction and checkpoints, not steps)."""
+        device = self._device()
+        data = torch.frombuffer(bytearray(pickle.dumps(value)), dtype=torch.uint8)
+        size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+        sizes = [torch.empty_like(size) for _ in range(self.world)]
+        self._wait(dist.all_gather(sizes, size, group=self.group, async_op=True), what)
+        lengths = [int(n) for n in sizes]
+        padded = torch.zeros(max(lengths), dtype=torch.uint8, device=device)
+        padded[: data.numel()] = data.to(device)
+        out = [torch.empty_like(padded) for _ in range(self.world)]
+        self._wait(dist.all_gather(out, padded, group=self.group, async_op=True), what)
+        return [
+            pickle.loads(t[:n].cpu().numpy().tobytes()) for t, n in zip(out, lengths, strict=True)
+        ]
+
     def broadcast(self, tensor: Tensor, src: int, kind: str, what: str) -> Tensor:
         self._count(kind, tensor)
         source = dist.get_global_rank(self.group, src) if self.group is not None else src
@@ -348,8 +367,7 @@ class Runtime:
     def check(self, fingerprint: Sequence[str]) -> None:
         """One all-gather of every process's description of its layers and options;
         ``ValueError`` on every process naming the first difference from rank 0."""
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, list(fingerprint), group=self.group)
+        gathered = self.all_gather_objects(list(fingerprint), "consistency check")
         reference = gathered[0]
         for rank, other in enumerate(gathered):
             if other == reference:
@@ -611,8 +629,7 @@ class Runtime:
             for (name, part), owner in self.owners.items()
             if owner == self.rank
         }
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, mine, group=self.group)
+        gathered = self.all_gather_objects(mine, "state gather")
         out: dict[str, dict[str, Any]] = {name: dict(saved[name]) for name in self.names}
         for (name, part), owner in self.owners.items():
             out[name][part] = gathered[owner][(name, part)]

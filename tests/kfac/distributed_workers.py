@@ -249,6 +249,19 @@ def one_hangs(rank: int, world: int, steps: int) -> dict[str, Any]:
     return {}
 
 
+def state_on_one(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """Only rank 0 calls ``state_dict()``; rank 1 stays alive for 6 s without taking part:
+    rank 0 must raise after its 2 s timeout (not the process group's 30 s)."""
+    net = model()
+    opt = kfac.KFAC(net, lr=0.1, **options("rsvd", distributed=kfac.Distributed(timeout=2.0)))
+    train(net, opt, data(steps), rank, world)
+    if rank == 0:
+        opt.state_dict()
+    else:
+        time.sleep(6.0)
+    return {}
+
+
 def nonfinite(rank: int, world: int, steps: int) -> dict[str, Any]:
     """Local statistics, and rank 1's are non-finite at step 2 (its gradients are not):
     every process skips the update of that layer, the owners on rank 0 included."""
@@ -589,6 +602,7 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "mismatch": mismatch,
     "one_raises": one_raises,
     "one_hangs": one_hangs,
+    "state_on_one": state_on_one,
     "nonfinite": nonfinite,
     "checkpoint": checkpoint,
     "resume": resume,

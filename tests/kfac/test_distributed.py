@@ -240,6 +240,17 @@ def test_a_rank_that_stalls_times_the_others_out(tmp: Path) -> None:
     assert records[0]["one_hangs"]["seconds"] < records[1]["one_hangs"]["seconds"]
 
 
+def test_state_dict_on_one_rank_only_times_out(tmp: Path) -> None:
+    """``state_dict()`` on rank 0 alone (rank 1 alive, elsewhere): rank 0 raises once the
+    gather has waited the 2 s step timeout, not the process group's 30 s."""
+    records = spawn(tmp, 2, [("state_on_one", (2,))])
+    error = records[0]["state_on_one"]["error"]
+    assert error.startswith("RuntimeError: kfac.distributed: the state gather on rank 0 of 2")
+    assert "timed out after 2.0 s" in error
+    assert records[0]["state_on_one"]["seconds"] < records[1]["state_on_one"]["seconds"]
+    assert "error" not in records[1]["state_on_one"]
+
+
 def test_local_statistics_on_a_hand_checked_case(world2: list[dict[str, Any]]) -> None:
     """Each factor's owner keeps it from its own shard only: ``(1 - rho) a^T a / n`` of its
     6 rows; the other rank keeps nothing and applies the damped inverse the owner prepared
