@@ -500,8 +500,10 @@ def as_operator(
     rmatmat: Callable[[Array], Array] | None
     if symmetric:
         rmatmat = matmat
-    elif hasattr(A, "T"):
-        AT = A.T
+    elif _is_sparse_tensor(A) or hasattr(A, "T"):
+        # torch's compressed sparse layouts (CSR, CSC, ...) raise NotImplementedError on
+        # `.T` (even inside `hasattr`); `.mT` transposes every torch layout.
+        AT = A.mT if _is_sparse_tensor(A) else A.T
 
         def rmatmat(X: Array) -> Array:
             try:

@@ -968,6 +968,26 @@ def test_torch_sparse_tensors_are_linear_operators() -> None:
         ln.damped_inverse_apply(s, sparse, damping=1.0)
 
 
+@pytest.mark.parametrize("layout", ["csr", "csc"])
+def test_torch_compressed_sparse_tensors_work_as_nonsymmetric_operators(layout) -> None:
+    # torch.svd_lowrank-style sparse input: CSR/CSC tensors do not implement `.T`
+    # (NotImplementedError from `aten::as_strided`), so the transpose must come from `.mT`.
+    A = np.random.default_rng(3).standard_normal((12, 9))
+    A[np.abs(A) < 0.7] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "sparse CSR support is in beta"
+        sparse = getattr(torch.asarray(A), f"to_sparse_{layout}")()
+    got = ln.randomized_svd(sparse, 3, rng=0, power_iters=4)
+    want = ln.randomized_svd(A, 3, rng=0, power_iters=4)
+    np.testing.assert_allclose(to_numpy(got.S), want.S, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(got.U), want.U, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(got.Vh), want.Vh, atol=1e-12)
+    # same torch sketch as the dense tensor (a 3-column range, not the whole space)
+    Q = ln.randomized_range_finder(sparse, 3, rng=0, power_iters=1)
+    want_Q = ln.randomized_range_finder(torch.asarray(A), 3, rng=0, power_iters=1)
+    np.testing.assert_allclose(to_numpy(Q), to_numpy(want_Q), atol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["randomized_svd", "randomized_eigh", "partial_eigh"])
 def test_array_api_strict_and_torch_give_the_numpy_result(name) -> None:
     call = DECOMPOSITIONS[name][1]
