@@ -241,8 +241,12 @@ def floating_dtype(xp: Namespace, x: Array, name: str, *, device: Any = None) ->
 
     float32 and float64 are kept; integer input is promoted to the namespace's default real
     floating dtype (on ``device``); boolean, complex, float16 and bfloat16 input is rejected.
+    A NumPy dtype in non-native byte order (data read from a big-endian file) stands for
+    the same values: its native-order dtype is returned, and the callers' cast converts.
     """
     dtype = x.dtype
+    if isinstance(dtype, np.dtype) and not dtype.isnative:
+        dtype = dtype.newbyteorder("=")
     if dtype == xp.float32 or (dtype == xp.float64):
         return dtype
     if xp.isdtype(dtype, "bool"):
@@ -391,7 +395,7 @@ def _operator_namespace(op: Any, name: str) -> tuple[Namespace, Any]:
 def _operator_dtype(xp: Namespace, dtype: Any, name: str, device: Any) -> Any:
     """float32/float64 kept; an integer operator computes in the default float (on ``device``)."""
     if array_api_compat.is_numpy_namespace(xp):
-        dtype = np.dtype(dtype)
+        dtype = np.dtype(dtype).newbyteorder("=")  # same values in native byte order
     if dtype == xp.float32 or dtype == xp.float64:
         return dtype
     try:

@@ -546,6 +546,38 @@ def test_integer_input_is_promoted_like_integer_arrays(name, int_dtype) -> None:
     np.testing.assert_allclose(to_numpy(got), to_numpy(want), rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("name", INT_CASES)
+@pytest.mark.parametrize("order_dtype", [">f8", ">i4"])
+def test_non_native_byte_order_gives_the_native_result(name, order_dtype) -> None:
+    # Arrays read from big-endian files (np.fromfile, HDF5, FITS) hold ordinary float64 or
+    # integer values; SciPy and scikit-learn accept them, so must we (not "got >f8").
+    A = np.arange(36).reshape(6, 6) % 7
+    native = A.astype(np.dtype(order_dtype).newbyteorder("="))
+    got = INT_CASES[name](A.astype(order_dtype))
+    want = INT_CASES[name](native)
+    assert to_numpy(got).dtype == np.float64
+    np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+
+
+def test_non_native_byte_order_float32_and_sparse_operators() -> None:
+    A = np.random.default_rng(4).standard_normal((9, 7))
+    for dtype in (np.float32, np.float64):
+        swapped = A.astype(np.dtype(dtype).newbyteorder(">"))
+        got, want = (
+            ln.randomized_svd(swapped, 3, rng=0),
+            ln.randomized_svd(A.astype(dtype), 3, rng=0),
+        )
+        assert got.S.dtype == dtype
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+        op = aslinearoperator(swapped)  # scipy.sparse refuses such dtypes; operators do not
+        assert not op.dtype.isnative
+        np.testing.assert_array_equal(ln.randomized_svd(op, 3, rng=0).S, want.S)
+        w_sym = ln.randomized_eigh(A.astype(dtype).T @ A.astype(dtype), 2, rng=0).eigenvalues
+        sym = (A.astype(dtype).T @ A.astype(dtype)).astype(np.dtype(dtype).newbyteorder(">"))
+        np.testing.assert_array_equal(ln.randomized_eigh(sym, 2, rng=0).eigenvalues, w_sym)
+
+
 def test_integer_woodbury_cases_of_the_issue_are_exact() -> None:
     np.testing.assert_array_equal(
         ln.woodbury_solve(np.array([[1, 0, 0]]), np.array([1, 1, 1]), 1.0), [0.5, 1.0, 1.0]
