@@ -554,8 +554,9 @@ def normal_sampler(xp: Namespace, rng: Any, *, dtype: Any, device: Any) -> Sampl
     ``int`` seed, a :class:`numpy.random.Generator` (drawn on the host and moved to the
     device), a ``torch.Generator`` (torch arrays, same device) or a ``cupy.random.Generator``
     (CuPy arrays). An int seed creates the backend's own generator, so the same seed gives the
-    same numbers on the same backend (not across backends). Successive calls of ``draw``
-    continue one stream.
+    same numbers on the same backend (not across backends), in float32 as in float64 on the
+    host and with torch (CuPy draws in the dtype). Successive calls of ``draw`` continue one
+    stream.
     """
     is_torch = array_api_compat.is_torch_namespace(xp)
     is_cupy = array_api_compat.is_cupy_namespace(xp)
@@ -605,13 +606,17 @@ def normal_sampler(xp: Namespace, rng: Any, *, dtype: Any, device: Any) -> Sampl
         )
 
     # Host path: NumPy, array_api_strict and any other namespace; numpy generators anywhere.
+    # Drawn in float64 and cast (as torch.randn and scikit-learn do): one seed gives the
+    # same test matrix in float32 and float64, where NumPy's float32 ziggurat would not.
     gen_np = rng if lib == "numpy" else np.random.default_rng(None if rng is None else int(rng))
     np_dtype = np.float32 if dtype == xp.float32 else np.float64
+
+    def draw_host(shape: tuple[int, ...]) -> np.ndarray:
+        return gen_np.standard_normal(shape).astype(np_dtype, copy=False)
+
     if array_api_compat.is_numpy_namespace(xp):
-        return lambda shape: gen_np.standard_normal(shape, dtype=np_dtype)
-    return lambda shape: xp.asarray(
-        gen_np.standard_normal(shape, dtype=np_dtype), dtype=dtype, device=device
-    )
+        return draw_host
+    return lambda shape: xp.asarray(draw_host(shape), dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------- dense kernels
