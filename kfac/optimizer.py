@@ -53,8 +53,9 @@ class PreconditionedSGD(torch.optim.SGD):
     ----------
     model : nn.Module
         The model whose layers are preconditioned.
-    lr : float
-        Learning rate (``>= 0``).
+    lr : float or Tensor
+        Learning rate (``>= 0``); as for ``torch.optim.SGD``, a one-element real tensor is
+        accepted and kept in the parameter groups.
     momentum : float, default 0
         Heavy-ball momentum (``>= 0``).
     weight_decay : float, default 0
@@ -112,7 +113,15 @@ class PreconditionedSGD(torch.optim.SGD):
                 f"write {type(self).__name__}(model, lr=...) and pass parameter groups, if "
                 "any, as params=..."
             )
-        lr = check_nonnegative(lr, "learning rate")
+        if isinstance(lr, torch.Tensor):  # as torch.optim.SGD: a one-element real tensor
+            if lr.numel() != 1 or lr.is_complex() or not lr.is_floating_point():
+                raise ValueError(
+                    f"Invalid learning rate: a tensor learning rate must hold one real "
+                    f"floating-point value, got shape {tuple(lr.shape)} and dtype {lr.dtype}"
+                )
+            check_nonnegative(float(lr), "learning rate")
+        else:
+            lr = check_nonnegative(lr, "learning rate")
         momentum = check_nonnegative(momentum, "momentum")
         weight_decay = check_nonnegative(weight_decay, "weight_decay")
         if params is None:
@@ -483,8 +492,9 @@ class KFAC(PreconditionedSGD):
     ----------
     model : nn.Module
         The model whose layers are preconditioned.
-    lr : float
-        Learning rate (``>= 0``); with the defaults, try 0.1, 1 and 10.
+    lr : float or Tensor
+        Learning rate (``>= 0``; a one-element real tensor as for ``torch.optim.SGD``); with
+        the defaults, try 0.1, 1 and 10.
     momentum : float, optional
         Heavy-ball momentum (``>= 0``); default 0.9 (0 with ``quadratic_step=True``).
     weight_decay : float, default 0

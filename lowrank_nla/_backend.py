@@ -241,8 +241,12 @@ def floating_dtype(xp: Namespace, x: Array, name: str, *, device: Any = None) ->
 
     float32 and float64 are kept; integer input is promoted to the namespace's default real
     floating dtype (on ``device``); boolean, complex, float16 and bfloat16 input is rejected.
+    A NumPy dtype in non-native byte order (data read from a big-endian file) stands for
+    the same values: its native-order dtype is returned, and the callers' cast converts.
     """
     dtype = x.dtype
+    if isinstance(dtype, np.dtype) and not dtype.isnative:
+        dtype = dtype.newbyteorder("=")
     if dtype == xp.float32 or (dtype == xp.float64):
         return dtype
     if xp.isdtype(dtype, "bool"):
@@ -391,7 +395,7 @@ def _operator_namespace(op: Any, name: str) -> tuple[Namespace, Any]:
 def _operator_dtype(xp: Namespace, dtype: Any, name: str, device: Any) -> Any:
     """float32/float64 kept; an integer operator computes in the default float (on ``device``)."""
     if array_api_compat.is_numpy_namespace(xp):
-        dtype = np.dtype(dtype)
+        dtype = np.dtype(dtype).newbyteorder("=")  # same values in native byte order
     if dtype == xp.float32 or dtype == xp.float64:
         return dtype
     try:
@@ -500,8 +504,10 @@ def as_operator(
     rmatmat: Callable[[Array], Array] | None
     if symmetric:
         rmatmat = matmat
-    elif hasattr(A, "T"):
-        AT = A.T
+    elif _is_sparse_tensor(A) or hasattr(A, "T"):
+        # torch's compressed sparse layouts (CSR, CSC, ...) raise NotImplementedError on
+        # `.T` (even inside `hasattr`); `.mT` transposes every torch layout.
+        AT = A.mT if _is_sparse_tensor(A) else A.T
 
         def rmatmat(X: Array) -> Array:
             try:
@@ -548,8 +554,9 @@ def normal_sampler(xp: Namespace, rng: Any, *, dtype: Any, device: Any) -> Sampl
     ``int`` seed, a :class:`numpy.random.Generator` (drawn on the host and moved to the
     device), a ``torch.Generator`` (torch arrays, same device) or a ``cupy.random.Generator``
     (CuPy arrays). An int seed creates the backend's own generator, so the same seed gives the
-    same numbers on the same backend (not across backends). Successive calls of ``draw``
-    continue one stream.
+    same numbers on the same backend (not across backends), in float32 as in float64 on the
+    host and with torch (CuPy draws in the dtype). Successive calls of ``draw`` continue one
+    stream.
     """
     is_torch = array_api_compat.is_torch_namespace(xp)
     is_cupy = array_api_compat.is_cupy_namespace(xp)
@@ -599,13 +606,17 @@ def normal_sampler(xp: Namespace, rng: Any, *, dtype: Any, device: Any) -> Sampl
         )
 
     # Host path: NumPy, array_api_strict and any other namespace; numpy generators anywhere.
+    # Drawn in float64 and cast (as torch.randn and scikit-learn do): one seed gives the
+    # same test matrix in float32 and float64, where NumPy's float32 ziggurat would not.
     gen_np = rng if lib == "numpy" else np.random.default_rng(None if rng is None else int(rng))
     np_dtype = np.float32 if dtype == xp.float32 else np.float64
+
+    def draw_host(shape: tuple[int, ...]) -> np.ndarray:
+        return gen_np.standard_normal(shape).astype(np_dtype, copy=False)
+
     if array_api_compat.is_numpy_namespace(xp):
-        return lambda shape: gen_np.standard_normal(shape, dtype=np_dtype)
-    return lambda shape: xp.asarray(
-        gen_np.standard_normal(shape, dtype=np_dtype), dtype=dtype, device=device
-    )
+        return draw_host
+    return lambda shape: xp.asarray(draw_host(shape), dtype=dtype, device=device)
 
 
 # --------------------------------------------------------------------------- dense kernels

@@ -368,3 +368,24 @@ def test_copying_or_pickling_the_optimizer_is_refused_with_what_to_do(info: Opti
     for copy_it in (copy.deepcopy, pickle.dumps, lambda o: torch.save(o, io.BytesIO())):
         with pytest.raises(TypeError, match=message):
             copy_it(opt)
+
+
+@pytest.mark.parametrize("info", OPTIM_DB, ids=IDS)
+def test_a_tensor_learning_rate_steps_as_its_value(info: OptimInfo) -> None:
+    """``lr=torch.tensor(0.05)``, which ``torch.optim.SGD`` accepts. Before: "Invalid
+    learning rate: tensor(0.0500) (must be a real number)"."""
+    trained = []
+    for lr in (0.05, torch.tensor(0.05, dtype=torch.float64)):
+        model = make_model()
+        run(model, info.make(model, lr=lr), batches(3))
+        trained.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*trained, strict=True))
+
+
+def test_a_tensor_learning_rate_must_hold_one_real_value() -> None:
+    model = make_model()
+    for lr in (torch.tensor([0.1, 0.2]), torch.tensor(1), torch.tensor(0.1 + 0j)):
+        with pytest.raises(ValueError, match="a tensor learning rate must hold one real"):
+            kfac.KFAC(model, lr=lr)
+    with pytest.raises(ValueError, match=r"Invalid learning rate: -0\.1 \(must be >= 0\)"):
+        kfac.KFAC(model, lr=torch.tensor(-0.1, dtype=torch.float64))

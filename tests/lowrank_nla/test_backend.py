@@ -32,6 +32,25 @@ def test_sampler_seed_reproducible_and_on_device(backend: Backend) -> None:
     assert not np.array_equal(to_numpy(first), to_numpy(second))
 
 
+@pytest.mark.parametrize("rng", [11, "generator"])
+def test_one_seed_draws_one_sketch_in_float32_and_float64(rng) -> None:
+    # As torch.randn and scikit-learn's randomized_svd (which draws float64 and casts): a
+    # float32 run and a float64 run with the same seed use the same test matrix (NumPy's
+    # float32 ziggurat would draw different numbers), so their results agree to float32.
+    def seed():
+        return np.random.default_rng(11) if rng == "generator" else rng
+
+    for xp in (np, pytest.importorskip("array_api_strict")):
+        a64 = _backend.normal_sampler(xp, seed(), dtype=xp.float64, device=None)((30, 4))
+        a32 = _backend.normal_sampler(xp, seed(), dtype=xp.float32, device=None)((30, 4))
+        assert a32.dtype == xp.float32
+        np.testing.assert_array_equal(to_numpy(a32), to_numpy(a64).astype(np.float32))
+    A = matrix_with_spectrum(np.geomspace(1.0, 1e-3, 30), m=40, n=30, rng=2)
+    r64 = ln.randomized_svd(A, 5, oversample=0, power_iters=0, rng=seed())
+    r32 = ln.randomized_svd(A.astype(np.float32), 5, oversample=0, power_iters=0, rng=seed())
+    np.testing.assert_allclose(r32.S, r64.S, rtol=1e3 * np.finfo(np.float32).eps)
+
+
 def test_sampler_is_standard_gaussian(backend: Backend) -> None:
     x = to_numpy(_sampler(backend, 0)((20000, 1))).astype(np.float64)
     assert abs(x.mean()) < 0.03
@@ -41,7 +60,7 @@ def test_sampler_is_standard_gaussian(backend: Backend) -> None:
 def test_numpy_generator_works_for_every_backend(backend: Backend) -> None:
     a = _sampler(backend, np.random.default_rng(5))((10, 2))
     np_dtype = np.float32 if backend.eps > 1e-10 else np.float64
-    b = np.random.default_rng(5).standard_normal((10, 2), dtype=np_dtype)
+    b = np.random.default_rng(5).standard_normal((10, 2)).astype(np_dtype)
     np.testing.assert_array_equal(to_numpy(a), b)
 
 

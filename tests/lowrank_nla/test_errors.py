@@ -210,6 +210,11 @@ def test_bad_operator() -> None:
         ({"power_iters": 1.5}, TypeError, "`power_iters` must be an integer"),
         ({"normalizer": "lu"}, ValueError, r"`normalizer` must be one of \('qr', 'cholqr2'"),
         ({"rng": "seed"}, TypeError, "`rng` must be None, an int seed, a numpy.random"),
+        (  # scikit-learn's random_state accepts it; the documented answer is default_rng
+            {"rng": np.random.RandomState(0)},
+            TypeError,
+            r"`rng` must be None, an int seed, .* got RandomState",
+        ),
         ({"rng": -4}, ValueError, "`rng` seed must be non-negative, got -4"),
         ({"rng": torch.Generator()}, TypeError, "`rng` is a torch generator but the data"),
     ],

@@ -546,6 +546,38 @@ def test_integer_input_is_promoted_like_integer_arrays(name, int_dtype) -> None:
     np.testing.assert_allclose(to_numpy(got), to_numpy(want), rtol=1e-13, atol=1e-13)
 
 
+@pytest.mark.parametrize("name", INT_CASES)
+@pytest.mark.parametrize("order_dtype", [">f8", ">i4"])
+def test_non_native_byte_order_gives_the_native_result(name, order_dtype) -> None:
+    # Arrays read from big-endian files (np.fromfile, HDF5, FITS) hold ordinary float64 or
+    # integer values; SciPy and scikit-learn accept them, so must we (not "got >f8").
+    A = np.arange(36).reshape(6, 6) % 7
+    native = A.astype(np.dtype(order_dtype).newbyteorder("="))
+    got = INT_CASES[name](A.astype(order_dtype))
+    want = INT_CASES[name](native)
+    assert to_numpy(got).dtype == np.float64
+    np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+
+
+def test_non_native_byte_order_float32_and_sparse_operators() -> None:
+    A = np.random.default_rng(4).standard_normal((9, 7))
+    for dtype in (np.float32, np.float64):
+        swapped = A.astype(np.dtype(dtype).newbyteorder(">"))
+        got, want = (
+            ln.randomized_svd(swapped, 3, rng=0),
+            ln.randomized_svd(A.astype(dtype), 3, rng=0),
+        )
+        assert got.S.dtype == dtype
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+        op = aslinearoperator(swapped)  # scipy.sparse refuses such dtypes; operators do not
+        assert not op.dtype.isnative
+        np.testing.assert_array_equal(ln.randomized_svd(op, 3, rng=0).S, want.S)
+        w_sym = ln.randomized_eigh(A.astype(dtype).T @ A.astype(dtype), 2, rng=0).eigenvalues
+        sym = (A.astype(dtype).T @ A.astype(dtype)).astype(np.dtype(dtype).newbyteorder(">"))
+        np.testing.assert_array_equal(ln.randomized_eigh(sym, 2, rng=0).eigenvalues, w_sym)
+
+
 def test_integer_woodbury_cases_of_the_issue_are_exact() -> None:
     np.testing.assert_array_equal(
         ln.woodbury_solve(np.array([[1, 0, 0]]), np.array([1, 1, 1]), 1.0), [0.5, 1.0, 1.0]
@@ -966,6 +998,26 @@ def test_torch_sparse_tensors_are_linear_operators() -> None:
     s = ln.LowRankPSD(torch.eye(8, dtype=torch.float64)[:, :1], torch.ones(1, dtype=torch.float64))
     with pytest.raises(TypeError, match=r"`V` must be a dense array, got a torch tensor of"):
         ln.damped_inverse_apply(s, sparse, damping=1.0)
+
+
+@pytest.mark.parametrize("layout", ["csr", "csc"])
+def test_torch_compressed_sparse_tensors_work_as_nonsymmetric_operators(layout) -> None:
+    # torch.svd_lowrank-style sparse input: CSR/CSC tensors do not implement `.T`
+    # (NotImplementedError from `aten::as_strided`), so the transpose must come from `.mT`.
+    A = np.random.default_rng(3).standard_normal((12, 9))
+    A[np.abs(A) < 0.7] = 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: "sparse CSR support is in beta"
+        sparse = getattr(torch.asarray(A), f"to_sparse_{layout}")()
+    got = ln.randomized_svd(sparse, 3, rng=0, power_iters=4)
+    want = ln.randomized_svd(A, 3, rng=0, power_iters=4)
+    np.testing.assert_allclose(to_numpy(got.S), want.S, rtol=1e-12)
+    np.testing.assert_allclose(to_numpy(got.U), want.U, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(got.Vh), want.Vh, atol=1e-12)
+    # same torch sketch as the dense tensor (a 3-column range, not the whole space)
+    Q = ln.randomized_range_finder(sparse, 3, rng=0, power_iters=1)
+    want_Q = ln.randomized_range_finder(torch.asarray(A), 3, rng=0, power_iters=1)
+    np.testing.assert_allclose(to_numpy(Q), to_numpy(want_Q), atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["randomized_svd", "randomized_eigh", "partial_eigh"])
