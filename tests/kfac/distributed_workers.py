@@ -7,6 +7,7 @@ and writes what the test checks to ``out/<rank>.pt``; a worker never lets an exc
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import traceback
@@ -371,6 +372,46 @@ def unused_layer(rank: int, world: int, steps: int) -> dict[str, Any]:
     }
 
 
+def ddp_no_sync(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """DDP with gradient accumulation: two micro-batches per step, the first under
+    ``no_sync()``; and one process accumulating the concatenated micro-batches (rank 0)."""
+    batches = data(2 * steps)
+    out: dict[str, Any] = {}
+    for distributed in (True, False):
+        if not distributed and rank != 0:
+            continue
+        net = model()
+        wrapped = nn.parallel.DistributedDataParallel(net) if distributed else net
+        extra = {} if distributed else {"distributed": False}
+        opt = kfac.KFAC(wrapped, lr=0.1, **options("eigh", factor_every=1, **extra))
+        r, w = (rank, world) if distributed else (0, 1)
+        for i in range(0, 2 * steps, 2):
+            opt.zero_grad()
+            for j, (x, y) in enumerate(batches[i : i + 2]):
+                with wrapped.no_sync() if distributed and j == 0 else contextlib.nullcontext():
+                    (F.cross_entropy(wrapped(shard(x, r, w)), shard(y, r, w)) / 2).backward()
+            opt.step()
+        out["params" if distributed else "reference"] = flat(net)
+    return out
+
+
+def rank_dependent_branch(rank: int, world: int, steps: int) -> dict[str, Any]:
+    """DDP with ``find_unused_parameters``, the branch taken on rank 0 only: DDP accepts it,
+    the preconditioner refuses (its statistics would differ per process)."""
+    net = Branchy()
+    net.use_extra = rank == 0
+    wrapped = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+    opt = kfac.KFAC(wrapped, lr=0.1, **options("eigh", factor_every=1))
+    before = flat(net)
+    x, y = data(1)[0]
+    F.cross_entropy(wrapped(shard(x, rank, world)), shard(y, rank, world)).backward()
+    try:
+        opt.step()
+    except RuntimeError as exc:
+        return {"error": str(exc), "moved": not torch.equal(flat(net), before)}
+    return {"error": None}
+
+
 def checkpoint(rank: int, world: int, steps: int) -> dict[str, Any]:
     """``steps`` steps, then the (gathered) state dict, then ``steps`` more."""
     out: dict[str, Any] = {}
@@ -602,6 +643,8 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "mismatch": mismatch,
     "one_raises": one_raises,
     "one_hangs": one_hangs,
+    "ddp_no_sync": ddp_no_sync,
+    "rank_dependent_branch": rank_dependent_branch,
     "state_on_one": state_on_one,
     "nonfinite": nonfinite,
     "checkpoint": checkpoint,

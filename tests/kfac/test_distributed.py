@@ -63,6 +63,8 @@ def world2(tmp: Path) -> list[dict[str, Any]]:
         ("quadratic", (QUADRATIC_STEPS,)),
         ("unused_layer", (4,)),
         ("schemes", (6,)),
+        ("ddp_no_sync", (3,)),
+        ("rank_dependent_branch", (1,)),  # last: it ends its step with an error
     ]
     return spawn(tmp, 2, jobs)
 
@@ -210,6 +212,24 @@ def test_ddp_model_equals_one_process(
     for record in records:
         assert float((record["params"] - ref).norm() / ref.norm()) <= 1e-6
     assert records[0]["applied"]["module.2"] == "factored"
+
+
+def test_ddp_gradient_accumulation_with_no_sync_equals_one_process(
+    world2: list[dict[str, Any]],
+) -> None:
+    records = ok(world2, "ddp_no_sync")
+    ref = records[0]["reference"]
+    for record in records:
+        assert float((record["params"] - ref).norm() / ref.norm()) <= 1e-12
+
+
+def test_a_branch_taken_on_some_processes_only_is_refused(world2: list[dict[str, Any]]) -> None:
+    """DDP's ``find_unused_parameters`` allows it; the statistics would differ per process,
+    so the step raises on every process, naming the layer, and moves nothing."""
+    for record in ok(world2, "rank_dependent_branch"):
+        assert record["error"].startswith("the processes recorded layer 'module.extra' (Linear)")
+        assert "every process must run the same forwards and backwards" in record["error"]
+        assert record["moved"] is False
 
 
 def test_faults_end_with_errors_within_their_timeouts(tmp: Path) -> None:
