@@ -77,7 +77,8 @@ class Distributed:
         The process group (default: the default group, which must be initialised).
     timeout : float, default 300
         Seconds any collective of a step may wait before it raises ``RuntimeError``
-        (finite: for practically no limit, pass a large number such as ``1e9``).
+        (at least ``0.001``, and finite: for practically no limit, pass a large number
+        such as ``1e9``).
     directions : {"all", "owner"}, default "all"
         ``"all"``: every process computes every layer's direction from the broadcast
         representations (no more communication). ``"owner"``: each layer's direction is
@@ -117,6 +118,11 @@ class Distributed:
                 f"Invalid timeout: {timeout!r} (must be a finite number of seconds, at most "
                 f"{timedelta.max.total_seconds():.0f})"
             ) from None
+        if timeout < 1e-3:  # the waits count whole milliseconds, and 0 ms means "no limit"
+            raise ValueError(
+                f"Invalid timeout: {timeout!r} (must be at least 0.001 s, the resolution of "
+                "torch.distributed's waits)"
+            )
         if self.group is not None and not isinstance(self.group, dist.ProcessGroup):
             raise TypeError(
                 "`group` must be a torch.distributed.ProcessGroup or None, got "

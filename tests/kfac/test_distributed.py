@@ -396,6 +396,10 @@ def test_configuration_is_validated() -> None:
         with pytest.raises(ValueError, match=message):
             kfac.Distributed(timeout=timeout)
     assert kfac.Distributed(timeout=1e9).timeout == 1e9
+    # under a millisecond the wait rounded to 0 ms, which torch.distributed reads as no limit
+    with pytest.raises(ValueError, match=r"Invalid timeout: 0\.0005 \(must be at least 0\.001"):
+        kfac.Distributed(timeout=0.0005)
+    assert kfac.Distributed(timeout=0.001).timeout == 0.001
     with pytest.raises(TypeError, match=r"`group` must be a torch\.distributed\.ProcessGroup"):
         kfac.Distributed(group="gloo")
     net = W.model()
