@@ -417,6 +417,16 @@ def test_quadratic_step_and_adaptive_damping_from_the_command_line(
 _TINY = ["--quiet", "--model", "mlp", "--width", "0.25", "--epochs", "1", "--max-train", "64"]
 
 
+def _usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """Run the command line on ``argv``; it must exit 2 with a usage line. Its stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err
+    return err
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -443,11 +453,7 @@ def test_cli_rejects_bad_numbers_with_a_usage_error(args, message, capsys) -> No
     """Before: ``--batch-size 0`` raised ZeroDivisionError, ``--max-train 0`` a RuntimeError
     from ``max()`` of an empty tensor; ``--batch-size -5``, ``--epochs 0``, ``--max-train -10``
     (all but the last 10 samples), ``--max-time -1``, ``--lr nan`` (SGD) ran and exited 0."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train", *_TINY, *args])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "usage:" in err
+    err = _usage_error(["train", *_TINY, *args], capsys)
     assert message in err, err
 
 
@@ -465,11 +471,7 @@ def test_compare_rejects_bad_learning_rates_and_repeats(args, message, capsys) -
     """Before: ``sgd=abc`` raised ValueError with a traceback, ``adam=0.1`` exited with status
     1 and no usage line, ``sgd=nan`` trained, a repeated learning rate silently replaced the
     first, and a repeated optimizer trained twice."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(["compare", *_TINY, *args])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "usage:" in err
+    err = _usage_error(["compare", *_TINY, *args], capsys)
     assert message in err, err
 
 
@@ -500,11 +502,7 @@ def test_cli_checks_paths_and_device_before_training(tmp_path: Path, capsys, mon
         (["--device", "xla"], "--device xla: not available here"),
     ]
     for args, message in cases:
-        with pytest.raises(SystemExit) as exit_info:
-            main(["train", *_TINY, *args])
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err
-        assert "usage:" in err
+        err = _usage_error(["train", *_TINY, *args], capsys)
         assert message in err, err
 
 
